@@ -1,0 +1,93 @@
+"""CSR SpMM, C [m, n] = A [m, k] @ B [k, n]: sparqle.spmm against dense torch.matmul
+(cuBLAS on a GPU) and torch.sparse CSR (cuSPARSE on a GPU, MKL on the CPU).
+
+A is a transformer weight [out, in] magnitude-pruned to the given sparsity, B holds the
+n tokens as columns (``sparqle.linear`` computes y^T = W @ x^T this way).
+FLOPs: 2 nnz n. Bytes: values and column indices, row pointers, B once, C once.
+"""
+import itertools
+from typing import Iterator, List
+
+import torch
+
+import sparqle
+
+from .harness import Case, Impl, device
+
+OP = "spmm_csr"
+KEYS = ("m", "k", "n", "sparsity", "dtype")
+SHAPES = [(4096, 1024), (1024, 4096)]
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
+
+
+def grid(quick: bool) -> Iterator[dict]:
+    on_gpu = device().type == "cuda"
+    dtype = "float16" if on_gpu else "float32"
+    if quick:
+        shapes, ns, sparsities = SHAPES[:1], [1, 64, 256], [0.9, 0.98]
+    else:
+        shapes, sparsities = SHAPES, SPARSITIES
+        ns = [1, 16, 64, 256, 1024, 4096] if on_gpu else [1, 16, 64, 256]
+    for (m, k), n, s in itertools.product(shapes, ns, sparsities):
+        yield {"m": m, "k": k, "n": n, "sparsity": s, "dtype": dtype}
+
+
+def make_case(m: int, k: int, n: int, sparsity: float, dtype: str) -> Case:
+    dev, dt = device(), getattr(torch, dtype)
+    weight = torch.randn(m, k, device=dev, dtype=dt)
+    a = sparqle.CSR.from_dense(weight, mask=sparqle.prune.magnitude(weight, sparsity))
+    dense = a.to_dense()
+    a_torch = a.to_sparse_csr()
+    bs = {}
+
+    def b(i):
+        return bs.setdefault(i, torch.randn(k, n, device=dev, dtype=dt))
+
+    size = dt.itemsize
+    sparse_bytes = a.nnz * (size + 4) + (m + 1) * 4 + (k * n + m * n) * size
+    dense_bytes = (m * k + k * n + m * n) * size
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad():
+                return fn()
+        return call
+
+    case = Case(OP, {"m": m, "k": k, "n": n, "sparsity": sparsity, "dtype": dtype},
+                flops=2.0 * a.nnz * n, input_bytes=sparse_bytes)
+    case.impls = [
+        Impl("sparqle", lambda i: no_grad(lambda: sparqle.spmm(a, b(i))), sparse_bytes),
+        Impl("dense", lambda i: no_grad(lambda: dense @ b(i)), dense_bytes),
+        Impl("torch.sparse", lambda i: no_grad(lambda: a_torch @ b(i)), sparse_bytes),
+    ]
+    return case
+
+
+def cases(quick: bool) -> List[Case]:
+    return [make_case(**p) for p in grid(quick)]
+
+
+def plot(report: dict, path: str) -> None:
+    """Speed-up of sparqle over each baseline against sparsity, one line per (shape, n)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    baselines = sorted({r["impl"] for r in rows} - {"sparqle"})
+    fig, axes = plt.subplots(1, len(baselines), figsize=(6 * len(baselines), 4), squeeze=False)
+    for ax, base in zip(axes[0], baselines):
+        series = {}
+        for r in rows:
+            if r["impl"] == base:
+                series.setdefault((r["m"], r["k"], r["n"]), []).append(
+                    (r["sparsity"], r["sparqle_speedup"]))
+        for (m, k, n), points in sorted(series.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=f"{m}x{k}, n={n}")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set(title=f"sparqle vs {base}", xlabel="sparsity", ylabel="speed-up (x)")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"CSR SpMM on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,73 @@
+"""sparqle::spmm_csr (CSR x dense) and its backward op sparqle::sddmm_csr.
+
+spmm_csr(crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b) -> C [m, n]
+    C = A @ b for A [m, k] in CSR and dense b [k, n]. ``t_*`` is the CSR structure of
+    A^T (its values are ``values[t_perm]``), needed only for the gradient of b: pass
+    None when b needs none.
+sddmm_csr(crow, col, x, y) -> out [nnz]
+    out[i] = x[row_i] . y[col_i]: the values of x @ y^T at A's pattern.
+
+Gradients of C = A @ b: dvalues = sddmm_csr(dC, b) at A's pattern; db = A^T @ dC.
+The ops trust their inputs: sparqle.spmm and sparqle.linear check them first.
+"""
+from typing import Optional
+
+import torch
+
+from ._backend import choose, kernels
+
+_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_DTYPES = {"triton": _FLOATS, "torch": _FLOATS}
+
+
+def _launch(op: str, like: torch.Tensor, *args) -> torch.Tensor:
+    backend = choose(op, like.device, like.dtype, _DTYPES)
+    return getattr(kernels(backend, "spmm_csr"), op)(*args)
+
+
+@torch.library.custom_op("sparqle::spmm_csr", mutates_args=())
+def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+             row_order: torch.Tensor, t_crow: Optional[torch.Tensor],
+             t_col: Optional[torch.Tensor], t_perm: Optional[torch.Tensor],
+             t_row_order: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+    return _launch("spmm_csr", b, crow, col, values, row_order, b)
+
+
+@spmm_csr.register_fake
+def _(crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b):
+    return b.new_empty((crow.shape[0] - 1, b.shape[1]))
+
+
+@torch.library.custom_op("sparqle::sddmm_csr", mutates_args=())
+def sddmm_csr(crow: torch.Tensor, col: torch.Tensor, x: torch.Tensor,
+              y: torch.Tensor) -> torch.Tensor:
+    return _launch("sddmm_csr", x, crow, col, x, y)
+
+
+@sddmm_csr.register_fake
+def _(crow, col, x, y):
+    return x.new_empty(col.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    crow, col, values, _, t_crow, t_col, t_perm, t_row_order, b = inputs
+    ctx.save_for_backward(crow, col, values, t_crow, t_col, t_perm, t_row_order, b)
+
+
+def _backward(ctx, grad):
+    crow, col, values, t_crow, t_col, t_perm, t_row_order, b = ctx.saved_tensors
+    # dC arrives transposed from sparqle.linear; both ops stream rows of it.
+    grad = grad.contiguous()
+    grad_values = grad_b = None
+    if ctx.needs_input_grad[2]:
+        grad_values = torch.ops.sparqle.sddmm_csr(crow, col, grad, b)
+    if ctx.needs_input_grad[8]:
+        if t_crow is None:
+            raise RuntimeError("sparqle::spmm_csr: the gradient of b needs A^T's structure "
+                               "(t_crow, t_col, t_perm, t_row_order), which was not passed")
+        grad_b = torch.ops.sparqle.spmm_csr(t_crow, t_col, values[t_perm], t_row_order,
+                                            None, None, None, None, grad)
+    return None, None, grad_values, None, None, None, None, None, grad_b
+
+
+spmm_csr.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,1 @@
+"""The ops in plain PyTorch: the CPU path and the fallback on any device."""

@@ -1,0 +1,23 @@
+"""sparqle: GPU kernels for sparse and low-bit linear algebra, as drop-in PyTorch ops.
+
+    w = sparqle.CSR.from_dense(dense_weight)
+    y = sparqle.linear(x, w, bias)                 # x @ w^T + bias
+    sparqle.convert(model, "csr", sparsity=0.9)    # every nn.Linear, in place
+"""
+import importlib.metadata
+
+from sparqle import bindings  # noqa: F401  (registers torch.ops.sparqle.*)
+
+from . import nn, prune
+from .backends import use_backend
+from .convert import convert
+from .formats import CSR
+from .functional import linear, spmm
+from .info import info
+
+try:
+    __version__ = importlib.metadata.version("sparqle")
+except importlib.metadata.PackageNotFoundError:
+    __version__ = "0+unknown"
+
+__all__ = ["CSR", "spmm", "linear", "convert", "use_backend", "info", "nn", "prune"]

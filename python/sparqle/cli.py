@@ -1,0 +1,45 @@
+"""``sparqle info`` and ``sparqle bench``."""
+import argparse
+import importlib
+import os
+import sys
+from typing import List, Optional
+
+BENCHMARKS = ("spmm_csr",)
+
+
+def _bench(args) -> int:
+    from sparqle.bench import harness
+    for op in args.op or BENCHMARKS:
+        module = importlib.import_module(f"sparqle.bench.bench_{op}")
+        report = harness.run(module.cases(args.quick), progress=not args.no_progress)
+        print(harness.table(report, module.KEYS))
+        path = harness.write(report, args.out, op + ("-quick" if args.quick else ""))
+        print(f"wrote {path}")
+        if args.plot:
+            png = os.path.splitext(path)[0] + ".png"
+            module.plot(report, png)
+            print(f"wrote {png}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparqle", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device, and which backends can run")
+    bench = sub.add_parser("bench", help="time sparqle's ops against the baselines")
+    bench.add_argument("--quick", action="store_true", help="a small set (under a minute on a CPU)")
+    bench.add_argument("--op", action="append", choices=BENCHMARKS, help="only this op (repeatable)")
+    bench.add_argument("--out", default=os.path.join("bench", "results"), help="JSON folder")
+    bench.add_argument("--plot", action="store_true", help="also draw speed-up against sparsity")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        import sparqle
+        sparqle.info()
+        return 0
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

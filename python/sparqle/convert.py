@@ -1,0 +1,31 @@
+"""``convert``: swap a model's nn.Linear layers for sparse or quantized ones, in place."""
+from typing import Callable, Optional
+
+from torch import nn
+
+from .nn import SparseLinear
+
+_CONVERTERS = {
+    "csr": lambda linear, **options: SparseLinear.from_linear(linear, format="csr", **options),
+}
+
+
+def convert(model: nn.Module, fmt: str, *,
+            filter: Optional[Callable[[str, nn.Module], bool]] = None, **options) -> nn.Module:
+    """Replace every module of type exactly ``nn.Linear`` in ``model`` (subclasses such as
+    MultiheadAttention's out_proj read ``.weight`` directly and are left alone) for which
+    ``filter(name, module)`` is true with its ``fmt`` version, built with ``options``
+    (``convert(model, "csr", sparsity=0.9)``). Returns ``model``."""
+    if fmt not in _CONVERTERS:
+        raise ValueError(f"fmt must be one of {sorted(_CONVERTERS)}, got {fmt!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and (filter is None or filter(name, module))]
+    if targets and targets[0][0] == "":
+        raise ValueError("model is itself an nn.Linear: convert its parent, or use "
+                         "sparqle.nn.SparseLinear.from_linear")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, _CONVERTERS[fmt](module, **options))
+    return model

@@ -1,0 +1,83 @@
+"""The ops users call: ``spmm`` (sparse x dense) and ``linear`` (x @ W^T + bias), each
+dispatching on the weight format. Arguments are checked here, with errors that name them."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .formats import CSR
+
+
+def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def _check_matches(name: str, t: torch.Tensor, fmt_name: str, fmt) -> None:
+    if t.dtype != fmt.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {fmt_name} has {fmt.dtype}; they must match")
+    if t.device != fmt.device:
+        raise ValueError(f"{name} is on {t.device} but {fmt_name} is on {fmt.device}")
+
+
+def _csr_spmm(a: CSR, b: torch.Tensor) -> torch.Tensor:
+    needs_transpose = torch.is_grad_enabled() and b.requires_grad
+    t_crow, t_col, t_perm, t_row_order = (
+        a.transposed_structure() if needs_transpose else (None,) * 4)
+    return torch.ops.sparqle.spmm_csr(a.crow_indices, a.col_indices, a.values, a.row_order,
+                                      t_crow, t_col, t_perm, t_row_order, b)
+
+
+_SPMM = {CSR: _csr_spmm}
+
+
+def spmm(a, b: torch.Tensor) -> torch.Tensor:
+    """C [m, n] = a @ b for a sparse weight format ``a`` [m, k] and dense ``b`` [k, n].
+
+    Differentiable in ``b`` and in the format's values (its pattern is fixed).
+    """
+    impl = _SPMM.get(type(a))
+    if impl is None:
+        raise TypeError(f"a must be one of the formats {[f.__name__ for f in _SPMM]}, "
+                        f"got {type(a).__name__}")
+    _check_tensor("b", b, dims=2)
+    if b.shape[0] != a.shape[1]:
+        raise ValueError(f"b must have a.shape[1] = {a.shape[1]} rows, got shape {tuple(b.shape)}")
+    _check_matches("b", b, "a", a)
+    return impl(a, b)
+
+
+def _csr_linear(x2d: torch.Tensor, w: CSR) -> torch.Tensor:
+    # y^T = W @ x^T: the sparse operand on the left, the batch along the dense columns.
+    return _csr_spmm(w, x2d.t().contiguous()).t().contiguous()
+
+
+_LINEAR = {CSR: _csr_linear}
+
+
+def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [..., out] = x [..., in] @ W^T + bias, W [out, in] a weight format (or a dense
+    tensor, which goes to ``torch.nn.functional.linear``); y has x's dtype."""
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a scalar")
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    impl = _LINEAR.get(type(w))
+    if impl is None:
+        raise TypeError(f"w must be a torch.Tensor or one of the formats "
+                        f"{[f.__name__ for f in _LINEAR]}, got {type(w).__name__}")
+    out_features, in_features = w.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must have w.shape[1] = {in_features} features in its last "
+                         f"dimension, got shape {tuple(x.shape)}")
+    _check_matches("x", x, "w", w)
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        _check_matches("bias", bias, "w", w)
+    y = impl(x.reshape(-1, in_features), w).reshape(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias

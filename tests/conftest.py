@@ -1,0 +1,47 @@
+"""Test set-up: Triton's interpreter where there is no GPU, poisoned outputs, and the
+(device, backend) pairs that can run here."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of triton: the Triton kernels then run on CPU tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["SPARQLE_POISON"] = "1"
+os.environ.pop("SPARQLE_BACKEND", None)
+
+import pytest  # noqa: E402
+
+from sparqle.backends import triton_status  # noqa: E402
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def device_backends():
+    """Every (device, backend) pair that can run here: the torch path on each device, and
+    Triton on CUDA or, interpreted, on the CPU."""
+    pairs = []
+    for device in _devices():
+        pairs.append((device, "torch"))
+        if triton_status(torch.device(device))[0]:
+            pairs.append((device, "triton"))
+    return pairs
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=device_backends(), ids=lambda p: f"{p[0]}-{p[1]}")
+def device_backend(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,72 @@
+"""Backend choice: auto, SPARQLE_BACKEND, use_backend, and errors that say why."""
+import os
+
+import pytest
+import torch
+
+import sparqle
+from sparqle import CSR
+from sparqle.backends import requested_backend
+
+
+def _spmm():
+    a = CSR.from_dense(torch.eye(3))
+    return sparqle.spmm(a, torch.randn(3, 2))
+
+
+def test_requested_backend_order(monkeypatch):
+    assert requested_backend() == "auto"
+    monkeypatch.setenv("SPARQLE_BACKEND", "torch")
+    assert requested_backend() == "torch"
+    with sparqle.use_backend("triton"):
+        assert requested_backend() == "triton"
+        with sparqle.use_backend("auto"):
+            assert requested_backend() == "auto"
+        assert requested_backend() == "triton"
+    assert requested_backend() == "torch"
+
+
+def test_unknown_backend_names(monkeypatch):
+    with pytest.raises(ValueError, match="name='cuda' is not a backend"):
+        with sparqle.use_backend("cuda"):
+            pass
+    monkeypatch.setenv("SPARQLE_BACKEND", "fast")
+    with pytest.raises(ValueError, match="SPARQLE_BACKEND='fast' is not a backend"):
+        _spmm()
+
+
+def test_forced_cupy_says_why(monkeypatch):
+    monkeypatch.setenv("SPARQLE_BACKEND", "cupy")
+    with pytest.raises(ValueError, match="backend 'cupy' has no kernel for sparqle::spmm_csr"):
+        _spmm()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only rule")
+def test_forced_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with sparqle.use_backend("triton"):
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            _spmm()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where no GPU is")
+def test_interpreter_is_on_without_a_gpu():
+    import triton
+    assert os.environ["TRITON_INTERPRET"] == "1" and triton.knobs.runtime.interpret
+
+
+def test_auto_is_torch_on_cpu(monkeypatch):
+    """auto never runs the interpreter: a CPU user gets the fast torch path."""
+    import sparqle.bindings._backend as backend
+    chosen = []
+    original = backend.kernels
+    monkeypatch.setattr(backend, "kernels", lambda name, module: chosen.append(name) or original(name, module))
+    monkeypatch.setattr("sparqle.bindings.spmm_csr.kernels", backend.kernels)
+    _spmm()
+    assert chosen == ["torch"]
+
+
+def test_info_prints_backends(capsys):
+    sparqle.info()
+    out = capsys.readouterr().out
+    assert "torch " in out and "triton" in out and "cupy" in out and "device:" in out

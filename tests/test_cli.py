@@ -1,0 +1,36 @@
+"""The console entry point, and the benchmark harness on a tiny case."""
+import json
+import subprocess
+import sys
+
+from sparqle import cli
+from sparqle.bench import bench_spmm_csr, harness
+
+
+def test_info_command():
+    out = subprocess.run([sys.executable, "-m", "sparqle", "info"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "sparqle" in out and "can run" in out
+
+
+def test_bench_report_table_json_and_plot(tmp_path):
+    case = bench_spmm_csr.make_case(m=48, k=40, n=8, sparsity=0.9, dtype="float32")
+    report = harness.run([case], progress=False)
+    rows = report["results"]
+    assert [r["impl"] for r in rows] == ["sparqle", "dense", "torch.sparse"]
+    assert all(r["time_ms"] > 0 and r["tflops"] > 0 for r in rows)
+    assert rows[0]["sparqle_speedup"] == 1.0 and rows[0]["roof_fraction"] > 0
+    assert report["measured_memory_bandwidth_gbs"] > 0 and report["commit"]
+    assert "torch.sparse" in harness.table(report, bench_spmm_csr.KEYS)
+    path = harness.write(report, str(tmp_path), "spmm_csr")
+    assert json.load(open(path))["results"] == rows
+    bench_spmm_csr.plot(report, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_bench_rejects_unknown_op(capsys):
+    try:
+        cli.main(["bench", "--op", "nope"])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "invalid choice" in capsys.readouterr().err

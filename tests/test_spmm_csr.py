@@ -1,0 +1,241 @@
+"""sparqle.spmm / sparqle.linear on CSR weights, and the ops behind them, on every
+(device, backend) that can run here, against float64 dense oracles."""
+import pytest
+import torch
+
+import sparqle
+from sparqle import CSR
+
+from ._oracle import RTOL, assert_close, random_sparse
+
+# (m, k, n, density): odd sizes off every block, one row, k or n of 1, all-zero, dense.
+SHAPES = [
+    (1, 1, 1, 1.0),
+    (1, 37, 5, 0.5),
+    (37, 29, 19, 0.3),
+    (64, 33, 1, 0.2),
+    (5, 70, 40, 0.9),
+    (23, 1, 17, 0.5),
+    (19, 21, 13, 0.0),
+    (9, 13, 33, 1.0),
+]
+DTYPES = {"torch": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+          # The interpreter's bf16 loads and fp32 math are right (bf16 tl.dot is not,
+          # and these kernels use none); fp64 runs so that gradcheck covers Triton too.
+          "triton": [torch.float64, torch.float32, torch.float16, torch.bfloat16]}
+
+
+def _params():
+    return [(shape, dtype) for shape in SHAPES for dtype in DTYPES["torch"]]
+
+
+def _pair(m, k, n, density, dtype, device):
+    w64 = random_sparse(m, k, density, empty_rows=(0, 3, m - 1) if m > 4 else ())
+    w = w64.to(dtype)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    return CSR.from_dense(w.to(device)), w.double(), b
+
+
+@pytest.mark.parametrize("shape,dtype", _params(), ids=str)
+def test_spmm_matches_oracle(device_backend, shape, dtype):
+    device, backend = device_backend
+    if dtype not in DTYPES[backend]:
+        pytest.skip(f"{backend} does not take {dtype}")
+    a, w64, b = _pair(*shape, dtype, device)
+    with sparqle.use_backend(backend):
+        c = sparqle.spmm(a, b)
+    b64 = b.double().cpu()
+    assert_close(c, w64 @ b64, w64.abs() @ b64.abs(), dtype, "C")
+
+
+@pytest.mark.parametrize("m,k,n", [(0, 4, 3), (4, 0, 3), (4, 5, 0), (0, 0, 0)])
+def test_spmm_empty_dimensions(device_backend, m, k, n):
+    device, backend = device_backend
+    a = CSR.from_dense(torch.zeros(m, k, device=device))
+    with sparqle.use_backend(backend):
+        c = sparqle.spmm(a, torch.randn(k, n, device=device))
+    assert c.shape == (m, n) and (c == 0).all()
+
+
+def test_row_order_is_a_schedule_not_semantics(device_backend):
+    """Any permutation of the rows gives the same C: every row is written exactly once."""
+    device, backend = device_backend
+    a, w64, b = _pair(31, 17, 9, 0.4, torch.float32, device)
+    shuffled = CSR._trusted(a.crow_indices, a.col_indices, a.values, a.shape,
+                            torch.randperm(31).to(torch.int32).to(device))
+    with sparqle.use_backend(backend):
+        expected, got = sparqle.spmm(a, b), sparqle.spmm(shuffled, b)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_unsorted_and_repeated_columns_add_up(device_backend):
+    device, backend = device_backend
+    crow = torch.tensor([0, 3, 3, 5])
+    col = torch.tensor([4, 1, 4, 0, 0])
+    values = torch.tensor([1.0, 2.0, 3.0, -1.0, 0.5], dtype=torch.float64)
+    a = CSR(crow, col, values, (3, 5))
+    dense = torch.zeros(3, 5, dtype=torch.float64)
+    dense[0, 4], dense[0, 1], dense[2, 0] = 4.0, 2.0, -0.5
+    torch.testing.assert_close(a.to_dense(), dense, rtol=0, atol=0)
+    b = torch.randn(5, 7, dtype=torch.float64)
+    with sparqle.use_backend(backend):
+        c = sparqle.spmm(a.to(device), b.to(device))
+    assert_close(c, dense @ b, dense.abs() @ b.abs(), torch.float64, "C")
+
+
+@pytest.mark.parametrize("m,k,n,density", [(1, 1, 1, 1.0), (29, 37, 13, 0.3), (8, 19, 70, 0.6),
+                                           (11, 7, 5, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_sddmm_matches_oracle(device_backend, m, k, n, density, dtype):
+    device, backend = device_backend
+    a = CSR.from_dense(random_sparse(m, k, density, dtype, device))
+    x = torch.randn(m, n, dtype=dtype, device=device)
+    y = torch.randn(k, n, dtype=dtype, device=device)
+    with sparqle.use_backend(backend):
+        out = torch.ops.sparqle.sddmm_csr(a.crow_indices, a.col_indices, x, y)
+    rows = torch.repeat_interleave(torch.arange(m), (a.crow_indices[1:] - a.crow_indices[:-1]).cpu())
+    cols = a.col_indices.long().cpu()
+    x64, y64 = x.double().cpu(), y.double().cpu()
+    assert_close(out, (x64 @ y64.T)[rows, cols], (x64.abs() @ y64.abs().T)[rows, cols], dtype, "sddmm")
+
+
+def _leaf_csr(w, device):
+    a = CSR.from_dense(w.to(device))
+    a.values.requires_grad_(True)
+    return a
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("m,k,n,density", [(1, 5, 1, 1.0), (23, 17, 11, 0.3), (40, 9, 30, 0.5)])
+def test_linear_gradients_match_oracle(device_backend, dtype, m, k, n, density):
+    """y = x @ W^T + bias: dx, dvalues, dbias against float64 autograd through dense W."""
+    device, backend = device_backend
+    w64 = random_sparse(m, k, density, empty_rows=(1,))
+    w = _leaf_csr(w64.to(dtype), device)
+    x = torch.randn(2, n, k, dtype=dtype, device=device, requires_grad=True)
+    bias = torch.randn(m, dtype=dtype, device=device, requires_grad=True)
+    dy = torch.randn(2, n, m, dtype=dtype, device=device)
+    with sparqle.use_backend(backend):
+        y = sparqle.linear(x, w, bias)
+        y.backward(dy)
+
+    w_dense = torch.zeros(m, k, dtype=torch.float64)
+    rows, cols = (w64.to(dtype) != 0).nonzero(as_tuple=True)
+    vals64 = w.values.detach().double().cpu().requires_grad_(True)
+    w_dense = w_dense.index_put((rows, cols), vals64)
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    b64 = bias.detach().double().cpu().requires_grad_(True)
+    y64 = x64 @ w_dense.T + b64
+    dy64 = dy.double().cpu()
+    y64.backward(dy64)
+    assert_close(y, y64, x64.abs() @ w_dense.abs().T + b64.abs(), dtype, "y")
+    assert_close(x.grad, x64.grad, dy64.abs() @ w_dense.abs(), dtype, "dx")
+    scale_dw = (dy64.abs().reshape(-1, m).T @ x64.abs().reshape(-1, k))[rows, cols]
+    assert_close(w.values.grad, vals64.grad, scale_dw, dtype, "dvalues")
+    assert_close(bias.grad, b64.grad, dy64.abs().sum((0, 1)), dtype, "dbias")
+
+
+def test_gradcheck_float64(device_backend):
+    device, backend = device_backend
+    w = random_sparse(7, 6, 0.5, device=device, empty_rows=(2,))
+    a = CSR.from_dense(w)
+    b = torch.randn(6, 4, dtype=torch.float64, device=device, requires_grad=True)
+    values = a.values.clone().requires_grad_(True)
+
+    def f(values, b):
+        return sparqle.spmm(CSR._trusted(a.crow_indices, a.col_indices, values, a.shape,
+                                         a.row_order), b)
+
+    with sparqle.use_backend(backend):
+        assert torch.autograd.gradcheck(f, (values, b))
+
+
+def test_values_gradient_only_needs_no_transpose(device_backend):
+    """A frozen dense operand: only dvalues is computed, A^T's structure is never built."""
+    device, backend = device_backend
+    a = _leaf_csr(random_sparse(9, 8, 0.5), device)
+    b = torch.randn(8, 3, dtype=torch.float64, device=device)
+    with sparqle.use_backend(backend):
+        sparqle.spmm(a, b).sum().backward()
+    assert a._transposed is None and a.values.grad is not None
+
+
+def test_opcheck():
+    a = CSR.from_dense(random_sparse(13, 11, 0.4))
+    t = a.transposed_structure()
+    b = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    values = a.values.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.sparqle.spmm_csr.default,
+                          (a.crow_indices, a.col_indices, values, a.row_order, *t, b))
+    x, y = torch.randn(13, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.sparqle.sddmm_csr.default, (a.crow_indices, a.col_indices, x, y))
+
+
+def test_compile_fullgraph_linear_forward_and_backward():
+    w = CSR.from_dense(random_sparse(12, 10, 0.4, torch.float32))
+    w.values.requires_grad_(True)
+    w.transposed_structure()
+    bias = torch.randn(12, requires_grad=True)
+
+    def f(x):
+        return torch.nn.functional.gelu(sparqle.linear(x, w, bias)).sum()
+
+    x = torch.randn(3, 10, requires_grad=True)
+    expected = f(x)
+    (dx_expected,) = torch.autograd.grad(expected, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(x)
+    (dx_got,) = torch.autograd.grad(got, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_got, dx_expected, rtol=1e-5, atol=1e-5)
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.a = CSR.from_dense(random_sparse(6, 5, 0.5, torch.float32))
+
+    def test_b_shape(self):
+        with pytest.raises(ValueError, match="b must have a.shape"):
+            sparqle.spmm(self.a, torch.randn(4, 3))
+        with pytest.raises(ValueError, match="b must be 2-D"):
+            sparqle.spmm(self.a, torch.randn(5))
+
+    def test_b_dtype(self):
+        with pytest.raises(TypeError, match="b has dtype torch.float64"):
+            sparqle.spmm(self.a, torch.randn(5, 3, dtype=torch.float64))
+
+    def test_b_device(self):
+        with pytest.raises(ValueError, match="b is on meta"):
+            sparqle.spmm(self.a, torch.randn(5, 3, device="meta"))
+
+    def test_a_not_a_format(self):
+        with pytest.raises(TypeError, match="a must be one of the formats"):
+            sparqle.spmm(torch.randn(6, 5), torch.randn(5, 3))
+
+    def test_linear_x_features(self):
+        with pytest.raises(ValueError, match="x must have w.shape"):
+            sparqle.linear(torch.randn(2, 4), self.a)
+
+    def test_linear_bias(self):
+        with pytest.raises(ValueError, match="bias must have shape"):
+            sparqle.linear(torch.randn(2, 5), self.a, torch.randn(5))
+        with pytest.raises(TypeError, match="bias has dtype"):
+            sparqle.linear(torch.randn(2, 5), self.a, torch.randn(6, dtype=torch.float64))
+
+    def test_linear_x_dtype(self):
+        with pytest.raises(TypeError, match="x has dtype torch.float16"):
+            sparqle.linear(torch.randn(2, 5, dtype=torch.float16), self.a)
+
+    def test_linear_w_type(self):
+        with pytest.raises(TypeError, match="w must be"):
+            sparqle.linear(torch.randn(2, 5), "weights")
+
+    def test_linear_dense_weight_is_f_linear(self):
+        x, w = torch.randn(3, 5), torch.randn(4, 5)
+        torch.testing.assert_close(sparqle.linear(x, w), x @ w.T)
+
+
+def test_rtol_table_covers_tested_dtypes():
+    for dtypes in DTYPES.values():
+        assert set(dtypes) <= set(RTOL)
