@@ -4,13 +4,9 @@ SpMM goes through ``torch.sparse`` CSR (MKL on the CPU, cuSPARSE on CUDA); fp16 
 bf16 are computed in fp32, as the Triton kernel accumulates. SDDMM gathers rows in
 chunks so that no [nnz, n] temporary exceeds a few million elements.
 """
-import warnings
-
 import torch
 
 from .. import _alloc
-
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 _SDDMM_CHUNK_ELEMENTS = 1 << 22
 
@@ -29,9 +25,7 @@ def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
     cdt = _compute_dtype(b.dtype)
     a = torch.sparse_csr_tensor(crow, col, values.to(cdt), (m, k),
                                 check_invariants=False)
-    c = _alloc.empty((m, n), b.dtype, b.device)
-    c.copy_(a @ b.to(cdt))
-    return c
+    return (a @ b.to(cdt)).to(b.dtype)
 
 
 def sddmm_csr(crow: torch.Tensor, col: torch.Tensor,

@@ -5,6 +5,7 @@
     sparqle.convert(model, "csr", sparsity=0.9)    # every nn.Linear, in place
 """
 import importlib.metadata
+import warnings
 
 from sparqle import bindings  # noqa: F401  (registers torch.ops.sparqle.*)
 
@@ -14,6 +15,9 @@ from .convert import convert
 from .formats import CSR
 from .functional import linear, spmm
 from .info import info
+
+# sparqle builds torch.sparse_csr tensors only from validated CSR objects.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 try:
     __version__ = importlib.metadata.version("sparqle")
