@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from sparqle import cli
-from sparqle.bench import bench_spmm_csr, harness
+from sparqle.bench import bench_spmm_csr, harness, performance_page
 
 
 def test_info_command():
@@ -26,6 +26,9 @@ def test_bench_report_table_json_and_plot(tmp_path):
     assert json.load(open(path))["results"] == rows
     bench_spmm_csr.plot(report, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 0
+    performance_page.main(str(tmp_path), str(tmp_path / "performance.md"))
+    text = (tmp_path / "performance.md").read_text()
+    assert report["device"] in text and "| dense |" in text and f"{rows[1]['time_ms']:.4f}" in text
 
 
 def test_bench_rejects_unknown_op(capsys):
