@@ -21,8 +21,9 @@ from ._config import autotune_configs
 _SPMM_CONFIGS = autotune_configs(
     [
         triton.Config({"BLOCK_N": bn, "BLOCK_NNZ": bk}, num_warps=w)
-        for bn, bk, w in [(32, 16, 1), (64, 16, 2), (64, 32, 2), (128, 16, 4),
-                          (128, 32, 4), (256, 16, 4), (256, 32, 8)]
+        # Narrow column tiles with long nonzero chunks for decode (n <= 16), wide ones for n in the hundreds.
+        for bn, bk, w in [(16, 64, 2), (16, 128, 4), (32, 16, 1), (64, 16, 2), (64, 32, 2),
+                          (128, 16, 4), (128, 32, 4), (256, 16, 4), (256, 32, 8)]
     ],
     triton.Config({"BLOCK_N": 16, "BLOCK_NNZ": 8}),
 )
