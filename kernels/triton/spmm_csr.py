@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._config import autotune_configs
+from ._config import autotune_configs, on_device_of
 
 _SPMM_CONFIGS = autotune_configs(
     [
@@ -106,14 +106,15 @@ def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
     if m == 0 or n == 0:
         return c
     grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _spmm_csr_kernel[grid](
-        crow, col, values, row_order, b, c,
-        n,
-        b.stride(0), b.stride(1),
-        c.stride(0), c.stride(1),
-        triton.next_power_of_2(max(1, col.numel() // m)),
-        ACC_DTYPE=_acc_dtype(b.dtype),
-    )
+    with on_device_of(b):
+        _spmm_csr_kernel[grid](
+            crow, col, values, row_order, b, c,
+            n,
+            b.stride(0), b.stride(1),
+            c.stride(0), c.stride(1),
+            triton.next_power_of_2(max(1, col.numel() // m)),
+            ACC_DTYPE=_acc_dtype(b.dtype),
+        )
     return c
 
 
@@ -129,11 +130,12 @@ def sddmm_csr(crow: torch.Tensor, col: torch.Tensor,
         torch.arange(crow.numel() - 1, device=crow.device, dtype=crow.dtype),
         counts, output_size=nnz)
     grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK_NNZ"]),)  # noqa: E731
-    _sddmm_csr_kernel[grid](
-        rows, col, x, y, out,
-        nnz, n,
-        x.stride(0), x.stride(1),
-        y.stride(0), y.stride(1),
-        ACC_DTYPE=_acc_dtype(x.dtype),
-    )
+    with on_device_of(x):
+        _sddmm_csr_kernel[grid](
+            rows, col, x, y, out,
+            nnz, n,
+            x.stride(0), x.stride(1),
+            y.stride(0), y.stride(1),
+            ACC_DTYPE=_acc_dtype(x.dtype),
+        )
     return out
