@@ -14,6 +14,7 @@ from typing import Iterator, Mapping, Optional, Tuple
 import torch
 
 BACKENDS = ("auto", "triton", "cupy", "torch")
+FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _ENV = "SPARQLE_BACKEND"
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("sparqle_backend", default=None)
 
@@ -94,3 +95,10 @@ def kernels(backend: str, module: str):
     """The module ``sparqle.kernels.<backend>.<module>``, imported on first use so that a
     missing Triton or CuPy costs nothing until it is asked for."""
     return importlib.import_module(f"sparqle.kernels.{backend}.{module}")
+
+
+def launch(module: str, op: str, dtypes: Mapping[str, frozenset], like: torch.Tensor, *args):
+    """Run launcher ``op`` of ``sparqle.kernels.<backend>.<module>`` on the backend chosen
+    for ``like``'s device and dtype."""
+    backend = choose(op, like.device, like.dtype, dtypes)
+    return getattr(kernels(backend, module), op)(*args)

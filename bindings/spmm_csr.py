@@ -14,15 +14,9 @@ from typing import Optional
 
 import torch
 
-from ._backend import choose, kernels
+from ._backend import FLOATS, launch
 
-_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-_DTYPES = {"triton": _FLOATS, "torch": _FLOATS}
-
-
-def _launch(op: str, like: torch.Tensor, *args) -> torch.Tensor:
-    backend = choose(op, like.device, like.dtype, _DTYPES)
-    return getattr(kernels(backend, "spmm_csr"), op)(*args)
+_DTYPES = {"triton": FLOATS, "torch": FLOATS}
 
 
 @torch.library.custom_op("sparqle::spmm_csr", mutates_args=())
@@ -30,7 +24,7 @@ def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
              row_order: torch.Tensor, t_crow: Optional[torch.Tensor],
              t_col: Optional[torch.Tensor], t_perm: Optional[torch.Tensor],
              t_row_order: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
-    return _launch("spmm_csr", b, crow, col, values, row_order, b)
+    return launch("spmm_csr", "spmm_csr", _DTYPES, b, crow, col, values, row_order, b)
 
 
 @spmm_csr.register_fake
@@ -41,7 +35,7 @@ def _(crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b):
 @torch.library.custom_op("sparqle::sddmm_csr", mutates_args=())
 def sddmm_csr(crow: torch.Tensor, col: torch.Tensor, x: torch.Tensor,
               y: torch.Tensor) -> torch.Tensor:
-    return _launch("sddmm_csr", x, crow, col, x, y)
+    return launch("spmm_csr", "sddmm_csr", _DTYPES, x, crow, col, x, y)
 
 
 @sddmm_csr.register_fake

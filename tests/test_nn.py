@@ -32,15 +32,30 @@ def test_from_linear_prunes_and_matches_oracle(device_backend):
         y = layer(x)
     expected = x @ (linear.weight * mask).T + linear.bias
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
-    assert "density=0.2500" in repr(layer)
+    assert "format=csr, density=0.2500" in repr(layer)
 
 
-def test_training_updates_values_and_keeps_the_pattern():
-    layer = SparseLinear.from_linear(nn.Linear(16, 8), sparsity=0.5)
+def test_from_linear_bell_prunes_blocks_and_matches_oracle(device_backend):
+    device, backend = device_backend
+    linear = nn.Linear(70, 40).double().to(device)
+    layer = SparseLinear.from_linear(linear, sparsity=0.5, format="bell", block_size=16)
+    mask = sparqle.prune.magnitude(linear.weight.detach(), 0.5, block=16)
+    assert layer.weight.nnz_blocks == 15 - round(0.5 * 15)   # 3 x 5 blocks
+    x = torch.randn(2, 5, 70, dtype=torch.float64, device=device)
+    with sparqle.use_backend(backend):
+        y = layer(x)
+    expected = x @ (linear.weight * mask).T + linear.bias
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    assert "format=bell" in repr(layer)
+
+
+@pytest.mark.parametrize("options", [{}, {"format": "bell", "block_size": 16}])
+def test_training_updates_values_and_keeps_the_pattern(options):
+    layer = SparseLinear.from_linear(nn.Linear(40, 36), sparsity=0.5, **options)
     pattern = layer.weight.to_dense() != 0
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     before = layer.values.detach().clone()
-    x, target = torch.randn(32, 16), torch.randn(32, 8)
+    x, target = torch.randn(32, 40), torch.randn(32, 36)
     losses = []
     for _ in range(20):
         opt.zero_grad()
@@ -53,9 +68,11 @@ def test_training_updates_values_and_keeps_the_pattern():
     assert ((layer.weight.to_dense() != 0) <= pattern).all()
 
 
-def test_convert_replaces_plain_linears_only():
+@pytest.mark.parametrize("fmt,options", [("csr", {"sparsity": 0.9}),
+                                         ("bell", {"sparsity": 0.8, "block_size": 16})])
+def test_convert_replaces_plain_linears_only(fmt, options):
     model = Block()
-    sparqle.convert(model, "csr", sparsity=0.9)
+    sparqle.convert(model, fmt, **options)
     assert isinstance(model.up, SparseLinear) and isinstance(model.down, SparseLinear)
     assert type(model.attn.out_proj) is not SparseLinear
     assert model(torch.randn(2, 5, 24)).shape == (2, 5, 24)
@@ -72,29 +89,38 @@ def test_convert_filter_and_errors():
     with pytest.raises(ValueError, match="model is itself an nn.Linear"):
         sparqle.convert(nn.Linear(3, 3), "csr", sparsity=0.5)
     with pytest.raises(ValueError, match="format must be one of"):
-        SparseLinear.from_linear(nn.Linear(3, 3), 0.5, format="bell")
+        SparseLinear.from_linear(nn.Linear(3, 3), 0.5, format="2:4")
+    with pytest.raises(ValueError, match="block_size applies to format='bell' only"):
+        SparseLinear.from_linear(nn.Linear(3, 3), 0.5, block_size=16)
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        SparseLinear.from_linear(nn.Linear(3, 3), 0.5, format="bell", block_size=8)
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         SparseLinear.from_linear(nn.Conv1d(3, 3, 1), 0.5)
 
 
-def test_state_dict_round_trip_with_weights_only_load():
+@pytest.mark.parametrize("fmt,options", [("csr", {"sparsity": 0.8}),
+                                         ("bell", {"sparsity": 0.5, "block_size": 16})])
+def test_state_dict_round_trip_with_weights_only_load(fmt, options):
+    """Loads into a model pruned from other weights: the pattern's sizes may differ."""
     torch.manual_seed(1)
-    model = sparqle.convert(Block(), "csr", sparsity=0.8)
+    model = sparqle.convert(Block(), fmt, **options)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     torch.manual_seed(2)
-    other = sparqle.convert(Block(), "csr", sparsity=0.8)
+    other = sparqle.convert(Block(), fmt, **options)
     other.load_state_dict(state)
     x = torch.randn(2, 3, 24)
     torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
 
 
-def test_module_dtype_and_compile():
-    layer = SparseLinear.from_linear(nn.Linear(12, 10), sparsity=0.6).double()
-    assert layer.values.dtype == torch.float64 and layer.crow_indices.dtype == torch.int32
-    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("options", [{}, {"format": "bell", "block_size": 16}])
+def test_module_dtype_and_compile(options):
+    layer = SparseLinear.from_linear(nn.Linear(40, 36), sparsity=0.6, **options).double()
+    assert layer.values.dtype == torch.float64
+    assert all(t.dtype == torch.int32 for t in layer.buffers())
+    x = torch.randn(4, 40, dtype=torch.float64, requires_grad=True)
     expected = layer(x)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)

@@ -1,28 +1,49 @@
 """Every Triton kernel compiles to a cubin for Ampere (sm_80) and Hopper (sm_90), for every
-autotune config and dtype, with no GPU: the interpreter never runs Triton's compiler, so
+autotune config, dtype, block size and direction, with no GPU: the interpreter never runs Triton's compiler, so
 this catches what only the compiler rejects. Runs in a subprocess without TRITON_INTERPRET."""
 import os
 import subprocess
 import sys
 
 SCRIPT = r'''
-import itertools
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sparqle.kernels.triton import spmm_csr
+from sparqle.kernels.triton import spmm_bell, spmm_csr
 
-INDEX_POINTERS = {"crow_ptr", "col_ptr", "row_order_ptr", "row_ptr"}
+INDEX_POINTERS = {"crow_ptr", "col_ptr", "row_order_ptr", "row_ptr", "cols_ptr", "slots_ptr"}
 FLOATS = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
+DOT = {"fp16": "ieee", "bf16": "ieee", "fp32": "tf32", "fp64": "ieee"}
+
+
+def variants(jit):
+    """Extra constexprs: every block size and both directions for the Blocked-ELL kernels."""
+    names = {p.name for p in jit.params}
+    blocks = [{"B": b} for b in (16, 32, 64, 128)] if "B" in names else [{}]
+    directions = [{"TRANSPOSED": t} for t in (False, True)] if "TRANSPOSED" in names else [{}]
+    return [{**b, **d} for b in blocks for d in directions]
+
+
+def combinations(autotuner):
+    """Every autotune config in fp16 with the first variant, and every dtype and variant
+    with the first config."""
+    first_variant, first_config = variants(autotuner.fn)[0], autotuner.configs[0]
+    combos = [(c, "fp16", first_variant) for c in autotuner.configs]
+    combos += [(first_config, d, v) for d in FLOATS for v in variants(autotuner.fn)
+               if (d, v) != ("fp16", first_variant)]
+    return combos
 
 
 def compile_all(autotuner, arch):
     jit = autotuner.fn
+    names = {p.name for p in jit.params}
     count = 0
-    for config, (dtype, acc) in itertools.product(autotuner.configs, FLOATS.items()):
-        signature, constexprs = {}, dict(config.kwargs, ACC_DTYPE=acc)
+    for config, dtype, extra in combinations(autotuner):
+        signature, constexprs = {}, dict(config.kwargs, ACC_DTYPE=FLOATS[dtype], **extra)
+        if "PRECISION" in names:
+            constexprs.update(PRECISION=DOT[dtype], UPCAST=False)
         for p in jit.params:
             if p.is_constexpr:
                 signature[p.name] = "constexpr"
@@ -38,9 +59,10 @@ def compile_all(autotuner, arch):
     return count
 
 
-kernels = (spmm_csr._spmm_csr_kernel, spmm_csr._sddmm_csr_kernel)
+kernels = (spmm_csr._spmm_csr_kernel, spmm_csr._sddmm_csr_kernel,
+           spmm_bell._spmm_bell_kernel, spmm_bell._sddmm_bell_kernel)
 total = sum(compile_all(kernel, arch) for kernel in kernels for arch in (80, 90))
-expected = sum(len(kernel.configs) for kernel in kernels) * len(FLOATS) * 2
+expected = sum(len(combinations(k)) for k in kernels) * 2
 assert total == expected > 0, (total, expected)
 print("compiled", total)
 '''

@@ -7,6 +7,7 @@ from .nn import SparseLinear
 
 _CONVERTERS = {
     "csr": lambda linear, **options: SparseLinear.from_linear(linear, format="csr", **options),
+    "bell": lambda linear, **options: SparseLinear.from_linear(linear, format="bell", **options),
 }
 
 
@@ -14,8 +15,9 @@ def convert(model: nn.Module, fmt: str, *,
             filter: Optional[Callable[[str, nn.Module], bool]] = None, **options) -> nn.Module:
     """Replace every module of type exactly ``nn.Linear`` in ``model`` (subclasses such as
     MultiheadAttention's out_proj read ``.weight`` directly and are left alone) for which
-    ``filter(name, module)`` is true with its ``fmt`` version, built with ``options``
-    (``convert(model, "csr", sparsity=0.9)``). Returns ``model``."""
+    ``filter(name, module)`` is true with its ``fmt`` version, built with ``options``:
+    ``convert(model, "csr", sparsity=0.9)``, ``convert(model, "bell", block_size=32,
+    sparsity=0.8)``. Returns ``model``."""
     if fmt not in _CONVERTERS:
         raise ValueError(f"fmt must be one of {sorted(_CONVERTERS)}, got {fmt!r}")
     if not isinstance(model, nn.Module):

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .formats import CSR
+from .formats import CSR, BlockedELL
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -30,7 +30,19 @@ def _csr_spmm(a: CSR, b: torch.Tensor) -> torch.Tensor:
                                       t_crow, t_col, t_perm, t_row_order, b)
 
 
-_SPMM = {CSR: _csr_spmm}
+def _bell_times_transposed(x: torch.Tensor, a: BlockedELL) -> torch.Tensor:
+    """x [n, k] @ a^T -> [n, m]."""
+    t_ell_cols, t_slots = (a.transposed_structure()
+                           if torch.is_grad_enabled() and x.requires_grad else (None, None))
+    return torch.ops.sparqle.spmm_bell(a.ell_cols, a.values, t_ell_cols, t_slots, x, a.shape[0])
+
+
+def _bell_spmm(a: BlockedELL, b: torch.Tensor) -> torch.Tensor:
+    # a @ b = (b^T @ a^T)^T: the kernel reads b^T through strides, without a copy.
+    return _bell_times_transposed(b.t(), a).t().contiguous()
+
+
+_SPMM = {CSR: _csr_spmm, BlockedELL: _bell_spmm}
 
 
 def spmm(a, b: torch.Tensor) -> torch.Tensor:
@@ -54,7 +66,7 @@ def _csr_linear(x2d: torch.Tensor, w: CSR) -> torch.Tensor:
     return _csr_spmm(w, x2d.t().contiguous()).t().contiguous()
 
 
-_LINEAR = {CSR: _csr_linear}
+_LINEAR = {CSR: _csr_linear, BlockedELL: lambda x2d, w: _bell_times_transposed(x2d, w)}
 
 
 def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,11 +1,19 @@
 """Pruning masks: which weights a sparse format keeps."""
+from typing import Optional
+
 import torch
 
+from .formats.bell import block_norms
 
-def magnitude(w: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The bool mask that keeps the ``numel - round(sparsity * numel)`` entries of ``w``
-    with the largest |w| (unstructured); ``sparsity`` in [0, 1) is the fraction zeroed.
-    The count is exact, so equal shapes and sparsities give equal nonzero counts."""
+
+def magnitude(w: torch.Tensor, sparsity: float, *, block: Optional[int] = None) -> torch.Tensor:
+    """The bool mask (w's shape) that keeps the largest weights of ``w``.
+
+    Unstructured (``block=None``): the ``numel - round(sparsity * numel)`` entries of
+    largest |w|. Blocks (``block=b``, 2-D w): the b x b blocks (edge blocks partial) of
+    largest Frobenius norm, ``sparsity`` being the fraction of blocks zeroed.
+    ``sparsity`` lies in [0, 1); counts are exact, so equal shapes and sparsities give
+    equal nonzero counts."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise TypeError(f"w must be a floating-point tensor, got "
                         f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
@@ -13,7 +21,18 @@ def magnitude(w: torch.Tensor, sparsity: float) -> torch.Tensor:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
     if not bool(torch.isfinite(w).all()):
         raise ValueError("w holds NaN or Inf: its magnitudes cannot be ranked")
-    keep = w.numel() - round(float(sparsity) * w.numel())
-    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    mask[torch.topk(w.detach().abs().flatten(), keep, sorted=False).indices] = True
-    return mask.view(w.shape)
+    if block is None:
+        return _keep_largest(w.detach().abs(), sparsity)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D for block pruning, got shape {tuple(w.shape)}")
+    keep = _keep_largest(block_norms(w, block), sparsity)
+    return keep.repeat_interleave(block, 0).repeat_interleave(block, 1)[:w.shape[0], :w.shape[1]]
+
+
+def _keep_largest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    keep = scores.numel() - round(float(sparsity) * scores.numel())
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    mask[torch.topk(scores.flatten(), keep, sorted=False).indices] = True
+    return mask.view(scores.shape)

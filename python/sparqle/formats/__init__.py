@@ -1,4 +1,5 @@
 """Weight formats: small classes of plain tensors, validated on construction."""
+from .bell import BlockedELL
 from .csr import CSR
 
-__all__ = ["CSR"]
+__all__ = ["CSR", "BlockedELL"]

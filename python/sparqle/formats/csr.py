@@ -6,7 +6,7 @@ repeated columns in a row add up. ``row_order`` lists the rows by nonzero count,
 longest first (ties in natural order): SpMM kernels take rows in that order so that
 the long rows start first and the short ones fill the tail.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -148,6 +148,19 @@ class CSR:
             torch.cumsum(counts, dim=0, out=t_crow[1:])
             self._transposed = (t_crow, rows[perm], perm.to(torch.int32), _row_order(t_crow))
         return self._transposed
+
+    def index_tensors(self) -> Dict[str, torch.Tensor]:
+        """The integer tensors an nn module keeps as buffers (the transposed structure included)."""
+        t_crow, t_col, t_perm, t_row_order = self.transposed_structure()
+        return {"crow_indices": self.crow_indices, "col_indices": self.col_indices,
+                "row_order": self.row_order, "t_crow_indices": t_crow, "t_col_indices": t_col,
+                "t_perm": t_perm, "t_row_order": t_row_order}
+
+    @classmethod
+    def from_index_tensors(cls, shape, values: torch.Tensor, t: Dict[str, torch.Tensor]) -> "CSR":
+        """The inverse of ``index_tensors``, over the same tensors (no copy, no checks)."""
+        return cls._trusted(t["crow_indices"], t["col_indices"], values, shape, t["row_order"],
+                            (t["t_crow_indices"], t["t_col_indices"], t["t_perm"], t["t_row_order"]))
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CSR":
         """A copy on ``device`` and/or with values of ``dtype`` (indices stay int32)."""

@@ -1,0 +1,169 @@
+"""Blocked-ELL sparse matrix products on tensor cores.
+
+A [m, k] is stored as block-rows of b x b blocks: block-row r keeps W slots, slot s
+holding the block at block-column ``ell_cols[r, s]`` (-1: unused) with entries
+``values[r, s]`` [b, b], row-major. m and k need not be multiples of b (blocks are padded
+with zeros; padded rows and columns are never read from x or written to out).
+
+spmm_bell:    out [n, m] = x [n, k] @ A^T            (sparqle.linear's y = x W^T)
+spmm_bell_t:  out [n, k] = x [n, m] @ A              (its input gradient, dy @ W), over
+              A^T's block structure: block-row c of A^T lists the block-rows
+              ``t_ell_cols[c, s]`` of A whose stored slot ``t_slots[c, s]`` (a flat index
+              into values) sits in block-column c.
+sddmm_bell:   dvalues [R, W, b, b], dvalues[r, s] = dy[:, block r]^T @ x[:, block ell_cols[r, s]]
+              (zero for unused slots): the gradient of the stored blocks.
+
+One program computes a [BLOCK_M, b] tile of out: for each slot of its block-row it loads
+a [BLOCK_M, b] tile of x and the b x b block and feeds ``tl.dot`` (fp32 accumulation;
+fp32 inputs use TF32 only when torch.get_float32_matmul_precision() allows it).
+x and out are addressed through strides, so transposed views cost no copy.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ._config import autotune_configs, interpreting, on_device_of
+
+_MM_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+     for bm, w, s in [(16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 4, 3),
+                      (128, 8, 3), (128, 8, 4)]],
+    triton.Config({"BLOCK_M": 16}),
+)
+_SDDMM_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bk, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)]],
+    triton.Config({"BLOCK_K": 16}),
+)
+
+
+def _dot_meta(dtype: torch.dtype) -> dict:
+    """ACC_DTYPE, the dot's input precision, and whether to upcast to fp32 before the
+    dot (only for bf16 in Triton 3.6's interpreter, whose bf16 dot is wrong)."""
+    if dtype == torch.float64:
+        return {"ACC_DTYPE": tl.float64, "PRECISION": "ieee", "UPCAST": False}
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return {"ACC_DTYPE": tl.float32, "PRECISION": "tf32" if tf32 else "ieee",
+            "UPCAST": dtype == torch.bfloat16 and interpreting()}
+
+
+@triton.autotune(configs=_MM_CONFIGS, key=["N", "WIDTH", "B"])
+@triton.jit
+def _spmm_bell_kernel(
+    cols_ptr, slots_ptr, values_ptr, x_ptr, out_ptr,
+    N, K_X, M_OUT, WIDTH,
+    stride_xn, stride_xk,
+    stride_on, stride_om,
+    B: tl.constexpr, TRANSPOSED: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block_row = tl.program_id(1)
+    offs_b = tl.arange(0, B)
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_M, B], dtype=ACC_DTYPE)
+    for s in range(WIDTH):
+        col = tl.load(cols_ptr + block_row * WIDTH + s)
+        if col >= 0:
+            if TRANSPOSED:
+                slot = tl.load(slots_ptr + block_row * WIDTH + s).to(tl.int64)
+            else:
+                slot = (block_row * WIDTH + s).to(tl.int64)
+            offs_k = col * B + offs_b
+            x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk,
+                        mask=mask_n[:, None] & (offs_k < K_X)[None, :], other=0)
+            w = tl.load(values_ptr + slot * B * B + offs_b[:, None] * B + offs_b[None, :])
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if TRANSPOSED:
+                acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    offs_m = block_row * B + offs_b
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_m < M_OUT)[None, :])
+
+
+@triton.autotune(configs=_SDDMM_CONFIGS, key=["N", "B"])
+@triton.jit
+def _sddmm_bell_kernel(
+    cols_ptr, dy_ptr, x_ptr, out_ptr,
+    N, M, K, WIDTH,
+    stride_dyn, stride_dym,
+    stride_xn, stride_xk,
+    B: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    block_row = slot // WIDTH
+    col = tl.load(cols_ptr + slot)
+    offs_b = tl.arange(0, B)
+    offs_m = block_row * B + offs_b
+    offs_k = col * B + offs_b
+    acc = tl.zeros([B, B], dtype=ACC_DTYPE)
+    if col >= 0:
+        for n0 in range(0, N, BLOCK_K):
+            offs_n = n0 + tl.arange(0, BLOCK_K)
+            mask_n = offs_n < N
+            dy = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
+                         mask=mask_n[:, None] & (offs_m < M)[None, :], other=0)
+            x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk,
+                        mask=mask_n[:, None] & (offs_k < K)[None, :], other=0)
+            if UPCAST:
+                dy = dy.to(tl.float32)
+                x = x.to(tl.float32)
+            acc = tl.dot(tl.trans(dy), x, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(out_ptr + slot.to(tl.int64) * B * B + offs_b[:, None] * B + offs_b[None, :],
+             acc.to(out_ptr.dtype.element_ty))
+
+
+def _launch_mm(cols, slots, values, x, out_features, transposed):
+    n, b = x.shape[0], values.shape[-1]
+    rows, width = cols.shape
+    out = _alloc.empty((n, out_features), x.dtype, x.device)
+    if n == 0 or out_features == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), rows)  # noqa: E731
+    with on_device_of(x):
+        _spmm_bell_kernel[grid](
+            cols, slots, values.contiguous(), x, out,
+            n, x.shape[1], out_features, width,
+            x.stride(0), x.stride(1),
+            out.stride(0), out.stride(1),
+            B=b, TRANSPOSED=transposed, **_dot_meta(x.dtype),
+        )
+    return out
+
+
+def spmm_bell(ell_cols: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
+              m: int) -> torch.Tensor:
+    """out [n, m] = x [n, k] @ A^T for A [m, k] in Blocked-ELL."""
+    return _launch_mm(ell_cols, ell_cols, values, x, m, transposed=False)
+
+
+def spmm_bell_t(t_ell_cols: torch.Tensor, t_slots: torch.Tensor, values: torch.Tensor,
+                x: torch.Tensor, k: int) -> torch.Tensor:
+    """out [n, k] = x [n, m] @ A for A [m, k] in Blocked-ELL, through A^T's structure."""
+    return _launch_mm(t_ell_cols, t_slots, values, x, k, transposed=True)
+
+
+def sddmm_bell(ell_cols: torch.Tensor, dy: torch.Tensor, x: torch.Tensor,
+               b: int) -> torch.Tensor:
+    """dvalues [R, W, b, b]: dy [n, m]^T @ x [n, k] at A's stored blocks, zero where unused."""
+    rows, width = ell_cols.shape
+    out = _alloc.empty((rows, width, b, b), dy.dtype, dy.device)
+    if out.numel() == 0:
+        return out
+    with on_device_of(dy):
+        _sddmm_bell_kernel[(rows * width,)](
+            ell_cols, dy, x, out,
+            dy.shape[0], dy.shape[1], x.shape[1], width,
+            dy.stride(0), dy.stride(1),
+            x.stride(0), x.stride(1),
+            B=b, **_dot_meta(dy.dtype),
+        )
+    return out

@@ -1,0 +1,199 @@
+"""Blocked-ELL: block sparsity that tensor cores can use.
+
+An [m, k] matrix is cut into b x b blocks (b in 16, 32, 64, 128; m and k are padded up to
+multiples of b inside, never visibly). Block-row r keeps W slots, W being the most nonzero
+blocks in any block-row: slot s holds the block at block-column ``ell_cols[r, s]`` with
+entries ``values[r, s]`` (row-major), or is unused (``ell_cols[r, s] = -1``, values ignored),
+as cuSPARSE's Blocked-ELL does. Used slots come first in a block-row, by block-column.
+"""
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_block_size(block_size, name: str = "block_size") -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"{name} must be one of {BLOCK_SIZES}, got {block_size!r}")
+    return block_size
+
+
+def block_norms(t: torch.Tensor, b: int) -> torch.Tensor:
+    """The Frobenius norm of each b x b block of 2-D ``t`` (zero-padded): [ceil(m/b), ceil(k/b)]."""
+    m, k = t.shape
+    padded = torch.nn.functional.pad(t.detach().float(), (0, _cdiv(k, b) * b - k, 0, _cdiv(m, b) * b - m))
+    return padded.view(_cdiv(m, b), b, _cdiv(k, b), b).pow(2).sum((1, 3)).sqrt()
+
+
+class BlockedELL:
+    """A sparse [m, k] matrix of b x b blocks in Blocked-ELL form.
+
+    Args:
+        ell_cols: integer [ceil(m/b), W]: block-column of each slot, -1 for unused;
+            no block-column twice in one block-row.
+        values: floating [ceil(m/b), W, b, b].
+        shape: (m, k).
+    Attributes: ``block_size``, ``ell_cols`` (int32), ``values``, ``shape``.
+    """
+
+    def __init__(self, ell_cols: torch.Tensor, values: torch.Tensor, shape: Sequence[int]):
+        shape = _check_shape(shape)
+        for name, t in (("ell_cols", ell_cols), ("values", values)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"BlockedELL: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if ell_cols.device != values.device:
+            raise ValueError(f"BlockedELL: ell_cols is on {ell_cols.device} but values is on {values.device}")
+        if ell_cols.is_floating_point() or ell_cols.is_complex() or ell_cols.dtype == torch.bool:
+            raise TypeError(f"BlockedELL: ell_cols must hold integers, got {ell_cols.dtype}")
+        if not values.is_floating_point():
+            raise TypeError(f"BlockedELL: values must be floating point, got {values.dtype}")
+        if values.dim() != 4 or values.shape[2] != values.shape[3]:
+            raise ValueError(f"BlockedELL: values must have shape [block_rows, width, b, b], "
+                             f"got {tuple(values.shape)}")
+        b = check_block_size(values.shape[-1], "values.shape[-1] (the block size)")
+        m, k = shape
+        expected = (_cdiv(m, b), values.shape[1])
+        if tuple(ell_cols.shape) != expected:
+            raise ValueError(f"BlockedELL: ell_cols must have shape {expected} (ceil(m / b), width) "
+                             f"for shape {shape}, block size {b} and values {tuple(values.shape)}, "
+                             f"got {tuple(ell_cols.shape)}")
+        if ell_cols.numel() > 0:
+            lo, hi = int(ell_cols.min()), int(ell_cols.max())
+            if lo < -1 or hi >= _cdiv(k, b):
+                raise ValueError(f"BlockedELL: ell_cols must lie in [-1, {_cdiv(k, b)}) (block "
+                                 f"columns of {k} columns), got [{lo}, {hi}]")
+            ordered = ell_cols.sort(dim=1).values
+            if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+                raise ValueError("BlockedELL: ell_cols repeats a block-column within a block-row")
+        self._set(ell_cols.to(torch.int32), values, shape, None)
+
+    def _set(self, ell_cols, values, shape, transposed):
+        self.ell_cols, self.values, self.shape = ell_cols, values, torch.Size(shape)
+        self._transposed = transposed
+
+    @classmethod
+    def _trusted(cls, ell_cols, values, shape, transposed=None) -> "BlockedELL":
+        """A BlockedELL from tensors already known to be valid (as nn modules hold them)."""
+        bell = cls.__new__(cls)
+        bell._set(ell_cols, values, shape, transposed)
+        return bell
+
+    @classmethod
+    def from_dense(cls, t: torch.Tensor, block_size: int = 32,
+                   mask: Optional[torch.Tensor] = None) -> "BlockedELL":
+        """The b x b blocks of 2-D ``t`` that hold a nonzero (or, with a bool ``mask`` of
+        t's shape, a True entry; entries outside the mask are zeroed)."""
+        b = check_block_size(block_size)
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"BlockedELL.from_dense: t must be a 2-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if mask is None:
+            mask = t != 0
+        elif mask.shape != t.shape or mask.dtype != torch.bool:
+            raise ValueError(f"BlockedELL.from_dense: mask must be a bool tensor of shape "
+                             f"{tuple(t.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        m, k = t.shape
+        rows, cols = _cdiv(m, b), _cdiv(k, b)
+        pad = (0, cols * b - k, 0, rows * b - m)
+        blocks = torch.nn.functional.pad(t.detach().masked_fill(~mask, 0), pad)
+        blocks = blocks.view(rows, b, cols, b).permute(0, 2, 1, 3)        # [R, C, b, b]
+        keep = torch.nn.functional.pad(mask, pad).view(rows, b, cols, b).any(3).any(1)  # [R, C]
+        width = int(keep.sum(1).max()) if keep.numel() else 0
+        # Kept block-columns first, in order: sort by (not kept, column).
+        order = torch.argsort((~keep).to(torch.int64) * cols + torch.arange(cols, device=t.device), dim=1)
+        order = order[:, :width]
+        kept = torch.gather(keep, 1, order)
+        ell_cols = torch.where(kept, order, torch.full_like(order, -1))
+        values = blocks[torch.arange(rows, device=t.device)[:, None], order]  # [R, W, b, b]
+        values = values * kept[..., None, None]
+        return cls(ell_cols, values.contiguous(), (m, k))
+
+    def to_dense(self) -> torch.Tensor:
+        m, k = self.shape
+        b = self.block_size
+        rows, cols = _cdiv(m, b), _cdiv(k, b)
+        dense = torch.zeros(rows, cols + 1, b, b, dtype=self.dtype, device=self.device)
+        target = torch.where(self.ell_cols >= 0, self.ell_cols, cols).long()  # unused -> spill column
+        dense[torch.arange(rows, device=self.device)[:, None], target] = self.values
+        return dense[:, :cols].permute(0, 2, 1, 3).reshape(rows * b, cols * b)[:m, :k]
+
+    @property
+    def block_size(self) -> int:
+        return self.values.shape[-1]
+
+    @property
+    def nnz_blocks(self) -> int:
+        return int((self.ell_cols >= 0).sum())
+
+    @property
+    def density(self) -> float:
+        """Stored blocks / all blocks; 0 for an empty shape."""
+        b = self.block_size
+        return self.nnz_blocks / max(1, _cdiv(self.shape[0], b) * _cdiv(self.shape[1], b))
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def transposed_structure(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(t_ell_cols, t_slots) [ceil(k/b), W_t]: block-row c of A^T lists the block-rows of
+        A with a stored block in block-column c, and the flat slot index of that block in
+        ``values.view(-1, b, b)`` (-1 for unused). Built on first use and kept."""
+        if self._transposed is None:
+            rows, width = self.ell_cols.shape
+            cols = _cdiv(self.shape[1], self.block_size)
+            flat = self.ell_cols.flatten()
+            slots = torch.nonzero(flat >= 0).flatten()
+            block_cols = flat[slots].long()
+            order = torch.argsort(block_cols, stable=True)               # by column, then row
+            slots, block_cols = slots[order], block_cols[order]
+            counts = torch.bincount(block_cols, minlength=cols)
+            t_width = int(counts.max()) if counts.numel() and slots.numel() else 0
+            starts = torch.cumsum(counts, 0) - counts
+            position = torch.arange(slots.numel(), device=self.device) - starts[block_cols]
+            t_ell_cols = torch.full((cols, t_width), -1, dtype=torch.int32, device=self.device)
+            t_slots = torch.full_like(t_ell_cols, -1)
+            t_ell_cols[block_cols, position] = (slots // max(1, width)).to(torch.int32)
+            t_slots[block_cols, position] = slots.to(torch.int32)
+            self._transposed = (t_ell_cols, t_slots)
+        return self._transposed
+
+    def index_tensors(self) -> Dict[str, torch.Tensor]:
+        """The integer tensors an nn module keeps as buffers (the transposed structure included)."""
+        t_ell_cols, t_slots = self.transposed_structure()
+        return {"ell_cols": self.ell_cols, "t_ell_cols": t_ell_cols, "t_slots": t_slots}
+
+    @classmethod
+    def from_index_tensors(cls, shape, values: torch.Tensor, t: Dict[str, torch.Tensor]) -> "BlockedELL":
+        """The inverse of ``index_tensors``, over the same tensors (no copy, no checks)."""
+        return cls._trusted(t["ell_cols"], values, shape, (t["t_ell_cols"], t["t_slots"]))
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "BlockedELL":
+        """A copy on ``device`` and/or with values of ``dtype``."""
+        transposed = None if self._transposed is None else tuple(t.to(device) for t in self._transposed)
+        return BlockedELL._trusted(self.ell_cols.to(device), self.values.to(device=device, dtype=dtype),
+                                   self.shape, transposed)
+
+    def __repr__(self) -> str:
+        return (f"BlockedELL(shape={tuple(self.shape)}, block_size={self.block_size}, "
+                f"width={self.ell_cols.shape[1]}, density={self.density:.4f}, dtype={self.dtype}, "
+                f"device={self.device})")
+
+
+def _check_shape(shape) -> Tuple[int, int]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"BlockedELL: shape must be a pair (m, k), got {shape!r}") from None
+    if len(shape) != 2 or min(shape) < 0:
+        raise ValueError(f"BlockedELL: shape must be 2-D with sizes >= 0, got {shape}")
+    return shape
