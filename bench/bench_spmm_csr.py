@@ -12,10 +12,11 @@ import torch
 
 import sparqle
 
-from .harness import Case, Impl, device
+from .harness import Case, Impl, device, inputs, no_grad, plot_speedups
 
 OP = "spmm_csr"
 KEYS = ("m", "k", "n", "sparsity", "dtype")
+IMPLS = ("sparqle", "dense", "torch.sparse")
 SHAPES = [(4096, 1024), (1024, 4096)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
 
@@ -36,31 +37,17 @@ def make_case(m: int, k: int, n: int, sparsity: float, dtype: str) -> Case:
     dev, dt = device(), getattr(torch, dtype)
     weight = torch.randn(m, k, device=dev, dtype=dt)
     a = sparqle.CSR.from_dense(weight, mask=sparqle.prune.magnitude(weight, sparsity))
-    dense = a.to_dense()
-    a_torch = a.to_sparse_csr()
-    bs = {}
-
-    def b(i):
-        return bs.setdefault(i, torch.randn(k, n, device=dev, dtype=dt))
-
+    dense, a_torch = a.to_dense(), a.to_sparse_csr()
+    b = inputs(lambda: torch.randn(k, n, device=dev, dtype=dt))
     size = dt.itemsize
     sparse_bytes = a.nnz * (size + 4) + (m + 1) * 4 + (k * n + m * n) * size
     dense_bytes = (m * k + k * n + m * n) * size
-
-    def no_grad(fn):
-        def call():
-            with torch.no_grad():
-                return fn()
-        return call
-
-    case = Case(OP, {"m": m, "k": k, "n": n, "sparsity": sparsity, "dtype": dtype},
-                flops=2.0 * a.nnz * n, input_bytes=sparse_bytes)
-    case.impls = [
-        Impl("sparqle", lambda i: no_grad(lambda: sparqle.spmm(a, b(i))), sparse_bytes),
-        Impl("dense", lambda i: no_grad(lambda: dense @ b(i)), dense_bytes),
-        Impl("torch.sparse", lambda i: no_grad(lambda: a_torch @ b(i)), sparse_bytes),
-    ]
-    return case
+    return Case(OP, {"m": m, "k": k, "n": n, "sparsity": sparsity, "dtype": dtype},
+                flops=2.0 * a.nnz * n, input_bytes=sparse_bytes, impls=[
+                    Impl("sparqle", lambda i, b=b: no_grad(lambda bi=b(i): sparqle.spmm(a, bi)), sparse_bytes),
+                    Impl("dense", lambda i, b=b: no_grad(lambda bi=b(i): dense @ bi), dense_bytes),
+                    Impl("torch.sparse", lambda i, b=b: no_grad(lambda bi=b(i): a_torch @ bi), sparse_bytes),
+                ])
 
 
 def cases(quick: bool) -> List[Case]:
@@ -68,26 +55,4 @@ def cases(quick: bool) -> List[Case]:
 
 
 def plot(report: dict, path: str) -> None:
-    """Speed-up of sparqle over each baseline against sparsity, one line per (shape, n)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["results"]
-    baselines = sorted({r["impl"] for r in rows} - {"sparqle"})
-    fig, axes = plt.subplots(1, len(baselines), figsize=(6 * len(baselines), 4), squeeze=False)
-    for ax, base in zip(axes[0], baselines):
-        series = {}
-        for r in rows:
-            if r["impl"] == base:
-                series.setdefault((r["m"], r["k"], r["n"]), []).append(
-                    (r["sparsity"], r["sparqle_speedup"]))
-        for (m, k, n), points in sorted(series.items()):
-            xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=f"{m}x{k}, n={n}")
-        ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set(title=f"sparqle vs {base}", xlabel="sparsity", ylabel="speed-up (x)")
-        ax.legend(fontsize=6)
-    fig.suptitle(f"CSR SpMM on {report['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_speedups(report, path, ("m", "k", "n"), "CSR SpMM")

@@ -40,6 +40,26 @@ class Case:
     impls: List[Impl] = field(default_factory=list)
 
 
+def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run under torch.no_grad(): benchmarks time inference."""
+    def call():
+        with torch.no_grad():
+            return fn()
+    return call
+
+
+def inputs(factory: Callable[[], torch.Tensor]) -> Callable[[int], torch.Tensor]:
+    """Input copy ``i``, made by ``factory`` on first use and shared by every impl.
+    Call it when building a timed callable, never inside one."""
+    made: Dict[int, torch.Tensor] = {}
+
+    def get(i: int) -> torch.Tensor:
+        if i not in made:
+            made[i] = factory()
+        return made[i]
+    return get
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -159,6 +179,34 @@ def table(report: dict, keys: Sequence[str]) -> str:
                  f"{r['tflops']:.3f}", f"{r['gbs']:.1f}", roof, speedup]
         lines.append("  ".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)
+
+
+def plot_speedups(report: dict, path: str, series_keys: Sequence[str], title: str) -> None:
+    """Speed-up of sparqle over each baseline against sparsity, one line per value of
+    ``series_keys``, one panel per baseline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    baselines = sorted({r["impl"] for r in rows} - {"sparqle"})
+    fig, axes = plt.subplots(1, len(baselines), figsize=(6 * len(baselines), 4), squeeze=False)
+    for ax, base in zip(axes[0], baselines):
+        series: Dict[tuple, list] = {}
+        for r in rows:
+            if r["impl"] == base:
+                series.setdefault(tuple(r[k] for k in series_keys), []).append(
+                    (r["sparsity"], r["sparqle_speedup"]))
+        for key, points in sorted(series.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=", ".join(f"{k}={v}" for k, v in zip(series_keys, key)))
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set(title=f"sparqle vs {base}", xlabel="sparsity", ylabel="speed-up (x)")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{title} on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write(report: dict, out_dir: str, op: str) -> str:

@@ -1,8 +1,9 @@
 """Blocked-ELL products in plain PyTorch (see kernels/triton/spmm_bell.py for the maths).
 
-Each gathers, per block-row, the [n, W, b] slices of x its slots name and contracts them
-with the blocks in one batched matmul over block-rows; n is chunked so that no gathered
-temporary exceeds a few million elements. fp16 and bf16 compute in fp32.
+The products go through torch.sparse BSR matrices built from the used slots on each call
+(MKL on the CPU); the block SDDMM gathers, per block-row, the [n, W, b] slices of x its
+slots name, with n chunked so that no temporary exceeds a few million elements.
+fp16 and bf16 compute in fp32.
 """
 import torch
 
@@ -25,23 +26,28 @@ def _chunks(n: int, per_row: int):
 
 
 def _mm(cols, slots, values, x, out_features, transposed):
+    """out [n, out_features] = x @ M^T, M the block matrix whose block-row r holds the blocks
+    ``values[slots[r, s]]`` (transposed when ``transposed``) at block-columns ``cols[r, s]``:
+    a torch.sparse BSR matrix over the used slots (MKL on the CPU, cuSPARSE/Triton on CUDA)."""
     n, b = x.shape[0], values.shape[-1]
-    rows, width = cols.shape
+    rows = cols.shape[0]
     cdt = _compute_dtype(x.dtype)
-    valid = cols >= 0
-    blocks = values.reshape(-1, b, b)[slots.clamp(min=0).long()].to(cdt)  # [R, W, b, b]
-    blocks = torch.where(valid[..., None, None], blocks, 0)  # unused slots may hold anything
-    if not transposed:
+    nblocks_in = -(-x.shape[1] // b)
+    if n == 0 or rows == 0 or nblocks_in == 0 or not bool((cols >= 0).any()):
+        return torch.zeros(n, out_features, dtype=x.dtype, device=x.device)
+    # Used slots of each block-row, by block-column (BSR order); unused slots sort last.
+    key = torch.where(cols >= 0, cols, nblocks_in).long()
+    key, order = torch.sort(key, dim=1)
+    used = key < nblocks_in
+    crow = torch.zeros(rows + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(used.sum(1), 0, out=crow[1:])
+    blocks = values.reshape(-1, b, b)[torch.gather(slots.long(), 1, order)[used]]
+    if transposed:
         blocks = blocks.transpose(-1, -2)
-    # out[:, r] = sum_s x[:, block cols[r, s]] @ blocks[r, s]: [R, n, W*b] @ [R, W*b, b]
-    rhs = blocks.reshape(rows, width * b, b)
-    nblocks_in = max(1, -(-x.shape[1] // b))
-    out = torch.empty(n, rows * b, dtype=cdt, device=x.device)
-    for lo, hi in _chunks(n, rows * width * b):
-        xb = _blocks(x[lo:hi], nblocks_in, b, cdt)[:, cols.clamp(min=0).long()]  # [n, R, W, b]
-        out[lo:hi] = torch.bmm(xb.permute(1, 0, 2, 3).reshape(rows, hi - lo, width * b),
-                               rhs).permute(1, 0, 2).reshape(hi - lo, rows * b)
-    return out[:, :out_features].to(x.dtype).contiguous()
+    matrix = torch.sparse_bsr_tensor(crow, key[used], blocks.to(cdt), (rows * b, nblocks_in * b),
+                                     check_invariants=False)
+    x_t = torch.nn.functional.pad(x.to(cdt), (0, nblocks_in * b - x.shape[1])).t()
+    return (matrix @ x_t).t()[:, :out_features].to(x.dtype).contiguous()
 
 
 def spmm_bell(ell_cols: torch.Tensor, values: torch.Tensor, x: torch.Tensor,

@@ -5,7 +5,7 @@ import os
 import sys
 from typing import List, Optional
 
-BENCHMARKS = ("spmm_csr",)
+BENCHMARKS = ("spmm_csr", "spmm_bell")
 
 
 def _bench(args) -> int:
