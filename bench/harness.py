@@ -111,10 +111,16 @@ def device_name() -> str:
 
 
 def _commit() -> str:
+    """The checkout's commit, "-dirty" when code differs from it (results and the
+    performance page, which benchmarks rewrite, do not count)."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        def git(*args):
+            return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        dirty = git("status", "--porcelain", "--", ":/", ":(exclude,top)bench/results",
+                    ":(exclude,top)docs/performance.md")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
