@@ -10,6 +10,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import check_shape, check_tensors, dense_and_mask
+
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -42,16 +44,8 @@ class BlockedELL:
     """
 
     def __init__(self, ell_cols: torch.Tensor, values: torch.Tensor, shape: Sequence[int]):
-        shape = _check_shape(shape)
-        for name, t in (("ell_cols", ell_cols), ("values", values)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"BlockedELL: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if ell_cols.device != values.device:
-            raise ValueError(f"BlockedELL: ell_cols is on {ell_cols.device} but values is on {values.device}")
-        if ell_cols.is_floating_point() or ell_cols.is_complex() or ell_cols.dtype == torch.bool:
-            raise TypeError(f"BlockedELL: ell_cols must hold integers, got {ell_cols.dtype}")
-        if not values.is_floating_point():
-            raise TypeError(f"BlockedELL: values must be floating point, got {values.dtype}")
+        shape = check_shape("BlockedELL", shape)
+        check_tensors("BlockedELL", {"ell_cols": ell_cols}, values)
         if values.dim() != 4 or values.shape[2] != values.shape[3]:
             raise ValueError(f"BlockedELL: values must have shape [block_rows, width, b, b], "
                              f"got {tuple(values.shape)}")
@@ -89,14 +83,7 @@ class BlockedELL:
         """The b x b blocks of 2-D ``t`` that hold a nonzero (or, with a bool ``mask`` of
         t's shape, a True entry; entries outside the mask are zeroed)."""
         b = check_block_size(block_size)
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"BlockedELL.from_dense: t must be a 2-D tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if mask is None:
-            mask = t != 0
-        elif mask.shape != t.shape or mask.dtype != torch.bool:
-            raise ValueError(f"BlockedELL.from_dense: mask must be a bool tensor of shape "
-                             f"{tuple(t.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        mask = dense_and_mask("BlockedELL.from_dense", t, mask)
         m, k = t.shape
         rows, cols = _cdiv(m, b), _cdiv(k, b)
         pad = (0, cols * b - k, 0, rows * b - m)
@@ -188,12 +175,3 @@ class BlockedELL:
                 f"width={self.ell_cols.shape[1]}, density={self.density:.4f}, dtype={self.dtype}, "
                 f"device={self.device})")
 
-
-def _check_shape(shape) -> Tuple[int, int]:
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise ValueError(f"BlockedELL: shape must be a pair (m, k), got {shape!r}") from None
-    if len(shape) != 2 or min(shape) < 0:
-        raise ValueError(f"BlockedELL: shape must be 2-D with sizes >= 0, got {shape}")
-    return shape

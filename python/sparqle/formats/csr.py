@@ -10,6 +10,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import check_shape, check_tensors, dense_and_mask
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -32,21 +34,13 @@ class CSR:
 
     def __init__(self, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                  values: torch.Tensor, shape: Sequence[int]):
-        shape = _check_shape(shape)
+        shape = check_shape("CSR", shape)
         m, k = shape
+        check_tensors("CSR", {"crow_indices": crow_indices, "col_indices": col_indices}, values)
         for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices),
                         ("values", values)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"CSR: {name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 1:
                 raise ValueError(f"CSR: {name} must be 1-D, got shape {tuple(t.shape)}")
-            if t.device != values.device:
-                raise ValueError(f"CSR: {name} is on {t.device} but values is on {values.device}")
-        for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
-            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-                raise TypeError(f"CSR: {name} must hold integers, got {t.dtype}")
-        if not values.is_floating_point():
-            raise TypeError(f"CSR: values must be floating point, got {values.dtype}")
         nnz = values.numel()
         if crow_indices.numel() != m + 1:
             raise ValueError(f"CSR: crow_indices must have shape[0] + 1 = {m + 1} entries, "
@@ -83,14 +77,7 @@ class CSR:
     @classmethod
     def from_dense(cls, t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "CSR":
         """The entries of 2-D ``t`` where ``mask`` is True (default: where t != 0)."""
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"CSR.from_dense: t must be a 2-D tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if mask is None:
-            mask = t != 0
-        elif mask.shape != t.shape or mask.dtype != torch.bool:
-            raise ValueError(f"CSR.from_dense: mask must be a bool tensor of shape "
-                             f"{tuple(t.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        mask = dense_and_mask("CSR.from_dense", t, mask)
         counts = mask.sum(dim=1)
         crow = torch.zeros(t.shape[0] + 1, dtype=torch.int64, device=t.device)
         torch.cumsum(counts, dim=0, out=crow[1:])
@@ -174,12 +161,3 @@ class CSR:
         return (f"CSR(shape={tuple(self.shape)}, nnz={self.nnz}, density={self.density:.4f}, "
                 f"dtype={self.dtype}, device={self.device})")
 
-
-def _check_shape(shape) -> Tuple[int, int]:
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise ValueError(f"CSR: shape must be a pair (m, k), got {shape!r}") from None
-    if len(shape) != 2 or min(shape) < 0:
-        raise ValueError(f"CSR: shape must be 2-D with sizes >= 0, got {shape}")
-    return shape

@@ -1,0 +1,42 @@
+"""Constructor checks shared by the formats; errors name the format and the argument."""
+from typing import Dict, Tuple
+
+import torch
+
+
+def check_shape(fmt: str, shape) -> Tuple[int, int]:
+    """``shape`` as a pair (m, k) of sizes >= 0."""
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"{fmt}: shape must be a pair (m, k), got {shape!r}") from None
+    if len(shape) != 2 or min(shape) < 0:
+        raise ValueError(f"{fmt}: shape must be 2-D with sizes >= 0, got {shape}")
+    return shape
+
+
+def check_tensors(fmt: str, indices: Dict[str, torch.Tensor], values: torch.Tensor) -> None:
+    """Integer ``indices`` and floating ``values``, all tensors on values' device."""
+    for name, t in (*indices.items(), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fmt}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in indices.items():
+        if t.device != values.device:
+            raise ValueError(f"{fmt}: {name} is on {t.device} but values is on {values.device}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{fmt}: {name} must hold integers, got {t.dtype}")
+    if not values.is_floating_point():
+        raise TypeError(f"{fmt}: values must be floating point, got {values.dtype}")
+
+
+def dense_and_mask(where: str, t, mask):
+    """The mask of the entries ``from_dense`` keeps: ``mask`` (checked), else ``t != 0``."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"{where}: t must be a 2-D tensor, got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if mask is None:
+        return t != 0
+    if not isinstance(mask, torch.Tensor) or mask.shape != t.shape or mask.dtype != torch.bool:
+        raise ValueError(f"{where}: mask must be a bool tensor of shape {tuple(t.shape)}, got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+    return mask
