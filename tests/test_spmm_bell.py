@@ -167,12 +167,12 @@ def test_compile_fullgraph_linear_forward_and_backward():
 
 def test_tf32_only_when_asked():
     """fp32 inputs keep full precision unless torch's matmul precision allows TF32."""
-    from sparqle.kernels.triton.spmm_bell import _dot_meta
-    assert _dot_meta(torch.float32)["PRECISION"] == "ieee"
+    from sparqle.kernels.triton._config import dot_meta
+    assert dot_meta(torch.float32)["PRECISION"] == "ieee"
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
-        assert _dot_meta(torch.float32)["PRECISION"] == "tf32"
+        assert dot_meta(torch.float32)["PRECISION"] == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
 

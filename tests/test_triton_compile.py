@@ -1,5 +1,5 @@
 """Every Triton kernel compiles to a cubin for Ampere (sm_80) and Hopper (sm_90), for every
-autotune config, dtype, block size and direction, with no GPU: the interpreter never runs Triton's compiler, so
+autotune config, dtype and variant (block size, direction, bias), with no GPU: the interpreter never runs Triton's compiler, so
 this catches what only the compiler rejects. Runs in a subprocess without TRITON_INTERPRET."""
 import os
 import subprocess
@@ -11,10 +11,13 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sparqle.kernels.triton import spmm_bell, spmm_csr
+import torch
+from sparqle.bindings import int4_linear as int4_binding, spmm_bell as bell_binding, spmm_csr as csr_binding
+from sparqle.kernels.triton import int4_linear, spmm_bell, spmm_csr
 
 INDEX_POINTERS = {"crow_ptr", "col_ptr", "row_order_ptr", "row_ptr", "cols_ptr", "slots_ptr"}
 FLOATS = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
+NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 DOT = {"fp16": "ieee", "bf16": "ieee", "fp32": "tf32", "fp64": "ieee"}
 
 
@@ -23,30 +26,35 @@ def variants(jit):
     names = {p.name for p in jit.params}
     blocks = [{"B": b} for b in (16, 32, 64, 128)] if "B" in names else [{}]
     directions = [{"TRANSPOSED": t} for t in (False, True)] if "TRANSPOSED" in names else [{}]
-    return [{**b, **d} for b in blocks for d in directions]
+    biases = [{"HAS_BIAS": h} for h in (False, True)] if "HAS_BIAS" in names else [{}]
+    return [{**b, **d, **h} for b in blocks for d in directions for h in biases]
 
 
-def combinations(autotuner):
-    """Every autotune config in fp16 with the first variant, and every dtype and variant
-    with the first config."""
+def combinations(autotuner, dtypes):
+    """Every autotune config in fp16 with the first variant, and every dtype (those the op's
+    binding gives its Triton backend) and variant with the first config."""
     first_variant, first_config = variants(autotuner.fn)[0], autotuner.configs[0]
     combos = [(c, "fp16", first_variant) for c in autotuner.configs]
-    combos += [(first_config, d, v) for d in FLOATS for v in variants(autotuner.fn)
+    combos += [(first_config, d, v) for d in dtypes for v in variants(autotuner.fn)
                if (d, v) != ("fp16", first_variant)]
     return combos
 
 
-def compile_all(autotuner, arch):
+def compile_all(autotuner, dtypes, arch):
     jit = autotuner.fn
     names = {p.name for p in jit.params}
     count = 0
-    for config, dtype, extra in combinations(autotuner):
+    for config, dtype, extra in combinations(autotuner, dtypes):
         signature, constexprs = {}, dict(config.kwargs, ACC_DTYPE=FLOATS[dtype], **extra)
         if "PRECISION" in names:
             constexprs.update(PRECISION=DOT[dtype], UPCAST=False)
         for p in jit.params:
             if p.is_constexpr:
                 signature[p.name] = "constexpr"
+            elif p.name == "packed_ptr":
+                signature[p.name] = "*u8"
+            elif p.name == "y_ptr" and config.kwargs.get("SPLIT_K", 1) > 1:
+                signature[p.name] = "*fp32"  # the split-K workspace
             elif p.name.endswith("_ptr"):
                 signature[p.name] = "*i32" if p.name in INDEX_POINTERS else "*" + dtype
             else:
@@ -59,10 +67,15 @@ def compile_all(autotuner, arch):
     return count
 
 
-kernels = (spmm_csr._spmm_csr_kernel, spmm_csr._sddmm_csr_kernel,
-           spmm_bell._spmm_bell_kernel, spmm_bell._sddmm_bell_kernel)
-total = sum(compile_all(kernel, arch) for kernel in kernels for arch in (80, 90))
-expected = sum(len(combinations(k)) for k in kernels) * 2
+def triton_dtypes(binding):
+    return sorted(NAMES[d] for d in binding._DTYPES["triton"])
+
+
+kernels = [(k, triton_dtypes(csr_binding)) for k in (spmm_csr._spmm_csr_kernel, spmm_csr._sddmm_csr_kernel)]
+kernels += [(k, triton_dtypes(bell_binding)) for k in (spmm_bell._spmm_bell_kernel, spmm_bell._sddmm_bell_kernel)]
+kernels += [(k, triton_dtypes(int4_binding)) for k in (int4_linear._tiled, int4_linear._small_m)]
+total = sum(compile_all(kernel, dtypes, arch) for kernel, dtypes in kernels for arch in (80, 90))
+expected = sum(len(combinations(k, dtypes)) for k, dtypes in kernels) * 2
 assert total == expected > 0, (total, expected)
 print("compiled", total)
 '''

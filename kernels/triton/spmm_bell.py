@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._config import autotune_configs, interpreting, on_device_of
+from ._config import autotune_configs, dot_meta, on_device_of
 
 _MM_CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
@@ -36,16 +36,6 @@ _SDDMM_CONFIGS = autotune_configs(
      for bk, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)]],
     triton.Config({"BLOCK_K": 16}),
 )
-
-
-def _dot_meta(dtype: torch.dtype) -> dict:
-    """ACC_DTYPE, the dot's input precision, and whether to upcast to fp32 before the
-    dot (only for bf16 in Triton 3.6's interpreter, whose bf16 dot is wrong)."""
-    if dtype == torch.float64:
-        return {"ACC_DTYPE": tl.float64, "PRECISION": "ieee", "UPCAST": False}
-    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-    return {"ACC_DTYPE": tl.float32, "PRECISION": "tf32" if tf32 else "ieee",
-            "UPCAST": dtype == torch.bfloat16 and interpreting()}
 
 
 @triton.autotune(configs=_MM_CONFIGS, key=["N", "WIDTH", "B"])
@@ -134,7 +124,7 @@ def _launch_mm(cols, slots, values, x, out_features, transposed):
             n, x.shape[1], out_features, width,
             x.stride(0), x.stride(1),
             out.stride(0), out.stride(1),
-            B=b, TRANSPOSED=transposed, **_dot_meta(x.dtype),
+            B=b, TRANSPOSED=transposed, **dot_meta(x.dtype),
         )
     return out
 
@@ -164,6 +154,6 @@ def sddmm_bell(ell_cols: torch.Tensor, dy: torch.Tensor, x: torch.Tensor,
             dy.shape[0], dy.shape[1], x.shape[1], width,
             dy.stride(0), dy.stride(1),
             x.stride(0), x.stride(1),
-            B=b, **_dot_meta(dy.dtype),
+            B=b, **dot_meta(dy.dtype),
         )
     return out

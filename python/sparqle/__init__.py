@@ -12,7 +12,7 @@ from sparqle import bindings  # noqa: F401  (registers torch.ops.sparqle.*)
 from . import nn, prune
 from .backends import use_backend
 from .convert import convert
-from .formats import CSR, BlockedELL
+from .formats import CSR, BlockedELL, Int4Weight
 from .functional import linear, spmm
 from .info import info
 
@@ -24,4 +24,4 @@ try:
 except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
-__all__ = ["CSR", "BlockedELL", "spmm", "linear", "convert", "use_backend", "info", "nn", "prune"]
+__all__ = ["CSR", "BlockedELL", "Int4Weight", "spmm", "linear", "convert", "use_backend", "info", "nn", "prune"]

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .formats import CSR, BlockedELL
+from .formats import CSR, BlockedELL, Int4Weight
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -61,12 +61,23 @@ def spmm(a, b: torch.Tensor) -> torch.Tensor:
     return impl(a, b)
 
 
-def _csr_linear(x2d: torch.Tensor, w: CSR) -> torch.Tensor:
+def _plus(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return y if bias is None else y + bias
+
+
+def _csr_linear(x2d: torch.Tensor, w: CSR, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # y^T = W @ x^T: the sparse operand on the left, the batch along the dense columns.
-    return _csr_spmm(w, x2d.t().contiguous()).t().contiguous()
+    return _plus(_csr_spmm(w, x2d.t().contiguous()).t().contiguous(), bias)
 
 
-_LINEAR = {CSR: _csr_linear, BlockedELL: lambda x2d, w: _bell_times_transposed(x2d, w)}
+def _int4_linear(x2d: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # The kernel adds the bias in its epilogue.
+    return torch.ops.sparqle.int4_linear(x2d, w.packed, w.scales, w.zeros, bias, w.group_width)
+
+
+_LINEAR = {CSR: _csr_linear,
+           BlockedELL: lambda x2d, w, bias: _plus(_bell_times_transposed(x2d, w), bias),
+           Int4Weight: _int4_linear}
 
 
 def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -91,5 +102,4 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
         if bias.shape != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         _check_matches("bias", bias, "w", w)
-    y = impl(x.reshape(-1, in_features), w).reshape(*x.shape[:-1], out_features)
-    return y if bias is None else y + bias
+    return impl(x.reshape(-1, in_features), w, bias).reshape(*x.shape[:-1], out_features)

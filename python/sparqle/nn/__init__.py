@@ -1,4 +1,5 @@
 """Drop-in modules that replace nn.Linear with sparse or quantized weights."""
+from .int4_linear import Int4Linear
 from .sparse_linear import SparseLinear
 
-__all__ = ["SparseLinear"]
+__all__ = ["SparseLinear", "Int4Linear"]

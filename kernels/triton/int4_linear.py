@@ -1,0 +1,120 @@
+"""int4 weight-only linear (W4A16): y [M, N] = x [M, K] @ dequant(W)^T + bias.
+
+W is packed two 4-bit values a byte along K (see sparqle.formats.int4), with a scale and a
+zero point per group of GROUP consecutive input channels. One program computes a
+[BLOCK_M, BLOCK_N] tile of y over one of SPLIT_K slices of K: for each BLOCK_K step it
+loads x, the [BLOCK_N, BLOCK_K / 2] packed bytes (contiguous along K), unpacks the
+nibbles, dequantizes them in registers ((q - zero) * scale in fp32, rounded to x's dtype; x in
+fp16, bf16 or fp32) and feeds ``tl.dot`` with fp32 accumulation; the bias is added in the epilogue.
+
+Dispatch by M (thresholds not yet measured on a GPU):
+- M <= SMALL_M: the weight-bound regime. BLOCK_M = 16 covers every row, so the weight is
+  streamed once; SPLIT_K > 1 spreads K over more programs when N alone gives too few, each
+  adding its fp32 partial tile atomically into a zeroed workspace.
+- SMALL_M < M < DEQUANTIZE_FROM_M: the tiled kernel, one pass over K per tile.
+- M >= DEQUANTIZE_FROM_M: compute-bound; dequantize once and let cuBLAS multiply.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ..torch.int4_linear import dequantize
+from ._config import autotune_configs, dot_meta, on_device_of
+
+SMALL_M = 16
+DEQUANTIZE_FROM_M = 1024
+
+_TILED_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
+     for bm, bn, bk, w, s in [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                              (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}),
+)
+_SMALL_M_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=4)
+     for bn, bk, sk, w in [(32, 128, 1, 4), (64, 128, 1, 4), (128, 64, 1, 4), (32, 128, 2, 4),
+                           (64, 128, 2, 4), (32, 128, 4, 4), (64, 256, 4, 8), (32, 256, 8, 8)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}),
+)
+
+
+@triton.jit
+def _int4_linear_kernel(
+    x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
+    M, N, K, GROUP,
+    stride_xm, stride_xk,
+    stride_pn, stride_sn,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    for k0 in range(split * k_per_split, tl.minimum(K, (split + 1) * k_per_split), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(packed_ptr + offs_n[:, None] * stride_pn + offs_byte[None, :],
+                         mask=mask_n[:, None] & (offs_byte < (K + 1) // 2)[None, :], other=0)
+        packed = packed.to(tl.int32)
+        q = tl.reshape(tl.join(packed & 15, (packed >> 4) & 15), (BLOCK_N, BLOCK_K))
+        group = offs_k // GROUP
+        mask_w = mask_n[:, None] & mask_k[None, :]
+        scale = tl.load(scales_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask_w, other=0)
+        zero = tl.load(zeros_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask_w, other=0)
+        w = ((q.to(ACC_DTYPE) - zero.to(ACC_DTYPE)) * scale.to(ACC_DTYPE)).to(x.dtype)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n & (split == 0), other=0)
+        acc += bias.to(ACC_DTYPE)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+    else:  # y is a zeroed fp32 workspace
+        tl.atomic_add(y_ptrs, acc, mask=mask_y)
+
+
+_tiled = triton.autotune(configs=_TILED_CONFIGS, key=["M", "N", "K"])(_int4_linear_kernel)
+_small_m = triton.autotune(configs=_SMALL_M_CONFIGS, key=["M", "N", "K"],
+                           reset_to_zero=["y_ptr"])(_int4_linear_kernel)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor, bias, group_width: int) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant(W)^T (+ bias [N]) for an int4 W [N, K]."""
+    m, k = x.shape
+    n = packed.shape[0]
+    if m >= DEQUANTIZE_FROM_M:
+        w = dequantize(packed, scales, zeros, group_width, k).to(x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+    small = m <= SMALL_M
+    # The small-M kernel adds split-K partials into a zeroed fp32 workspace.
+    y = (torch.zeros((m, n), dtype=torch.float32, device=x.device) if small
+         else _alloc.empty((m, n), x.dtype, x.device))
+    if m == 0 or n == 0:
+        return y.to(x.dtype)
+    kernel = _small_m if small else _tiled
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                         meta["SPLIT_K"])
+    with on_device_of(x):
+        kernel[grid](
+            x, packed, scales, zeros, y if bias is None else bias, y,
+            m, n, k, group_width,
+            x.stride(0), x.stride(1),
+            packed.stride(0), scales.stride(0),
+            y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, **dot_meta(x.dtype),
+        )
+    return y.to(x.dtype)

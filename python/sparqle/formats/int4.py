@@ -1,0 +1,168 @@
+"""int4 weights with a scale and a zero point per group of input channels (W4A16).
+
+W [N, K] (out, in) is cut along K into groups of ``group_size`` consecutive channels (the
+last group may be partial; ``group_size=-1``: one group per row). Per group,
+w ~= (q - zero) * scale with q in [0, 15]:
+
+- asymmetric (default): lo = min(w, 0), hi = max(w, 0), scale = (hi - lo) / 15,
+  zero = clamp(round(-lo / scale), 0, 15); taking 0 into the range keeps 0 exact.
+- symmetric: scale = max|w| / 7, zero = 8.
+- ``method="mse"``: lo and hi (or max|w|) are shrunk by the factor in CLIP_RATIOS that
+  gives the group the least squared error; factor 1 is min-max, so it is never worse.
+
+q = clamp(round(w / scale) + zero, 0, 15). Layout: ``packed`` uint8 [N, ceil(K / 2)], byte
+j of a row holding q[2j] in its low nibble and q[2j + 1] in its high nibble (an odd K is
+padded with q = zero), so a kernel reads a row's K / 2 bytes contiguously; ``scales`` and
+``zeros`` [N, ceil(K / group)] in the weight's float dtype.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from ._checks import check_shape
+
+GROUP_SIZES = (32, 64, 128, 256, -1)
+METHODS = ("minmax", "mse")
+CLIP_RATIOS = torch.linspace(1.0, 0.5, 26).tolist()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _quantize(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(groups / scale) + zero, 0, 15)
+
+
+def _params(groups: torch.Tensor, symmetric: bool, ratio: float, dtype: torch.dtype):
+    """Scale and zero point [N, G, 1] (scale rounded to ``dtype``, as stored)."""
+    if symmetric:
+        scale = groups.abs().amax(-1, keepdim=True) * ratio / 7
+        zero = torch.full_like(scale, 8.0)
+    else:
+        lo = groups.amin(-1, keepdim=True).clamp(max=0) * ratio
+        hi = groups.amax(-1, keepdim=True).clamp(min=0) * ratio
+        scale = (hi - lo) / 15
+    scale = scale.to(dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group
+    if not symmetric:
+        zero = torch.clamp(torch.round(-lo / scale), 0, 15)
+    return scale, zero
+
+
+class Int4Weight:
+    """A [N, K] weight in 4 bits with group-wise scales and zero points (see module doc).
+
+    Attributes: ``packed`` (uint8 [N, ceil(K/2)]), ``scales``, ``zeros`` ([N, G], float),
+    ``shape`` (N, K), ``group_size`` (as given, -1 for per channel), ``group_width``
+    (the channels per group: K for -1).
+    """
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 shape, group_size: int):
+        n, k = check_shape("Int4Weight", shape)
+        check_group_size(group_size)
+        for name, t in (("packed", packed), ("scales", scales), ("zeros", zeros)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"Int4Weight: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != scales.device:
+                raise ValueError(f"Int4Weight: {name} is on {t.device} but scales is on {scales.device}")
+        if packed.dtype != torch.uint8:
+            raise TypeError(f"Int4Weight: packed must be uint8, got {packed.dtype}")
+        if not scales.is_floating_point() or zeros.dtype != scales.dtype:
+            raise TypeError(f"Int4Weight: scales and zeros must share one float dtype, got "
+                            f"{scales.dtype} and {zeros.dtype}")
+        if tuple(packed.shape) != (n, _cdiv(k, 2)):
+            raise ValueError(f"Int4Weight: packed must have shape {(n, _cdiv(k, 2))} for shape "
+                             f"{(n, k)}, got {tuple(packed.shape)}")
+        groups = _cdiv(k, k if group_size == -1 else group_size) if k else 0
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if tuple(t.shape) != (n, groups):
+                raise ValueError(f"Int4Weight: {name} must have shape {(n, groups)} for shape "
+                                 f"{(n, k)} and group_size {group_size}, got {tuple(t.shape)}")
+        self.packed, self.scales, self.zeros = packed, scales, zeros
+        self.shape, self.group_size = torch.Size((n, k)), group_size
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group_size: int = 128, *, symmetric: bool = False,
+                   method: str = "minmax") -> "Int4Weight":
+        """Quantize a 2-D float weight [N, K] (see the module doc)."""
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise TypeError(f"w must be a floating-point tensor, got "
+                            f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
+        if w.dim() != 2:
+            raise ValueError(f"w must be 2-D [out, in], got shape {tuple(w.shape)}")
+        check_group_size(group_size)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("w holds NaN or Inf: it cannot be quantized")
+        n, k = w.shape
+        width = max(1, k if group_size == -1 else group_size)
+        g = _cdiv(k, width)
+        groups = torch.nn.functional.pad(w.detach().float(), (0, g * width - k)).view(n, g, width)
+        best = None
+        for ratio in (CLIP_RATIOS if method == "mse" else [1.0]):
+            scale, zero = _params(groups, symmetric, ratio, w.dtype)
+            q = _quantize(groups, scale, zero)
+            err = ((q - zero) * scale - groups).pow(2).sum(-1, keepdim=True)
+            if best is None:
+                best = (err, q, scale, zero)
+            else:
+                better = err < best[0]
+                best = tuple(torch.where(better, new, old)
+                             for new, old in zip((err, q, scale, zero), best))
+        _, q, scale, zero = best
+        q = q.view(n, g * width)[:, :k].to(torch.uint8)
+        if k % 2:
+            q = torch.cat([q, zero[:, -1].to(torch.uint8)], dim=1)
+        packed = q[:, 0::2] | (q[:, 1::2] << 4)
+        return cls(packed.contiguous(), scale.view(n, g).to(w.dtype), zero.view(n, g).to(w.dtype),
+                   (n, k), group_size)
+
+    @property
+    def group_width(self) -> int:
+        return self.shape[1] if self.group_size == -1 else self.group_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+    def unpack(self) -> torch.Tensor:
+        """q, uint8 [N, K] in [0, 15]."""
+        q = torch.stack([self.packed & 15, self.packed >> 4], dim=-1)
+        return q.view(self.shape[0], 2 * self.packed.shape[1])[:, :self.shape[1]]
+
+    def dequantize(self) -> torch.Tensor:
+        """(q - zero) * scale, [N, K] in the weight's float dtype (computed in fp32)."""
+        return torch.ops.sparqle.int4_dequantize(self.packed, self.scales, self.zeros,
+                                                 self.group_width, self.shape[1])
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Int4Weight":
+        """A copy on ``device`` and/or with scales and zeros of ``dtype``."""
+        return Int4Weight(self.packed.to(device), self.scales.to(device=device, dtype=dtype),
+                          self.zeros.to(device=device, dtype=dtype), self.shape, self.group_size)
+
+    def __repr__(self) -> str:
+        return (f"Int4Weight(shape={tuple(self.shape)}, group_size={self.group_size}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+
+def check_group_size(group_size) -> int:
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    return group_size
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """10 log10(|ref|^2 / |ref - approx|^2): the signal-to-quantization-noise ratio in dB."""
+    ref = reference.double()
+    noise = (ref - approximation.double()).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))
+
+
+__all__: Tuple[str, ...] = ("Int4Weight", "GROUP_SIZES", "sqnr_db")

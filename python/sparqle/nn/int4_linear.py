@@ -1,0 +1,51 @@
+"""Int4Linear: y = x @ dequant(W)^T + b with W in 4 bits and group-wise scales (W4A16)."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..formats import Int4Weight
+from ..functional import linear
+
+
+class Int4Linear(nn.Module):
+    """A linear layer whose weight is an :class:`~sparqle.Int4Weight`.
+
+    The packed weight, scales and zeros are buffers (frozen; ``state_dict()`` round-trips
+    and ``torch.save`` loads with weights_only); the bias stays a Parameter. Gradients flow
+    to the input through the dequantized weight, so adapters (QLoRA-style) train on top.
+    """
+
+    def __init__(self, weight: Int4Weight, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        if not isinstance(weight, Int4Weight):
+            raise TypeError(f"weight must be a sparqle.Int4Weight, got {type(weight).__name__}")
+        self.out_features, self.in_features = weight.shape
+        self.group_size = weight.group_size
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("zeros", weight.zeros)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear_: nn.Linear, group_size: int = 128, *, method: str = "minmax",
+                    symmetric: bool = False) -> "Int4Linear":
+        """Quantize ``linear_``'s weight (see :meth:`sparqle.Int4Weight.from_float`)."""
+        if not isinstance(linear_, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear_).__name__}")
+        weight = Int4Weight.from_float(linear_.weight.detach(), group_size,
+                                       symmetric=symmetric, method=method)
+        return cls(weight, linear_.bias)
+
+    @property
+    def weight(self) -> Int4Weight:
+        """The weight over this module's buffers (no copy)."""
+        return Int4Weight(self.packed, self.scales, self.zeros,
+                          (self.out_features, self.in_features), self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")

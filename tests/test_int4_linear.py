@@ -1,0 +1,225 @@
+"""int4 weight-only linear: the format (pack/unpack exact, quantization rules, SQNR), the op
+on every (device, backend) against the float64 oracle of its dequantized weight, gradients,
+compile, opcheck, the module, convert, and bad input."""
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sparqle
+from sparqle import Int4Weight
+from sparqle.formats.int4 import sqnr_db
+from sparqle.nn import Int4Linear
+
+from ._oracle import assert_close
+from .conftest import device_backends
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 9), k=st.integers(0, 77), group=st.sampled_from([32, 64, -1]),
+       seed=st.integers(0, 2**16))
+def test_pack_unpack_exact(n, k, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    padded = torch.cat([q, torch.zeros(n, k % 2, dtype=torch.uint8)], 1)
+    packed = padded[:, 0::2] | (padded[:, 1::2] << 4)
+    groups = -(-k // (k if group == -1 else group)) if k else 0
+    w = Int4Weight(packed, torch.rand(n, groups), torch.randint(0, 16, (n, groups)).float(), (n, k), group)
+    assert torch.equal(w.unpack(), q)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group", [32, 128, -1])
+@pytest.mark.parametrize("k", [1, 77, 300])
+def test_quantization_follows_the_rules(symmetric, group, k):
+    """q, scale and zero are exactly the documented functions of w; dequantize is (q - z) s."""
+    w = torch.randn(6, k, dtype=torch.float64)
+    qw = Int4Weight.from_float(w, group, symmetric=symmetric)
+    width = k if group == -1 else group
+    s = qw.scales.repeat_interleave(width, 1)[:, :k]
+    z = qw.zeros.repeat_interleave(width, 1)[:, :k]
+    q = qw.unpack().double()
+    assert torch.equal(q, torch.clamp(torch.round(w / s) + z, 0, 15))
+    assert torch.equal(qw.dequantize(), ((q - z) * s))
+    groups = torch.nn.functional.pad(w, (0, -(-k // width) * width - k)).view(6, -1, width)
+    if symmetric:
+        assert torch.equal(qw.zeros, torch.full_like(qw.zeros, 8))
+        torch.testing.assert_close(qw.scales, groups.abs().amax(-1) / 7)
+    else:
+        lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+        torch.testing.assert_close(qw.scales, (hi - lo) / 15)
+        assert torch.equal(qw.zeros, torch.clamp(torch.round(-lo / qw.scales), 0, 15))
+    assert qw.packed.shape == (6, (k + 1) // 2) and qw.scales.dtype == torch.float64
+
+
+def test_sqnr_floor_and_mse_beats_minmax():
+    w = torch.randn(256, 1024)
+    minmax = Int4Weight.from_float(w, 128)
+    mse = Int4Weight.from_float(w, 128, method="mse")
+    assert sqnr_db(w, minmax.dequantize()) >= 17.0
+    assert sqnr_db(w, mse.dequantize()) > sqnr_db(w, minmax.dequantize())
+    assert sqnr_db(w, Int4Weight.from_float(w, 128, symmetric=True).dequantize()) >= 17.0
+
+
+def test_all_zero_rows_and_groups():
+    w = torch.zeros(3, 64)
+    w[1, 40:] = torch.randn(24)
+    qw = Int4Weight.from_float(w, 32)
+    assert torch.isfinite(qw.scales).all() and torch.equal(qw.dequantize()[0], w[0])
+    assert torch.equal(qw.dequantize()[1, :32], w[1, :32])
+
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1, 1, 32), (1, 40, 70, 32), (5, 33, 130, 64), (17, 8, 256, -1), (33, 19, 77, 32)]
+
+
+@pytest.mark.parametrize("m,n,k,group", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_oracle(device_backend, m, n, k, group, dtype, with_bias):
+    device, backend = device_backend
+    qw = Int4Weight.from_float(torch.randn(n, k, dtype=dtype), group).to(device)
+    x = torch.randn(2, m, k, dtype=dtype, device=device)
+    bias = torch.randn(n, dtype=dtype, device=device) if with_bias else None
+    with sparqle.use_backend(backend):
+        if backend == "triton" and dtype == torch.float64:
+            with pytest.raises(ValueError, match="backend 'triton' runs sparqle::int4_linear in .*not torch.float64"):
+                sparqle.linear(x, qw, bias)
+            return
+        y = sparqle.linear(x, qw, bias)
+    w64, x64 = qw.dequantize().double().cpu(), x.double().cpu()
+    b64 = torch.zeros(n, dtype=torch.float64) if bias is None else bias.double().cpu()
+    assert_close(y, x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), dtype, "y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gradients_flow_through_the_dequantized_weight(device_backend, dtype):
+    device, backend = device_backend
+    qw = Int4Weight.from_float(torch.randn(24, 70, dtype=dtype), 32).to(device)
+    x = torch.randn(9, 70, dtype=dtype, device=device, requires_grad=True)
+    bias = torch.randn(24, dtype=dtype, device=device, requires_grad=True)
+    dy = torch.randn(9, 24, dtype=dtype, device=device)
+    with sparqle.use_backend(backend):
+        sparqle.linear(x, qw, bias).backward(dy)
+    w64, dy64 = qw.dequantize().double().cpu(), dy.double().cpu()
+    assert_close(x.grad, dy64 @ w64, dy64.abs() @ w64.abs(), dtype, "dx")
+    assert_close(bias.grad, dy64.sum(0), dy64.abs().sum(0), dtype, "dbias")
+
+
+@pytest.mark.parametrize("device", sorted({d for d, _ in device_backends()}))
+def test_gradcheck_float64(device):
+    """On the torch path: the Triton kernel takes no fp64 (checked in test_linear_matches_oracle)."""
+    backend = "torch"
+    qw = Int4Weight.from_float(torch.randn(6, 40, dtype=torch.float64), 32).to(device)
+    x = torch.randn(3, 40, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    with sparqle.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x, b: sparqle.linear(x, qw, b), (x, bias))
+
+
+def test_opcheck_and_compile():
+    qw = Int4Weight.from_float(torch.randn(20, 70), 32)
+    x = torch.randn(5, 70, requires_grad=True)
+    bias = torch.randn(20, requires_grad=True)
+    torch.library.opcheck(torch.ops.sparqle.int4_linear.default,
+                          (x, qw.packed, qw.scales, qw.zeros, bias, qw.group_width))
+    torch.library.opcheck(torch.ops.sparqle.int4_dequantize.default,
+                          (qw.packed, qw.scales, qw.zeros, qw.group_width, 70))
+    layer = Int4Linear(qw, bias)
+    expected = layer(x)
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True)(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected)
+    assert x.grad is not None
+
+
+def test_module_convert_state_dict_and_adapter_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))
+    x = torch.randn(8, 64)
+    reference = model(x)
+    sparqle.convert(model, "int4", group_size=32, method="mse")
+    assert all(isinstance(model[i], Int4Linear) for i in (0, 2))
+    assert "group_size=32" in repr(model[0])
+    assert sqnr_db(reference, model(x)) > 15
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    other = sparqle.convert(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)),
+                            "int4", group_size=32)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+    # A LoRA-style adapter trains on top of the frozen int4 layer.
+    adapter = nn.Linear(64, 48, bias=False)
+    nn.init.zeros_(adapter.weight)
+    opt = torch.optim.SGD(adapter.parameters(), lr=0.05)
+    target = torch.randn(8, 48)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = ((model[0](x) + adapter(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert not any(t.requires_grad for t in model[0].buffers())
+
+
+class TestBadInput:
+    def test_from_float(self):
+        with pytest.raises(ValueError, match="group_size must be one of"):
+            Int4Weight.from_float(torch.randn(4, 64), 48)
+        with pytest.raises(ValueError, match="w must be 2-D"):
+            Int4Weight.from_float(torch.randn(4, 4, 4), 32)
+        with pytest.raises(TypeError, match="w must be a floating-point tensor"):
+            Int4Weight.from_float(torch.ones(4, 4, dtype=torch.int32), 32)
+        with pytest.raises(ValueError, match="method must be one of"):
+            Int4Weight.from_float(torch.randn(4, 64), 32, method="gptq")
+        w = torch.randn(4, 64)
+        w[2, 3] = float("inf")
+        with pytest.raises(ValueError, match="w holds NaN or Inf"):
+            Int4Weight.from_float(w, 32)
+
+    def test_constructor(self):
+        packed, s = torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 2)
+        with pytest.raises(TypeError, match="packed must be uint8"):
+            Int4Weight(packed.int(), s, s, (4, 64), 32)
+        with pytest.raises(ValueError, match=r"packed must have shape \(4, 33\)"):
+            Int4Weight(packed, torch.ones(4, 3), torch.ones(4, 3), (4, 65), 32)
+        with pytest.raises(ValueError, match=r"scales must have shape \(4, 1\)"):
+            Int4Weight(packed, s, s, (4, 64), 64)
+        with pytest.raises(TypeError, match="scales and zeros must share one float dtype"):
+            Int4Weight(packed, s, s.double(), (4, 64), 32)
+        with pytest.raises(ValueError, match="packed is on meta"):
+            Int4Weight(packed.to("meta"), s, s, (4, 64), 32)
+
+    def test_linear(self):
+        qw = Int4Weight.from_float(torch.randn(8, 64), 32)
+        with pytest.raises(TypeError, match="x has dtype torch.float16"):
+            sparqle.linear(torch.randn(2, 64, dtype=torch.float16), qw)
+        with pytest.raises(ValueError, match="x must have w.shape"):
+            sparqle.linear(torch.randn(2, 63), qw)
+        with pytest.raises(ValueError, match="x is on meta"):
+            sparqle.linear(torch.randn(2, 64, device="meta"), qw)
+        with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+            Int4Linear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.parametrize("device", [d for d, b in device_backends() if b == "triton"])
+def test_triton_dispatch_by_m(monkeypatch, device):
+    """Each of the three paths (split-K small M, tiled, dequantize + matmul) meets the oracle."""
+    import sparqle.kernels.triton.int4_linear as kernel
+    monkeypatch.setattr(kernel, "DEQUANTIZE_FROM_M", 40)
+    qw = Int4Weight.from_float(torch.randn(24, 100, dtype=torch.float32), 32).to(device)
+    bias = torch.randn(24, device=device)
+    for m in (3, kernel.SMALL_M, kernel.SMALL_M + 1, 39, 40, 57):
+        x = torch.randn(m, 100, device=device)
+        with sparqle.use_backend("triton"):
+            y = sparqle.linear(x, qw, bias)
+        w64, x64 = qw.dequantize().double().cpu(), x.double().cpu()
+        assert_close(y, x64 @ w64.T + bias.double().cpu(),
+                     x64.abs() @ w64.abs().T + bias.abs().double().cpu(), torch.float32, f"y (M={m})")
