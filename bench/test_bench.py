@@ -18,5 +18,4 @@ for op in BENCHMARKS:
 @pytest.mark.parametrize("module,params,impl", CASES)
 def test_bench(benchmark, module, params, impl):
     case = module.make_case(**params)
-    fn = next(i for i in case.impls if i.name == impl).make(0)
-    benchmark(fn)
+    benchmark(next(i for i in case.impls if i.name == impl).make(0))

@@ -5,7 +5,7 @@ import os
 import sys
 from typing import List, Optional
 
-BENCHMARKS = ("spmm_csr", "spmm_bell")
+BENCHMARKS = ("spmm_csr", "spmm_bell", "int4")
 
 
 def _bench(args) -> int:
