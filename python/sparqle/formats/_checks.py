@@ -1,7 +1,12 @@
-"""Constructor checks shared by the formats; errors name the format and the argument."""
+"""Helpers shared by the formats: constructor checks (errors name the format and the
+argument) and ceil division."""
 from typing import Dict, Tuple
 
 import torch
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def check_shape(fmt: str, shape) -> Tuple[int, int]:

@@ -10,13 +10,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import check_shape, check_tensors, dense_and_mask
+from ._checks import cdiv, check_shape, check_tensors, dense_and_mask
 
 BLOCK_SIZES = (16, 32, 64, 128)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def check_block_size(block_size, name: str = "block_size") -> int:
@@ -28,8 +24,8 @@ def check_block_size(block_size, name: str = "block_size") -> int:
 def block_norms(t: torch.Tensor, b: int) -> torch.Tensor:
     """The Frobenius norm of each b x b block of 2-D ``t`` (zero-padded): [ceil(m/b), ceil(k/b)]."""
     m, k = t.shape
-    padded = torch.nn.functional.pad(t.detach().float(), (0, _cdiv(k, b) * b - k, 0, _cdiv(m, b) * b - m))
-    return padded.view(_cdiv(m, b), b, _cdiv(k, b), b).pow(2).sum((1, 3)).sqrt()
+    padded = torch.nn.functional.pad(t.detach().float(), (0, cdiv(k, b) * b - k, 0, cdiv(m, b) * b - m))
+    return padded.view(cdiv(m, b), b, cdiv(k, b), b).pow(2).sum((1, 3)).sqrt()
 
 
 class BlockedELL:
@@ -51,15 +47,15 @@ class BlockedELL:
                              f"got {tuple(values.shape)}")
         b = check_block_size(values.shape[-1], "values.shape[-1] (the block size)")
         m, k = shape
-        expected = (_cdiv(m, b), values.shape[1])
+        expected = (cdiv(m, b), values.shape[1])
         if tuple(ell_cols.shape) != expected:
             raise ValueError(f"BlockedELL: ell_cols must have shape {expected} (ceil(m / b), width) "
                              f"for shape {shape}, block size {b} and values {tuple(values.shape)}, "
                              f"got {tuple(ell_cols.shape)}")
         if ell_cols.numel() > 0:
             lo, hi = int(ell_cols.min()), int(ell_cols.max())
-            if lo < -1 or hi >= _cdiv(k, b):
-                raise ValueError(f"BlockedELL: ell_cols must lie in [-1, {_cdiv(k, b)}) (block "
+            if lo < -1 or hi >= cdiv(k, b):
+                raise ValueError(f"BlockedELL: ell_cols must lie in [-1, {cdiv(k, b)}) (block "
                                  f"columns of {k} columns), got [{lo}, {hi}]")
             ordered = ell_cols.sort(dim=1).values
             if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
@@ -85,7 +81,7 @@ class BlockedELL:
         b = check_block_size(block_size)
         mask = dense_and_mask("BlockedELL.from_dense", t, mask)
         m, k = t.shape
-        rows, cols = _cdiv(m, b), _cdiv(k, b)
+        rows, cols = cdiv(m, b), cdiv(k, b)
         pad = (0, cols * b - k, 0, rows * b - m)
         blocks = torch.nn.functional.pad(t.detach().masked_fill(~mask, 0), pad)
         blocks = blocks.view(rows, b, cols, b).permute(0, 2, 1, 3)        # [R, C, b, b]
@@ -103,7 +99,7 @@ class BlockedELL:
     def to_dense(self) -> torch.Tensor:
         m, k = self.shape
         b = self.block_size
-        rows, cols = _cdiv(m, b), _cdiv(k, b)
+        rows, cols = cdiv(m, b), cdiv(k, b)
         dense = torch.zeros(rows, cols + 1, b, b, dtype=self.dtype, device=self.device)
         target = torch.where(self.ell_cols >= 0, self.ell_cols, cols).long()  # unused -> spill column
         dense[torch.arange(rows, device=self.device)[:, None], target] = self.values
@@ -121,7 +117,7 @@ class BlockedELL:
     def density(self) -> float:
         """Stored blocks / all blocks; 0 for an empty shape."""
         b = self.block_size
-        return self.nnz_blocks / max(1, _cdiv(self.shape[0], b) * _cdiv(self.shape[1], b))
+        return self.nnz_blocks / max(1, cdiv(self.shape[0], b) * cdiv(self.shape[1], b))
 
     @property
     def device(self) -> torch.device:
@@ -137,7 +133,7 @@ class BlockedELL:
         ``values.view(-1, b, b)`` (-1 for unused). Built on first use and kept."""
         if self._transposed is None:
             rows, width = self.ell_cols.shape
-            cols = _cdiv(self.shape[1], self.block_size)
+            cols = cdiv(self.shape[1], self.block_size)
             flat = self.ell_cols.flatten()
             slots = torch.nonzero(flat >= 0).flatten()
             block_cols = flat[slots].long()

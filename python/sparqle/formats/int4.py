@@ -19,15 +19,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import check_shape
+from ._checks import cdiv, check_shape
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
 METHODS = ("minmax", "mse")
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 26).tolist()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _quantize(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -72,10 +68,10 @@ class Int4Weight:
         if not scales.is_floating_point() or zeros.dtype != scales.dtype:
             raise TypeError(f"Int4Weight: scales and zeros must share one float dtype, got "
                             f"{scales.dtype} and {zeros.dtype}")
-        if tuple(packed.shape) != (n, _cdiv(k, 2)):
-            raise ValueError(f"Int4Weight: packed must have shape {(n, _cdiv(k, 2))} for shape "
+        if tuple(packed.shape) != (n, cdiv(k, 2)):
+            raise ValueError(f"Int4Weight: packed must have shape {(n, cdiv(k, 2))} for shape "
                              f"{(n, k)}, got {tuple(packed.shape)}")
-        groups = _cdiv(k, k if group_size == -1 else group_size) if k else 0
+        groups = cdiv(k, k if group_size == -1 else group_size) if k else 0
         for name, t in (("scales", scales), ("zeros", zeros)):
             if tuple(t.shape) != (n, groups):
                 raise ValueError(f"Int4Weight: {name} must have shape {(n, groups)} for shape "
@@ -99,7 +95,7 @@ class Int4Weight:
             raise ValueError("w holds NaN or Inf: it cannot be quantized")
         n, k = w.shape
         width = max(1, k if group_size == -1 else group_size)
-        g = _cdiv(k, width)
+        g = cdiv(k, width)
         groups = torch.nn.functional.pad(w.detach().float(), (0, g * width - k)).view(n, g, width)
         best = None
         for ratio in (CLIP_RATIOS if method == "mse" else [1.0]):
