@@ -156,8 +156,8 @@ def check_group_size(group_size) -> int:
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     """10 log10(|ref|^2 / |ref - approx|^2): the signal-to-quantization-noise ratio in dB."""
-    ref = reference.double()
-    noise = (ref - approximation.double()).pow(2).sum()
+    ref = reference.detach().double()
+    noise = (ref - approximation.detach().double()).pow(2).sum()
     return float(10 * torch.log10(ref.pow(2).sum() / noise))
 
 
