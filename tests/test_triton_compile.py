@@ -12,8 +12,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import torch
-from sparqle.bindings import int4_linear as int4_binding, spmm_bell as bell_binding, spmm_csr as csr_binding
-from sparqle.kernels.triton import int4_linear, spmm_bell, spmm_csr
+from sparqle.bindings import int4_linear as int4_binding, int8_linear as int8_binding
+from sparqle.bindings import spmm_bell as bell_binding, spmm_csr as csr_binding
+from sparqle.kernels.triton import int4_linear, int8_linear, spmm_bell, spmm_csr
 
 INDEX_POINTERS = {"crow_ptr", "col_ptr", "row_order_ptr", "row_ptr", "cols_ptr", "slots_ptr"}
 FLOATS = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
@@ -27,7 +28,21 @@ def variants(jit):
     blocks = [{"B": b} for b in (16, 32, 64, 128)] if "B" in names else [{}]
     directions = [{"TRANSPOSED": t} for t in (False, True)] if "TRANSPOSED" in names else [{}]
     biases = [{"HAS_BIAS": h} for h in (False, True)] if "HAS_BIAS" in names else [{}]
-    return [{**b, **d, **h} for b in blocks for d in directions for h in biases]
+    flags = [{f: v} for f in ("W8A8", "STATIC") if f in names for v in (True, False)] or [{}]
+    return [{**b, **d, **h, **f} for b in blocks for d in directions for h in biases for f in flags]
+
+
+def pointer_type(name, dtype, config, extra):
+    """The element type of pointer argument ``name`` for a float ``dtype`` run."""
+    if name == "packed_ptr":
+        return "*u8"
+    if name in ("w_ptr", "q_ptr") or (name == "x_ptr" and extra.get("W8A8")):
+        return "*i8"
+    if name in ("scale_ptr", "static_ptr") or (name == "x_scale_ptr" and extra.get("W8A8")):
+        return "*fp32"
+    if name == "y_ptr" and config.kwargs.get("SPLIT_K", 1) > 1:
+        return "*fp32"  # the split-K workspace
+    return "*i32" if name in INDEX_POINTERS else "*" + dtype
 
 
 def combinations(autotuner, dtypes):
@@ -45,18 +60,16 @@ def compile_all(autotuner, dtypes, arch):
     names = {p.name for p in jit.params}
     count = 0
     for config, dtype, extra in combinations(autotuner, dtypes):
-        signature, constexprs = {}, dict(config.kwargs, ACC_DTYPE=FLOATS[dtype], **extra)
+        signature, constexprs = {}, dict(config.kwargs, **extra)
+        if "ACC_DTYPE" in names:
+            constexprs["ACC_DTYPE"] = FLOATS[dtype]
         if "PRECISION" in names:
             constexprs.update(PRECISION=DOT[dtype], UPCAST=False)
         for p in jit.params:
             if p.is_constexpr:
                 signature[p.name] = "constexpr"
-            elif p.name == "packed_ptr":
-                signature[p.name] = "*u8"
-            elif p.name == "y_ptr" and config.kwargs.get("SPLIT_K", 1) > 1:
-                signature[p.name] = "*fp32"  # the split-K workspace
             elif p.name.endswith("_ptr"):
-                signature[p.name] = "*i32" if p.name in INDEX_POINTERS else "*" + dtype
+                signature[p.name] = pointer_type(p.name, dtype, config, extra)
             else:
                 signature[p.name] = "i64" if p.name.startswith("stride") else "i32"
         src = ASTSource(fn=jit, signature=signature, constexprs=constexprs)
@@ -74,6 +87,7 @@ def triton_dtypes(binding):
 kernels = [(k, triton_dtypes(csr_binding)) for k in (spmm_csr._spmm_csr_kernel, spmm_csr._sddmm_csr_kernel)]
 kernels += [(k, triton_dtypes(bell_binding)) for k in (spmm_bell._spmm_bell_kernel, spmm_bell._sddmm_bell_kernel)]
 kernels += [(k, triton_dtypes(int4_binding)) for k in (int4_linear._tiled, int4_linear._small_m)]
+kernels += [(k, triton_dtypes(int8_binding)) for k in (int8_linear._quantize_rows_kernel, int8_linear._int8_linear_kernel)]
 total = sum(compile_all(kernel, dtypes, arch) for kernel, dtypes in kernels for arch in (80, 90))
 expected = sum(len(combinations(k, dtypes)) for k, dtypes in kernels) * 2
 assert total == expected > 0, (total, expected)

@@ -12,8 +12,8 @@ from sparqle import bindings  # noqa: F401  (registers torch.ops.sparqle.*)
 from . import nn, prune
 from .backends import use_backend
 from .convert import convert
-from .formats import CSR, BlockedELL, Int4Weight
-from .functional import linear, spmm
+from .formats import CSR, BlockedELL, Int4Weight, Int8Weight
+from .functional import int8_linear, linear, quantize_rows, spmm
 from .info import info
 
 # sparqle builds torch.sparse_csr tensors only from validated CSR objects.
@@ -24,4 +24,4 @@ try:
 except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
-__all__ = ["CSR", "BlockedELL", "Int4Weight", "spmm", "linear", "convert", "use_backend", "info", "nn", "prune"]
+__all__ = ["CSR", "BlockedELL", "Int4Weight", "Int8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "convert", "use_backend", "info", "nn", "prune"]

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .formats import CSR, BlockedELL, Int4Weight
+from .formats import CSR, BlockedELL, Int4Weight, Int8Weight
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -75,24 +75,28 @@ def _int4_linear(x2d: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor])
     return torch.ops.sparqle.int4_linear(x2d, w.packed, w.scales, w.zeros, bias, w.group_width)
 
 
+def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
+    """(q int8 [M, K], scale fp32 [M]): x [M, K] quantized per row, symmetric, to int8:
+    scale = max|x[m]| / 127 (or ``static_scale``), q = clamp(round(x / scale), -127, 127)."""
+    _check_tensor("x", x, dims=2)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if static_scale is not None and (not isinstance(static_scale, torch.Tensor)
+                                     or static_scale.numel() != 1):
+        raise ValueError("static_scale must be a 1-element tensor")
+    return torch.ops.sparqle.int8_quantize_rows(x, static_scale)
+
+
 _LINEAR = {CSR: _csr_linear,
            BlockedELL: lambda x2d, w, bias: _plus(_bell_times_transposed(x2d, w), bias),
-           Int4Weight: _int4_linear}
+           Int4Weight: _int4_linear,
+           Int8Weight: lambda x2d, w, bias: int8_linear(x2d, w, bias)}
 
 
-def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y [..., out] = x [..., in] @ W^T + bias, W [out, in] a weight format (or a dense
-    tensor, which goes to ``torch.nn.functional.linear``); y has x's dtype."""
-    _check_tensor("x", x)
+def _check_linear(x: torch.Tensor, w, bias: Optional[torch.Tensor]) -> None:
+    out_features, in_features = w.shape
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension, got a scalar")
-    if isinstance(w, torch.Tensor):
-        return F.linear(x, w, bias)
-    impl = _LINEAR.get(type(w))
-    if impl is None:
-        raise TypeError(f"w must be a torch.Tensor or one of the formats "
-                        f"{[f.__name__ for f in _LINEAR]}, got {type(w).__name__}")
-    out_features, in_features = w.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"x must have w.shape[1] = {in_features} features in its last "
                          f"dimension, got shape {tuple(x.shape)}")
@@ -102,4 +106,34 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
         if bias.shape != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         _check_matches("bias", bias, "w", w)
-    return impl(x.reshape(-1, in_features), w, bias).reshape(*x.shape[:-1], out_features)
+
+
+def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [..., out] = x [..., in] @ W^T + bias, W [out, in] a weight format (or a dense
+    tensor, which goes to ``torch.nn.functional.linear``); y has x's dtype. An Int8Weight
+    runs W8A8 (see :func:`int8_linear` for W8A16)."""
+    _check_tensor("x", x)
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    impl = _LINEAR.get(type(w))
+    if impl is None:
+        raise TypeError(f"w must be a torch.Tensor or one of the formats "
+                        f"{[f.__name__ for f in _LINEAR]}, got {type(w).__name__}")
+    _check_linear(x, w, bias)
+    return impl(x.reshape(-1, w.shape[1]), w, bias).reshape(*x.shape[:-1], w.shape[0])
+
+
+def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor] = None,
+                activation: Optional[str] = "dynamic") -> torch.Tensor:
+    """y [..., out] = x [..., in] @ dequant(W)^T + bias for an Int8Weight W: x quantized per
+    token to int8 (``activation="dynamic"``, W8A8) or kept in its float dtype
+    (``activation=None``, W8A16)."""
+    _check_tensor("x", x)
+    if not isinstance(w, Int8Weight):
+        raise TypeError(f"w must be a sparqle.Int8Weight, got {type(w).__name__}")
+    if activation not in ("dynamic", None):
+        raise ValueError(f"activation must be 'dynamic' or None, got {activation!r}")
+    _check_linear(x, w, bias)
+    y = torch.ops.sparqle.int8_linear(x.reshape(-1, w.shape[1]), w.qweight, w.scales, bias,
+                                      activation == "dynamic")
+    return y.reshape(*x.shape[:-1], w.shape[0])

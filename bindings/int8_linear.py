@@ -1,0 +1,56 @@
+"""sparqle::int8_linear (W8A8 or W8A16 linear) and sparqle::int8_quantize_rows.
+
+int8_linear(x, qweight, scales, bias, quantize_activation) -> y [M, N]
+    = x @ (q_w * scale_w)^T + bias, x quantized per row to int8 first when
+    quantize_activation (W8A8), else used as is (W8A16).
+int8_quantize_rows(x, static_scale) -> (q int8 [M, K], scale fp32 [M])
+
+Gradients (straight through): dx = dy @ (q_w * scale_w), dbias = sum of dy; the quantized
+weight is frozen.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from ._backend import FLOATS, launch
+
+_DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
+
+
+@torch.library.custom_op("sparqle::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: Optional[torch.Tensor], quantize_activation: bool) -> torch.Tensor:
+    return launch("int8_linear", "int8_linear", _DTYPES, x, x, qweight, scales, bias, quantize_activation)
+
+
+@int8_linear.register_fake
+def _(x, qweight, scales, bias, quantize_activation):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+@torch.library.custom_op("sparqle::int8_quantize_rows", mutates_args=())
+def int8_quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return launch("int8_linear", "quantize_rows", _DTYPES, x, x, static_scale)
+
+
+@int8_quantize_rows.register_fake
+def _(x, static_scale):
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, scales, bias, quantize_activation = inputs
+    ctx.save_for_backward(qweight, scales)
+
+
+def _backward(ctx, grad):
+    qweight, scales = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ (qweight.float() * scales.float()[:, None]).to(grad.dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = grad.sum(0)
+    return grad_x, None, None, grad_bias, None
+
+
+int8_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,145 @@
+"""int8 linear layers: W8A8 (dynamic per-token activation scales) and weight-only W8A16.
+
+quantize_rows: q [M, K] int8, scale [M] fp32 for x [M, K]: scale = max|x[m]| / 127 (1 for an
+    all-zero row), or a given static scale; q = clamp(round(x / scale), -127, 127), the
+    division IEEE-exact and the rounding half to even (the fp32 magic-number add), so the
+    result equals torch.round's.
+int8_linear: y [M, N] = (q_x @ q_w^T) * scale_x[m] * scale_w[n] + bias, the product in int32
+    on int8 tensor cores (W8A8), or y = (x @ q_w^T) * scale_w[n] + bias with the int8 weight
+    tile converted to x's dtype in registers (W8A16). Epilogue fused; fp32 accumulation for
+    W8A16. K need not be a multiple of 16: tiles are masked with zeros.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ._config import autotune_configs, dot_meta, on_device_of
+
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + magic - magic rounds |v| < 2**22 half to even
+
+_GEMM_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bm, bn, bk, w, s in [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
+                              (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3),
+                              (128, 256, 128, 8, 3)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}),
+)
+_QUANT_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8)]],
+    triton.Config({"BLOCK_K": 32}),
+)
+
+
+@triton.autotune(configs=_QUANT_CONFIGS, key=["K"])
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, static_ptr,
+    K,
+    stride_xm, stride_xk,
+    stride_qm,
+    STATIC: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        scale = tl.max(amax, axis=0) / 127.0
+        scale = tl.where(scale > 0, scale, 1.0)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
+        v = tl.div_rn(x.to(tl.float32), tl.zeros_like(x.to(tl.float32)) + scale)
+        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
+        tl.store(q_ptr + row * stride_qm + offs, v.to(tl.int8), mask=offs < K)
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K", "W8A8"])
+@triton.jit
+def _int8_linear_kernel(
+    x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_ym, stride_yn,
+    W8A8: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    if W8A8:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0)
+        if W8A8:
+            acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+        else:
+            if UPCAST:  # the same values: |q| <= 127 is exact in bf16
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            else:
+                w = w.to(x.dtype)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    if W8A8:
+        out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [M, K], scale fp32 [M]) for float x [M, K]; ``static_scale`` (a 1-element
+    tensor) replaces the per-row scales when given."""
+    m, k = x.shape
+    q = _alloc.empty((m, k), torch.int8, x.device)
+    scale = _alloc.empty((m,), torch.float32, x.device)
+    if m == 0:
+        return q, scale
+    static = static_scale if static_scale is not None else scale
+    with on_device_of(x):
+        _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), x.stride(1), q.stride(0),
+                                    STATIC=static_scale is not None)
+    return q, scale
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias,
+                quantize_activation: bool) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ (q_w * scale_w)^T + bias, x quantized per row (W8A8) when
+    ``quantize_activation``, else used as is (W8A16)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = _alloc.empty((m, n), x.dtype, x.device)
+    if m == 0 or n == 0:
+        return y
+    a, a_scale = quantize_rows(x, None) if quantize_activation else (x, scales)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    with on_device_of(x):
+        _int8_linear_kernel[grid](
+            a, qweight, a_scale, scales, y if bias is None else bias, y,
+            m, n, k,
+            a.stride(0), a.stride(1),
+            qweight.stride(0), qweight.stride(1),
+            y.stride(0), y.stride(1),
+            W8A8=quantize_activation, HAS_BIAS=bias is not None, **dot_meta(x.dtype),
+        )
+    return y

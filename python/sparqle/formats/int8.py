@@ -1,0 +1,71 @@
+"""int8 weights, symmetric, one scale per output channel.
+
+For W [N, K]: scale[n] = max|W[n]| / 127 (1 for an all-zero row), and
+q = clamp(round(W / scale), -127, 127) with round half to even. ``qweight`` is int8 [N, K];
+``scales`` [N] are kept in the weight's float dtype; W ~= q * scale.
+"""
+from typing import Optional
+
+import torch
+
+from ._checks import check_shape
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Int8Weight:
+    """A [N, K] weight in int8 with a scale per output channel (see the module doc).
+    Attributes: ``qweight`` (int8 [N, K]), ``scales`` ([N], float), ``shape``."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        for name, t in (("qweight", qweight), ("scales", scales)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"Int8Weight: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if qweight.dtype != torch.int8:
+            raise TypeError(f"Int8Weight: qweight must be int8, got {qweight.dtype}")
+        if not scales.is_floating_point():
+            raise TypeError(f"Int8Weight: scales must be floating point, got {scales.dtype}")
+        if qweight.dim() != 2 or tuple(scales.shape) != (qweight.shape[0],):
+            raise ValueError(f"Int8Weight: qweight must be 2-D [N, K] and scales [N], got "
+                             f"{tuple(qweight.shape)} and {tuple(scales.shape)}")
+        if qweight.device != scales.device:
+            raise ValueError(f"Int8Weight: qweight is on {qweight.device} but scales is on {scales.device}")
+        self.qweight, self.scales = qweight, scales
+        self.shape = torch.Size(check_shape("Int8Weight", qweight.shape))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "Int8Weight":
+        """Quantize a 2-D float weight [N, K] (see the module doc)."""
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise TypeError(f"w must be a floating-point tensor, got "
+                            f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
+        if w.dim() != 2:
+            raise ValueError(f"w must be 2-D [out, in], got shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("w holds NaN or Inf: it cannot be quantized")
+        scales = (w.detach().abs().amax(dim=1) / 127).to(w.dtype)
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        cdt = _compute_dtype(w.dtype)
+        q = torch.clamp(torch.round(w.detach().to(cdt) / scales.to(cdt)[:, None]), -127, 127)
+        return cls(q.to(torch.int8), scales)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+    def dequantize(self) -> torch.Tensor:
+        """q * scale, [N, K] in the scales' dtype (computed in fp32, fp64 for fp64)."""
+        cdt = _compute_dtype(self.dtype)
+        return (self.qweight.to(cdt) * self.scales.to(cdt)[:, None]).to(self.dtype)
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Int8Weight":
+        return Int8Weight(self.qweight.to(device), self.scales.to(device=device, dtype=dtype))
+
+    def __repr__(self) -> str:
+        return f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"

@@ -1,0 +1,51 @@
+"""Int8Linear: W8A8 (dynamic per-token activation scales) or weight-only W8A16."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..formats import Int8Weight
+from ..functional import int8_linear
+
+_ACTIVATIONS = ("dynamic", None)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with an int8 weight, one scale per output channel.
+
+    ``activation="dynamic"`` (default) quantizes each token (row) of x to int8 with its own
+    scale and multiplies on int8 tensor cores (W8A8); ``activation=None`` keeps x in its
+    float dtype (W8A16). ``qweight`` and ``scales`` are buffers (frozen; state_dict and
+    weights_only loads work); the bias stays a Parameter; gradients reach x through the
+    dequantized weight.
+    """
+
+    def __init__(self, weight: Int8Weight, bias: Optional[torch.Tensor] = None,
+                 activation: Optional[str] = "dynamic"):
+        super().__init__()
+        if not isinstance(weight, Int8Weight):
+            raise TypeError(f"weight must be a sparqle.Int8Weight, got {type(weight).__name__}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+        self.out_features, self.in_features = weight.shape
+        self.activation = activation
+        self.register_buffer("qweight", weight.qweight)
+        self.register_buffer("scales", weight.scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear_: nn.Linear, activation: Optional[str] = "dynamic") -> "Int8Linear":
+        if not isinstance(linear_, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear_).__name__}")
+        return cls(Int8Weight.from_float(linear_.weight.detach()), linear_.bias, activation)
+
+    @property
+    def weight(self) -> Int8Weight:
+        return Int8Weight(self.qweight, self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"activation={self.activation}, bias={self.bias is not None}")

@@ -1,0 +1,183 @@
+"""int8 linear layers (W8A8 and W8A16): quantization rules exactly, the op on every
+(device, backend) against the float64 oracle of its quantized operands, SQNR against the
+float layer, gradients, compile, opcheck, the module, convert, and bad input."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sparqle
+from sparqle import Int8Weight
+from sparqle.formats.int4 import sqnr_db
+from sparqle.nn import Int8Linear
+
+from ._oracle import assert_close
+from .conftest import device_backends
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def quantize_rows_rule(x: torch.Tensor):
+    """The documented per-row rule, in fp32: scale = max|x| / 127 (1 for a zero row),
+    q = round_half_even(clamp(x / scale, -127, 127))."""
+    xf = x.float().cpu()
+    scale = xf.abs().amax(1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(torch.clamp(xf / scale[:, None], -127, 127)), scale
+
+
+def test_weight_quantization_rules():
+    w = torch.randn(6, 50, dtype=torch.float64)
+    w[3] = 0
+    qw = Int8Weight.from_float(w)
+    expected_scale = w.abs().amax(1) / 127
+    expected_scale[3] = 1
+    assert torch.equal(qw.scales, expected_scale) and qw.qweight.dtype == torch.int8
+    assert torch.equal(qw.qweight.double(), torch.clamp(torch.round(w / qw.scales[:, None]), -127, 127))
+    assert torch.equal(qw.dequantize(), qw.qweight.double() * qw.scales[:, None])
+    assert (qw.qweight[3] == 0).all() and qw.qweight.abs().max() == 127
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k", [(1, 1), (7, 70), (3, 1030)])
+def test_quantize_rows_is_exact(device_backend, dtype, m, k):
+    device, backend = device_backend
+    x = torch.randn(m, k, dtype=dtype, device=device) * 3
+    x[0] = 0
+    x[-1, 0] = 2.5 * x[-1].abs().max() / 127 * 127 / 2.5  # a row whose max is exact
+    with sparqle.use_backend(backend):
+        q, scale = sparqle.quantize_rows(x)
+        q_static, scale_static = sparqle.quantize_rows(x, torch.tensor([0.05], device=device))
+    expected_q, expected_scale = quantize_rows_rule(x)
+    assert q.dtype == torch.int8 and torch.equal(q.cpu().float(), expected_q)
+    assert torch.equal(scale.cpu(), expected_scale)
+    assert torch.equal(q_static.cpu().float(), torch.round(torch.clamp(x.float().cpu() / 0.05, -127, 127)))
+    assert torch.equal(scale_static.cpu(), torch.full((m,), 0.05))
+
+
+SHAPES = [(1, 1, 1), (1, 40, 70), (5, 33, 130), (17, 8, 256), (33, 19, 77)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["dynamic", None])
+def test_linear_matches_oracle(device_backend, m, n, k, dtype, activation):
+    device, backend = device_backend
+    qw = Int8Weight.from_float(torch.randn(n, k, dtype=dtype)).to(device)
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    bias = torch.randn(n, dtype=dtype, device=device)
+    with sparqle.use_backend(backend):
+        y = sparqle.int8_linear(x, qw, bias, activation=activation)
+    w64 = qw.qweight.double().cpu() * qw.scales.double().cpu()[:, None]
+    b64 = bias.double().cpu()
+    if activation == "dynamic":
+        q, scale = quantize_rows_rule(x)
+        x64 = q.double() * scale.double()[:, None]
+    else:
+        x64 = x.double().cpu()
+    assert_close(y, x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), dtype, "y")
+
+
+def test_sqnr_against_the_float_layer():
+    w, x = torch.randn(256, 1024), torch.randn(64, 1024)
+    qw = Int8Weight.from_float(w)
+    assert sqnr_db(w, qw.dequantize()) >= 35
+    assert sqnr_db(x @ w.T, sparqle.linear(x, qw)) >= 35
+
+
+@pytest.mark.parametrize("activation", ["dynamic", None])
+def test_gradients_flow_through_the_dequantized_weight(device_backend, activation):
+    device, backend = device_backend
+    qw = Int8Weight.from_float(torch.randn(24, 70)).to(device)
+    x = torch.randn(9, 70, device=device, requires_grad=True)
+    bias = torch.randn(24, device=device, requires_grad=True)
+    dy = torch.randn(9, 24, device=device)
+    with sparqle.use_backend(backend):
+        sparqle.int8_linear(x, qw, bias, activation=activation).backward(dy)
+    w64, dy64 = qw.dequantize().double().cpu(), dy.double().cpu()
+    assert_close(x.grad, dy64 @ w64, dy64.abs() @ w64.abs(), torch.float32, "dx")
+    assert_close(bias.grad, dy64.sum(0), dy64.abs().sum(0), torch.float32, "dbias")
+
+
+@pytest.mark.parametrize("device", sorted({d for d, _ in device_backends()}))
+def test_gradcheck_float64(device):
+    """W8A16 on the torch path in float64 (W8A8 rounds x, so it has no useful derivative)."""
+    qw = Int8Weight.from_float(torch.randn(6, 40, dtype=torch.float64)).to(device)
+    x = torch.randn(3, 40, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    with sparqle.use_backend("torch"):
+        assert torch.autograd.gradcheck(lambda x, b: sparqle.int8_linear(x, qw, b, activation=None), (x, bias))
+
+
+def test_opcheck_and_compile():
+    qw = Int8Weight.from_float(torch.randn(20, 70))
+    x = torch.randn(5, 70, requires_grad=True)
+    bias = torch.randn(20, requires_grad=True)
+    for activation in (True, False):
+        torch.library.opcheck(torch.ops.sparqle.int8_linear.default, (x, qw.qweight, qw.scales, bias, activation))
+    torch.library.opcheck(torch.ops.sparqle.int8_quantize_rows.default, (x.detach(), None))
+    layer = Int8Linear(qw, bias)
+    expected = layer(x)
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True)(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected)
+    assert x.grad is not None
+
+
+def test_module_convert_and_state_dict():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))
+    x = torch.randn(8, 64)
+    reference = model(x)
+    sparqle.convert(model, "int8")
+    assert all(isinstance(model[i], Int8Linear) for i in (0, 2)) and "activation=dynamic" in repr(model[0])
+    assert sqnr_db(reference, model(x)) > 30
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    other = sparqle.convert(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)), "int8")
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+    weight_only = Int8Linear.from_linear(nn.Linear(64, 48), activation=None)
+    assert weight_only(x).shape == (8, 48)
+
+
+class TestBadInput:
+    def test_from_float(self):
+        with pytest.raises(ValueError, match="w must be 2-D"):
+            Int8Weight.from_float(torch.randn(4, 4, 4))
+        with pytest.raises(TypeError, match="w must be a floating-point tensor"):
+            Int8Weight.from_float(torch.ones(4, 4, dtype=torch.int32))
+        w = torch.randn(4, 8)
+        w[1, 1] = float("nan")
+        with pytest.raises(ValueError, match="w holds NaN or Inf"):
+            Int8Weight.from_float(w)
+
+    def test_constructor(self):
+        with pytest.raises(TypeError, match="qweight must be int8"):
+            Int8Weight(torch.zeros(4, 8, dtype=torch.int32), torch.ones(4))
+        with pytest.raises(ValueError, match=r"scales \[N\]"):
+            Int8Weight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(5))
+
+    def test_linear(self):
+        qw = Int8Weight.from_float(torch.randn(8, 64))
+        with pytest.raises(TypeError, match="x has dtype torch.int8"):
+            sparqle.linear(torch.ones(2, 64, dtype=torch.int8), qw)
+        with pytest.raises(ValueError, match="x must have w.shape"):
+            sparqle.int8_linear(torch.randn(2, 63), qw)
+        with pytest.raises(ValueError, match="activation must be 'dynamic' or None"):
+            sparqle.int8_linear(torch.randn(2, 64), qw, activation="static")
+        with pytest.raises(ValueError, match="activation must be one of"):
+            Int8Linear(qw, activation="per-tensor")
+        with pytest.raises(ValueError, match="static_scale must be a 1-element tensor"):
+            sparqle.quantize_rows(torch.randn(2, 64), torch.ones(2))
+
+    def test_triton_takes_no_float64(self):
+        if not any(b == "triton" for _, b in device_backends()):
+            return
+        qw = Int8Weight.from_float(torch.randn(8, 64, dtype=torch.float64))
+        with sparqle.use_backend("triton"):
+            with pytest.raises(ValueError, match="not torch.float64"):
+                sparqle.linear(torch.randn(2, 64, dtype=torch.float64), qw)
