@@ -45,3 +45,14 @@ def dense_and_mask(where: str, t, mask):
         raise ValueError(f"{where}: mask must be a bool tensor of shape {tuple(t.shape)}, got "
                          f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
     return mask
+
+
+def check_float_weight(w) -> None:
+    """A 2-D, finite, floating-point weight [out, in], as the quantizers need."""
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point tensor, got "
+                        f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D [out, in], got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("w holds NaN or Inf: it cannot be quantized")

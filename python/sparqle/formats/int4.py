@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import cdiv, check_shape
+from ._checks import cdiv, check_float_weight, check_shape
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
 METHODS = ("minmax", "mse")
@@ -83,16 +83,10 @@ class Int4Weight:
     def from_float(cls, w: torch.Tensor, group_size: int = 128, *, symmetric: bool = False,
                    method: str = "minmax") -> "Int4Weight":
         """Quantize a 2-D float weight [N, K] (see the module doc)."""
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-            raise TypeError(f"w must be a floating-point tensor, got "
-                            f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
-        if w.dim() != 2:
-            raise ValueError(f"w must be 2-D [out, in], got shape {tuple(w.shape)}")
+        check_float_weight(w)
         check_group_size(group_size)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError("w holds NaN or Inf: it cannot be quantized")
         n, k = w.shape
         width = max(1, k if group_size == -1 else group_size)
         g = cdiv(k, width)

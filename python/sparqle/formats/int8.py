@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_shape
+from ._checks import check_float_weight, check_shape
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,13 +38,7 @@ class Int8Weight:
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Weight":
         """Quantize a 2-D float weight [N, K] (see the module doc)."""
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-            raise TypeError(f"w must be a floating-point tensor, got "
-                            f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
-        if w.dim() != 2:
-            raise ValueError(f"w must be 2-D [out, in], got shape {tuple(w.shape)}")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError("w holds NaN or Inf: it cannot be quantized")
+        check_float_weight(w)
         scales = (w.detach().abs().amax(dim=1) / 127).to(w.dtype)
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         cdt = _compute_dtype(w.dtype)
