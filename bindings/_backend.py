@@ -64,8 +64,11 @@ def cupy_status(device: torch.device) -> Tuple[bool, str]:
     return True, ""
 
 
-_STATUS = {"triton": triton_status, "cupy": cupy_status,
-           "torch": lambda device: (True, "")}
+def status(backend: str, device: torch.device) -> Tuple[bool, str]:
+    """Whether ``backend`` (triton, cupy or torch) can run on ``device``, and why not."""
+    if backend == "torch":
+        return True, ""
+    return {"triton": triton_status, "cupy": cupy_status}[backend](device)
 
 
 def choose(op: str, device: torch.device, dtype: torch.dtype,
@@ -82,7 +85,7 @@ def choose(op: str, device: torch.device, dtype: torch.dtype,
     if name not in dtypes:
         raise ValueError(f"backend {name!r} has no kernel for sparqle::{op}; "
                          f"it has {sorted(dtypes)}")
-    ok, why = _STATUS[name](device)
+    ok, why = status(name, device)
     if not ok:
         raise ValueError(f"backend {name!r} cannot run sparqle::{op}: {why}")
     if dtype not in dtypes[name]:

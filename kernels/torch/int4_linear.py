@@ -4,17 +4,15 @@ does, and multiplied while the block is still in cache: on a 2-core CPU this is 
 than dequantizing the whole weight first (measured at 4096 x 4096, M = 1)."""
 import torch
 
+from ._dtypes import compute_dtype
+
 _ROWS_ELEMENTS = 1 << 18
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _dequantize_rows(packed, scales, zeros, group_width: int, k: int, dtype: torch.dtype):
     """Rows of W = (q - zero) * scale in ``dtype``, computed in fp32 (fp64 for fp64)."""
     rows, groups = scales.shape
-    cdt = _compute_dtype(dtype)
+    cdt = compute_dtype(dtype)
     q = torch.stack([packed & 15, packed >> 4], dim=-1).view(rows, 2 * packed.shape[1])[:, :k]
     q = torch.nn.functional.pad(q, (0, groups * group_width - k)).view(rows, groups, group_width)
     w = (q.to(cdt) - zeros.to(cdt)[..., None]) * scales.to(cdt)[..., None]
@@ -32,7 +30,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     """y [M, N] = x [M, K] @ dequant(W)^T (+ bias [N]) for an int4 W [N, K]."""
     m, k = x.shape
     n = packed.shape[0]
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     xc = x.to(cdt)
     y = torch.empty(m, n, dtype=cdt, device=x.device)
     step = max(1, _ROWS_ELEMENTS // max(1, k))

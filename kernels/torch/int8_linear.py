@@ -5,6 +5,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._dtypes import compute_dtype
+
 
 def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [M, K], scale fp32 [M]) for float x [M, K]."""
@@ -21,13 +23,13 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tupl
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias,
                 quantize_activation: bool) -> torch.Tensor:
     """y [M, N] = x [M, K] @ (q_w * scale_w)^T + bias (W8A8 when ``quantize_activation``)."""
+    cdt = compute_dtype(x.dtype)
     if quantize_activation:
         q, x_scale = quantize_rows(x, None)
-        y = (q.double() @ qweight.double().t()) * x_scale.double()[:, None]
+        y = ((q.double() @ qweight.double().t()) * x_scale.double()[:, None]).to(cdt)
     else:
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = x.to(cdt) @ qweight.to(x.dtype).to(cdt).t()
-    y = y.float() * scales.float()[None, :] if x.dtype != torch.float64 else y * scales.double()[None, :]
+    y = y * scales.to(cdt)[None, :]
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y = y + bias.to(cdt)
     return y.to(x.dtype)

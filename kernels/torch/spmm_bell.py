@@ -7,11 +7,9 @@ fp16 and bf16 compute in fp32.
 """
 import torch
 
+from ._dtypes import compute_dtype
+
 _CHUNK_ELEMENTS = 1 << 23
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _blocks(x: torch.Tensor, nblocks: int, b: int, dtype: torch.dtype) -> torch.Tensor:
@@ -31,7 +29,7 @@ def _mm(cols, slots, values, x, out_features, transposed):
     a torch.sparse BSR matrix over the used slots (MKL on the CPU, cuSPARSE/Triton on CUDA)."""
     n, b = x.shape[0], values.shape[-1]
     rows = cols.shape[0]
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     nblocks_in = -(-x.shape[1] // b)
     if n == 0 or rows == 0 or nblocks_in == 0 or not bool((cols >= 0).any()):
         return torch.zeros(n, out_features, dtype=x.dtype, device=x.device)
@@ -67,7 +65,7 @@ def sddmm_bell(ell_cols: torch.Tensor, dy: torch.Tensor, x: torch.Tensor,
                b: int) -> torch.Tensor:
     """dvalues [R, W, b, b]: dy [n, m]^T @ x [n, k] at A's stored blocks, zero where unused."""
     rows, width = ell_cols.shape
-    cdt = _compute_dtype(dy.dtype)
+    cdt = compute_dtype(dy.dtype)
     out = torch.zeros(rows, width, b, b, dtype=cdt, device=dy.device)
     nblocks_in = max(1, -(-x.shape[1] // b))
     cols = ell_cols.clamp(min=0).long()

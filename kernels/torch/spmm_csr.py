@@ -6,13 +6,11 @@ chunks so that no [nnz, n] temporary exceeds a few million elements.
 """
 import torch
 
+from ._dtypes import compute_dtype
+
 from .. import _alloc
 
 _SDDMM_CHUNK_ELEMENTS = 1 << 22
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
@@ -22,7 +20,7 @@ def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
     m, k, n = crow.numel() - 1, b.shape[0], b.shape[1]
     if m == 0 or n == 0 or col.numel() == 0:
         return torch.zeros((m, n), dtype=b.dtype, device=b.device)
-    cdt = _compute_dtype(b.dtype)
+    cdt = compute_dtype(b.dtype)
     a = torch.sparse_csr_tensor(crow, col, values.to(cdt), (m, k),
                                 check_invariants=False)
     return (a @ b.to(cdt)).to(b.dtype)
@@ -36,7 +34,7 @@ def sddmm_csr(crow: torch.Tensor, col: torch.Tensor,
     rows = torch.repeat_interleave(
         torch.arange(crow.numel() - 1, device=crow.device), crow[1:] - crow[:-1],
         output_size=nnz)
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     step = max(1, _SDDMM_CHUNK_ELEMENTS // max(1, n))
     for lo in range(0, nnz, step):
         hi = min(nnz, lo + step)

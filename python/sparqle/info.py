@@ -4,7 +4,7 @@ import platform
 
 import torch
 
-from .backends import cupy_status, requested_backend, triton_status
+from .backends import requested_backend, status
 
 
 def _version(package: str) -> str:
@@ -25,8 +25,7 @@ def info() -> None:
     cupy = next((d.version for d in importlib.metadata.distributions()
                  if (d.metadata["Name"] or "").lower().startswith("cupy")), "not installed")
     lines += [f"cupy {cupy}", f"device: {name}", f"requested backend: {requested_backend()}"]
-    for backend, status in (("triton", triton_status), ("cupy", cupy_status),
-                            ("torch", lambda d: (True, ""))):
-        ok, why = status(device)
+    for backend in ("triton", "cupy", "torch"):
+        ok, why = status(backend, device)
         lines.append(f"  {backend:<7}{'can run' if ok else 'cannot run: ' + why}")
     print("\n".join(lines))
