@@ -13,23 +13,28 @@ from triton.compiler import ASTSource
 
 import torch
 from sparqle.bindings import int4_linear as int4_binding, int8_linear as int8_binding
+from sparqle.bindings import nm_linear as nm_binding
 from sparqle.bindings import spmm_bell as bell_binding, spmm_csr as csr_binding
-from sparqle.kernels.triton import int4_linear, int8_linear, spmm_bell, spmm_csr
+from sparqle.kernels.triton import int4_linear, int8_linear, nm_linear, spmm_bell, spmm_csr
 
-INDEX_POINTERS = {"crow_ptr", "col_ptr", "row_order_ptr", "row_ptr", "cols_ptr", "slots_ptr"}
+INDEX_POINTERS = {"crow_ptr", "col_ptr", "row_order_ptr", "row_ptr", "cols_ptr", "slots_ptr", "meta_ptr"}
 FLOATS = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
 NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 DOT = {"fp16": "ieee", "bf16": "ieee", "fp32": "tf32", "fp64": "ieee"}
 
 
 def variants(jit):
-    """Extra constexprs: every block size and both directions for the Blocked-ELL kernels."""
+    """Extra constexprs: every block size and both directions for the Blocked-ELL kernels,
+    every N:M pattern."""
     names = {p.name for p in jit.params}
     blocks = [{"B": b} for b in (16, 32, 64, 128)] if "B" in names else [{}]
     directions = [{"TRANSPOSED": t} for t in (False, True)] if "TRANSPOSED" in names else [{}]
     biases = [{"HAS_BIAS": h} for h in (False, True)] if "HAS_BIAS" in names else [{}]
     flags = [{f: v} for f in ("W8A8", "STATIC") if f in names for v in (True, False)] or [{}]
-    return [{**b, **d, **h, **f} for b in blocks for d in directions for h in biases for f in flags]
+    patterns = ([{"KEEP": n, "GROUP": m, "BITS": 2 if m <= 4 else 4}
+                 for n, m in ((2, 4), (1, 2), (1, 4), (2, 8), (4, 8))] if "KEEP" in names else [{}])
+    return [{**b, **d, **h, **f, **p} for b in blocks for d in directions for h in biases
+            for f in flags for p in patterns]
 
 
 def pointer_type(name, dtype, config, extra):
@@ -88,6 +93,7 @@ kernels = [(k, triton_dtypes(csr_binding)) for k in (spmm_csr._spmm_csr_kernel, 
 kernels += [(k, triton_dtypes(bell_binding)) for k in (spmm_bell._spmm_bell_kernel, spmm_bell._sddmm_bell_kernel)]
 kernels += [(k, triton_dtypes(int4_binding)) for k in (int4_linear._tiled, int4_linear._small_m)]
 kernels += [(k, triton_dtypes(int8_binding)) for k in (int8_linear._quantize_rows_kernel, int8_linear._int8_linear_kernel)]
+kernels += [(k, triton_dtypes(nm_binding)) for k in (nm_linear._tiled, nm_linear._small_m)]
 total = sum(compile_all(kernel, dtypes, arch) for kernel, dtypes in kernels for arch in (80, 90))
 expected = sum(len(combinations(k, dtypes)) for k, dtypes in kernels) * 2
 assert total == expected > 0, (total, expected)

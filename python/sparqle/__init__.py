@@ -12,7 +12,7 @@ from sparqle import bindings  # noqa: F401  (registers torch.ops.sparqle.*)
 from . import nn, prune
 from .backends import use_backend
 from .convert import convert
-from .formats import CSR, BlockedELL, Int4Weight, Int8Weight
+from .formats import CSR, BlockedELL, Int4Weight, Int8Weight, SemiStructured
 from .functional import int8_linear, linear, quantize_rows, spmm
 from .info import info
 
@@ -24,4 +24,4 @@ try:
 except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
-__all__ = ["CSR", "BlockedELL", "Int4Weight", "Int8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "convert", "use_backend", "info", "nn", "prune"]
+__all__ = ["CSR", "BlockedELL", "Int4Weight", "Int8Weight", "SemiStructured", "spmm", "linear", "int8_linear", "quantize_rows", "convert", "use_backend", "info", "nn", "prune"]

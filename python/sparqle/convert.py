@@ -3,6 +3,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .formats.nm import PATTERNS
 from .nn import Int4Linear, Int8Linear, SparseLinear
 
 _CONVERTERS = {
@@ -10,6 +11,8 @@ _CONVERTERS = {
     "bell": lambda linear, **options: SparseLinear.from_linear(linear, format="bell", **options),
     "int4": Int4Linear.from_linear,
     "int8": Int8Linear.from_linear,
+    **{f"{n}:{m}": lambda linear, n=n, m=m, **options: SparseLinear.from_linear(
+        linear, format=f"{n}:{m}", **options) for n, m in PATTERNS},
 }
 
 
@@ -19,7 +22,8 @@ def convert(model: nn.Module, fmt: str, *,
     MultiheadAttention's out_proj read ``.weight`` directly and are left alone) for which
     ``filter(name, module)`` is true with its ``fmt`` version, built with ``options``:
     ``convert(model, "csr", sparsity=0.9)``, ``convert(model, "bell", block_size=32,
-    sparsity=0.8)``, ``convert(model, "int4", group_size=128)``, ``convert(model, "int8")``. Returns ``model``."""
+    sparsity=0.8)``, ``convert(model, "int4", group_size=128)``, ``convert(model, "int8")``,
+    ``convert(model, "2:4")`` (or another N:M pattern). Returns ``model``."""
     if fmt not in _CONVERTERS:
         raise ValueError(f"fmt must be one of {sorted(_CONVERTERS)}, got {fmt!r}")
     if not isinstance(model, nn.Module):

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .formats import CSR, BlockedELL, Int4Weight, Int8Weight
+from .formats import CSR, BlockedELL, Int4Weight, Int8Weight, SemiStructured
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -42,7 +42,14 @@ def _bell_spmm(a: BlockedELL, b: torch.Tensor) -> torch.Tensor:
     return _bell_times_transposed(b.t(), a).t().contiguous()
 
 
-_SPMM = {CSR: _csr_spmm, BlockedELL: _bell_spmm}
+def _nm_linear(x2d: torch.Tensor, w: SemiStructured, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # The kernel adds the bias in its epilogue.
+    return torch.ops.sparqle.nm_linear(x2d, w.values, w.meta, bias, w.n, w.m)
+
+
+_SPMM = {CSR: _csr_spmm, BlockedELL: _bell_spmm,
+         # a @ b = (b^T @ a^T)^T: the kernel reads b^T through strides, without a copy.
+         SemiStructured: lambda a, b: _nm_linear(b.t(), a, None).t().contiguous()}
 
 
 def spmm(a, b: torch.Tensor) -> torch.Tensor:
@@ -90,7 +97,8 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
 _LINEAR = {CSR: _csr_linear,
            BlockedELL: lambda x2d, w, bias: _plus(_bell_times_transposed(x2d, w), bias),
            Int4Weight: _int4_linear,
-           Int8Weight: lambda x2d, w, bias: int8_linear(x2d, w, bias)}
+           Int8Weight: lambda x2d, w, bias: int8_linear(x2d, w, bias),
+           SemiStructured: _nm_linear}
 
 
 def _check_linear(x: torch.Tensor, w, bias: Optional[torch.Tensor]) -> None:

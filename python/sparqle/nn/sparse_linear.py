@@ -1,19 +1,34 @@
 """SparseLinear: y = x @ W^T + b with W [out, in] sparse, its pattern fixed and its
 stored values trainable."""
+import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import prune
-from ..formats import CSR, BlockedELL
+from ..formats import CSR, BlockedELL, SemiStructured
+from ..formats.nm import PATTERNS
 from ..functional import linear
 
-_FORMATS = {"csr": CSR, "bell": BlockedELL}
+# Format name -> builder of the weight from (shape, values, index tensors).
+_FORMATS = {"csr": CSR.from_index_tensors, "bell": BlockedELL.from_index_tensors,
+            **{f"{n}:{m}": functools.partial(SemiStructured.from_index_tensors, n=n, m=m)
+               for n, m in PATTERNS}}
+
+
+def _format_name(weight) -> str:
+    if isinstance(weight, SemiStructured):
+        return f"{weight.n}:{weight.m}"
+    if isinstance(weight, CSR):
+        return "csr"
+    if isinstance(weight, BlockedELL):
+        return "bell"
+    raise TypeError(f"weight must be a CSR, BlockedELL or SemiStructured, got {type(weight).__name__}")
 
 
 class SparseLinear(nn.Module):
-    """A linear layer with a sparse weight (CSR or Blocked-ELL).
+    """A linear layer with a sparse weight (CSR, Blocked-ELL or N:M).
 
     The stored values are the Parameter ``values``; the format's index tensors (the
     pattern, and the transposed structure the backward uses) are buffers, so
@@ -24,11 +39,7 @@ class SparseLinear(nn.Module):
 
     def __init__(self, weight, bias: Optional[torch.Tensor] = None):
         super().__init__()
-        fmt = next((name for name, cls in _FORMATS.items() if isinstance(weight, cls)), None)
-        if fmt is None:
-            raise TypeError(f"weight must be one of {[c.__name__ for c in _FORMATS.values()]}, "
-                            f"got {type(weight).__name__}")
-        self.format = fmt
+        self.format = _format_name(weight)
         self.out_features, self.in_features = weight.shape
         for name, tensor in weight.index_tensors().items():
             self.register_buffer(name, tensor)
@@ -36,16 +47,25 @@ class SparseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     @classmethod
-    def from_linear(cls, linear_: nn.Linear, sparsity: float, *, format: str = "csr",
-                    block_size: Optional[int] = None) -> "SparseLinear":
+    def from_linear(cls, linear_: nn.Linear, sparsity: Optional[float] = None, *,
+                    format: str = "csr", block_size: Optional[int] = None) -> "SparseLinear":
         """Magnitude-prune ``linear_``'s weight to ``sparsity`` (the fraction of weights
         zeroed for ``"csr"``, of b x b blocks for ``"bell"``, b = ``block_size``, default 32)
-        and keep the survivors in ``format``."""
+        and keep the survivors in ``format``; an N:M format (``"2:4"``, ``"1:4"``, ...)
+        keeps the n largest of every m and takes no sparsity."""
         if not isinstance(linear_, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear_).__name__}")
         if format not in _FORMATS:
             raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {format!r}")
         w = linear_.weight.detach()
+        if ":" in format:
+            if sparsity is not None or block_size is not None:
+                raise ValueError(f"format={format!r} sets the sparsity: pass neither sparsity "
+                                 f"nor block_size")
+            n, m = (int(v) for v in format.split(":"))
+            return cls(SemiStructured.from_dense(w, n, m), linear_.bias)
+        if sparsity is None:
+            raise ValueError(f"sparsity is required for format={format!r}")
         if format == "csr":
             if block_size is not None:
                 raise ValueError("block_size applies to format='bell' only")
@@ -60,8 +80,7 @@ class SparseLinear(nn.Module):
     def weight(self):
         """The weight in its format, over this module's tensors (no copy)."""
         tensors = dict(self.named_buffers(recurse=False))
-        return _FORMATS[self.format].from_index_tensors(
-            (self.out_features, self.in_features), self.values, tensors)
+        return _FORMATS[self.format]((self.out_features, self.in_features), self.values, tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

@@ -1,0 +1,67 @@
+"""N:M semi-structured sparse linear in plain PyTorch, and the metadata codec.
+
+A weight W [N, K] in N:M keeps, in each group of M consecutive input columns (K padded
+with zeros to Kp, a multiple of M), N values: ``values`` [N_rows, Kc], Kc = Kp * N / M, the
+kept values of group g at columns [g*N, (g+1)*N) in increasing position. The position of
+kept value j inside its group (0..M-1) is stored in ``meta`` int32 [N_rows, ceil(Kc / P)],
+BITS = 2 bits each for M <= 4 and 4 bits for M = 8, P = 32 / BITS to a word, LSB first:
+position(j) = (meta[:, j // P] >> (BITS * (j % P))) & (2**BITS - 1).
+For 2:4 each group of 4 gets a nibble (its first position in the low 2 bits), eight
+groups (32 dense columns) a word: the per-row metadata encoding of sparse tensor cores.
+"""
+from typing import Optional
+
+import torch
+
+from ._dtypes import compute_dtype
+
+
+def index_bits(m: int) -> int:
+    """Bits per stored position for groups of ``m``."""
+    return 2 if m <= 4 else 4
+
+
+def pack_positions(positions: torch.Tensor, m: int) -> torch.Tensor:
+    """meta int32 [R, ceil(Kc / P)] from positions [R, Kc] (integers in [0, m))."""
+    bits = index_bits(m)
+    per_word = 32 // bits
+    rows, kc = positions.shape
+    words = -(-kc // per_word)
+    padded = torch.nn.functional.pad(positions.to(torch.int64), (0, words * per_word - kc))
+    shifts = bits * torch.arange(per_word, device=positions.device)
+    packed = (padded.view(rows, words, per_word) << shifts).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_positions(meta: torch.Tensor, m: int, kc: int) -> torch.Tensor:
+    """positions int64 [R, kc]: the inverse of pack_positions."""
+    bits = index_bits(m)
+    per_word = 32 // bits
+    shifts = bits * torch.arange(per_word, device=meta.device)
+    fields = (meta.to(torch.int64)[..., None] >> shifts) & (2**bits - 1)
+    return fields.view(meta.shape[0], meta.shape[1] * per_word)[:, :kc]
+
+
+def columns(meta: torch.Tensor, n: int, m: int, kc: int) -> torch.Tensor:
+    """The dense column (in [0, Kp)) of every stored value, int64 [R, kc]."""
+    group = torch.arange(kc, device=meta.device) // n
+    return group * m + unpack_positions(meta, m, kc)
+
+
+def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
+    """W [R, k] (contiguous, values' dtype) from the compressed form."""
+    rows, kc = values.shape
+    dense = values.new_zeros(rows, kc // n * m)
+    dense.scatter_(1, columns(meta, n, m, kc), values)
+    return dense[:, :k].contiguous()
+
+
+def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+              bias: Optional[torch.Tensor], n: int, m: int) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T (+ bias [N]), computed in fp32 (fp64 for fp64)."""
+    cdt = compute_dtype(x.dtype)
+    w = to_dense(values, meta, n, m, x.shape[1]).to(cdt)
+    y = x.to(cdt) @ w.t()
+    if bias is not None:
+        y += bias.to(cdt)
+    return y.to(x.dtype)

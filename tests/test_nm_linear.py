@@ -1,0 +1,207 @@
+"""N:M linear on every (device, backend) against the float64 oracle of its dense weight:
+forward, gradients of x, values and bias, spmm, the small-M split-K and tiled paths,
+gradcheck, opcheck, compile, SparseLinear, convert, state_dict, and bad input."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sparqle
+from sparqle import SemiStructured
+from sparqle.formats.nm import PATTERNS
+from sparqle.nn import SparseLinear
+
+from ._oracle import assert_close
+from .conftest import device_backends
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (rows of x, out, in): one row, the small-M and tiled paths, in not a multiple of m or
+# of any block.
+SHAPES = [(1, 24, 70), (5, 33, 64), (19, 17, 45), (40, 9, 129)]
+
+
+def _weight(out, k, n, m, dtype, device):
+    return SemiStructured.from_dense(torch.randn(out, k, dtype=dtype), n, m).to(device)
+
+
+def _oracle(x, w, bias):
+    w64, x64 = w.to_dense().double().cpu(), x.double().cpu().reshape(-1, w.shape[1])
+    b64 = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double().cpu()
+    return x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs()
+
+
+@pytest.mark.parametrize("rows,out,k", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_oracle(device_backend, rows, out, k, dtype, with_bias):
+    device, backend = device_backend
+    w = _weight(out, k, 2, 4, dtype, device)
+    x = torch.randn(rows, k, dtype=dtype, device=device)
+    bias = torch.randn(out, dtype=dtype, device=device) if with_bias else None
+    with sparqle.use_backend(backend):
+        if backend == "triton" and dtype == torch.float64:
+            with pytest.raises(ValueError, match="backend 'triton' runs sparqle::nm_linear in .*not torch.float64"):
+                sparqle.linear(x, w, bias)
+            return
+        y = sparqle.linear(x, w, bias)
+    assert_close(y, *_oracle(x, w, bias), dtype, "y")
+
+
+@pytest.mark.parametrize("n,m", PATTERNS, ids=str)
+@pytest.mark.parametrize("rows", [3, 21])
+def test_every_pattern(device_backend, n, m, rows):
+    device, backend = device_backend
+    w = _weight(20, 77, n, m, torch.float32, device)
+    x = torch.randn(rows, 77, device=device)
+    with sparqle.use_backend(backend):
+        y = sparqle.linear(x, w)
+    assert_close(y, *_oracle(x, w, None), torch.float32, f"y ({n}:{m})")
+
+
+def test_all_zero_weight_and_empty_dimensions(device_backend):
+    device, backend = device_backend
+    with sparqle.use_backend(backend):
+        zero = SemiStructured.from_dense(torch.zeros(6, 13, device=device))
+        x = torch.randn(4, 13, device=device)
+        assert torch.equal(sparqle.linear(x, zero), torch.zeros(4, 6, device=device))
+        w = _weight(6, 13, 2, 4, torch.float32, device)
+        assert sparqle.linear(torch.randn(0, 13, device=device), w).shape == (0, 6)
+        empty = SemiStructured.from_dense(torch.randn(0, 13, device=device))
+        assert sparqle.linear(x, empty).shape == (4, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=str)
+def test_gradients_match_oracle(device_backend, dtype, n, m):
+    device, backend = device_backend
+    w = _weight(24, 70, n, m, dtype, device)
+    w.values.requires_grad_(True)
+    x = torch.randn(9, 70, dtype=dtype, device=device, requires_grad=True)
+    bias = torch.randn(24, dtype=dtype, device=device, requires_grad=True)
+    dy = torch.randn(9, 24, dtype=dtype, device=device)
+    with sparqle.use_backend(backend):
+        sparqle.linear(x, w, bias).backward(dy)
+    w64, dy64, x64 = w.to_dense().detach().double().cpu(), dy.double().cpu(), x.detach().double().cpu()
+    assert_close(x.grad, dy64 @ w64, dy64.abs() @ w64.abs(), dtype, "dx")
+    assert_close(bias.grad, dy64.sum(0), dy64.abs().sum(0), dtype, "dbias")
+    # d(values): the dense gradient dy^T x at the kept positions.
+    dense_grad = torch.nn.functional.pad(dy64.T @ x64, (0, 2))  # 70 -> 72 columns
+    cols = sparqle.kernels.torch.nm_linear.columns(w.meta.cpu(), n, m, w.values.shape[1])
+    scale = torch.nn.functional.pad(dy64.abs().T @ x64.abs(), (0, 2))
+    assert_close(w.values.grad, dense_grad.gather(1, cols), scale.gather(1, cols), dtype, "dvalues")
+
+
+def test_spmm_matches_oracle(device_backend):
+    device, backend = device_backend
+    w = _weight(30, 45, 2, 4, torch.float32, device)
+    b = torch.randn(45, 7, device=device, requires_grad=True)
+    with sparqle.use_backend(backend):
+        c = sparqle.spmm(w, b)
+        c.sum().backward()
+    w64 = w.to_dense().double().cpu()
+    assert_close(c, w64 @ b.detach().double().cpu(), w64.abs() @ b.detach().abs().double().cpu(),
+                 torch.float32, "c")
+    assert_close(b.grad, w64.T @ torch.ones(30, 7, dtype=torch.float64),
+                 w64.abs().T @ torch.ones(30, 7, dtype=torch.float64), torch.float32, "db")
+
+
+@pytest.mark.parametrize("device", [d for d, b in device_backends() if b == "triton"])
+def test_triton_small_m_and_tiled_paths(device):
+    """Both the split-K small-M kernel and the tiled kernel meet the oracle at the boundary."""
+    import sparqle.kernels.triton.nm_linear as kernel
+    w = _weight(24, 100, 2, 4, torch.float32, device)
+    bias = torch.randn(24, device=device)
+    for rows in (1, kernel.SMALL_M, kernel.SMALL_M + 1, 33):
+        x = torch.randn(rows, 100, device=device)
+        with sparqle.use_backend("triton"):
+            y = sparqle.linear(x, w, bias)
+        assert_close(y, *_oracle(x, w, bias), torch.float32, f"y (M={rows})")
+
+
+@pytest.mark.parametrize("device", sorted({d for d, _ in device_backends()}))
+def test_gradcheck_float64(device):
+    """On the torch path: the Triton kernel takes no fp64 (checked in test_linear_matches_oracle)."""
+    w = _weight(6, 22, 2, 4, torch.float64, device)
+    values = w.values.clone().requires_grad_(True)
+    x = torch.randn(3, 22, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+
+    def f(x, values, bias):
+        return sparqle.linear(x, SemiStructured(values, w.meta, w.shape), bias)
+
+    with sparqle.use_backend("torch"):
+        assert torch.autograd.gradcheck(f, (x, values, bias))
+
+
+def test_opcheck_and_compile():
+    w = _weight(20, 70, 2, 4, torch.float32, "cpu")
+    x = torch.randn(5, 70, requires_grad=True)
+    bias = torch.randn(20, requires_grad=True)
+    values = w.values.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.sparqle.nm_linear.default, (x, values, w.meta, bias, 2, 4))
+    torch.library.opcheck(torch.ops.sparqle.nm_to_dense.default, (w.values, w.meta, 2, 4, 70))
+    layer = SparseLinear(w, bias)
+    expected = layer(x)
+    (dx_expected,) = torch.autograd.grad(expected.sum(), x)
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True)(x)
+    (dx_got,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(dx_got, dx_expected)
+
+
+def test_module_convert_state_dict_and_sparse_training():
+    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8))
+    sparqle.convert(model, "2:4")
+    assert isinstance(model[0], SparseLinear) and "format=2:4" in repr(model[0])
+    model[2] = SparseLinear.from_linear(nn.Linear(24, 8), format="4:8")
+    x = torch.randn(16, 32)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    other = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8))
+    sparqle.convert(other, "2:4")
+    other[2] = SparseLinear.from_linear(nn.Linear(24, 8), format="4:8")
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+    # Sparse training with the pattern fixed: the loss falls and the weight stays 2:4.
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    target = torch.randn(16, 8)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = ((model(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    dense = model[0].weight.to_dense()
+    assert ((dense.view(24, 8, 4) != 0).sum(-1) <= 2).all()
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.w = _weight(8, 20, 2, 4, torch.float32, "cpu")
+
+    def test_linear(self):
+        with pytest.raises(TypeError, match="x has dtype torch.float16"):
+            sparqle.linear(torch.randn(2, 20, dtype=torch.float16), self.w)
+        with pytest.raises(ValueError, match="x must have w.shape"):
+            sparqle.linear(torch.randn(2, 19), self.w)
+        with pytest.raises(ValueError, match="x is on meta"):
+            sparqle.linear(torch.randn(2, 20, device="meta"), self.w)
+        with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+            sparqle.linear(torch.randn(2, 20), self.w, torch.randn(7))
+        with pytest.raises(ValueError, match="b must have a.shape"):
+            sparqle.spmm(self.w, torch.randn(19, 3))
+
+    def test_module(self):
+        with pytest.raises(ValueError, match="format must be one of"):
+            SparseLinear.from_linear(nn.Linear(8, 8), format="3:4")
+        with pytest.raises(ValueError, match="format='2:4' sets the sparsity"):
+            SparseLinear.from_linear(nn.Linear(8, 8), 0.5, format="2:4")
+        with pytest.raises(ValueError, match="sparsity is required"):
+            SparseLinear.from_linear(nn.Linear(8, 8), format="csr")
+        with pytest.raises(ValueError, match="fmt must be one of"):
+            sparqle.convert(nn.Sequential(nn.Linear(8, 8)), "2:3")
