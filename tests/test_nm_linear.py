@@ -107,12 +107,13 @@ def test_spmm_matches_oracle(device_backend):
 
 
 @pytest.mark.parametrize("device", [d for d, b in device_backends() if b == "triton"])
-def test_triton_small_m_and_tiled_paths(device):
-    """Both the split-K small-M kernel and the tiled kernel meet the oracle at the boundary."""
+def test_triton_dispatch_by_m(monkeypatch, device):
+    """Each of the three paths (split-K small M, tiled, expand + matmul) meets the oracle."""
     import sparqle.kernels.triton.nm_linear as kernel
+    monkeypatch.setattr(kernel, "DENSE_FROM_M", 40)
     w = _weight(24, 100, 2, 4, torch.float32, device)
     bias = torch.randn(24, device=device)
-    for rows in (1, kernel.SMALL_M, kernel.SMALL_M + 1, 33):
+    for rows in (1, kernel.SMALL_M, kernel.SMALL_M + 1, 39, 40, 57):
         x = torch.randn(rows, 100, device=device)
         with sparqle.use_backend("triton"):
             y = sparqle.linear(x, w, bias)

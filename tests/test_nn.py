@@ -89,7 +89,7 @@ def test_convert_filter_and_errors():
     with pytest.raises(ValueError, match="model is itself an nn.Linear"):
         sparqle.convert(nn.Linear(3, 3), "csr", sparsity=0.5)
     with pytest.raises(ValueError, match="format must be one of"):
-        SparseLinear.from_linear(nn.Linear(3, 3), 0.5, format="2:4")
+        SparseLinear.from_linear(nn.Linear(3, 3), 0.5, format="coo")
     with pytest.raises(ValueError, match="block_size applies to format='bell' only"):
         SparseLinear.from_linear(nn.Linear(3, 3), 0.5, block_size=16)
     with pytest.raises(ValueError, match="block_size must be one of"):

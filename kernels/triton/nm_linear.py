@@ -12,7 +12,10 @@ Dispatch by M (thresholds not yet measured on a GPU):
 - M <= SMALL_M: weight-bound. BLOCK_M = 16 covers every row, so the weight is streamed
   once; SPLIT_K > 1 spreads K over more programs, adding fp32 partial tiles atomically
   into a zeroed workspace.
-- M > SMALL_M: the tiled kernel, one pass over K per tile.
+- SMALL_M < M < DENSE_FROM_M: the tiled kernel, one pass over K per tile.
+- M >= DENSE_FROM_M: compute-bound, where N:M saves no math on dense tensor cores:
+  expand W once and let cuBLAS multiply (sparse tensor cores, cuSPARSELt or mma.sp, are
+  the way to a 2x there; not wired in yet).
 """
 from typing import Optional
 
@@ -21,10 +24,11 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..torch.nm_linear import index_bits
+from ..torch.nm_linear import index_bits, to_dense
 from ._config import autotune_configs, dot_meta, on_device_of
 
 SMALL_M = 16
+DENSE_FROM_M = 1024
 
 _TILED_CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
@@ -103,6 +107,8 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     """y [M, N] = x [M, K] @ W^T (+ bias [N]) for W [N, K] in n:m."""
     rows, k = x.shape
     out = values.shape[0]
+    if rows >= DENSE_FROM_M:
+        return torch.nn.functional.linear(x, to_dense(values, meta, n, m, k).to(x.dtype), bias)
     small = rows <= SMALL_M
     # The small-M kernel adds split-K partials into a zeroed fp32 workspace.
     y = (torch.zeros((rows, out), dtype=torch.float32, device=x.device) if small
