@@ -5,24 +5,26 @@
 compiled once per (file, device, options) and cached; CuPy adds the running device's
 architecture (``-arch=sm_XY``) itself, so ``OPTIONS`` names none. Tensors travel as raw
 device pointers (``ptr``): no copy, no DLPack round trip; sizes go as int32 (``i32``),
-strides in elements as int64 (``i64``).
+strides in elements as int64 (``i64``). CuPy is imported on the first launch, so the
+launchers import (and their argument handling runs) without it.
 """
 import functools
 import pathlib
 from typing import Sequence, Tuple
 
-import cupy
 import numpy as np
 import torch
 
-_DIR = pathlib.Path(__file__).resolve().parent
+DIR = pathlib.Path(__file__).resolve().parent
 OPTIONS = ("-std=c++17",)
 
 
 @functools.lru_cache(maxsize=None)
-def _module(file: str, device: int, options: Tuple[str, ...]) -> "cupy.RawModule":
+def _module(file: str, device: int, options: Tuple[str, ...]):
+    import cupy
+
     with cupy.cuda.Device(device):
-        return cupy.RawModule(code=(_DIR / file).read_text(), options=options)
+        return cupy.RawModule(code=(DIR / file).read_text(), options=options)
 
 
 def ptr(t: torch.Tensor) -> np.uint64:
@@ -41,6 +43,8 @@ def i64(v: int) -> np.int64:
 def launch(file: str, name: str, grid: Tuple[int, ...], block: Tuple[int, ...],
            args: Sequence, like: torch.Tensor) -> None:
     """Run kernel ``name`` of ``file`` with ``args`` on ``like``'s device and current stream."""
+    import cupy
+
     device = like.device.index if like.device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(device):
         kernel = _module(file, device, OPTIONS).get_function(name)
