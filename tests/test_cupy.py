@@ -156,6 +156,94 @@ def test_forced_cupy_says_why_it_cannot_run(monkeypatch, how):
             sparqle.spmm(a, b)
 
 
+# ---- CSR: spmm_csr.cu's schedule emulated on the CPU -------------------------------------------
+
+def emulate_spmm_kernel(crow, col, values, row_order, b, subwarp, vec, sparse_vec):
+    """C [m, n] and how often each element was written, computed as spmm_csr.cu's kernel does:
+    blocks of 128 // subwarp rows taken in row_order, column tiles of subwarp * vec, the
+    reverse-offset chunk sweep with per-lane loads of sparse_vec nonzeros (none past nnz), the
+    broadcast that skips the previous and the next row's entries, and the guarded stores."""
+    crow, col, row_order = crow.tolist(), col.tolist(), row_order.tolist()
+    values, bl = values.tolist(), b.tolist()
+    m, nnz, (_, n) = len(crow) - 1, len(col), b.shape
+    c = torch.full((m, n), float("nan"), dtype=torch.float64)
+    writes = torch.zeros(m, n, dtype=torch.int64)
+    rows_per_block = 128 // subwarp
+    for bx in range(-(-m // rows_per_block)):
+        for by in range(-(-n // (subwarp * vec))):
+            for ty in range(rows_per_block):
+                slot = bx * rows_per_block + ty
+                if slot >= m:
+                    continue
+                row = row_order[slot]
+                start, end = crow[row], crow[row + 1]
+                acc = [[0.0] * vec for _ in range(subwarp)]
+                for chunk in range(start - start % sparse_vec, end, subwarp * sparse_vec):
+                    loaded = []
+                    for lane in range(subwarp):
+                        mine = chunk + lane * sparse_vec
+                        if mine + sparse_vec <= nnz:
+                            loaded.append([(values[mine + e], col[mine + e]) for e in range(sparse_vec)])
+                        else:
+                            loaded.append([(values[mine + e], col[mine + e]) if mine + e < nnz else (0.0, 0)
+                                           for e in range(sparse_vec)])
+                    for src in range(subwarp):
+                        first = chunk + src * sparse_vec
+                        if first >= end:
+                            break
+                        for e in range(sparse_vec):
+                            a, kk = loaded[src][e]
+                            if first + e < start or first + e >= end:
+                                continue
+                            for lane in range(subwarp):
+                                col0 = (by * subwarp + lane) * vec
+                                for q in range(vec):
+                                    if col0 + q < n:
+                                        acc[lane][q] += a * bl[kk][col0 + q]
+                for lane in range(subwarp):
+                    col0 = (by * subwarp + lane) * vec
+                    for q in range(vec):
+                        if col0 + q < n:
+                            c[row, col0 + q] = acc[lane][q]
+                            writes[row, col0 + q] += 1
+    return c, writes
+
+
+def emulate_sddmm_rows(crow, nnz):
+    """The row spmm_csr.cu's SDDMM finds for each entry by its binary search in crow."""
+    crow, m, rows = crow.tolist(), len(crow) - 1, []
+    for i in range(nnz):
+        lo, hi = 0, m
+        while hi - lo > 1:
+            mid = (lo + hi) >> 1
+            lo, hi = (mid, hi) if crow[mid] <= i else (lo, mid)
+        rows.append(lo)
+    return rows
+
+
+@pytest.mark.parametrize("subwarp,vec,sparse_vec", [(4, 4, 4), (8, 8, 4), (16, 4, 4), (32, 8, 4), (32, 1, 1)])
+def test_spmm_schedule_emulated(subwarp, vec, sparse_vec):
+    """Every element of C is written once with the right sum: rows starting at every offset
+    modulo the vector width, rows spanning several chunks, empty rows, the last chunk at nnz."""
+    w = random_sparse(23, 90, 0.15, empty_rows=(0, 5, 22))
+    w[7] = torch.randn(90)  # one long row: several chunks
+    w[9, :3] = torch.tensor([1.0, -2.0, 0.5])
+    a = CSR.from_dense(w)
+    b = torch.randn(90, 19, dtype=torch.float64)
+    c, writes = emulate_spmm_kernel(a.crow_indices, a.col_indices, a.values, a.row_order, b,
+                                    subwarp, vec, sparse_vec)
+    assert (writes == 1).all()
+    assert set((a.crow_indices[:-1] % 4).tolist()) == {0, 1, 2, 3}
+    torch.testing.assert_close(c, w @ b, rtol=1e-12, atol=1e-12)
+
+
+def test_sddmm_binary_search_finds_every_row():
+    a = CSR.from_dense(random_sparse(30, 9, 0.3, empty_rows=(0, 1, 14, 29)))
+    counts = a.crow_indices[1:] - a.crow_indices[:-1]
+    expected = torch.repeat_interleave(torch.arange(30), counts).tolist()
+    assert emulate_sddmm_rows(a.crow_indices, a.nnz) == expected
+
+
 # ---- N:M 2:4: the format, its decoder, and the mma.sp kernel emulated on the CPU ----------------
 
 def encode_24(w):

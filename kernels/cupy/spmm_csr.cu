@@ -20,6 +20,7 @@
 // SDDMM: out[i] = sum_j X[row_i, j] * Y[col_i, j] over a CSR pattern, X [m, n], Y [k, n]:
 //   one subwarp per nonzero (every subwarp does the same work); it finds its row by binary
 //   search in crow, strides over j with VEC-wide loads and reduces with shuffles.
+// tests/test_cupy.py mirrors the SpMM schedule and the SDDMM row search in Python.
 // Accumulation is in fp32 for every dtype. Only cuda_fp16.h and cuda_bf16.h are included:
 // NVRTC has them.
 #include <cuda_bf16.h>
