@@ -3,9 +3,11 @@ choice and argument handling run without CuPy, the 2:4 mma.sp kernel's fragment 
 emulated on the CPU against the PTX ISA's fragment layouts, and (marked ``cupy``, skipped
 without CuPy and a GPU) the kernels themselves against float64 dense oracles."""
 import functools
+import pathlib
 import re
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -35,7 +37,7 @@ def _nvcc(file, target, out, *flags):
 # ---- compile checks (CPU, nvcc) ---------------------------------------------------------------
 
 def test_every_cu_file_is_package_data():
-    setup = (_module.DIR.parent.parent / "setup.py").read_text()
+    setup = (pathlib.Path(__file__).resolve().parents[1] / "setup.py").read_text()
     assert '"sparqle.kernels.cupy": ["*.cu"]' in setup
     assert set(CU_FILES) == {"spmm_csr.cu", "nm_linear.cu"}
 
@@ -53,12 +55,11 @@ def test_cu_compiles_to_cubin(tmp_path, file, target):
 @functools.lru_cache(maxsize=None)
 def _entry_points(file):
     """The extern "C" kernels of ``file``, from its PTX (sm_80)."""
-    import tempfile
     with tempfile.TemporaryDirectory() as d:
-        out = f"{d}/out.ptx"
+        out = pathlib.Path(d) / "out.ptx"
         result = _nvcc(file, "sm_80", out, "-ptx")
         assert result.returncode == 0, result.stderr[-4000:]
-        return frozenset(re.findall(r"\.entry\s+(\w+)\(", open(out).read()))
+        return frozenset(re.findall(r"\.entry\s+(\w+)\(", out.read_text()))
 
 
 # ---- launchers without CuPy: every kernel they ask for exists --------------------------------
