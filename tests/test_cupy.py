@@ -426,10 +426,12 @@ def _csr_case(m, k, n, density, dtype):
 
 @pytest.mark.cupy
 @pytest.mark.parametrize("dtype", CSR_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES + [(5, 70000, 16, 0.01), (300, 40, 64, 0.9), (33, 50, 24, 0.5)],
+@pytest.mark.parametrize("shape", SHAPES + [(5, 70000, 16, 0.01), (4, 40000, 8, 0.01), (300, 40, 64, 0.9),
+                                   (33, 50, 24, 0.5)],
                          ids=str)
 def test_cupy_spmm_matches_oracle(shape, dtype):
-    """Shapes off every tile, long rows (many chunks, unaligned starts), k past 16-bit indices."""
+    """Shapes off every tile, long rows (many chunks, unaligned starts), 16-bit column indices
+    past 32767 (k = 40000), and k past them (70000: 32-bit indices)."""
     a, w64, b = _csr_case(*shape, dtype)
     with sparqle.use_backend("cupy"):
         c = sparqle.spmm(a, b)
