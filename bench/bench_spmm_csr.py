@@ -1,10 +1,12 @@
 """CSR SpMM, C [m, n] = A [m, k] @ B [k, n]: sparqle.spmm against dense torch.matmul
-(cuBLAS on a GPU) and torch.sparse CSR (cuSPARSE on a GPU, MKL on the CPU).
+(cuBLAS on a GPU) and torch.sparse CSR (cuSPARSE on a GPU, MKL on the CPU); where CuPy and
+a GPU are present, also sparqle's CuPy kernel (``cupy``, the backend forced).
 
 A is a transformer weight [out, in] magnitude-pruned to the given sparsity, B holds the
 n tokens as columns (``sparqle.linear`` computes y^T = W @ x^T this way).
 FLOPs: 2 nnz n. Bytes: values and column indices, row pointers, B once, C once.
 """
+import importlib.util
 import itertools
 from typing import Iterator, List
 
@@ -16,7 +18,9 @@ from .harness import Case, Impl, device, inputs, no_grad, plot_speedups
 
 OP = "spmm_csr"
 KEYS = ("m", "k", "n", "sparsity", "dtype")
-IMPLS = ("sparqle", "dense", "torch.sparse")
+# The CuPy kernel runs on CUDA with CuPy installed only.
+IMPLS = ("sparqle", "dense", "torch.sparse") + (
+    ("cupy",) if importlib.util.find_spec("cupy") and torch.cuda.is_available() else ())
 SHAPES = [(4096, 1024), (1024, 4096)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
 
@@ -33,6 +37,11 @@ def grid(quick: bool) -> Iterator[dict]:
         yield {"m": m, "k": k, "n": n, "sparsity": s, "dtype": dtype}
 
 
+def _cupy_spmm(a: sparqle.CSR, b: torch.Tensor) -> torch.Tensor:
+    with sparqle.use_backend("cupy"):
+        return sparqle.spmm(a, b)
+
+
 def make_case(m: int, k: int, n: int, sparsity: float, dtype: str) -> Case:
     dev, dt = device(), getattr(torch, dtype)
     weight = torch.randn(m, k, device=dev, dtype=dt)
@@ -42,12 +51,16 @@ def make_case(m: int, k: int, n: int, sparsity: float, dtype: str) -> Case:
     size = dt.itemsize
     sparse_bytes = a.nnz * (size + 4) + (m + 1) * 4 + (k * n + m * n) * size
     dense_bytes = (m * k + k * n + m * n) * size
+    impls = [
+        Impl("sparqle", lambda i, b=b: no_grad(lambda bi=b(i): sparqle.spmm(a, bi)), sparse_bytes),
+        Impl("dense", lambda i, b=b: no_grad(lambda bi=b(i): dense @ bi), dense_bytes),
+        Impl("torch.sparse", lambda i, b=b: no_grad(lambda bi=b(i): a_torch @ bi), sparse_bytes),
+    ]
+    if "cupy" in IMPLS:  # 16-bit column indices for fp16/bf16 where k allows
+        cupy_bytes = sparse_bytes - (2 * a.nnz if dt != torch.float32 and k <= 65536 else 0)
+        impls.append(Impl("cupy", lambda i, b=b: no_grad(lambda bi=b(i): _cupy_spmm(a, bi)), cupy_bytes))
     return Case(OP, {"m": m, "k": k, "n": n, "sparsity": sparsity, "dtype": dtype},
-                flops=2.0 * a.nnz * n, input_bytes=sparse_bytes, impls=[
-                    Impl("sparqle", lambda i, b=b: no_grad(lambda bi=b(i): sparqle.spmm(a, bi)), sparse_bytes),
-                    Impl("dense", lambda i, b=b: no_grad(lambda bi=b(i): dense @ bi), dense_bytes),
-                    Impl("torch.sparse", lambda i, b=b: no_grad(lambda bi=b(i): a_torch @ bi), sparse_bytes),
-                ])
+                flops=2.0 * a.nnz * n, input_bytes=sparse_bytes, impls=impls)
 
 
 def cases(quick: bool) -> List[Case]:

@@ -16,7 +16,10 @@ import torch
 
 from ._backend import FLOATS, launch
 
-_DTYPES = {"triton": FLOATS, "torch": FLOATS}
+# cupy (kernels/cupy/spmm_csr.py) runs only when forced: auto keeps Triton on CUDA until the
+# CuPy kernel is measured faster (bindings/_backend.choose is where that preference would go).
+_DTYPES = {"triton": FLOATS, "torch": FLOATS,
+           "cupy": frozenset({torch.float32, torch.float16, torch.bfloat16})}
 
 
 @torch.library.custom_op("sparqle::spmm_csr", mutates_args=())

@@ -12,7 +12,7 @@ os.environ.pop("SPARQLE_BACKEND", None)
 
 import pytest  # noqa: E402
 
-from sparqle.backends import triton_status  # noqa: E402
+from sparqle.backends import cupy_status, triton_status  # noqa: E402
 
 
 def _devices():
@@ -32,9 +32,14 @@ def device_backends():
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    cupy_ok, cupy_why = (cupy_status(torch.device("cuda")) if torch.cuda.is_available()
+                         else (False, "needs a CUDA device"))
+    skip_cupy = pytest.mark.skip(reason=f"cupy: {cupy_why}")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if "cupy" in item.keywords and not cupy_ok:
+            item.add_marker(skip_cupy)
 
 
 @pytest.fixture(params=device_backends(), ids=lambda p: f"{p[0]}-{p[1]}")

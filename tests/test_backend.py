@@ -37,7 +37,10 @@ def test_unknown_backend_names(monkeypatch):
 
 def test_forced_cupy_says_why(monkeypatch):
     monkeypatch.setenv("SPARQLE_BACKEND", "cupy")
-    with pytest.raises(ValueError, match="backend 'cupy' has no kernel for sparqle::spmm_csr"):
+    a = sparqle.BlockedELL.from_dense(torch.eye(16), block_size=16)
+    with pytest.raises(ValueError, match="backend 'cupy' has no kernel for sparqle::spmm_bell"):
+        sparqle.spmm(a, torch.randn(16, 2))
+    with pytest.raises(ValueError, match=r"backend 'cupy' cannot run sparqle::spmm_csr: "):
         _spmm()
 
 

@@ -1,3 +1,3 @@
-"""CUDA C kernels compiled at run time through CuPy (NVRTC), one ``<op>.py`` launcher
-and ``<op>.cu`` source per op. No op has a CuPy kernel yet; forcing the ``cupy``
-backend says so."""
+"""CUDA C kernels compiled at run time through CuPy (NVRTC): one ``<op>.cu`` source and its
+``<op>.py`` launcher per op (spmm_csr, nm_linear); ``_module`` compiles and launches them,
+importing CuPy on the first launch."""
