@@ -1,11 +1,13 @@
 """2:4 semi-structured sparse linear, y [M, N] = x [M, K] @ W^T: sparqle.linear on a
 SemiStructured weight against the dense layer on the same (pruned) weight in the
 activations' dtype (cuBLAS on a GPU) and, on CUDA, torch.sparse.to_sparse_semi_structured
-through both of its backends (cuSPARSELt and CUTLASS).
+through both of its backends (cuSPARSELt and CUTLASS), and sparqle's CuPy mma.sp kernel
+where CuPy is installed.
 
 At small M the layer is bound by reading its weight: N K / 2 values plus 2 bits of
 metadata a value (0.5625x of the dense fp16 bytes). FLOPs: 2 M N K (the dense count).
 """
+import importlib.util
 import itertools
 from typing import Iterator, List
 
@@ -30,7 +32,8 @@ def _torch_backends() -> tuple:
     return (("torch-cusparselt",) if cusparselt else ()) + ("torch-cutlass",)
 
 
-IMPLS = ("sparqle", "dense") + _torch_backends()
+_CUPY = importlib.util.find_spec("cupy") is not None and torch.cuda.is_available()
+IMPLS = ("sparqle", "dense") + _torch_backends() + (("cupy",) if _CUPY else ())
 
 
 def grid(quick: bool) -> Iterator[dict]:
@@ -51,6 +54,11 @@ def _semi_structured(weight: torch.Tensor, backend: str) -> torch.Tensor:
     return cls.from_dense(weight)
 
 
+def _cupy_linear(x: torch.Tensor, w: sparqle.SemiStructured) -> torch.Tensor:
+    with sparqle.use_backend("cupy"):
+        return sparqle.linear(x, w)
+
+
 def make_case(m: int, n: int, k: int, dtype: str) -> Case:
     dev, dt = device(), getattr(torch, dtype)
     w = sparqle.SemiStructured.from_dense(torch.randn(n, k, device=dev, dtype=dt) * 0.02)
@@ -64,6 +72,8 @@ def make_case(m: int, n: int, k: int, dtype: str) -> Case:
         Impl("dense", lambda i: no_grad(lambda xi=x(i): torch.nn.functional.linear(xi, weight)),
              n * k * size + io_bytes),
     ]
+    if _CUPY:
+        impls.append(Impl("cupy", lambda i: no_grad(lambda xi=x(i): _cupy_linear(xi, w)), sparse_bytes))
     for backend in _torch_backends():
         ws = _semi_structured(weight, backend)
         impls.append(Impl(backend, lambda i, ws=ws: no_grad(

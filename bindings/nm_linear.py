@@ -16,8 +16,10 @@ from sparqle.kernels.torch.nm_linear import columns, to_dense
 
 from ._backend import FLOATS, launch
 
-# Triton 3.6 cannot lower an fp64 tl.dot here.
-_DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
+# Triton 3.6 cannot lower an fp64 tl.dot here. cupy (mma.sp on sparse tensor cores, 2:4
+# only) runs when forced: auto keeps Triton until it is measured faster.
+_DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS,
+           "cupy": frozenset({torch.float16, torch.bfloat16})}
 
 
 @torch.library.custom_op("sparqle::nm_linear", mutates_args=())
