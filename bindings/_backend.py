@@ -9,7 +9,7 @@ import contextlib
 import contextvars
 import importlib.util
 import os
-from typing import Iterator, Mapping, Optional, Tuple
+from typing import Callable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -107,3 +107,22 @@ def launch(module: str, op: str, dtypes: Mapping[str, frozenset], like: torch.Te
     for ``like``'s device and dtype."""
     backend = choose(op, like.device, like.dtype, dtypes)
     return getattr(kernels(backend, module), op)(*args)
+
+
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd(backward, setup_context=...)``, the backward run under the
+    backend that :func:`use_backend` forced for the forward: the autograd engine runs CUDA
+    backwards on its own threads, which do not see the forward's context. (A compiled
+    backward reads the backend at run time: there only SPARQLE_BACKEND reaches it.)"""
+    def setup(ctx, inputs, output):
+        ctx.forced_backend = _forced.get()
+        setup_context(ctx, inputs, output)
+
+    def run_backward(ctx, *grads):
+        token = _forced.set(ctx.forced_backend)
+        try:
+            return backward(ctx, *grads)
+        finally:
+            _forced.reset(token)
+
+    op.register_autograd(run_backward, setup_context=setup)

@@ -13,7 +13,7 @@ import torch
 
 from sparqle.kernels.torch.int4_linear import dequantize
 
-from ._backend import FLOATS, launch
+from ._backend import FLOATS, launch, register_autograd
 
 # Triton 3.6 cannot lower the fp64 dot of this kernel (ConvertTritonGPUToLLVM fails).
 _DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
@@ -58,4 +58,4 @@ def _backward(ctx, grad):
     return grad_x, None, None, None, grad_bias, None
 
 
-int4_linear.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(int4_linear, _backward, _setup_context)

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._backend import FLOATS, launch
+from ._backend import FLOATS, launch, register_autograd
 
 _DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 
@@ -53,4 +53,4 @@ def _backward(ctx, grad):
     return grad_x, None, None, grad_bias, None
 
 
-int8_linear.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(int8_linear, _backward, _setup_context)

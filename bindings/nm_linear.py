@@ -14,7 +14,7 @@ import torch
 
 from sparqle.kernels.torch.nm_linear import columns, to_dense
 
-from ._backend import FLOATS, launch
+from ._backend import FLOATS, launch, register_autograd
 
 # Triton 3.6 cannot lower an fp64 tl.dot here. cupy (mma.sp on sparse tensor cores, 2:4
 # only) runs when forced: auto keeps Triton until it is measured faster.
@@ -64,4 +64,4 @@ def _backward(ctx, grad):
     return grad_x, grad_values, None, grad_bias, None, None
 
 
-nm_linear.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(nm_linear, _backward, _setup_context)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import FLOATS, launch
+from ._backend import FLOATS, launch, register_autograd
 
 _DTYPES = {"triton": FLOATS, "torch": FLOATS}
 
@@ -69,4 +69,4 @@ def _backward(ctx, grad):
     return None, grad_values, None, None, grad_x, None
 
 
-spmm_bell.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(spmm_bell, _backward, _setup_context)

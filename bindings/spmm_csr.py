@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import FLOATS, launch
+from ._backend import FLOATS, launch, register_autograd
 
 # cupy (kernels/cupy/spmm_csr.py) runs only when forced: auto keeps Triton on CUDA until the
 # CuPy kernel is measured faster (bindings/_backend.choose is where that preference would go).
@@ -67,4 +67,4 @@ def _backward(ctx, grad):
     return None, None, grad_values, None, None, None, None, None, grad_b
 
 
-spmm_csr.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(spmm_csr, _backward, _setup_context)

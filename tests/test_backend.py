@@ -72,3 +72,24 @@ def test_info_prints_backends(capsys):
     sparqle.info()
     out = capsys.readouterr().out
     assert "torch " in out and "triton" in out and "cupy" in out and "device:" in out
+
+
+def test_backward_runs_on_the_forward_backend_in_another_thread(monkeypatch):
+    """The autograd engine runs CUDA backwards on its own threads, which do not see
+    use_backend's context: the backend forced for the forward must reach the backward."""
+    import threading
+
+    from sparqle.bindings import _backend
+
+    chosen = []
+    choose = _backend.choose
+    monkeypatch.setattr(_backend, "choose", lambda *a: chosen.append(choose(*a)) or chosen[-1])
+    a = CSR.from_dense(torch.eye(3))
+    a.values.requires_grad_(True)
+    with sparqle.use_backend("triton"):
+        y = sparqle.spmm(a, torch.randn(3, 2))
+    thread = threading.Thread(target=y.sum().backward)  # a new thread: an empty context
+    thread.start()
+    thread.join()
+    assert a.values.grad is not None
+    assert chosen == ["triton", "triton"]  # spmm_csr forward, sddmm_csr backward
