@@ -14,6 +14,8 @@ from .backends import use_backend
 from .convert import convert
 from .formats import CSR, BlockedELL, Int4Weight, Int8Weight
 from .functional import int8_linear, linear, quantize_rows, spmm
+from .formats import FP8Weight
+from .functional import fp8_linear, fp8_quantize_rows
 from .info import info
 
 # sparqle builds torch.sparse_csr tensors only from validated CSR objects.
@@ -24,4 +26,4 @@ try:
 except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
-__all__ = ["CSR", "BlockedELL", "Int4Weight", "Int8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "convert", "use_backend", "info", "nn", "prune"]
+__all__ = ["CSR", "BlockedELL", "Int4Weight", "Int8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "convert", "use_backend", "info", "nn", "prune", "FP8Weight", "fp8_linear", "fp8_quantize_rows"]

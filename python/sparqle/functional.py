@@ -5,7 +5,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from sparqle.bindings.fp8_linear import FP8TrainingLinear
+
 from .formats import CSR, BlockedELL, Int4Weight, Int8Weight
+from .formats import FP8Weight
+from .formats.fp8 import fp8_dtype
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -137,3 +141,47 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor] = N
     y = torch.ops.sparqle.int8_linear(x.reshape(-1, w.shape[1]), w.qweight, w.scales, bias,
                                       activation == "dynamic")
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [..., out] = x [..., in] @ dequant(W)^T + bias for an FP8Weight W, y in x's dtype.
+    With more than 16 tokens (rows of x) each is quantized to e4m3 with its own scale and
+    the product runs FP8 x FP8 with fp32 accumulation (W8A8); with 16 or fewer x stays in
+    its float dtype (weight-only), as the GEMM is then bound by reading the weight."""
+    _check_tensor("x", x)
+    if not isinstance(w, FP8Weight):
+        raise TypeError(f"w must be a sparqle.FP8Weight, got {type(w).__name__}")
+    _check_linear(x, w, bias)
+    y = torch.ops.sparqle.fp8_linear(x.reshape(-1, w.shape[1]), w.qweight, w.scales.reshape(-1), bias)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def fp8_quantize_rows(x: torch.Tensor, dtype="e4m3", static_scale: Optional[torch.Tensor] = None):
+    """(q [M, K] in FP8 ``dtype``, scale fp32 [M]): x [M, K] quantized per row, symmetric:
+    scale = max|x[m]| / the dtype's max (or ``static_scale``), q = fp8(clamp(x / scale))."""
+    _check_tensor("x", x, dims=2)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    target = fp8_dtype(dtype)
+    if static_scale is not None and (not isinstance(static_scale, torch.Tensor)
+                                     or static_scale.numel() != 1):
+        raise ValueError("static_scale must be a 1-element tensor")
+    return torch.ops.sparqle.fp8_quantize_rows(x, static_scale, target)
+
+
+def fp8_training_linear(x: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [..., out] = x [..., in] @ weight^T + bias with the forward GEMM and both backward
+    GEMMs in FP8 (e4m3 x and weight, e5m2 gradient, dynamic per-row scales along each
+    GEMM's non-reduced axes); ``weight`` [out, in] is a float tensor (the master weight)."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, dims=2)
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    fp8_dtype("e4m3", "fp8_training_linear")
+    _check_linear(x, weight, bias)
+    y = FP8TrainingLinear.apply(x.reshape(-1, weight.shape[1]), weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_LINEAR[FP8Weight] = lambda x2d, w, bias: fp8_linear(x2d, w, bias)

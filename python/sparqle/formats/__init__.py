@@ -3,5 +3,6 @@ from .bell import BlockedELL
 from .csr import CSR
 from .int4 import Int4Weight
 from .int8 import Int8Weight
+from .fp8 import FP8Weight
 
-__all__ = ["CSR", "BlockedELL", "Int4Weight", "Int8Weight"]
+__all__ = ["CSR", "BlockedELL", "Int4Weight", "Int8Weight", "FP8Weight"]
