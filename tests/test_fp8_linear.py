@@ -279,7 +279,7 @@ def test_opcheck_and_compile():
     for layer in (FP8Linear(qw, bias), FP8Linear.from_linear(nn.Linear(70, 20), training=True)):
         expected = layer(x)
         torch._dynamo.reset()
-        got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+        got = torch.compile(layer, fullgraph=True)(x)
         got.sum().backward()
         torch.testing.assert_close(got, expected)
         assert x.grad is not None
@@ -353,6 +353,10 @@ class TestBadInput:
             sparqle.fp8_linear(torch.randn(2, 63), qw)
         with pytest.raises(ValueError, match="bias must have shape"):
             sparqle.linear(torch.randn(2, 64), qw, torch.randn(9))
+        with pytest.raises(ValueError, match="x is on meta but w is on cpu"):
+            sparqle.linear(torch.randn(2, 64, device="meta"), qw)
+        with pytest.raises(TypeError, match="bias has dtype torch.float16"):
+            sparqle.linear(torch.randn(2, 64), qw, torch.randn(8, dtype=torch.float16))
         with pytest.raises(TypeError, match="w must be a sparqle.FP8Weight"):
             sparqle.fp8_linear(torch.randn(2, 64), torch.randn(8, 64))
         with pytest.raises(ValueError, match="static_scale must be a 1-element tensor"):
