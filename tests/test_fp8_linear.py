@@ -301,9 +301,13 @@ def test_module_convert_and_state_dict():
     other = sparqle.convert(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)), "fp8")
     other.load_state_dict(torch.load(buffer, weights_only=True))
     torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
-    bits = model[0].qweight.clone()
-    model.to(torch.bfloat16)  # the FP8 bits are uint8 buffers: untouched
-    assert torch.equal(model[0].qweight, bits) and model(x.bfloat16()).dtype == torch.bfloat16
+    bits, scales = model[0].qweight.clone(), model[0].scales.clone()
+    model.to(torch.bfloat16)  # the FP8 bits (uint8) and the fp32 scales are left alone
+    assert torch.equal(model[0].qweight, bits) and torch.equal(model[0].scales, scales)
+    assert model(x.bfloat16()).dtype == torch.bfloat16 and model[0].bias.dtype == torch.bfloat16
+    tiny = FP8Linear.from_linear(nn.Linear(8, 4))
+    tiny.scales.fill_(1e-9)  # 0 in fp16
+    assert tiny.half().scales.dtype == torch.float32 and (tiny.scales == torch.tensor(1e-9)).all()
     tensor_wise = FP8Linear.from_linear(nn.Linear(64, 48), dtype=E5M2, granularity="tensor")
     assert tensor_wise(x).shape == (20, 48) and tensor_wise.scales.dim() == 0
 

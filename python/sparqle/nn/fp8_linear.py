@@ -14,7 +14,8 @@ class FP8Linear(nn.Module):
 
     Inference (``training=False``): the weight is an FP8Weight (e4m3 or e5m2, a scale per
     output row or per tensor), kept as buffers: ``qweight`` holds the FP8 bits as uint8 (so
-    that ``model.half()`` or ``model.to(dtype)`` leave them alone) and ``scales`` fp32.
+    that ``model.half()`` or ``model.to(dtype)`` leave them alone) and ``scales`` fp32 (which
+    those keep fp32 too).
     Each token of x is quantized to e4m3 with its own scale (see
     :func:`sparqle.fp8_linear`); gradients reach x through the dequantized weight and the
     bias, the FP8 weight is frozen.
@@ -62,7 +63,17 @@ class FP8Linear(nn.Module):
 
     def quantized_weight(self, dtype: torch.dtype) -> FP8Weight:
         """The inference weight as an FP8Weight for activations of ``dtype``."""
-        return FP8Weight(self.qweight.view(self.fp8_dtype), self.scales.float(), dtype)
+        return FP8Weight(self.qweight.view(self.fp8_dtype), self.scales, dtype)
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's, but ``scales`` keeps fp32 through ``model.half()`` or
+        ``model.to(dtype)`` (a scale rounded to fp16 loses bits, or underflows to 0): it
+        follows the device only."""
+        scales = None if self.fp8_training else self.scales
+        super()._apply(fn, recurse)
+        if scales is not None and self.scales.dtype != torch.float32:
+            self.scales = scales.to(self.scales.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_training:
