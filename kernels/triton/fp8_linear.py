@@ -141,6 +141,11 @@ def _fp8_scaled_mm_kernel(
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _scale_stride(scale: torch.Tensor) -> int:
+    """0 for a tensor-wise (one-element) scale, read by every row or column."""
+    return 0 if scale.numel() == 1 else scale.stride(0)
+
+
 def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor],
                   dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """(q [M, K] in FP8 ``dtype``, scale fp32 [M]) for float x [M, K] (any strides);
@@ -166,18 +171,20 @@ def scaled_mm(a: torch.Tensor, a_scale: Optional[torch.Tensor], b: torch.Tensor,
     if m == 0 or n == 0:
         return y
     a_fp8 = a_scale is not None
-    a_scale_t = a_scale if a_fp8 else b_scale
+    if not a_fp8:  # weight-only: the kernel never reads a_scale
+        a_scale = b_scale
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with on_device_of(a):
         _fp8_scaled_mm_kernel[grid](
-            a.view(torch.uint8) if a_fp8 else a, b.view(torch.uint8), a_scale_t, b_scale, y if bias is None else bias, y,
+            a.view(torch.uint8) if a_fp8 else a, b.view(torch.uint8), a_scale, b_scale,
+            y if bias is None else bias, y,
             m, n, k,
             a.stride(0), a.stride(1),
             b.stride(0), b.stride(1),
             y.stride(0), y.stride(1),
-            0 if a_scale_t.numel() == 1 else a_scale_t.stride(0), 0 if b_scale.numel() == 1 else b_scale.stride(0),
+            _scale_stride(a_scale), _scale_stride(b_scale),
             A_FP8=a_fp8, A_DTYPE=fp8_format(a.dtype)["Q_DTYPE"] if a_fp8 else tl.float32,
             B_DTYPE=fp8_format(b.dtype)["Q_DTYPE"], HAS_BIAS=bias is not None,
-            **dot_meta(a.dtype if not a_fp8 else out_dtype),
+            **dot_meta(out_dtype if a_fp8 else a.dtype),
         )
     return y

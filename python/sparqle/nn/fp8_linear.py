@@ -84,6 +84,7 @@ class FP8Linear(nn.Module):
         return fp8_linear(x, self.quantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        kind = "training=True" if self.fp8_training else f"fp8_dtype={self.fp8_dtype}, granularity={self.granularity}"
+        kind = ("training=True" if self.fp8_training
+                else f"fp8_dtype={self.fp8_dtype}, granularity={self.granularity}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
                 f"bias={self.bias is not None}")
