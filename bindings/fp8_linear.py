@@ -11,7 +11,8 @@ fp8_linear(x, qweight, scales, bias) -> y [M, N] = x @ (q_w * scale_w)^T + bias:
     quantized weight is frozen.
 fp8_training_linear(x, weight, bias): x and the master weight quantized per row to e4m3
     each call; backward dgrad dx = dy @ W and wgrad dW = dy^T @ x with dy in e5m2, every
-    operand scaled per row along its non-reduced axis (see docs/fp8.md).
+    operand scaled per row along its non-reduced axis (see docs/fp8.md); y and dx in x's
+    dtype, dW in the weight's.
 
 Triton's FP8 kernels need compute capability >= 8.9 (the e4m3 type); ``auto`` runs older
 GPUs on the torch path, and a forced ``triton`` there is an error.
@@ -114,6 +115,7 @@ class FP8TrainingLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         q_x, s_x = _rows(x, E4M3)
         q_w, s_w = _rows(weight, E4M3)
         return torch.ops.sparqle.fp8_scaled_mm(q_x, s_x, q_w, s_w, bias, x.dtype)
@@ -131,5 +133,5 @@ class FP8TrainingLinear(torch.autograd.Function):
             q_xt, s_xt = _rows(x.t(), E4M3)
             grad_w = torch.ops.sparqle.fp8_scaled_mm(q_dyt, s_dyt, q_xt, s_xt, None, weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0)
+            grad_bias = grad.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_bias

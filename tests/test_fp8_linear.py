@@ -205,6 +205,24 @@ def test_training_gradients_match_the_oracle(device_backend):
     assert_close(bias.grad, dy.double().cpu().sum(0), dy.double().cpu().abs().sum(0), torch.float32, "dbias")
 
 
+def test_training_with_bf16_activations_and_fp32_master_weight(device_backend):
+    device, backend = device_backend
+    x = torch.randn(3, 20, 37, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(24, 37, device=device, requires_grad=True)
+    bias = torch.randn(24, device=device, requires_grad=True)
+    with sparqle.use_backend(backend):
+        y = fp8_training_linear(x, w, bias)
+        y.float().pow(2).sum().backward()
+    assert y.shape == (3, 20, 24) and y.dtype == torch.bfloat16
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    x64, w64 = deq(*rule(x.reshape(60, 37), E4M3)), deq(*rule(w, E4M3))
+    b64 = bias.detach().double().cpu()
+    assert_close(y.reshape(60, 24), x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), torch.bfloat16, "y")
+    dy = 2 * y.detach().float().reshape(60, 24)
+    dyt64, xt64 = deq(*rule(dy.t(), E5M2)), deq(*rule(x.reshape(60, 37).t(), E4M3))
+    assert_close(w.grad, dyt64 @ xt64.T, dyt64.abs() @ xt64.abs().T, torch.float32, "dW")
+
+
 def train_mlp(fp8: bool, steps: int = 200):
     """A 3-layer MLP regressing a fixed random teacher MLP on 16 -> 1, Adam, batch 64; the
     loss every step."""
@@ -367,8 +385,14 @@ class TestBadInput:
             sparqle.fp8_quantize_rows(torch.randn(2, 64), static_scale=torch.ones(2))
         with pytest.raises(ValueError, match="x must be 2-D"):
             sparqle.fp8_quantize_rows(torch.randn(64))
-        with pytest.raises(ValueError, match="x must have weight.shape|x must have w.shape"):
+        with pytest.raises(ValueError, match="x must have weight.shape"):
             fp8_training_linear(torch.randn(2, 63), torch.randn(8, 64))
+        with pytest.raises(ValueError, match="bias must have shape"):
+            fp8_training_linear(torch.randn(2, 64), torch.randn(8, 64), torch.randn(7))
+        with pytest.raises(TypeError, match="weight must be floating point"):
+            fp8_training_linear(torch.randn(2, 64), torch.ones(8, 64, dtype=torch.int32))
+        with pytest.raises(ValueError, match="x is on meta but weight is on cpu"):
+            fp8_training_linear(torch.randn(2, 64, device="meta"), torch.randn(8, 64))
 
     def test_module(self):
         with pytest.raises(TypeError, match="weight must be a sparqle.FP8Weight"):

@@ -173,13 +173,24 @@ def fp8_training_linear(x: torch.Tensor, weight: torch.Tensor,
                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [..., out] = x [..., in] @ weight^T + bias with the forward GEMM and both backward
     GEMMs in FP8 (e4m3 x and weight, e5m2 gradient, dynamic per-row scales along each
-    GEMM's non-reduced axes); ``weight`` [out, in] is a float tensor (the master weight)."""
-    _check_tensor("x", x)
-    _check_tensor("weight", weight, dims=2)
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    GEMM's non-reduced axes); ``weight`` [out, in] is a float tensor (the master weight).
+    The dtypes may differ (bf16 x with an fp32 master weight): y and dx take x's dtype, dW
+    the weight's, dbias the bias's."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_tensor(name, t)
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be floating point, got {t.dtype}")
+            if t.device != weight.device:
+                raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have weight.shape[1] = {weight.shape[1]} features in its last "
+                         f"dimension, got shape {tuple(x.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     fp8_dtype("e4m3", "fp8_training_linear")
-    _check_linear(x, weight, bias)
     y = FP8TrainingLinear.apply(x.reshape(-1, weight.shape[1]), weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
