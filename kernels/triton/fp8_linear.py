@@ -29,7 +29,8 @@ _FORMATS = {"float8_e4m3fn": (tl.float8e4nv, 3, -6), "float8_e5m2": (tl.float8e5
 
 _GEMM_CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [(16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 128, 4, 4),
+     for bm, bn, bk, w, s in [(16, 16, 512, 2, 4), (16, 32, 512, 4, 3),  # small M: more CTAs, more bytes in flight
+                              (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 128, 4, 4),
                               (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4),
                               (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3)]],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}),
