@@ -5,9 +5,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from sparqle.bindings.fp8_linear import FP8TrainingLinear
-
 from .formats import CSR, BlockedELL, Int4Weight, Int8Weight
+
+from sparqle.bindings.fp8_linear import FP8TrainingLinear
 from .formats import FP8Weight
 from .formats.fp8 import fp8_dtype
 
