@@ -9,9 +9,9 @@ from .nn import FP8Linear
 _CONVERTERS = {
     "csr": lambda linear, **options: SparseLinear.from_linear(linear, format="csr", **options),
     "bell": lambda linear, **options: SparseLinear.from_linear(linear, format="bell", **options),
+    "fp8": FP8Linear.from_linear,
     "int4": Int4Linear.from_linear,
     "int8": Int8Linear.from_linear,
-    "fp8": FP8Linear.from_linear,
 }
 
 
@@ -21,8 +21,7 @@ def convert(model: nn.Module, fmt: str, *,
     MultiheadAttention's out_proj read ``.weight`` directly and are left alone) for which
     ``filter(name, module)`` is true with its ``fmt`` version, built with ``options``:
     ``convert(model, "csr", sparsity=0.9)``, ``convert(model, "bell", block_size=32,
-    sparsity=0.8)``, ``convert(model, "int4", group_size=128)``, ``convert(model, "int8")``,
-    ``convert(model, "fp8", dtype="e4m3", granularity="row")``. Returns ``model``."""
+    sparsity=0.8)``, ``convert(model, "int4", group_size=128)``, ``convert(model, "int8")``. Returns ``model``."""
     if fmt not in _CONVERTERS:
         raise ValueError(f"fmt must be one of {sorted(_CONVERTERS)}, got {fmt!r}")
     if not isinstance(model, nn.Module):
