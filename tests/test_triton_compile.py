@@ -97,12 +97,13 @@ assert total == expected > 0, (total, expected)
 from sparqle.bindings import fp8_linear as fp8_binding
 from sparqle.kernels.triton import fp8_linear
 FP8S = [torch.float8_e4m3fn, torch.float8_e5m2]
-TL_NAMES = {tl.float8e4nv: "fp8e4nv", tl.float8e5: "fp8e5"}
 
 
-def fp8_variants(jit, dtype):
+def fp8_variants(jit):
+    """The quantizer: each FP8 format, static scale or not. The GEMM: FP8 x FP8 in every
+    pair of formats, or weight-only with each weight format; with and without bias."""
     names = {p.name for p in jit.params}
-    if "A_FP8" not in names:  # the quantizer: input dtype, FP8 format, static scale
+    if "A_FP8" not in names:
         return [dict(fp8_linear.fp8_format(f), STATIC=s) for f in FP8S for s in (False, True)]
     return [{"A_FP8": a, "A_DTYPE": fp8_linear.fp8_format(fa)["Q_DTYPE"],
              "B_DTYPE": fp8_linear.fp8_format(fb)["Q_DTYPE"], "HAS_BIAS": h}
@@ -130,8 +131,8 @@ fp8_count = fp8_expected = 0
 for autotuner in (fp8_linear._quantize_rows_kernel, fp8_linear._fp8_scaled_mm_kernel):
     jit = autotuner.fn
     dtypes = triton_dtypes(fp8_binding)
-    combos = [(c, "fp16", fp8_variants(jit, "fp16")[0]) for c in autotuner.configs]
-    combos += [(autotuner.configs[0], d, v) for d in dtypes for v in fp8_variants(jit, d)]
+    combos = [(c, "fp16", fp8_variants(jit)[0]) for c in autotuner.configs]
+    combos += [(autotuner.configs[0], d, v) for d in dtypes for v in fp8_variants(jit)]
     fp8_expected += len(combos)
     for config, dtype, extra in combos:
         constexprs = dict(config.kwargs, **extra)
