@@ -109,20 +109,32 @@ def launch(module: str, op: str, dtypes: Mapping[str, frozenset], like: torch.Te
     return getattr(kernels(backend, module), op)(*args)
 
 
+def remember_backend(ctx) -> None:
+    """Record on an autograd ``ctx`` the backend :func:`use_backend` forced for the forward."""
+    ctx.forced_backend = _forced.get()
+
+
+@contextlib.contextmanager
+def forward_backend(ctx) -> Iterator[None]:
+    """Run a backward under the backend recorded by :func:`remember_backend`: the autograd
+    engine runs CUDA backwards on its own threads, which do not see the forward's context.
+    (A compiled backward reads the backend at run time: there only SPARQLE_BACKEND reaches it.)"""
+    token = _forced.set(ctx.forced_backend)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     """``op.register_autograd(backward, setup_context=...)``, the backward run under the
-    backend that :func:`use_backend` forced for the forward: the autograd engine runs CUDA
-    backwards on its own threads, which do not see the forward's context. (A compiled
-    backward reads the backend at run time: there only SPARQLE_BACKEND reaches it.)"""
+    backend forced for the forward (see :func:`forward_backend`)."""
     def setup(ctx, inputs, output):
-        ctx.forced_backend = _forced.get()
+        remember_backend(ctx)
         setup_context(ctx, inputs, output)
 
     def run_backward(ctx, *grads):
-        token = _forced.set(ctx.forced_backend)
-        try:
+        with forward_backend(ctx):
             return backward(ctx, *grads)
-        finally:
-            _forced.reset(token)
 
     op.register_autograd(run_backward, setup_context=setup)

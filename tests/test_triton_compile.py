@@ -97,6 +97,59 @@ kernels += [(k, triton_dtypes(nm_binding)) for k in (nm_linear._tiled, nm_linear
 total = sum(compile_all(kernel, dtypes, arch) for kernel, dtypes in kernels for arch in (80, 90))
 expected = sum(len(combinations(k, dtypes)) for k, dtypes in kernels) * 2
 assert total == expected > 0, (total, expected)
+
+# FP8 kernels: Hopper only (the e4m3 type needs sm_89+; on older GPUs ``auto`` runs the torch
+# path). Every config with the first variant, then every FP8 format, output dtype and flag.
+from sparqle.bindings import fp8_linear as fp8_binding
+from sparqle.kernels.triton import fp8_linear
+FP8S = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def fp8_variants(jit):
+    """The quantizer: each FP8 format, static scale or not. The GEMM: FP8 x FP8 in every
+    pair of formats, or weight-only with each weight format; with and without bias."""
+    names = {p.name for p in jit.params}
+    if "A_FP8" not in names:
+        return [dict(fp8_linear.fp8_format(f), STATIC=s) for f in FP8S for s in (False, True)]
+    return [{"A_FP8": a, "A_DTYPE": fp8_linear.fp8_format(fa)["Q_DTYPE"],
+             "B_DTYPE": fp8_linear.fp8_format(fb)["Q_DTYPE"], "HAS_BIAS": h}
+            for a in (True, False) for fa in FP8S for fb in FP8S for h in (False, True)
+            if a or fa == fb]
+
+
+def fp8_signature(jit, dtype, extra):
+    signature = {}
+    for p in jit.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+        elif p.name in ("q_ptr", "b_ptr") or (p.name == "a_ptr" and extra.get("A_FP8")):
+            signature[p.name] = "*u8"
+        elif p.name.endswith("scale_ptr") or p.name == "static_ptr":
+            signature[p.name] = "*fp32"
+        elif p.name.endswith("_ptr"):
+            signature[p.name] = "*" + dtype
+        else:
+            signature[p.name] = "i64" if p.name.startswith("stride") else "i32"
+    return signature
+
+
+fp8_count = fp8_expected = 0
+for autotuner in (fp8_linear._quantize_rows_kernel, fp8_linear._fp8_scaled_mm_kernel):
+    jit = autotuner.fn
+    dtypes = triton_dtypes(fp8_binding)
+    combos = [(c, "fp16", fp8_variants(jit)[0]) for c in autotuner.configs]
+    combos += [(autotuner.configs[0], d, v) for d in dtypes for v in fp8_variants(jit)]
+    fp8_expected += len(combos)
+    for config, dtype, extra in combos:
+        constexprs = dict(config.kwargs, **extra)
+        if "ACC_DTYPE" in constexprs or "A_FP8" in extra:
+            constexprs.update(ACC_DTYPE=tl.float32, PRECISION=DOT[dtype], UPCAST=False)
+        src = ASTSource(fn=jit, signature=fp8_signature(jit, dtype, extra), constexprs=constexprs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+        assert kernel.asm["cubin"], (jit.__name__, config, dtype, extra)
+        fp8_count += 1
+assert fp8_count == fp8_expected > 0, (fp8_count, fp8_expected)
+total += fp8_count
 print("compiled", total)
 '''
 

@@ -12,8 +12,8 @@ from sparqle import bindings  # noqa: F401  (registers torch.ops.sparqle.*)
 from . import nn, prune
 from .backends import use_backend
 from .convert import convert
-from .formats import CSR, BlockedELL, Int4Weight, Int8Weight, SemiStructured
-from .functional import int8_linear, linear, quantize_rows, spmm
+from .formats import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
+from .functional import fp8_linear, fp8_quantize_rows, int8_linear, linear, quantize_rows, spmm
 from .info import info
 
 # sparqle builds torch.sparse_csr tensors only from validated CSR objects.
@@ -24,4 +24,4 @@ try:
 except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
-__all__ = ["CSR", "BlockedELL", "Int4Weight", "Int8Weight", "SemiStructured", "spmm", "linear", "int8_linear", "quantize_rows", "convert", "use_backend", "info", "nn", "prune"]
+__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "convert", "use_backend", "info", "nn", "prune"]

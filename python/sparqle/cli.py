@@ -5,7 +5,7 @@ import os
 import sys
 from typing import List, Optional
 
-BENCHMARKS = ("spmm_csr", "spmm_bell", "int4", "int8", "nm")
+BENCHMARKS = ("spmm_csr", "spmm_bell", "nm", "int4", "int8", "fp8")
 
 
 def _bench(args) -> int:

@@ -4,11 +4,12 @@ from typing import Callable, Optional
 from torch import nn
 
 from .formats.nm import PATTERNS
-from .nn import Int4Linear, Int8Linear, SparseLinear
+from .nn import FP8Linear, Int4Linear, Int8Linear, SparseLinear
 
 _CONVERTERS = {
     "csr": lambda linear, **options: SparseLinear.from_linear(linear, format="csr", **options),
     "bell": lambda linear, **options: SparseLinear.from_linear(linear, format="bell", **options),
+    "fp8": FP8Linear.from_linear,
     "int4": Int4Linear.from_linear,
     "int8": Int8Linear.from_linear,
     **{f"{n}:{m}": lambda linear, n=n, m=m, **options: SparseLinear.from_linear(
@@ -23,7 +24,8 @@ def convert(model: nn.Module, fmt: str, *,
     ``filter(name, module)`` is true with its ``fmt`` version, built with ``options``:
     ``convert(model, "csr", sparsity=0.9)``, ``convert(model, "bell", block_size=32,
     sparsity=0.8)``, ``convert(model, "int4", group_size=128)``, ``convert(model, "int8")``,
-    ``convert(model, "2:4")`` (or another N:M pattern). Returns ``model``."""
+    ``convert(model, "fp8", granularity="row")``, ``convert(model, "2:4")`` (or another N:M
+    pattern). Returns ``model``."""
     if fmt not in _CONVERTERS:
         raise ValueError(f"fmt must be one of {sorted(_CONVERTERS)}, got {fmt!r}")
     if not isinstance(model, nn.Module):

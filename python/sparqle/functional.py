@@ -5,7 +5,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .formats import CSR, BlockedELL, Int4Weight, Int8Weight, SemiStructured
+from sparqle.bindings.fp8_linear import FP8TrainingLinear
+
+from .formats import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
+from .formats.fp8 import fp8_dtype
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -68,6 +71,11 @@ def spmm(a, b: torch.Tensor) -> torch.Tensor:
     return impl(a, b)
 
 
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., k] as a 2-D [rows, k] (a view where strides allow), k = 0 included."""
+    return x.reshape(x.shape[:-1].numel(), k)
+
+
 def _plus(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return y if bias is None else y + bias
 
@@ -98,7 +106,8 @@ _LINEAR = {CSR: _csr_linear,
            BlockedELL: lambda x2d, w, bias: _plus(_bell_times_transposed(x2d, w), bias),
            Int4Weight: _int4_linear,
            Int8Weight: lambda x2d, w, bias: int8_linear(x2d, w, bias),
-           SemiStructured: _nm_linear}
+           SemiStructured: _nm_linear,
+           FP8Weight: lambda x2d, w, bias: fp8_linear(x2d, w, bias)}
 
 
 def _check_linear(x: torch.Tensor, w, bias: Optional[torch.Tensor]) -> None:
@@ -128,7 +137,7 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
         raise TypeError(f"w must be a torch.Tensor or one of the formats "
                         f"{[f.__name__ for f in _LINEAR]}, got {type(w).__name__}")
     _check_linear(x, w, bias)
-    return impl(x.reshape(-1, w.shape[1]), w, bias).reshape(*x.shape[:-1], w.shape[0])
+    return impl(_rows(x, w.shape[1]), w, bias).reshape(*x.shape[:-1], w.shape[0])
 
 
 def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor] = None,
@@ -142,6 +151,59 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor] = N
     if activation not in ("dynamic", None):
         raise ValueError(f"activation must be 'dynamic' or None, got {activation!r}")
     _check_linear(x, w, bias)
-    y = torch.ops.sparqle.int8_linear(x.reshape(-1, w.shape[1]), w.qweight, w.scales, bias,
+    y = torch.ops.sparqle.int8_linear(_rows(x, w.shape[1]), w.qweight, w.scales, bias,
                                       activation == "dynamic")
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [..., out] = x [..., in] @ dequant(W)^T + bias for an FP8Weight W, y in x's dtype.
+    With more than 16 tokens (rows of x) each is quantized to e4m3 with its own scale and
+    the product runs FP8 x FP8 with fp32 accumulation (W8A8); with 16 or fewer x stays in
+    its float dtype (weight-only), as the GEMM is then bound by reading the weight."""
+    _check_tensor("x", x)
+    if not isinstance(w, FP8Weight):
+        raise TypeError(f"w must be a sparqle.FP8Weight, got {type(w).__name__}")
+    _check_linear(x, w, bias)
+    y = torch.ops.sparqle.fp8_linear(_rows(x, w.shape[1]), w.qweight, w.scales.reshape(-1), bias)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def fp8_quantize_rows(x: torch.Tensor, dtype="e4m3", static_scale: Optional[torch.Tensor] = None):
+    """(q [M, K] in FP8 ``dtype``, scale fp32 [M]): x [M, K] quantized per row, symmetric:
+    scale = max|x[m]| / the dtype's max (or ``static_scale``), q = fp8(clamp(x / scale))."""
+    _check_tensor("x", x, dims=2)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    target = fp8_dtype(dtype)
+    if static_scale is not None and (not isinstance(static_scale, torch.Tensor)
+                                     or static_scale.numel() != 1):
+        raise ValueError("static_scale must be a 1-element tensor")
+    return torch.ops.sparqle.fp8_quantize_rows(x, static_scale, target)
+
+
+def fp8_training_linear(x: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [..., out] = x [..., in] @ weight^T + bias with the forward GEMM and both backward
+    GEMMs in FP8 (e4m3 x and weight, e5m2 gradient, dynamic per-row scales along each
+    GEMM's non-reduced axes); ``weight`` [out, in] is a float tensor (the master weight).
+    The dtypes may differ (bf16 x with an fp32 master weight): y and dx take x's dtype, dW
+    the weight's, dbias the bias's."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_tensor(name, t)
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be floating point, got {t.dtype}")
+            if t.device != weight.device:
+                raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have weight.shape[1] = {weight.shape[1]} features in its last "
+                         f"dimension, got shape {tuple(x.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    fp8_dtype("e4m3", "fp8_training_linear")
+    y = FP8TrainingLinear.apply(_rows(x, weight.shape[1]), weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+

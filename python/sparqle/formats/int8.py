@@ -39,7 +39,8 @@ class Int8Weight:
     def from_float(cls, w: torch.Tensor) -> "Int8Weight":
         """Quantize a 2-D float weight [N, K] (see the module doc)."""
         check_float_weight(w)
-        scales = (w.detach().abs().amax(dim=1) / 127).to(w.dtype)
+        amax = w.detach().abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
+        scales = (amax / 127).to(w.dtype)
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         cdt = _compute_dtype(w.dtype)
         q = torch.clamp(torch.round(w.detach().to(cdt) / scales.to(cdt)[:, None]), -127, 127)

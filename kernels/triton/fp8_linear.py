@@ -1,0 +1,191 @@
+"""FP8 scaled GEMM and per-row FP8 quantization.
+
+quantize_rows: q [M, K] (float8_e4m3fn or float8_e5m2), scale [M] fp32 for float x [M, K]:
+    scale = max|x[m]| / fmax (1 for an all-zero row), or a given static scale;
+    q = fp8(clamp(x / scale, -fmax, fmax)), the division IEEE-exact and the cast to nearest
+    even. The rounding to the FP8 grid is done in fp32 arithmetic (scale by the power of
+    two of the value's FP8 ulp, the magic-number add, scale back), so the final cast is
+    exact: the same bits on a GPU and in the interpreter (whose own fp32->fp8 cast
+    mis-rounds values that carry into the next binade), and equal to torch's cast.
+scaled_mm: y [M, N] = (a @ b^T) * a_scale[m] * b_scale[n] + bias, out in fp16/bf16/fp32.
+    a [M, K] FP8 (FP8 x FP8 on tensor cores, fp32 accumulation) or float (weight-only: the
+    FP8 tile of b [N, K] is converted to a's dtype in registers; a_scale is unused); b FP8.
+    A scale of one element is tensor-wise (read with stride 0). Epilogue (both scales,
+    bias, cast) fused. K need not be a multiple of 16: tiles are masked with zeros (FP8 is
+    loaded as uint8 and bitcast, which also avoids the interpreter's masked FP8 load).
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ._config import autotune_configs, dot_meta, on_device_of
+
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + magic - magic rounds |v| < 2**22 half to even
+# torch FP8 dtype name -> (Triton dtype, mantissa bits, smallest normal exponent)
+_FORMATS = {"float8_e4m3fn": (tl.float8e4nv, 3, -6), "float8_e5m2": (tl.float8e5, 2, -14)}
+
+_GEMM_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+     for bm, bn, bk, w, s in [(16, 16, 512, 2, 4), (16, 32, 512, 4, 3),  # small M: more CTAs, more bytes in flight
+                              (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 128, 4, 4),
+                              (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4),
+                              (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}),
+)
+_QUANT_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8)]],
+    triton.Config({"BLOCK_K": 32}),
+)
+
+
+def fp8_format(dtype: torch.dtype) -> dict:
+    """Constexprs of FP8 ``dtype``: its Triton type, mantissa bits, smallest normal exponent
+    and largest finite value."""
+    tl_dtype, mbits, emin = _FORMATS[str(dtype).replace("torch.", "")]
+    return {"Q_DTYPE": tl_dtype, "MBITS": mbits, "EMIN": emin, "FP8_MAX": float(torch.finfo(dtype).max)}
+
+
+@triton.jit
+def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """v (fp32, |v| <= the format's max) rounded half to even to the FP8 grid, in fp32."""
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, EMIN)  # the binade; subnormals share EMIN's ulp
+    ulp = ((e - MBITS + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((MBITS - e + 127) << 23).to(tl.float32, bitcast=True)
+    r = ((tl.abs(v) * inv_ulp + _ROUND_MAGIC) - _ROUND_MAGIC) * ulp  # both products exact
+    return tl.where(bits < 0, -r, r)
+
+
+@triton.autotune(configs=_QUANT_CONFIGS, key=["K"])
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, static_ptr,
+    K,
+    stride_xm, stride_xk,
+    stride_qm,
+    STATIC: tl.constexpr, Q_DTYPE: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+    FP8_MAX: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        top = tl.max(amax, axis=0)
+        scale = tl.div_rn(top, top * 0 + FP8_MAX)
+        scale = tl.where(scale > 0, scale, 1.0)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
+        v = tl.div_rn(x.to(tl.float32), tl.zeros_like(x.to(tl.float32)) + scale)
+        v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+        q = _round_to_fp8(v, MBITS, EMIN).to(Q_DTYPE)  # exact: already on the grid
+        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.uint8, bitcast=True), mask=offs < K)
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K", "A_FP8"])
+@triton.jit
+def _fp8_scaled_mm_kernel(
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_am, stride_ak,
+    stride_bn, stride_bk,
+    stride_ym, stride_yn,
+    stride_as, stride_bs,
+    A_FP8: tl.constexpr, A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row blocks share each column block of b while it is in L2.
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows
+    pid_n = (pid % (GROUP_M * grid_n)) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0).to(B_DTYPE, bitcast=True)
+        if A_FP8:
+            a = a.to(A_DTYPE, bitcast=True)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
+        else:
+            if UPCAST:  # exact: every FP8 value is a bf16 and an fp32 value
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            else:
+                b = b.to(a.dtype)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    out = acc * tl.load(b_scale_ptr + offs_n * stride_bs, mask=mask_n, other=0)[None, :]
+    if A_FP8:
+        out = out * tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0)[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _scale_stride(scale: torch.Tensor) -> int:
+    """0 for a tensor-wise (one-element) scale, read by every row or column."""
+    return 0 if scale.numel() == 1 else scale.stride(0)
+
+
+def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor],
+                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q [M, K] in FP8 ``dtype``, scale fp32 [M]) for float x [M, K] (any strides);
+    ``static_scale`` (a 1-element tensor) replaces the per-row scales when given."""
+    m, k = x.shape
+    q = _alloc.empty((m, k), torch.uint8, x.device)
+    scale = _alloc.empty((m,), torch.float32, x.device)
+    if m > 0:
+        static = static_scale if static_scale is not None else scale
+        with on_device_of(x):
+            _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), x.stride(1), q.stride(0),
+                                        STATIC=static_scale is not None, **fp8_format(dtype))
+    return q.view(dtype), scale
+
+
+def scaled_mm(a: torch.Tensor, a_scale: Optional[torch.Tensor], b: torch.Tensor,
+              b_scale: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """y [M, N] = (a [M, K] @ b [N, K]^T) * a_scale * b_scale + bias in ``out_dtype``; a FP8
+    with a_scale [M] or [1], or float with a_scale None (weight-only); b FP8, b_scale [N] or [1]."""
+    m, k = a.shape
+    n = b.shape[0]
+    y = _alloc.empty((m, n), out_dtype, a.device)
+    if m == 0 or n == 0:
+        return y
+    a_fp8 = a_scale is not None
+    if not a_fp8:  # weight-only: the kernel never reads a_scale
+        a_scale = b_scale
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    with on_device_of(a):
+        _fp8_scaled_mm_kernel[grid](
+            a.view(torch.uint8) if a_fp8 else a, b.view(torch.uint8), a_scale, b_scale,
+            y if bias is None else bias, y,
+            m, n, k,
+            a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1),
+            y.stride(0), y.stride(1),
+            _scale_stride(a_scale), _scale_stride(b_scale),
+            A_FP8=a_fp8, A_DTYPE=fp8_format(a.dtype)["Q_DTYPE"] if a_fp8 else tl.float32,
+            B_DTYPE=fp8_format(b.dtype)["Q_DTYPE"], HAS_BIAS=bias is not None,
+            **dot_meta(out_dtype if a_fp8 else a.dtype),
+        )
+    return y
