@@ -111,14 +111,19 @@ def launch(module: str, op: str, dtypes: Mapping[str, frozenset], like: torch.Te
 
 def remember_backend(ctx) -> None:
     """Record on an autograd ``ctx`` the backend :func:`use_backend` forced for the forward."""
-    ctx.forced_backend = _forced.get()
+    if not torch.compiler.is_compiling():  # Dynamo does not trace a ContextVar
+        ctx.forced_backend = _forced.get()
 
 
 @contextlib.contextmanager
 def forward_backend(ctx) -> Iterator[None]:
     """Run a backward under the backend recorded by :func:`remember_backend`: the autograd
     engine runs CUDA backwards on its own threads, which do not see the forward's context.
-    (A compiled backward reads the backend at run time: there only SPARQLE_BACKEND reaches it.)"""
+    A compiled backward reads the backend when it runs: there only SPARQLE_BACKEND reaches
+    a CUDA backward."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     token = _forced.set(ctx.forced_backend)
     try:
         yield
