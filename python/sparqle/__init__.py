@@ -25,3 +25,5 @@ except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
 __all__ = ["CSR", "BlockedELL", "Int4Weight", "Int8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "convert", "use_backend", "info", "nn", "prune"]
+from .window import window_attention, window_merge, window_partition  # noqa: E402
+__all__ += ["window_attention", "window_partition", "window_merge"]
