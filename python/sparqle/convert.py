@@ -4,12 +4,18 @@ from typing import Callable, Optional
 from torch import nn
 
 from .nn import Int4Linear, Int8Linear, SparseLinear
+from .nn.window_attention import convert_sparse_windows, convert_window_attention
 
 _CONVERTERS = {
     "csr": lambda linear, **options: SparseLinear.from_linear(linear, format="csr", **options),
     "bell": lambda linear, **options: SparseLinear.from_linear(linear, format="bell", **options),
     "int4": Int4Linear.from_linear,
     "int8": Int8Linear.from_linear,
+}
+# Formats that swap whole modules rather than nn.Linear layers.
+_MODULE_CONVERTERS = {
+    "window_attention": convert_window_attention,
+    "sparse_windows": convert_sparse_windows,
 }
 
 
@@ -19,11 +25,18 @@ def convert(model: nn.Module, fmt: str, *,
     MultiheadAttention's out_proj read ``.weight`` directly and are left alone) for which
     ``filter(name, module)`` is true with its ``fmt`` version, built with ``options``:
     ``convert(model, "csr", sparsity=0.9)``, ``convert(model, "bell", block_size=32,
-    sparsity=0.8)``, ``convert(model, "int4", group_size=128)``, ``convert(model, "int8")``. Returns ``model``."""
-    if fmt not in _CONVERTERS:
-        raise ValueError(f"fmt must be one of {sorted(_CONVERTERS)}, got {fmt!r}")
+    sparsity=0.8)``, ``convert(model, "int4", group_size=128)``, ``convert(model, "int8")``. Returns ``model``.
+
+    Swin models: ``convert(model, "window_attention")`` swaps every Swin WindowAttention for
+    :class:`sparqle.nn.WindowAttention`; ``convert(model, "sparse_windows", keep_ratio=0.5)``
+    wraps every Swin block in :class:`sparqle.nn.SparseWindowBlock` (a float, or a list of
+    one ratio per stage)."""
+    if fmt not in _CONVERTERS and fmt not in _MODULE_CONVERTERS:
+        raise ValueError(f"fmt must be one of {sorted([*_CONVERTERS, *_MODULE_CONVERTERS])}, got {fmt!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if fmt in _MODULE_CONVERTERS:
+        return _MODULE_CONVERTERS[fmt](model, filter=filter, **options)
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and (filter is None or filter(name, module))]
     if targets and targets[0][0] == "":

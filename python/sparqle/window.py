@@ -29,6 +29,9 @@ def _integers(name: str, t: torch.Tensor) -> None:
 
 
 def _in_range(name: str, t: torch.Tensor, high: int) -> None:
+    """Values in [0, high): checked eagerly (a device sync); torch.compile traces no check."""
+    if torch.compiler.is_compiling():
+        return
     if t.numel() and not bool(((t >= 0) & (t < high)).all()):
         raise ValueError(f"{name} holds values outside [0, {high})")
 
@@ -129,7 +132,8 @@ def _layout(x, window_size: _Pair, shift: _Pair, index) -> tuple:
         _same_device("index", index, x, "x")
         windows = num_windows(x.shape[1], x.shape[2], (wh, ww))
         _in_range("index", index, windows)
-        if index.shape[1] > 1 and bool((index.sort(dim=1).values.diff(dim=1) == 0).any()):
+        if (not torch.compiler.is_compiling() and index.shape[1] > 1
+                and bool((index.sort(dim=1).values.diff(dim=1) == 0).any())):
             raise ValueError("index names a window twice in one image")
         index = index.contiguous()
     return wh, ww, sh, sw, index

@@ -2,5 +2,6 @@
 from .int4_linear import Int4Linear
 from .int8_linear import Int8Linear
 from .sparse_linear import SparseLinear
+from .window_attention import SparseWindowBlock, WindowAttention
 
-__all__ = ["SparseLinear", "Int4Linear", "Int8Linear"]
+__all__ = ["SparseLinear", "Int4Linear", "Int8Linear", "WindowAttention", "SparseWindowBlock"]
