@@ -66,7 +66,14 @@ def window_partition(x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
     windows = _padded_windows(x, wh, ww, sh, sw)
     if index is not None:
         windows = windows[torch.arange(x.shape[0], device=x.device)[:, None], index]
-    return windows.reshape(-1, wh * ww, x.shape[3]).contiguous()
+    return _fresh(windows.reshape(-1, wh * ww, x.shape[3]), x)
+
+
+def _fresh(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``out`` contiguous and in new memory (without a pad, a roll or a gather, the layout
+    of 1 x 1 windows is a view of ``src``; ops must not return views of their inputs)."""
+    out = out.contiguous()
+    return out.clone() if out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr() else out
 
 
 def window_merge(windows: torch.Tensor, x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
@@ -81,5 +88,4 @@ def window_merge(windows: torch.Tensor, x: torch.Tensor, wh: int, ww: int, sh: i
     hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
     out = grid.view(b, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
     out = out[:, :h, :w]
-    out = torch.roll(out, shifts=(sh, sw), dims=(1, 2)) if sh or sw else out
-    return out.contiguous()
+    return _fresh(torch.roll(out, shifts=(sh, sw), dims=(1, 2)) if sh or sw else out, windows)
