@@ -1,5 +1,5 @@
 """sparqle.nn.WindowAttention and SparseWindowBlock against timm's Swin (the faithful copy
-in tests/_swin_reference.py, run in float64 as the oracle): the swapped attention, the
+in bench/swin_reference.py, run in float64 as the oracle): the swapped attention, the
 converted model's logits, keep_ratio = 1 equal to the dense block, kept windows equal to
 the dense block's and the others untouched, gradients, state_dict, and bad input."""
 import copy
@@ -11,7 +11,7 @@ import torch
 import sparqle
 from sparqle.nn import SparseWindowBlock, WindowAttention
 
-from . import _swin_reference as swin
+from sparqle.bench import swin_reference as swin
 from .test_window_partition import pixel_map
 
 # (H, W, window, shift): N = 49 shifted and not, and H, W not multiples of the window

@@ -10,13 +10,14 @@ from ._dtypes import compute_dtype
 
 def _scores(q, k, bias, mask, mask_index, scale, cdt):
     """S [B_, heads, N, N] = q k^T * scale + bias[h] + mask[b % nW or mask_index[b]]."""
-    s = (q.to(cdt) @ k.to(cdt).transpose(-1, -2)) * scale
+    s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)).mul_(scale)
     if bias is not None:
-        s = s + bias.to(cdt)
-    if mask is not None:
-        sel = (mask_index if mask_index is not None
-               else torch.arange(q.shape[0], device=q.device) % mask.shape[0])
-        s = s + mask.to(cdt)[sel][:, None]
+        s += bias.to(cdt)
+    if mask is not None and mask_index is not None:
+        s += mask.to(cdt)[mask_index][:, None]
+    elif mask is not None:  # windows are image-major: view them as [images, nW, ...]
+        nb, heads, n, _ = s.shape
+        s.view(-1, mask.shape[0], heads, n, n).add_(mask.to(cdt)[None, :, None])
     return s
 
 
@@ -27,9 +28,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     logsumexp of S's rows (fp32, fp64 for fp64 inputs)."""
     cdt = compute_dtype(q.dtype)
     s = _scores(q, k, bias, mask, mask_index, scale, cdt)
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.exp(s - lse[..., None]) @ v.to(cdt)
-    return out.to(q.dtype), lse
+    p = torch.softmax(s, dim=-1)
+    # P's largest entry is exp(max S - lse) >= 1 / N: lse = max S - log(max P), well
+    # conditioned, and cheaper on the CPU than a separate logsumexp pass.
+    lse = s.amax(dim=-1) - p.amax(dim=-1).log()
+    return (p @ v.to(cdt)).to(q.dtype), lse
 
 
 def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale):
@@ -37,7 +40,7 @@ def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, s
     dQ = dS K * scale, dK = dS^T Q * scale, dbias = sum over windows of dS (empty [0]
     without a bias)."""
     cdt = compute_dtype(q.dtype)
-    p = torch.exp(_scores(q, k, bias, mask, mask_index, scale, cdt) - lse[..., None].to(cdt))
+    p = _scores(q, k, bias, mask, mask_index, scale, cdt).sub_(lse[..., None].to(cdt)).exp_()
     do = dout.to(cdt)
     dv = p.transpose(-1, -2) @ do
     delta = (do * out.to(cdt)).sum(-1, keepdim=True)

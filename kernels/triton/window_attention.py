@@ -112,7 +112,7 @@ def _window_attention_fwd_kernel(
 def _window_attention_bwd_kernel(
     query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
     dout_ptr, dquery_ptr, dkey_ptr, dvalue_ptr, dbias_ptr,
-    B, N, D, NW, RUN, scale,
+    NWIN, N, D, NW, RUN, scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -132,7 +132,7 @@ def _window_attention_bwd_kernel(
     offs_od = offs_t[:, None] * stride_on + offs_d[None, :] * stride_od
     dbias = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
     start = tl.program_id(0).to(tl.int64) * RUN
-    for j in range(0, tl.minimum(RUN, B - start)):
+    for j in range(0, tl.minimum(RUN, NWIN - start)):
         b = start + j
         q, k, s = _scores(query_ptr, key_ptr, bias_ptr, mask_ptr, mask_index_ptr, b, h, N, D, NW, scale,
                           stride_qb, stride_qh, stride_qn, stride_qd,

@@ -1,7 +1,9 @@
 """A faithful minimal copy of timm 1.0.31's Swin pieces (timm.models.swin_transformer:
 WindowAttention on its eager path, SwinTransformerBlock with x [B, H, W, C], its shift mask
-and PatchMerging), used because timm does not import here without torchvision. Attribute
-names and forward maths are timm's; drop-path, dropout and layer scale are left out (eval)."""
+and PatchMerging): the dense baseline of bench_sparse_windows and the reference model of
+tests/test_window_modules.py, because timm does not import without torchvision (which does
+not install beside the CPU torch this project pins). Attribute names and forward maths are
+timm's; drop-path and dropout are identities (eval)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
