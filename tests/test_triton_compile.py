@@ -34,11 +34,25 @@ def variants(jit):
     blocks = [{"B": b} for b in (16, 32, 64, 128)] if "B" in names else [{}]
     directions = [{"TRANSPOSED": t} for t in (False, True)] if "TRANSPOSED" in names else [{}]
     biases = [{"HAS_BIAS": h} for h in (False, True)] if "HAS_BIAS" in names else [{}]
-    flag_names = [f for f in ("W8A8", "STATIC", "HAS_MASK", "MASK_INDEX", "HAS_INDEX", "MERGE") if f in names]
+    flag_names = [f for f in ("W8A8", "STATIC", "HAS_INDEX", "MERGE") if f in names]
     flags = [dict(zip(flag_names, v)) for v in itertools.product((True, False), repeat=len(flag_names))]
-    if "HEAD_DIM" in names:  # window attention: N = 49 (Swin), the smallest and the largest tiles
-        blocks = [{"BLOCK_T": t, "HEAD_DIM": d} for t, d in ((64, 32), (16, 16), (256, 128))]
+    if "HEAD_DIM" in names:
+        return window_attention_variants("SPLIT" in names)
     return [{**b, **d, **h, **f} for b in blocks for d in directions for h in biases for f in flags]
+
+
+def window_attention_variants(has_split):
+    """Swin-T's N = 49 with the shift mask (by b % nW and by mask_index), the smallest tile
+    without bias or mask, d = 128 over two query blocks, Swin-B's N = 144 over five."""
+    tiles = [(64, 64, 32, True, True, False), (64, 64, 32, True, True, True), (16, 16, 16, False, False, False),
+             (64, 128, 128, True, True, False), (32, 256, 32, True, True, False)]
+    out = []
+    for m, t, d, bias, mask, index in tiles:
+        v = {"BLOCK_M": m, "BLOCK_T": t, "HEAD_DIM": d, "HAS_BIAS": bias, "HAS_MASK": mask, "MASK_INDEX": index}
+        if has_split:
+            v["SPLIT"] = m < t
+        out.append(v)
+    return out
 
 
 def pointer_type(name, dtype, config, extra):
@@ -47,7 +61,7 @@ def pointer_type(name, dtype, config, extra):
         return "*u8"
     if name in ("w_ptr", "q_ptr") or (name == "x_ptr" and extra.get("W8A8")):
         return "*i8"
-    if name in FP32_POINTERS:
+    if name in FP32_POINTERS or (name in ("dkey_ptr", "dvalue_ptr") and extra.get("SPLIT")):
         return "*fp32"
     if name in ("scale_ptr", "static_ptr") or (name == "x_scale_ptr" and extra.get("W8A8")):
         return "*fp32"

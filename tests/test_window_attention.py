@@ -18,6 +18,8 @@ CASES = [
     (4, 1, 16, 16, None, False, False),
     (3, 2, 10, 24, 1, True, False),   # N and d not powers of two
     (2, 1, 1, 8, None, True, False),  # one token
+    (3, 2, 81, 16, 3, True, True),    # 9x9 windows: two query blocks
+    (2, 1, 144, 32, 2, True, False),  # Swin-B's 12x12 windows: five query blocks
 ]
 
 

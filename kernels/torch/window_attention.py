@@ -44,9 +44,9 @@ def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, s
     do = dout.to(cdt)
     dv = p.transpose(-1, -2) @ do
     delta = (do * out.to(cdt)).sum(-1, keepdim=True)
-    ds = p * (do @ v.to(cdt).transpose(-1, -2) - delta)
-    dq = (ds @ k.to(cdt)) * scale
-    dk = (ds.transpose(-1, -2) @ q.to(cdt)) * scale
+    ds = (do @ v.to(cdt).transpose(-1, -2)).sub_(delta).mul_(p)
+    dq = (ds @ k.to(cdt)).mul_(scale)
+    dk = (ds.transpose(-1, -2) @ q.to(cdt)).mul_(scale)
     dbias = ds.sum(0).to(bias.dtype) if bias is not None else q.new_empty((0,))
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dbias
 
