@@ -21,10 +21,15 @@ def _pair(v) -> Tuple[int, int]:
 
 
 def is_swin_window_attention(m: nn.Module) -> bool:
-    """Whether ``m`` has the parts of Swin's WindowAttention that from_module reads."""
-    return (isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "proj", None), nn.Linear)
+    """Whether ``m`` has the parts of Swin's WindowAttention that from_module reads: qkv and
+    proj Linear layers, num_heads, and a relative position bias over exactly the window's
+    tokens (BEiT-style attention, with a class token and separate q/v biases, is not one)."""
+    if not (isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "proj", None), nn.Linear)
             and all(hasattr(m, a) for a in ("num_heads", "relative_position_bias_table",
-                                            "relative_position_index")))
+                                            "relative_position_index", "window_size"))):
+        return False
+    wh, ww = _pair(m.window_size)
+    return m.relative_position_index.shape == (wh * ww, wh * ww) and getattr(m, "q_bias", None) is None
 
 
 def is_swin_block(m: nn.Module) -> bool:
