@@ -83,6 +83,19 @@ def test_forward_and_backward_match_oracle(device_backend, case, dtype):
         assert_close(t.grad, grads[name], scales[name], dtype, name)
 
 
+def test_lse_matches_oracle(device_backend):
+    """The row logsumexp the forward saves for the backward (fp32)."""
+    device, backend = device_backend
+    q, k, v, bias, mask, mask_index = make(5, 2, 49, 32, 4, True, True, torch.float16, device)
+    with sparqle.use_backend(backend):
+        _, lse = torch.ops.sparqle.window_attention(q, k, v, bias, mask, mask_index, 0.2)
+    s = q.double().cpu() @ k.double().cpu().transpose(-1, -2) * 0.2 + bias.double().cpu()
+    s = s + mask.double().cpu()[mask_index.cpu()][:, None]
+    expected = torch.logsumexp(s, dim=-1)
+    assert lse.dtype == torch.float32
+    assert_close(lse, expected, expected.abs() + 1, torch.float32, "lse")
+
+
 @pytest.mark.parametrize("device", sorted({d for d, _ in device_backends()}))
 def test_gradcheck_float64(device):
     q, k, v, bias, mask, mask_index = make(4, 2, 9, 5, 2, True, True, torch.float64, device)

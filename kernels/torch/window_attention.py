@@ -36,11 +36,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
 
 
 def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale):
-    """(dq, dk, dv, dbias): P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
-    dQ = dS K * scale, dK = dS^T Q * scale, dbias = sum over windows of dS (empty [0]
-    without a bias)."""
+    """(dq, dk, dv, dbias): P = softmax(S) (= exp(S - lse); softmax is the faster way on the
+    CPU, where exp of the masked scores' denormal results is 20x slower), dV = P^T dO,
+    dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale, dK = dS^T Q * scale, dbias = sum
+    over windows of dS (empty [0] without a bias)."""
     cdt = compute_dtype(q.dtype)
-    p = _scores(q, k, bias, mask, mask_index, scale, cdt).sub_(lse[..., None].to(cdt)).exp_()
+    p = torch.softmax(_scores(q, k, bias, mask, mask_index, scale, cdt), dim=-1)
     do = dout.to(cdt)
     dv = p.transpose(-1, -2) @ do
     delta = (do * out.to(cdt)).sum(-1, keepdim=True)
