@@ -131,6 +131,22 @@ def test_convert_model_gives_the_same_logits():
     assert pruned(images).shape == (2, 10)
 
 
+def test_modules_compile_fullgraph():
+    block = reference_block(9, 10, 4, 2)
+    x = torch.randn(2, 9, 10, 16, requires_grad=True)
+    sparse = SparseWindowBlock.from_block(copy.deepcopy(block), 0.5)
+    attn = WindowAttention.from_module(copy.deepcopy(block.attn))
+    windows = torch.randn(2 * 9, 16, 16)
+    expected_block, expected_attn = sparse(x), attn(windows, block.attn_mask.repeat(2, 1, 1))
+    torch._dynamo.reset()
+    got_block = torch.compile(sparse, fullgraph=True, backend="aot_eager")(x)
+    got_attn = torch.compile(attn, fullgraph=True, backend="aot_eager")(windows, block.attn_mask.repeat(2, 1, 1))
+    got_block.sum().backward()
+    torch.testing.assert_close(got_block, expected_block)
+    torch.testing.assert_close(got_attn, expected_attn)
+    assert x.grad is not None and sparse.attn.relative_position_bias_table.grad is not None
+
+
 class TestBadInput:
     def test_modules(self):
         with pytest.raises(TypeError, match="m must be a Swin WindowAttention"):
