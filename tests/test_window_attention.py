@@ -114,10 +114,14 @@ def test_strided_inputs_and_empty(device_backend):
     assert not q.is_contiguous()
     with sparqle.use_backend(backend):
         out = sparqle.window_attention(q, k, v)
-        empty = sparqle.window_attention(*(torch.randn(0, 2, 49, 32, device=device) for _ in range(3)))
+        nothing = [torch.randn(0, 2, 49, 32, device=device, requires_grad=True) for _ in range(3)]
+        bias = torch.randn(2, 49, 49, device=device, requires_grad=True)
+        empty = sparqle.window_attention(*nothing, bias=bias)
+        empty.sum().backward()
     expected, p = oracle(q, k, v, None, None, None, 32 ** -0.5)
     assert_close(out, expected, p @ v.double().cpu().abs(), torch.float32, "out")
-    assert empty.shape == (0, 2, 49, 32)
+    assert empty.shape == (0, 2, 49, 32) and nothing[0].grad.shape == (0, 2, 49, 32)
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
 
 
 def test_opcheck_and_compile():
