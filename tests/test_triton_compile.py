@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 SCRIPT = r'''
+import itertools
+
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -15,9 +17,12 @@ import torch
 from sparqle.bindings import int4_linear as int4_binding, int8_linear as int8_binding
 from sparqle.bindings import nm_linear as nm_binding
 from sparqle.bindings import spmm_bell as bell_binding, spmm_csr as csr_binding
-from sparqle.kernels.triton import int4_linear, int8_linear, nm_linear, spmm_bell, spmm_csr
+from sparqle.bindings import window_attention as window_binding
+from sparqle.kernels.triton import int4_linear, int8_linear, nm_linear, spmm_bell, spmm_csr, window_attention
 
-INDEX_POINTERS = {"crow_ptr", "col_ptr", "row_order_ptr", "row_ptr", "cols_ptr", "slots_ptr", "meta_ptr"}
+INDEX_POINTERS = {"crow_ptr", "col_ptr", "row_order_ptr", "row_ptr", "cols_ptr", "slots_ptr", "meta_ptr",
+                  "mask_index_ptr", "index_ptr"}
+FP32_POINTERS = {"lse_ptr", "dbias_ptr"}
 FLOATS = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
 NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 DOT = {"fp16": "ieee", "bf16": "ieee", "fp32": "tf32", "fp64": "ieee"}
@@ -30,11 +35,28 @@ def variants(jit):
     blocks = [{"B": b} for b in (16, 32, 64, 128)] if "B" in names else [{}]
     directions = [{"TRANSPOSED": t} for t in (False, True)] if "TRANSPOSED" in names else [{}]
     biases = [{"HAS_BIAS": h} for h in (False, True)] if "HAS_BIAS" in names else [{}]
-    flags = [{f: v} for f in ("W8A8", "STATIC") if f in names for v in (True, False)] or [{}]
+    flag_names = [f for f in ("W8A8", "STATIC", "HAS_INDEX", "MERGE") if f in names]
+    flags = [dict(zip(flag_names, v)) for v in itertools.product((True, False), repeat=len(flag_names))]
+    if "HEAD_DIM" in names:
+        return window_attention_variants("SPLIT" in names)
     patterns = ([{"KEEP": n, "GROUP": m, "BITS": 2 if m <= 4 else 4}
                  for n, m in ((2, 4), (1, 2), (1, 4), (2, 8), (4, 8))] if "KEEP" in names else [{}])
     return [{**b, **d, **h, **f, **p} for b in blocks for d in directions for h in biases
             for f in flags for p in patterns]
+
+
+def window_attention_variants(has_split):
+    """Swin-T's N = 49 with the shift mask (by b % nW and by mask_index), the smallest tile
+    without bias or mask, d = 128 over two query blocks, Swin-B's N = 144 over five."""
+    tiles = [(64, 64, 32, True, True, False), (64, 64, 32, True, True, True), (16, 16, 16, False, False, False),
+             (64, 128, 128, True, True, False), (32, 256, 32, True, True, False)]
+    out = []
+    for m, t, d, bias, mask, index in tiles:
+        v = {"BLOCK_M": m, "BLOCK_T": t, "HEAD_DIM": d, "HAS_BIAS": bias, "HAS_MASK": mask, "MASK_INDEX": index}
+        if has_split:
+            v["SPLIT"] = m < t
+        out.append(v)
+    return out
 
 
 def pointer_type(name, dtype, config, extra):
@@ -43,6 +65,8 @@ def pointer_type(name, dtype, config, extra):
         return "*u8"
     if name in ("w_ptr", "q_ptr") or (name == "x_ptr" and extra.get("W8A8")):
         return "*i8"
+    if name in FP32_POINTERS or (name in ("dkey_ptr", "dvalue_ptr") and extra.get("SPLIT")):
+        return "*fp32"
     if name in ("scale_ptr", "static_ptr") or (name == "x_scale_ptr" and extra.get("W8A8")):
         return "*fp32"
     if name == "y_ptr" and config.kwargs.get("SPLIT_K", 1) > 1:
@@ -76,7 +100,8 @@ def compile_all(autotuner, dtypes, arch):
             elif p.name.endswith("_ptr"):
                 signature[p.name] = pointer_type(p.name, dtype, config, extra)
             else:
-                signature[p.name] = "i64" if p.name.startswith("stride") else "i32"
+                signature[p.name] = ("i64" if p.name.startswith("stride")
+                                     else "fp32" if p.name == "scale" else "i32")
         src = ASTSource(fn=jit, signature=signature, constexprs=constexprs)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                 options={"num_warps": config.num_warps})
@@ -94,6 +119,9 @@ kernels += [(k, triton_dtypes(bell_binding)) for k in (spmm_bell._spmm_bell_kern
 kernels += [(k, triton_dtypes(int4_binding)) for k in (int4_linear._tiled, int4_linear._small_m)]
 kernels += [(k, triton_dtypes(int8_binding)) for k in (int8_linear._quantize_rows_kernel, int8_linear._int8_linear_kernel)]
 kernels += [(k, triton_dtypes(nm_binding)) for k in (nm_linear._tiled, nm_linear._small_m)]
+kernels += [(k, triton_dtypes(window_binding)) for k in (
+    window_attention._window_attention_fwd_kernel, window_attention._window_attention_bwd_kernel,
+    window_attention._window_copy_kernel)]
 total = sum(compile_all(kernel, dtypes, arch) for kernel, dtypes in kernels for arch in (80, 90))
 expected = sum(len(combinations(k, dtypes)) for k, dtypes in kernels) * 2
 assert total == expected > 0, (total, expected)

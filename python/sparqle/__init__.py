@@ -15,6 +15,7 @@ from .convert import convert
 from .formats import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
 from .functional import fp8_linear, fp8_quantize_rows, int8_linear, linear, quantize_rows, spmm
 from .info import info
+from .window import window_attention, window_merge, window_partition
 
 # sparqle builds torch.sparse_csr tensors only from validated CSR objects.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -24,4 +25,4 @@ try:
 except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
-__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "convert", "use_backend", "info", "nn", "prune"]
+__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "window_attention", "window_partition", "window_merge", "convert", "use_backend", "info", "nn", "prune"]

@@ -5,7 +5,7 @@ import os
 import sys
 from typing import List, Optional
 
-BENCHMARKS = ("spmm_csr", "spmm_bell", "nm", "int4", "int8", "fp8")
+BENCHMARKS = ("spmm_csr", "spmm_bell", "nm", "int4", "int8", "fp8", "window_attention", "sparse_windows")
 
 
 def _bench(args) -> int:

@@ -5,6 +5,7 @@ from torch import nn
 
 from .formats.nm import PATTERNS
 from .nn import FP8Linear, Int4Linear, Int8Linear, SparseLinear
+from .nn.window_attention import convert_sparse_windows, convert_window_attention
 
 _CONVERTERS = {
     "csr": lambda linear, **options: SparseLinear.from_linear(linear, format="csr", **options),
@@ -14,6 +15,11 @@ _CONVERTERS = {
     "int8": Int8Linear.from_linear,
     **{f"{n}:{m}": lambda linear, n=n, m=m, **options: SparseLinear.from_linear(
         linear, format=f"{n}:{m}", **options) for n, m in PATTERNS},
+}
+# Formats that swap whole modules rather than nn.Linear layers.
+_MODULE_CONVERTERS = {
+    "window_attention": convert_window_attention,
+    "sparse_windows": convert_sparse_windows,
 }
 
 
@@ -25,11 +31,18 @@ def convert(model: nn.Module, fmt: str, *,
     ``convert(model, "csr", sparsity=0.9)``, ``convert(model, "bell", block_size=32,
     sparsity=0.8)``, ``convert(model, "int4", group_size=128)``, ``convert(model, "int8")``,
     ``convert(model, "fp8", granularity="row")``, ``convert(model, "2:4")`` (or another N:M
-    pattern). Returns ``model``."""
-    if fmt not in _CONVERTERS:
-        raise ValueError(f"fmt must be one of {sorted(_CONVERTERS)}, got {fmt!r}")
+    pattern). Returns ``model``.
+
+    Swin models: ``convert(model, "window_attention")`` swaps every Swin WindowAttention for
+    :class:`sparqle.nn.WindowAttention`; ``convert(model, "sparse_windows", keep_ratio=0.5)``
+    wraps every Swin block in :class:`sparqle.nn.SparseWindowBlock` (a float, or a list of
+    one ratio per stage)."""
+    if fmt not in _CONVERTERS and fmt not in _MODULE_CONVERTERS:
+        raise ValueError(f"fmt must be one of {sorted([*_CONVERTERS, *_MODULE_CONVERTERS])}, got {fmt!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if fmt in _MODULE_CONVERTERS:
+        return _MODULE_CONVERTERS[fmt](model, filter=filter, **options)
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and (filter is None or filter(name, module))]
     if targets and targets[0][0] == "":

@@ -1,0 +1,135 @@
+"""sparqle::window_attention (fused Swin window attention, with its backward op) and
+sparqle::window_partition / sparqle::window_merge (the window layout).
+
+window_attention(q, k, v, bias, mask, mask_index, scale) -> (out [B_, heads, N, d],
+    lse [B_, heads, N]): out = softmax(q k^T * scale + bias[h] + mask[m(b)]) v, m(b) =
+    mask_index[b] or b % nW; lse (fp32, fp64 for fp64) is saved for the backward.
+window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale)
+    -> (dq, dk, dv, dbias); dbias is empty [0] without a bias. The mask gets no gradient.
+window_partition(x, wh, ww, sh, sw, index) -> windows [B * K, wh * ww, C]
+window_merge(windows, x, wh, ww, sh, sw, index) -> out [B, H, W, C]
+
+Gradients of the layout ops are the layout ops: partition's is a merge of the window
+gradients into zeros; merge's is, for the windows, a partition of the output gradient, and
+for x, the output gradient with the merged windows' pixels zeroed (a merge of zeros).
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from ._backend import FLOATS, launch, register_autograd
+
+_DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
+_MODULE = "window_attention"
+
+
+@torch.library.custom_op("sparqle::window_attention", mutates_args=())
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                     mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return launch(_MODULE, "window_attention", _DTYPES, q, q, k, v, bias, mask, mask_index, scale)
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@window_attention.register_fake
+def _(q, k, v, bias, mask, mask_index, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("sparqle::window_attention_backward", mutates_args=())
+def window_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor],
+                              mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
+                              scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch(_MODULE, "window_attention_backward", _DTYPES, q,
+                  dout.contiguous(), q, k, v, out, lse, bias, mask, mask_index, scale)
+
+
+@window_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, bias, mask, mask_index, scale):
+    dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, bias, mask, mask_index, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, output[0], output[1], bias, mask, mask_index)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bias, mask, mask_index = ctx.saved_tensors
+    dq, dk, dv, dbias = torch.ops.sparqle.window_attention_backward(
+        grad_out, q, k, v, out, lse, bias, mask, mask_index, ctx.scale)
+    return dq, dk, dv, (dbias if ctx.needs_input_grad[3] else None), None, None, None
+
+
+register_autograd(window_attention, _attention_backward, _attention_setup)
+
+
+def _windows_shape(x: torch.Tensor, wh: int, ww: int, index: Optional[torch.Tensor]):
+    b, h, w, c = x.shape
+    per_image = index.shape[1] if index is not None else -(-h // wh) * -(-w // ww)
+    return (b * per_image, wh * ww, c)
+
+
+@torch.library.custom_op("sparqle::window_partition", mutates_args=())
+def window_partition(x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
+                     index: Optional[torch.Tensor]) -> torch.Tensor:
+    return launch(_MODULE, "window_partition", _DTYPES, x, x, wh, ww, sh, sw, index)
+
+
+@window_partition.register_fake
+def _(x, wh, ww, sh, sw, index):
+    return x.new_empty(_windows_shape(x, wh, ww, index))
+
+
+@torch.library.custom_op("sparqle::window_merge", mutates_args=())
+def window_merge(windows: torch.Tensor, x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
+                 index: Optional[torch.Tensor]) -> torch.Tensor:
+    return launch(_MODULE, "window_merge", _DTYPES, x, windows, x, wh, ww, sh, sw, index)
+
+
+@window_merge.register_fake
+def _(windows, x, wh, ww, sh, sw, index):
+    return x.new_empty(x.shape)
+
+
+def _partition_setup(ctx, inputs, output):
+    x, ctx.wh, ctx.ww, ctx.sh, ctx.sw, index = inputs
+    ctx.x_shape = x.shape
+    ctx.save_for_backward(index)
+
+
+def _partition_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    zeros = grad.new_zeros(ctx.x_shape)
+    return (torch.ops.sparqle.window_merge(grad.contiguous(), zeros, ctx.wh, ctx.ww, ctx.sh, ctx.sw, index),
+            None, None, None, None, None)
+
+
+register_autograd(window_partition, _partition_backward, _partition_setup)
+
+
+def _merge_setup(ctx, inputs, output):
+    windows, x, ctx.wh, ctx.ww, ctx.sh, ctx.sw, index = inputs
+    ctx.windows_shape = windows.shape
+    ctx.save_for_backward(index)
+
+
+def _merge_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    args = (ctx.wh, ctx.ww, ctx.sh, ctx.sw, index)
+    grad_windows = grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_windows = torch.ops.sparqle.window_partition(grad, *args)
+    if ctx.needs_input_grad[1]:
+        grad_x = (torch.ops.sparqle.window_merge(grad.new_zeros(ctx.windows_shape), grad, *args)
+                  if index is not None else torch.zeros_like(grad))
+    return grad_windows, grad_x, None, None, None, None, None
+
+
+register_autograd(window_merge, _merge_backward, _merge_setup)
