@@ -7,6 +7,8 @@ import sys
 
 SCRIPT = r'''
 import itertools
+import multiprocessing
+import os
 
 import triton
 import triton.language as tl
@@ -84,10 +86,10 @@ def combinations(autotuner, dtypes):
     return combos
 
 
-def compile_all(autotuner, dtypes, arch):
+def specs(autotuner, dtypes, arch):
+    """(jit, signature, constexprs, num_warps, arch) of every combination to compile."""
     jit = autotuner.fn
     names = {p.name for p in jit.params}
-    count = 0
     for config, dtype, extra in combinations(autotuner, dtypes):
         signature, constexprs = {}, dict(config.kwargs, **extra)
         if "ACC_DTYPE" in names:
@@ -102,12 +104,7 @@ def compile_all(autotuner, dtypes, arch):
             else:
                 signature[p.name] = ("i64" if p.name.startswith("stride")
                                      else "fp32" if p.name == "scale" else "i32")
-        src = ASTSource(fn=jit, signature=signature, constexprs=constexprs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": config.num_warps})
-        assert kernel.asm["cubin"], (jit.__name__, config, dtype)
-        count += 1
-    return count
+        yield jit, signature, constexprs, config.num_warps, arch
 
 
 def triton_dtypes(binding):
@@ -122,9 +119,8 @@ kernels += [(k, triton_dtypes(nm_binding)) for k in (nm_linear._tiled, nm_linear
 kernels += [(k, triton_dtypes(window_binding)) for k in (
     window_attention._window_attention_fwd_kernel, window_attention._window_attention_bwd_kernel,
     window_attention._window_copy_kernel)]
-total = sum(compile_all(kernel, dtypes, arch) for kernel, dtypes in kernels for arch in (80, 90))
-expected = sum(len(combinations(k, dtypes)) for k, dtypes in kernels) * 2
-assert total == expected > 0, (total, expected)
+SPECS = [spec for kernel, dtypes in kernels for arch in (80, 90) for spec in specs(kernel, dtypes, arch)]
+assert len(SPECS) == sum(len(combinations(k, dtypes)) for k, dtypes in kernels) * 2 > 0
 
 # FP8 kernels: Hopper only (the e4m3 type needs sm_89+; on older GPUs ``auto`` runs the torch
 # path). Every config with the first variant, then every FP8 format, output dtype and flag.
@@ -161,23 +157,28 @@ def fp8_signature(jit, dtype, extra):
     return signature
 
 
-fp8_count = fp8_expected = 0
 for autotuner in (fp8_linear._quantize_rows_kernel, fp8_linear._fp8_scaled_mm_kernel):
     jit = autotuner.fn
-    dtypes = triton_dtypes(fp8_binding)
     combos = [(c, "fp16", fp8_variants(jit)[0]) for c in autotuner.configs]
-    combos += [(autotuner.configs[0], d, v) for d in dtypes for v in fp8_variants(jit)]
-    fp8_expected += len(combos)
+    combos += [(autotuner.configs[0], d, v) for d in triton_dtypes(fp8_binding) for v in fp8_variants(jit)]
     for config, dtype, extra in combos:
         constexprs = dict(config.kwargs, **extra)
         if "ACC_DTYPE" in constexprs or "A_FP8" in extra:
             constexprs.update(ACC_DTYPE=tl.float32, PRECISION=DOT[dtype], UPCAST=False)
-        src = ASTSource(fn=jit, signature=fp8_signature(jit, dtype, extra), constexprs=constexprs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
-        assert kernel.asm["cubin"], (jit.__name__, config, dtype, extra)
-        fp8_count += 1
-assert fp8_count == fp8_expected > 0, (fp8_count, fp8_expected)
-total += fp8_count
+        SPECS.append((jit, fp8_signature(jit, dtype, extra), constexprs, config.num_warps, 90))
+
+
+def compile_spec(i):
+    jit, signature, constexprs, num_warps, arch = SPECS[i]
+    kernel = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    assert kernel.asm["cubin"], (jit.__name__, signature, constexprs, arch)
+
+
+# One compile per process at a time, on every core (forked workers inherit SPECS).
+with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+    pool.map(compile_spec, range(len(SPECS)), chunksize=1)
+total = len(SPECS)
 print("compiled", total)
 '''
 
