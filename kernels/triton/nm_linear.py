@@ -14,8 +14,9 @@ Dispatch by M (thresholds not yet measured on a GPU):
   into a zeroed workspace.
 - SMALL_M < M < DENSE_FROM_M: the tiled kernel, one pass over K per tile.
 - M >= DENSE_FROM_M: compute-bound, where N:M saves no math on dense tensor cores:
-  expand W once and let cuBLAS multiply (sparse tensor cores, cuSPARSELt or mma.sp, are
-  the way to a 2x there; not wired in yet).
+  expand W once and let cuBLAS multiply. Sparse tensor cores (cuSPARSELt, or the cupy
+  backend's mma.sp kernel, which runs when forced) are the way to a 2x there; auto routes
+  to them once they are measured faster.
 """
 from typing import Optional
 
