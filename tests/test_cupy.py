@@ -332,7 +332,7 @@ def emulate_nm24_kernel(x, values, meta, bias):
     mma.sp executed by ``ptx_mma_sp_m16n8k32``."""
     tokens, k = x.shape
     rows, kc = values.shape
-    meta_words, kp = meta.shape[1], 2 * kc
+    kp = 2 * kc
     words = [[int(v) & 0xFFFFFFFF for v in row] for row in meta.tolist()]
     xv, vv = x.double().tolist(), values.double().tolist()
     y = torch.full((tokens, rows), float("nan"), dtype=torch.float64)

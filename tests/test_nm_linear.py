@@ -110,10 +110,11 @@ def test_spmm_matches_oracle(device_backend):
 def test_triton_dispatch_by_m(monkeypatch, device):
     """Each of the three paths (split-K small M, tiled, expand + matmul) meets the oracle."""
     import sparqle.kernels.triton.nm_linear as kernel
+    from sparqle.kernels.triton._linear import SMALL_M
     monkeypatch.setattr(kernel, "DENSE_FROM_M", 40)
     w = _weight(24, 100, 2, 4, torch.float32, device)
     bias = torch.randn(24, device=device)
-    for rows in (1, kernel.SMALL_M, kernel.SMALL_M + 1, 39, 40, 57):
+    for rows in (1, SMALL_M, SMALL_M + 1, 39, 40, 57):
         x = torch.randn(rows, 100, device=device)
         with sparqle.use_backend("triton"):
             y = sparqle.linear(x, w, bias)

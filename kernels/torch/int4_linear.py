@@ -5,8 +5,7 @@ than dequantizing the whole weight first (measured at 4096 x 4096, M = 1)."""
 import torch
 
 from ._dtypes import compute_dtype
-
-_ROWS_ELEMENTS = 1 << 18
+from ._linear import linear_by_row_blocks
 
 
 def _dequantize_rows(packed, scales, zeros, group_width: int, k: int, dtype: torch.dtype):
@@ -28,16 +27,6 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor, bias, group_width: int) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequant(W)^T (+ bias [N]) for an int4 W [N, K]."""
-    m, k = x.shape
-    n = packed.shape[0]
-    cdt = compute_dtype(x.dtype)
-    xc = x.to(cdt)
-    y = torch.empty(m, n, dtype=cdt, device=x.device)
-    step = max(1, _ROWS_ELEMENTS // max(1, k))
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        w = _dequantize_rows(packed[lo:hi], scales[lo:hi], zeros[lo:hi], group_width, k, x.dtype)
-        torch.matmul(xc, w.to(cdt).t(), out=y[:, lo:hi])
-    if bias is not None:
-        y += bias.to(cdt)
-    return y.to(x.dtype)
+    k = x.shape[1]
+    return linear_by_row_blocks(x, packed.shape[0], lambda lo, hi: _dequantize_rows(
+        packed[lo:hi], scales[lo:hi], zeros[lo:hi], group_width, k, x.dtype), bias)

@@ -3,7 +3,6 @@ import contextlib
 import os
 
 import torch
-import triton
 import triton.language as tl
 
 

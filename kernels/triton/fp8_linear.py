@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .. import _alloc
 from ._config import autotune_configs, dot_meta, on_device_of
+from ._rows import QUANT_CONFIGS, ROUND_MAGIC, row_absmax
 
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + magic - magic rounds |v| < 2**22 half to even
 # torch FP8 dtype name -> (Triton dtype, mantissa bits, smallest normal exponent)
 _FORMATS = {"float8_e4m3fn": (tl.float8e4nv, 3, -6), "float8_e5m2": (tl.float8e5, 2, -14)}
 
@@ -34,10 +34,6 @@ _GEMM_CONFIGS = autotune_configs(
                               (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4),
                               (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3)]],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}),
-)
-_QUANT_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8)]],
-    triton.Config({"BLOCK_K": 32}),
 )
 
 
@@ -55,11 +51,11 @@ def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
     e = tl.maximum(((bits >> 23) & 0xFF) - 127, EMIN)  # the binade; subnormals share EMIN's ulp
     ulp = ((e - MBITS + 127) << 23).to(tl.float32, bitcast=True)
     inv_ulp = ((MBITS - e + 127) << 23).to(tl.float32, bitcast=True)
-    r = ((tl.abs(v) * inv_ulp + _ROUND_MAGIC) - _ROUND_MAGIC) * ulp  # both products exact
+    r = ((tl.abs(v) * inv_ulp + ROUND_MAGIC) - ROUND_MAGIC) * ulp  # both products exact
     return tl.where(bits < 0, -r, r)
 
 
-@triton.autotune(configs=_QUANT_CONFIGS, key=["K"])
+@triton.autotune(configs=QUANT_CONFIGS, key=["K"])
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, static_ptr,
@@ -73,12 +69,7 @@ def _quantize_rows_kernel(
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
     else:
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        top = tl.max(amax, axis=0)
+        top = row_absmax(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K)
         scale = tl.div_rn(top, top * 0 + FP8_MAX)
         scale = tl.where(scale > 0, scale, 1.0)
     tl.store(scale_ptr + row, scale)

@@ -7,36 +7,19 @@ loads x, the [BLOCK_N, BLOCK_K / 2] packed bytes (contiguous along K), unpacks t
 nibbles, dequantizes them in registers ((q - zero) * scale in fp32, rounded to x's dtype; x in
 fp16, bf16 or fp32) and feeds ``tl.dot`` with fp32 accumulation; the bias is added in the epilogue.
 
-Dispatch by M (thresholds not yet measured on a GPU):
-- M <= SMALL_M: the weight-bound regime. BLOCK_M = 16 covers every row, so the weight is
-  streamed once; SPLIT_K > 1 spreads K over more programs when N alone gives too few, each
-  adding its fp32 partial tile atomically into a zeroed workspace.
-- SMALL_M < M < DEQUANTIZE_FROM_M: the tiled kernel, one pass over K per tile.
-- M >= DEQUANTIZE_FROM_M: compute-bound; dequantize once and let cuBLAS multiply.
+Dispatch by M (thresholds not yet measured on a GPU): below DEQUANTIZE_FROM_M the
+split-K small-M and tiled launches of ``_linear.launch_by_m``; from it on, compute-bound,
+dequantize once and let cuBLAS multiply.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
 from ..torch.int4_linear import dequantize
-from ._config import autotune_configs, dot_meta, on_device_of
+from ._config import dot_meta
+from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, launch_by_m
 
-SMALL_M = 16
 DEQUANTIZE_FROM_M = 1024
-
-_TILED_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-                              (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}),
-)
-_SMALL_M_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=4)
-     for bn, bk, sk, w in [(32, 128, 1, 4), (64, 128, 1, 4), (128, 64, 1, 4), (32, 128, 2, 4),
-                           (64, 128, 2, 4), (32, 128, 4, 4), (64, 256, 4, 8), (32, 256, 8, 8)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}),
-)
 
 
 @triton.jit
@@ -86,8 +69,8 @@ def _int4_linear_kernel(
         tl.atomic_add(y_ptrs, acc, mask=mask_y)
 
 
-_tiled = triton.autotune(configs=_TILED_CONFIGS, key=["M", "N", "K"])(_int4_linear_kernel)
-_small_m = triton.autotune(configs=_SMALL_M_CONFIGS, key=["M", "N", "K"],
+_tiled = triton.autotune(configs=TILED_CONFIGS, key=["M", "N", "K"])(_int4_linear_kernel)
+_small_m = triton.autotune(configs=SMALL_M_CONFIGS, key=["M", "N", "K"],
                            reset_to_zero=["y_ptr"])(_int4_linear_kernel)
 
 
@@ -99,16 +82,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     if m >= DEQUANTIZE_FROM_M:
         w = dequantize(packed, scales, zeros, group_width, k).to(x.dtype)
         return torch.nn.functional.linear(x, w, bias)
-    small = m <= SMALL_M
-    # The small-M kernel adds split-K partials into a zeroed fp32 workspace.
-    y = (torch.zeros((m, n), dtype=torch.float32, device=x.device) if small
-         else _alloc.empty((m, n), x.dtype, x.device))
-    if m == 0 or n == 0:
-        return y.to(x.dtype)
-    kernel = _small_m if small else _tiled
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
-                         meta["SPLIT_K"])
-    with on_device_of(x):
+
+    def launch(kernel, grid, y):
         kernel[grid](
             x, packed, scales, zeros, y if bias is None else bias, y,
             m, n, k, group_width,
@@ -117,4 +92,5 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
             y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )
-    return y.to(x.dtype)
+
+    return launch_by_m(_tiled, _small_m, x, n, launch)

@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .. import _alloc
 from ._config import autotune_configs, dot_meta, on_device_of
+from ._rows import QUANT_CONFIGS, ROUND_MAGIC, row_absmax
 
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + magic - magic rounds |v| < 2**22 half to even
 
 _GEMM_CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -27,13 +27,9 @@ _GEMM_CONFIGS = autotune_configs(
                               (128, 256, 128, 8, 3)]],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}),
 )
-_QUANT_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8)]],
-    triton.Config({"BLOCK_K": 32}),
-)
 
 
-@triton.autotune(configs=_QUANT_CONFIGS, key=["K"])
+@triton.autotune(configs=QUANT_CONFIGS, key=["K"])
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, static_ptr,
@@ -46,12 +42,7 @@ def _quantize_rows_kernel(
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
     else:
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = tl.max(amax, axis=0) / 127.0
+        scale = row_absmax(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K) / 127.0
         scale = tl.where(scale > 0, scale, 1.0)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
@@ -59,7 +50,7 @@ def _quantize_rows_kernel(
         x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
         v = tl.div_rn(x.to(tl.float32), tl.zeros_like(x.to(tl.float32)) + scale)
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-        v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
+        v = (v + ROUND_MAGIC) - ROUND_MAGIC
         tl.store(q_ptr + row * stride_qm + offs, v.to(tl.int8), mask=offs < K)
 
 

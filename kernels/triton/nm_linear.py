@@ -8,15 +8,12 @@ position selects one of the M slots of its group) and feeds ``tl.dot`` with fp32
 accumulation; the bias is added in the epilogue. The weight is read at N/M of its dense
 bytes plus BITS / 16 bits per dense fp16 weight of metadata (0.5625x dense for 2:4).
 
-Dispatch by M (thresholds not yet measured on a GPU):
-- M <= SMALL_M: weight-bound. BLOCK_M = 16 covers every row, so the weight is streamed
-  once; SPLIT_K > 1 spreads K over more programs, adding fp32 partial tiles atomically
-  into a zeroed workspace.
-- SMALL_M < M < DENSE_FROM_M: the tiled kernel, one pass over K per tile.
-- M >= DENSE_FROM_M: compute-bound, where N:M saves no math on dense tensor cores:
-  expand W once and let cuBLAS multiply. Sparse tensor cores (cuSPARSELt, or the cupy
-  backend's mma.sp kernel, which runs when forced) are the way to a 2x there; auto routes
-  to them once they are measured faster.
+Dispatch by M (thresholds not yet measured on a GPU): below DENSE_FROM_M the split-K
+small-M and tiled launches of ``_linear.launch_by_m``, where reading 0.5625x of the dense
+bytes is the speed-up at small M; from it on, compute-bound, where N:M saves no math on
+dense tensor cores: expand W once and let cuBLAS multiply. Sparse tensor cores
+(cuSPARSELt, or the cupy backend's mma.sp kernel, which runs when forced) are the way to
+a 2x there; auto routes to them once they are measured faster.
 """
 from typing import Optional
 
@@ -24,25 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
 from ..torch.nm_linear import index_bits, to_dense
-from ._config import autotune_configs, dot_meta, on_device_of
+from ._config import dot_meta
+from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, launch_by_m
 
-SMALL_M = 16
 DENSE_FROM_M = 1024
-
-_TILED_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-                              (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}),
-)
-_SMALL_M_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=4)
-     for bn, bk, sk, w in [(32, 128, 1, 4), (64, 128, 1, 4), (128, 64, 1, 4), (32, 128, 2, 4),
-                           (64, 128, 2, 4), (32, 128, 4, 4), (64, 256, 4, 8), (32, 256, 8, 8)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}),
-)
 
 
 @triton.jit
@@ -98,8 +81,8 @@ def _nm_linear_kernel(
         tl.atomic_add(y_ptrs, acc, mask=mask_y)
 
 
-_tiled = triton.autotune(configs=_TILED_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"])(_nm_linear_kernel)
-_small_m = triton.autotune(configs=_SMALL_M_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"],
+_tiled = triton.autotune(configs=TILED_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"])(_nm_linear_kernel)
+_small_m = triton.autotune(configs=SMALL_M_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"],
                            reset_to_zero=["y_ptr"])(_nm_linear_kernel)
 
 
@@ -110,16 +93,8 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     out = values.shape[0]
     if rows >= DENSE_FROM_M:
         return torch.nn.functional.linear(x, to_dense(values, meta, n, m, k).to(x.dtype), bias)
-    small = rows <= SMALL_M
-    # The small-M kernel adds split-K partials into a zeroed fp32 workspace.
-    y = (torch.zeros((rows, out), dtype=torch.float32, device=x.device) if small
-         else _alloc.empty((rows, out), x.dtype, x.device))
-    if rows == 0 or out == 0:
-        return y.to(x.dtype)
-    kernel = _small_m if small else _tiled
-    grid = lambda meta_: (triton.cdiv(rows, meta_["BLOCK_M"]), triton.cdiv(out, meta_["BLOCK_N"]),  # noqa: E731
-                          meta_["SPLIT_K"])
-    with on_device_of(x):
+
+    def launch(kernel, grid, y):
         kernel[grid](
             x, values, meta, y if bias is None else bias, y,
             rows, out, k,
@@ -128,4 +103,5 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             y.stride(0), y.stride(1),
             KEEP=n, GROUP=m, BITS=index_bits(m), HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )
-    return y.to(x.dtype)
+
+    return launch_by_m(_tiled, _small_m, x, out, launch)

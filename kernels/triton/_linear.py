@@ -1,0 +1,50 @@
+"""The launch shared by the weight-streaming linear kernels (int4, N:M): y [M, N] = x [M, K]
+@ W^T for a W the kernel decodes tile by tile, dispatched by M.
+
+- M <= SMALL_M: weight-bound. BLOCK_M = 16 covers every row, so the weight is streamed
+  once; SPLIT_K > 1 spreads K over more programs, each adding its fp32 partial tile
+  atomically into a zeroed workspace.
+- M > SMALL_M: the tiled configs, one pass over K per tile, y written in x's dtype.
+
+A kernel launched here takes the grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K), and
+stores with ``tl.store`` when SPLIT_K == 1, ``tl.atomic_add`` otherwise.
+"""
+from typing import Callable
+
+import torch
+import triton
+
+from .. import _alloc
+from ._config import autotune_configs, on_device_of
+
+SMALL_M = 16
+
+TILED_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
+     for bm, bn, bk, w, s in [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                              (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}),
+)
+SMALL_M_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=4)
+     for bn, bk, sk, w in [(32, 128, 1, 4), (64, 128, 1, 4), (128, 64, 1, 4), (32, 128, 2, 4),
+                           (64, 128, 2, 4), (32, 128, 4, 4), (64, 256, 4, 8), (32, 256, 8, 8)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}),
+)
+
+
+def launch_by_m(tiled, small_m, x: torch.Tensor, out_features: int,
+                launch: Callable[[object, Callable, torch.Tensor], None]) -> torch.Tensor:
+    """y [M, out_features] in x's dtype: ``launch(kernel, grid, y)`` runs ``small_m`` (with
+    y a zeroed fp32 workspace) for M <= SMALL_M, else ``tiled``."""
+    rows = x.shape[0]
+    small = rows <= SMALL_M
+    y = (torch.zeros((rows, out_features), dtype=torch.float32, device=x.device) if small
+         else _alloc.empty((rows, out_features), x.dtype, x.device))
+    if rows == 0 or out_features == 0:
+        return y.to(x.dtype)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),  # noqa: E731
+                         triton.cdiv(out_features, meta["BLOCK_N"]), meta["SPLIT_K"])
+    with on_device_of(x):
+        launch(small_m if small else tiled, grid, y)
+    return y.to(x.dtype)
