@@ -13,7 +13,7 @@ import torch
 
 import sparqle
 
-from .harness import Case, Impl, device, inputs, no_grad, plot_speedups
+from .harness import Case, Impl, device, inputs, linear_grid, no_grad, plot_speedups
 
 OP = "fp8"
 KEYS = ("m", "n", "k", "dtype")
@@ -26,16 +26,7 @@ IMPLS = ("sparqle", "sparqle-tensor", "dense") + (
 
 
 def grid(quick: bool) -> Iterator[dict]:
-    on_gpu = device().type == "cuda"
-    dtype = "bfloat16" if on_gpu else "float32"
-    if quick:
-        ms, shapes = [1, 16], [(4096, 4096)]
-    elif on_gpu:
-        ms, shapes = MS, list(itertools.product(SIZES, SIZES))
-    else:
-        ms, shapes = [1, 16, 256], [(4096, 4096)]
-    for m, (n, k) in itertools.product(ms, shapes):
-        yield {"m": m, "n": n, "k": k, "dtype": dtype}
+    return linear_grid(quick, MS, list(itertools.product(SIZES, SIZES)), [(4096, 4096)])
 
 
 def _scaled_mm_linear(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor,

@@ -7,14 +7,13 @@ device's is the measure. FLOPs: 2 M N K. Bytes: the packed weight (N K / 2), sca
 zeros, x once, y once (dense: the full weight).
 """
 import importlib.util
-import itertools
 from typing import Iterator, List
 
 import torch
 
 import sparqle
 
-from .harness import Case, Impl, device, inputs, no_grad, plot_speedups
+from .harness import Case, Impl, device, inputs, linear_grid, no_grad, plot_speedups
 
 OP = "int4"
 KEYS = ("m", "n", "k", "dtype")
@@ -39,16 +38,7 @@ IMPLS = ("sparqle", "dense") + (
 
 
 def grid(quick: bool) -> Iterator[dict]:
-    on_gpu = device().type == "cuda"
-    dtype = "bfloat16" if on_gpu else "float32"
-    if quick:
-        ms, shapes = [1, 16], [(4096, 4096)]
-    elif on_gpu:
-        ms, shapes = MS, SHAPES
-    else:
-        ms, shapes = [1, 16, 256], SHAPES[:2]
-    for m, (n, k) in itertools.product(ms, shapes):
-        yield {"m": m, "n": n, "k": k, "dtype": dtype}
+    return linear_grid(quick, MS, SHAPES, SHAPES[:2])
 
 
 def make_case(m: int, n: int, k: int, dtype: str) -> Case:

@@ -12,7 +12,7 @@ import torch
 
 import sparqle
 
-from .harness import Case, Impl, device, inputs, no_grad, plot_speedups
+from .harness import Case, Impl, device, inputs, linear_grid, no_grad, plot_speedups
 
 OP = "int8"
 KEYS = ("m", "n", "k", "dtype")
@@ -22,16 +22,7 @@ MS = [1, 16, 128, 1024, 4096, 8192]
 
 
 def grid(quick: bool) -> Iterator[dict]:
-    on_gpu = device().type == "cuda"
-    dtype = "bfloat16" if on_gpu else "float32"
-    if quick:
-        ms, shapes = [1, 16], [(4096, 4096)]
-    elif on_gpu:
-        ms, shapes = MS, list(itertools.product(SIZES, SIZES))
-    else:
-        ms, shapes = [1, 16, 256], [(4096, 4096)]
-    for m, (n, k) in itertools.product(ms, shapes):
-        yield {"m": m, "n": n, "k": k, "dtype": dtype}
+    return linear_grid(quick, MS, list(itertools.product(SIZES, SIZES)), [(4096, 4096)])
 
 
 def _int_mm_linear(x: torch.Tensor, qweight_t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

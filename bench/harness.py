@@ -6,12 +6,13 @@ roof is measured in the same run (a large device-to-device copy); the compute ro
 spec-sheet fp32 CUDA-core rate for known GPUs and is left out elsewhere.
 """
 import datetime
+import itertools
 import json
 import os
 import platform
 import subprocess
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -185,6 +186,23 @@ def table(report: dict, keys: Sequence[str]) -> str:
                  f"{r['tflops']:.3f}", f"{r['gbs']:.1f}", roof, speedup]
         lines.append("  ".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)
+
+
+def linear_grid(quick: bool, gpu_ms: Sequence[int], gpu_shapes: Sequence[tuple],
+                cpu_shapes: Sequence[tuple]) -> Iterator[dict]:
+    """The (m, n, k, dtype) cases of a linear-layer benchmark, (n, k) = (out, in): bf16
+    over ``gpu_ms`` x ``gpu_shapes`` on a GPU, fp32 over M in 1, 16, 256 x ``cpu_shapes``
+    on a CPU; ``quick``: M in 1, 16 at 4096 x 4096."""
+    on_gpu = device().type == "cuda"
+    dtype = "bfloat16" if on_gpu else "float32"
+    if quick:
+        ms, shapes = [1, 16], [(4096, 4096)]
+    elif on_gpu:
+        ms, shapes = gpu_ms, gpu_shapes
+    else:
+        ms, shapes = [1, 16, 256], cpu_shapes
+    for m, (n, k) in itertools.product(ms, shapes):
+        yield {"m": m, "n": n, "k": k, "dtype": dtype}
 
 
 def plot_speedups(report: dict, path: str, series_keys: Sequence[str], title: str,
