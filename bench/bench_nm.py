@@ -1,8 +1,10 @@
 """2:4 semi-structured sparse linear, y [M, N] = x [M, K] @ W^T: sparqle.linear on a
-SemiStructured weight against the dense layer on the same (pruned) weight in the
-activations' dtype (cuBLAS on a GPU) and, on CUDA, torch.sparse.to_sparse_semi_structured
-through both of its backends (cuSPARSELt and CUTLASS), and sparqle's CuPy mma.sp kernel
-where CuPy is installed.
+SemiStructured weight (``sparqle``: auto's dispatch, which on CUDA runs whichever of the
+Triton kernel, cuBLAS on the expanded weight and cuSPARSELt it measured fastest) against
+the dense layer on the same (pruned) weight in the activations' dtype (cuBLAS on a GPU)
+and, on CUDA, the Triton kernel alone (``sparqle-triton``),
+torch.sparse.to_sparse_semi_structured through both of its backends (cuSPARSELt and
+CUTLASS), and sparqle's CuPy mma.sp kernel where CuPy is installed.
 
 At small M the layer is bound by reading its weight: N K / 2 values plus 2 bits of
 metadata a value (0.5625x of the dense fp16 bytes). FLOPs: 2 M N K (the dense count).
@@ -33,7 +35,9 @@ def _torch_backends() -> tuple:
 
 
 _CUPY = importlib.util.find_spec("cupy") is not None and torch.cuda.is_available()
-IMPLS = ("sparqle", "dense") + _torch_backends() + (("cupy",) if _CUPY else ())
+_CUDA = torch.cuda.is_available()
+IMPLS = (("sparqle", "dense") + (("sparqle-triton",) if _CUDA else ()) + _torch_backends()
+         + (("cupy",) if _CUPY else ()))
 
 
 def grid(quick: bool) -> Iterator[dict]:
@@ -54,8 +58,8 @@ def _semi_structured(weight: torch.Tensor, backend: str) -> torch.Tensor:
     return cls.from_dense(weight)
 
 
-def _cupy_linear(x: torch.Tensor, w: sparqle.SemiStructured) -> torch.Tensor:
-    with sparqle.use_backend("cupy"):
+def _forced(backend: str, x: torch.Tensor, w: sparqle.SemiStructured) -> torch.Tensor:
+    with sparqle.use_backend(backend):
         return sparqle.linear(x, w)
 
 
@@ -72,8 +76,11 @@ def make_case(m: int, n: int, k: int, dtype: str) -> Case:
         Impl("dense", lambda i: no_grad(lambda xi=x(i): torch.nn.functional.linear(xi, weight)),
              n * k * size + io_bytes),
     ]
+    if _CUDA:
+        impls.append(Impl("sparqle-triton", lambda i: no_grad(lambda xi=x(i): _forced("triton", xi, w)),
+                          sparse_bytes))
     if _CUPY:
-        impls.append(Impl("cupy", lambda i: no_grad(lambda xi=x(i): _cupy_linear(xi, w)), sparse_bytes))
+        impls.append(Impl("cupy", lambda i: no_grad(lambda xi=x(i): _forced("cupy", xi, w)), sparse_bytes))
     for backend in _torch_backends():
         ws = _semi_structured(weight, backend)
         impls.append(Impl(backend, lambda i, ws=ws: no_grad(

@@ -1,6 +1,7 @@
 """N:M linear on every (device, backend) against the float64 oracle of its dense weight:
-forward, gradients of x, values and bias, spmm, the small-M split-K and tiled paths,
-gradcheck, opcheck, compile, SparseLinear, convert, state_dict, and bad input."""
+forward, gradients of x, values and bias, spmm, the small-M split-K and tiled paths, the
+expanded-W and cuSPARSELt paths and auto's measured choice on CUDA, gradcheck, opcheck,
+compile, SparseLinear, convert, state_dict, and bad input."""
 import io
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 import sparqle
 from sparqle import SemiStructured
 from sparqle.formats.nm import PATTERNS
+from sparqle.kernels.torch import nm_linear as torch_nm
 from sparqle.nn import SparseLinear
 
 from ._oracle import assert_close
@@ -19,6 +21,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (rows of x, out, in): one row, the small-M and tiled paths, in not a multiple of m or
 # of any block.
 SHAPES = [(1, 24, 70), (5, 33, 64), (19, 17, 45), (40, 9, 129)]
+TRITON_DEVICES = [d for d, b in device_backends() if b == "triton"]
 
 
 def _weight(out, k, n, m, dtype, device):
@@ -106,19 +109,82 @@ def test_spmm_matches_oracle(device_backend):
                  w64.abs().T @ torch.ones(30, 7, dtype=torch.float64), torch.float32, "db")
 
 
-@pytest.mark.parametrize("device", [d for d, b in device_backends() if b == "triton"])
-def test_triton_dispatch_by_m(monkeypatch, device):
-    """Each of the three paths (split-K small M, tiled, expand + matmul) meets the oracle."""
-    import sparqle.kernels.triton.nm_linear as kernel
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_small_m_and_tiled_paths(device):
+    """The Triton kernel on both sides of SMALL_M (split-K and tiled) meets the oracle."""
     from sparqle.kernels.triton._linear import SMALL_M
-    monkeypatch.setattr(kernel, "DENSE_FROM_M", 40)
     w = _weight(24, 100, 2, 4, torch.float32, device)
     bias = torch.randn(24, device=device)
-    for rows in (1, SMALL_M, SMALL_M + 1, 39, 40, 57):
+    for rows in (1, SMALL_M, SMALL_M + 1, 57):
         x = torch.randn(rows, 100, device=device)
         with sparqle.use_backend("triton"):
             y = sparqle.linear(x, w, bias)
         assert_close(y, *_oracle(x, w, bias), torch.float32, f"y (M={rows})")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,m", PATTERNS, ids=str)
+def test_triton_to_dense_is_exact(device, dtype, n, m):
+    """The Triton expansion writes every element (outputs are poisoned) and equals the
+    torch one bit for bit: rows and columns not multiples of its tile, one row, no rows."""
+    from sparqle.kernels.triton import nm_linear as triton_nm
+    for out, k in [(37, 150), (1, 7), (0, 9)]:
+        w = _weight(out, k, n, m, dtype, device)
+        dense = triton_nm.to_dense(w.values, w.meta, n, m, k)
+        assert dense.shape == (out, k) and dense.dtype == dtype
+        assert torch.equal(dense, torch_nm.to_dense(w.values, w.meta, n, m, k))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)], ids=str)
+def test_expanded_linear_matches_oracle(device, dtype, n, m):
+    """W expanded by the Triton kernel for one dense GEMM: auto's reference on CUDA."""
+    from sparqle.kernels.triton import nm_linear as triton_nm
+    w = _weight(21, 45, n, m, dtype, device)
+    x, bias = torch.randn(6, 45, dtype=dtype, device=device), torch.randn(21, dtype=dtype, device=device)
+    y = triton_nm.expanded_linear(x, w.values, w.meta, bias, n, m)
+    assert y.dtype == dtype
+    assert_close(y, *_oracle(x, w, bias), dtype, f"y ({n}:{m})")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.backends.cusparselt.is_available()),
+                    reason="needs cuSPARSELt on a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,out,k", [(1, 24, 70), (5, 33, 64), (19, 48, 45), (200, 64, 256)], ids=str)
+@pytest.mark.parametrize("training", [False, True])
+def test_cusparselt_linear_matches_oracle(dtype, rows, out, k, training):
+    """cuSPARSELt on sparse tensor cores, rows, columns and M not multiples of its tiles;
+    the kept compression follows an in-place change of the values."""
+    from sparqle.bindings.nm_linear import _cusparselt_linear
+    w = _weight(out, k, 2, 4, dtype, "cuda")
+    x, bias = torch.randn(rows, k, dtype=dtype, device="cuda"), torch.randn(out, dtype=dtype, device="cuda")
+    y = _cusparselt_linear(x, w.values, w.meta, bias, training)
+    assert y.shape == (rows, out) and y.is_contiguous()
+    assert_close(y, *_oracle(x, w, bias), dtype, "y")
+    w.values.mul_(-2)
+    assert_close(_cusparselt_linear(x, w.values, w.meta, None, training), *_oracle(x, w, None),
+                 dtype, "y after values changed")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_auto_on_cuda_measures_and_meets_the_oracle(dtype):
+    """auto times its candidates once per (shape, M bucket) and runs the winner."""
+    from sparqle.bindings import _backend
+    w = _weight(64, 96, 2, 4, dtype, "cuda")
+    w.values.requires_grad_(True)
+    bias = torch.randn(64, dtype=dtype, device="cuda")
+    for rows in (1, 16, 17, 300, 2048):
+        x = torch.randn(rows, 96, dtype=dtype, device="cuda")
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                y = sparqle.linear(x, w, bias)
+            assert_close(y, *_oracle(x, w, bias), dtype, f"y (M={rows}, grad={grad})")
+            key = ("nm_linear", x.device, dtype, 2, 4, 1 << (rows - 1).bit_length(), 64, 96, True, grad)
+            assert _backend._fastest[key] in ("cublas", "triton", "cusparselt")
 
 
 @pytest.mark.parametrize("device", sorted({d for d, _ in device_backends()}))
@@ -141,7 +207,7 @@ def test_opcheck_and_compile():
     x = torch.randn(5, 70, requires_grad=True)
     bias = torch.randn(20, requires_grad=True)
     values = w.values.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.sparqle.nm_linear.default, (x, values, w.meta, bias, 2, 4))
+    torch.library.opcheck(torch.ops.sparqle.nm_linear.default, (x, values, w.meta, bias, 2, 4, True))
     torch.library.opcheck(torch.ops.sparqle.nm_to_dense.default, (w.values, w.meta, 2, 4, 70))
     layer = SparseLinear(w, bias)
     expected = layer(x)

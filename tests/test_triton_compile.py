@@ -116,6 +116,7 @@ kernels += [(k, triton_dtypes(bell_binding)) for k in (spmm_bell._spmm_bell_kern
 kernels += [(k, triton_dtypes(int4_binding)) for k in (int4_linear._tiled, int4_linear._small_m)]
 kernels += [(k, triton_dtypes(int8_binding)) for k in (int8_linear._quantize_rows_kernel, int8_linear._int8_linear_kernel)]
 kernels += [(k, triton_dtypes(nm_binding)) for k in (nm_linear._tiled, nm_linear._small_m)]
+kernels += [(nm_linear._to_dense, sorted(NAMES[d] for d in nm_binding._TO_DENSE_DTYPES["triton"]))]
 kernels += [(k, triton_dtypes(window_binding)) for k in (
     window_attention._window_attention_fwd_kernel, window_attention._window_attention_bwd_kernel,
     window_attention._window_copy_kernel)]

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import _alloc
+from ..torch import nm_linear as torch_nm
 from ._module import i32, launch, ptr
 
 _FILE = "nm_linear.cu"
@@ -41,3 +42,9 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
            (ptr(x), ptr(values), ptr(meta), np.uint64(0) if bias is None else ptr(bias),
             ptr(y), i32(tokens), i32(rows), i32(k), i32(kc), i32(meta.shape[1])), x)
     return y
+
+
+def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
+    """W [N, k] from the compressed form: a format conversion with no CUDA C of its own
+    here, the torch path's."""
+    return torch_nm.to_dense(values, meta, n, m, k)

@@ -6,12 +6,10 @@ fp32, fp16 and bf16, accumulated in fp32. For fp16/bf16 with k <= 65536 the SpMM
 16-bit column indices: a narrowed copy of ``col`` made on first use and kept while ``col``
 lives and is not modified in place.
 """
-import weakref
-from typing import Dict, Tuple
-
 import torch
 
 from .. import _alloc
+from .._derived import derived
 from ._module import i32, i64, launch, ptr
 
 _FILE = "spmm_csr.cu"
@@ -19,9 +17,6 @@ _NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _THREADS = 128
 _SPARSE_VEC = 4
 _MAX_U16_K = 1 << 16
-
-# id(col) -> (weak reference to col, col._version when narrowed, the 16-bit copy)
-_narrowed: Dict[int, Tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def _vec(dtype: torch.dtype) -> int:
@@ -45,17 +40,9 @@ def _rows_vectorizable(t: torch.Tensor, vec: int) -> bool:
 
 
 def _u16_columns(col: torch.Tensor) -> torch.Tensor:
-    """``col`` (int32, entries < 65536) as 16-bit unsigned bit patterns, cached per tensor."""
-    key = id(col)
-    hit = _narrowed.get(key)
-    if hit is not None and hit[0]() is col and hit[1] == col._version:
-        return hit[2]
+    """``col`` (int32, entries < 65536) as 16-bit unsigned bit patterns, kept per tensor."""
     # The low halves of little-endian int32: exact for 0 <= col < 65536.
-    narrow = col.contiguous().view(torch.int16).view(-1, 2)[:, 0].contiguous()
-    if hit is None or hit[0]() is not col:
-        weakref.finalize(col, _narrowed.pop, key, None)
-    _narrowed[key] = (weakref.ref(col), col._version, narrow)
-    return narrow
+    return derived("u16", lambda: col.contiguous().view(torch.int16).view(-1, 2)[:, 0].contiguous(), col)
 
 
 def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,

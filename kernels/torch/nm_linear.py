@@ -8,12 +8,21 @@ BITS = 2 bits each for M <= 4 and 4 bits for M = 8, P = 32 / BITS to a word, LSB
 position(j) = (meta[:, j // P] >> (BITS * (j % P))) & (2**BITS - 1).
 For 2:4 each group of 4 gets a nibble (its first position in the low 2 bits), eight
 groups (32 dense columns) a word: the per-row metadata encoding of sparse tensor cores.
+
+``nm_linear`` is the CPU path and the fallback; ``cusparselt_linear`` runs 2:4 on sparse
+tensor cores through torch's cuSPARSELt ops (CUDA only), on a weight that
+``cusparselt_compress`` prepared.
 """
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ._linear import linear_by_row_blocks
+
+# cuSPARSELt takes a 16-bit 2:4 operand whose rows and columns are multiples of 16, and a
+# dense operand whose rows and columns are multiples of 8.
+_SPARSE_TILE, _DENSE_TILE = 16, 8
 
 
 def index_bits(m: int) -> int:
@@ -63,3 +72,27 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     k = x.shape[1]
     return linear_by_row_blocks(
         x, values.shape[0], lambda lo, hi: to_dense(values[lo:hi], meta[lo:hi], n, m, k), bias)
+
+
+def _padded(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """2-D ``t`` padded with zeros to multiples of ``rows`` and ``cols`` (``t`` itself if it is)."""
+    pad_rows, pad_cols = -t.shape[0] % rows, -t.shape[1] % cols
+    return F.pad(t, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else t
+
+
+def cusparselt_compress(dense: torch.Tensor) -> torch.Tensor:
+    """A 2:4 W [N, K] (fp16 or bf16, CUDA) in cuSPARSELt's compressed form, its rows and
+    columns padded with zeros to multiples of 16 (about 0.56x of the dense bytes)."""
+    return torch._cslt_compress(_padded(dense, _SPARSE_TILE, _SPARSE_TILE))
+
+
+def cusparselt_linear(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.Tensor],
+                      out_features: int) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T (+ bias [N]) for the 2:4 W that ``compressed`` holds, on
+    sparse tensor cores: cuSPARSELt computes W x^T and writes it transposed."""
+    rows = x.shape[0]
+    dense = _padded(x.contiguous(), _DENSE_TILE, _SPARSE_TILE)
+    if bias is not None:
+        bias = F.pad(bias, (0, -out_features % _SPARSE_TILE))
+    y = torch._cslt_sparse_mm(compressed, dense.t(), bias=bias, transpose_result=True)
+    return y[:rows, :out_features].contiguous()

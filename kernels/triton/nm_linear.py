@@ -8,12 +8,13 @@ position selects one of the M slots of its group) and feeds ``tl.dot`` with fp32
 accumulation; the bias is added in the epilogue. The weight is read at N/M of its dense
 bytes plus BITS / 16 bits per dense fp16 weight of metadata (0.5625x dense for 2:4).
 
-Dispatch by M (thresholds not yet measured on a GPU): below DENSE_FROM_M the split-K
-small-M and tiled launches of ``_linear.launch_by_m``, where reading 0.5625x of the dense
-bytes is the speed-up at small M; from it on, compute-bound, where N:M saves no math on
-dense tensor cores: expand W once and let cuBLAS multiply. Sparse tensor cores
-(cuSPARSELt, or the cupy backend's mma.sp kernel, which runs when forced) are the way to
-a 2x there; auto routes to them once they are measured faster.
+``to_dense`` expands W with the same register expansion, writing each dense element
+once, and ``expanded_linear`` multiplies the expanded W with cuBLAS.
+
+Launched through ``_linear.launch_by_m``: the split-K small-M path for M <= 16, where
+reading 0.5625x of the dense bytes is the speed-up, and the tiled path above it. At large
+M, where N:M saves no math on dense tensor cores, expanding W for cuBLAS or cuSPARSELt's
+sparse tensor cores may be faster: the binding measures which (bindings/nm_linear.py).
 """
 from typing import Optional
 
@@ -21,11 +22,39 @@ import torch
 import triton
 import triton.language as tl
 
-from ..torch.nm_linear import index_bits, to_dense
-from ._config import dot_meta
+from .. import _alloc
+from ..torch.nm_linear import index_bits
+from ._config import autotune_configs, dot_meta, on_device_of
 from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, launch_by_m
 
-DENSE_FROM_M = 1024
+# to_dense is bound by memory: tiles of 2K to 8K dense elements.
+TO_DENSE_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4) for bn, bk in [(16, 128), (32, 128), (32, 256)]],
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}),
+)
+
+
+@triton.jit
+def _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total, stride_vn, stride_metan,
+                   KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense columns [k0, k0 + BLOCK_K) of W's rows offs_n, in values' dtype (zero outside
+    W). The compressed tile and its positions are loaded contiguously, then expanded in
+    registers: dense column k of group k // GROUP takes the kept value j whose position is
+    k % GROUP, else 0."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    offs_kc = k0 // GROUP * KEEP + tl.arange(0, BLOCK_K // GROUP * KEEP)
+    mask_w = mask_n[:, None] & (offs_kc < kc_total)[None, :]
+    v = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_kc[None, :], mask=mask_w, other=0)
+    word = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (offs_kc // PER_WORD)[None, :],
+                   mask=mask_w, other=0)
+    pos = (word >> ((offs_kc % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
+    w = tl.zeros([BLOCK_N, BLOCK_K], dtype=v.dtype)
+    slot = tl.arange(0, BLOCK_K) % GROUP
+    for j in tl.static_range(KEEP):
+        source = tl.broadcast_to((tl.arange(0, BLOCK_K) // GROUP * KEEP + j)[None, :], (BLOCK_N, BLOCK_K))
+        w = tl.where(tl.gather(pos, source, axis=1) == slot[None, :], tl.gather(v, source, axis=1), w)
+    return w
 
 
 @triton.jit
@@ -39,7 +68,6 @@ def _nm_linear_kernel(
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    PER_WORD: tl.constexpr = 32 // BITS
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -51,21 +79,8 @@ def _nm_linear_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
-        # Load the compressed tile and its positions contiguously, then expand in
-        # registers: dense column k of group k // GROUP takes the kept value j whose
-        # position is k % GROUP, else 0.
-        offs_kc = k0 // GROUP * KEEP + tl.arange(0, BLOCK_K // GROUP * KEEP)
-        mask_w = mask_n[:, None] & (offs_kc < kc_total)[None, :]
-        v = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_kc[None, :], mask=mask_w, other=0)
-        word = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (offs_kc // PER_WORD)[None, :],
-                       mask=mask_w, other=0)
-        pos = (word >> ((offs_kc % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
-        w = tl.zeros([BLOCK_N, BLOCK_K], dtype=x.dtype)
-        slot = tl.arange(0, BLOCK_K) % GROUP
-        for j in tl.static_range(KEEP):
-            source = tl.broadcast_to((tl.arange(0, BLOCK_K) // GROUP * KEEP + j)[None, :], (BLOCK_N, BLOCK_K))
-            w = tl.where(tl.gather(pos, source, axis=1) == slot[None, :],
-                         tl.gather(v, source, axis=1).to(x.dtype), w)
+        w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total, stride_vn, stride_metan,
+                           KEEP, GROUP, BITS, BLOCK_N, BLOCK_K).to(x.dtype)
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -86,13 +101,57 @@ _small_m = triton.autotune(configs=SMALL_M_CONFIGS, key=["M", "N", "K", "KEEP", 
                            reset_to_zero=["y_ptr"])(_nm_linear_kernel)
 
 
+@triton.jit
+def _to_dense_kernel(
+    values_ptr, meta_ptr, dense_ptr,
+    N, K,
+    stride_vn, stride_metan,
+    stride_dn, stride_dk,
+    KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, tl.cdiv(K, GROUP) * KEEP,
+                       stride_vn, stride_metan, KEEP, GROUP, BITS, BLOCK_N, BLOCK_K)
+    tl.store(dense_ptr + offs_n[:, None] * stride_dn + offs_k[None, :] * stride_dk, w,
+             mask=mask_n[:, None] & (offs_k < K)[None, :])
+
+
+_to_dense = triton.autotune(configs=TO_DENSE_CONFIGS, key=["N", "K", "KEEP", "GROUP"])(_to_dense_kernel)
+
+
+def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
+    """W [N, k] (contiguous, values' dtype) from the compressed form, every element written
+    once: it reads the compressed bytes and writes the dense ones, nothing more."""
+    out = values.shape[0]
+    dense = _alloc.empty((out, k), values.dtype, values.device)
+    if out == 0 or k == 0:
+        return dense
+    grid = lambda config: (triton.cdiv(out, config["BLOCK_N"]), triton.cdiv(k, config["BLOCK_K"]))  # noqa: E731
+    with on_device_of(values):
+        _to_dense[grid](
+            values, meta, dense, out, k,
+            values.stride(0), meta.stride(0), dense.stride(0), dense.stride(1),
+            KEEP=n, GROUP=m, BITS=index_bits(m),
+        )
+    return dense
+
+
+def expanded_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    bias: Optional[torch.Tensor], n: int, m: int) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T (+ bias [N]) in x's dtype: W expanded by ``to_dense``, then
+    one ``F.linear`` (cuBLAS on a GPU), the dense layer's own arithmetic."""
+    return torch.nn.functional.linear(x, to_dense(values, meta, n, m, x.shape[1]), bias)
+
+
 def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
               bias: Optional[torch.Tensor], n: int, m: int) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W^T (+ bias [N]) for W [N, K] in n:m."""
     rows, k = x.shape
     out = values.shape[0]
-    if rows >= DENSE_FROM_M:
-        return torch.nn.functional.linear(x, to_dense(values, meta, n, m, k).to(x.dtype), bias)
 
     def launch(kernel, grid, y):
         kernel[grid](
