@@ -27,6 +27,8 @@ def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
              row_order: torch.Tensor, t_crow: Optional[torch.Tensor],
              t_col: Optional[torch.Tensor], t_perm: Optional[torch.Tensor],
              t_row_order: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+    # Every backend reads the CSR arrays at unit stride.
+    crow, col, values, row_order = (t.contiguous() for t in (crow, col, values, row_order))
     return launch("spmm_csr", "spmm_csr", _DTYPES, b, crow, col, values, row_order, b)
 
 
@@ -38,7 +40,7 @@ def _(crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b):
 @torch.library.custom_op("sparqle::sddmm_csr", mutates_args=())
 def sddmm_csr(crow: torch.Tensor, col: torch.Tensor, x: torch.Tensor,
               y: torch.Tensor) -> torch.Tensor:
-    return launch("spmm_csr", "sddmm_csr", _DTYPES, x, crow, col, x, y)
+    return launch("spmm_csr", "sddmm_csr", _DTYPES, x, crow.contiguous(), col.contiguous(), x, y)
 
 
 @sddmm_csr.register_fake

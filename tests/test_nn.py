@@ -1,4 +1,5 @@
 """sparqle.nn.SparseLinear and sparqle.convert."""
+import inspect
 import io
 
 import pytest
@@ -139,3 +140,32 @@ def test_linear_with_an_empty_weight(fmt, shape):
     model = sparqle.convert(nn.Sequential(nn.Linear(shape[1], shape[0], bias=False)), fmt, **options)
     y = model(torch.randn(2, 3, shape[1]))
     assert y.shape == (2, 3, shape[0]) and bool((y == 0).all())
+
+
+def _strided(t):
+    """The same values in a non-contiguous tensor (every dim, 1-D included)."""
+    if not isinstance(t, torch.Tensor) or t.numel() < 2:
+        return t
+    return torch.stack([t, t], -1)[..., 0]
+
+
+_FORMATS = {"csr": lambda w: sparqle.CSR.from_dense(w * (torch.rand_like(w) > 0.5)),
+            "bell": lambda w: sparqle.BlockedELL.from_dense(w, block_size=16),
+            "2:4": sparqle.SemiStructured.from_dense,
+            "int4": lambda w: sparqle.Int4Weight.from_float(w, group_size=32),
+            "int8": sparqle.Int8Weight.from_float,
+            "fp8": sparqle.FP8Weight.from_float}
+
+
+@pytest.mark.parametrize("fmt", sorted(_FORMATS))
+def test_linear_with_non_contiguous_format_tensors(device_backend, fmt):
+    """A format built from strided tensors gives the contiguous format's result on every
+    backend (kernels that assume unit strides must not read them as such)."""
+    device, backend = device_backend
+    w = _FORMATS[fmt](torch.randn(32, 64)).to(device)
+    params = [name for name in inspect.signature(type(w).__init__).parameters if name != "self"]
+    strided = type(w)(**{name: _strided(getattr(w, name)) for name in params})
+    assert any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in vars(strided).values())
+    x = torch.randn(3, 64, device=device)
+    with sparqle.use_backend(backend):
+        torch.testing.assert_close(sparqle.linear(x, strided), sparqle.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -47,7 +47,7 @@ def unpack_positions(meta: torch.Tensor, m: int, kc: int) -> torch.Tensor:
     bits = index_bits(m)
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=meta.device)
     fields = (meta[..., None] >> shifts) & (2**bits - 1)  # the mask drops the sign's copies
-    return fields.view(meta.shape[0], meta.shape[1] * shifts.numel())[:, :kc]
+    return fields.reshape(meta.shape[0], meta.shape[1] * shifts.numel())[:, :kc]
 
 
 def columns(meta: torch.Tensor, n: int, m: int, kc: int) -> torch.Tensor:

@@ -79,6 +79,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     """y [M, N] = x [M, K] @ dequant(W)^T (+ bias [N]) for an int4 W [N, K]."""
     m, k = x.shape
     n = packed.shape[0]
+    # The kernel reads bytes and groups along K at unit stride, zeros at scales' strides.
+    packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()
     if m >= DEQUANTIZE_FROM_M:
         w = dequantize(packed, scales, zeros, group_width, k).to(x.dtype)
         return torch.nn.functional.linear(x, w, bias)

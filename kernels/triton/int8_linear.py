@@ -122,6 +122,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     y = _alloc.empty((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return y
+    scales = scales.contiguous()  # read at unit stride
     a, a_scale = quantize_rows(x, None) if quantize_activation else (x, scales)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     with on_device_of(x):

@@ -35,7 +35,8 @@ TO_DENSE_CONFIGS = autotune_configs(
 
 
 @triton.jit
-def _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total, stride_vn, stride_metan,
+def _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total,
+                   stride_vn, stride_vk, stride_metan, stride_metak,
                    KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dense columns [k0, k0 + BLOCK_K) of W's rows offs_n, in values' dtype (zero outside
@@ -45,8 +46,8 @@ def _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total, stride_vn
     PER_WORD: tl.constexpr = 32 // BITS
     offs_kc = k0 // GROUP * KEEP + tl.arange(0, BLOCK_K // GROUP * KEEP)
     mask_w = mask_n[:, None] & (offs_kc < kc_total)[None, :]
-    v = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_kc[None, :], mask=mask_w, other=0)
-    word = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (offs_kc // PER_WORD)[None, :],
+    v = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_kc[None, :] * stride_vk, mask=mask_w, other=0)
+    word = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (offs_kc // PER_WORD)[None, :] * stride_metak,
                    mask=mask_w, other=0)
     pos = (word >> ((offs_kc % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
     w = tl.zeros([BLOCK_N, BLOCK_K], dtype=v.dtype)
@@ -62,7 +63,8 @@ def _nm_linear_kernel(
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk,
-    stride_vn, stride_metan,
+    stride_vn, stride_vk,
+    stride_metan, stride_metak,
     stride_ym, stride_yn,
     KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -79,8 +81,8 @@ def _nm_linear_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
-        w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total, stride_vn, stride_metan,
-                           KEEP, GROUP, BITS, BLOCK_N, BLOCK_K).to(x.dtype)
+        w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total, stride_vn, stride_vk,
+                           stride_metan, stride_metak, KEEP, GROUP, BITS, BLOCK_N, BLOCK_K).to(x.dtype)
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -105,7 +107,8 @@ _small_m = triton.autotune(configs=SMALL_M_CONFIGS, key=["M", "N", "K", "KEEP", 
 def _to_dense_kernel(
     values_ptr, meta_ptr, dense_ptr,
     N, K,
-    stride_vn, stride_metan,
+    stride_vn, stride_vk,
+    stride_metan, stride_metak,
     stride_dn, stride_dk,
     KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -115,7 +118,7 @@ def _to_dense_kernel(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, tl.cdiv(K, GROUP) * KEEP,
-                       stride_vn, stride_metan, KEEP, GROUP, BITS, BLOCK_N, BLOCK_K)
+                       stride_vn, stride_vk, stride_metan, stride_metak, KEEP, GROUP, BITS, BLOCK_N, BLOCK_K)
     tl.store(dense_ptr + offs_n[:, None] * stride_dn + offs_k[None, :] * stride_dk, w,
              mask=mask_n[:, None] & (offs_k < K)[None, :])
 
@@ -134,7 +137,8 @@ def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -
     with on_device_of(values):
         _to_dense[grid](
             values, meta, dense, out, k,
-            values.stride(0), meta.stride(0), dense.stride(0), dense.stride(1),
+            values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
+            dense.stride(0), dense.stride(1),
             KEEP=n, GROUP=m, BITS=index_bits(m),
         )
     return dense
@@ -158,7 +162,8 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             x, values, meta, y if bias is None else bias, y,
             rows, out, k,
             x.stride(0), x.stride(1),
-            values.stride(0), meta.stride(0),
+            values.stride(0), values.stride(1),
+            meta.stride(0), meta.stride(1),
             y.stride(0), y.stride(1),
             KEEP=n, GROUP=m, BITS=index_bits(m), HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )

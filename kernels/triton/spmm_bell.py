@@ -120,7 +120,7 @@ def _launch_mm(cols, slots, values, x, out_features, transposed):
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), rows)  # noqa: E731
     with on_device_of(x):
         _spmm_bell_kernel[grid](
-            cols, slots, values.contiguous(), x, out,
+            cols.contiguous(), slots.contiguous(), values.contiguous(), x, out,
             n, x.shape[1], out_features, width,
             x.stride(0), x.stride(1),
             out.stride(0), out.stride(1),
@@ -150,7 +150,7 @@ def sddmm_bell(ell_cols: torch.Tensor, dy: torch.Tensor, x: torch.Tensor,
         return out
     with on_device_of(dy):
         _sddmm_bell_kernel[(rows * width,)](
-            ell_cols, dy, x, out,
+            ell_cols.contiguous(), dy, x, out,
             dy.shape[0], dy.shape[1], x.shape[1], width,
             dy.stride(0), dy.stride(1),
             x.stride(0), x.stride(1),
