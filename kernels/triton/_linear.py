@@ -6,13 +6,15 @@
   atomically into a zeroed workspace.
 - M > SMALL_M: the tiled configs, one pass over K per tile, y written in x's dtype.
 
-A kernel launched here takes the grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K), and
-stores with ``tl.store`` when SPLIT_K == 1, ``tl.atomic_add`` otherwise.
+A kernel launched here takes the grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K),
+accumulates each decoded tile with ``dot_tile`` and ends with ``store_tile``, which stores
+with ``tl.store`` when SPLIT_K == 1 and ``tl.atomic_add`` otherwise.
 """
 from typing import Callable
 
 import torch
 import triton
+import triton.language as tl
 
 from .. import _alloc
 from ._config import autotune_configs, on_device_of
@@ -31,6 +33,32 @@ SMALL_M_CONFIGS = autotune_configs(
                            (64, 128, 2, 4), (32, 128, 4, 4), (64, 256, 4, 8), (32, 256, 8, 8)]],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}),
 )
+
+
+@triton.jit
+def dot_tile(x, w, acc, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + x [BLOCK_M, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T, both upcast to fp32 first when
+    UPCAST (see _config.dot_meta)."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
+               HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[offs_m, offs_n] = acc + bias (the bias added by split 0 only): stored in y's dtype
+    when SPLIT_K == 1, else added atomically into y, a zeroed fp32 workspace."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n & (split == 0), other=0)
+        acc += bias.to(ACC_DTYPE)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=mask_y)
 
 
 def launch_by_m(tiled, small_m, x: torch.Tensor, out_features: int,

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..torch.int4_linear import dequantize
 from ._config import dot_meta
-from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, launch_by_m
+from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile
 
 DEQUANTIZE_FROM_M = 1024
 
@@ -54,19 +54,9 @@ def _int4_linear_kernel(
         scale = tl.load(scales_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask_w, other=0)
         zero = tl.load(zeros_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask_w, other=0)
         w = ((q.to(ACC_DTYPE) - zero.to(ACC_DTYPE)) * scale.to(ACC_DTYPE)).to(x.dtype)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n & (split == 0), other=0)
-        acc += bias.to(ACC_DTYPE)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
-    else:  # y is a zeroed fp32 workspace
-        tl.atomic_add(y_ptrs, acc, mask=mask_y)
+        acc = dot_tile(x, w, acc, ACC_DTYPE, PRECISION, UPCAST)
+    store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
+               HAS_BIAS, ACC_DTYPE, SPLIT_K)
 
 
 _tiled = triton.autotune(configs=TILED_CONFIGS, key=["M", "N", "K"])(_int4_linear_kernel)

@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import _alloc
 from ..torch.nm_linear import index_bits
 from ._config import autotune_configs, dot_meta, on_device_of
-from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, launch_by_m
+from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile
 
 # to_dense is bound by memory: tiles of 2K to 8K dense elements.
 TO_DENSE_CONFIGS = autotune_configs(
@@ -83,19 +83,9 @@ def _nm_linear_kernel(
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
         w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total, stride_vn, stride_vk,
                            stride_metan, stride_metak, KEEP, GROUP, BITS, BLOCK_N, BLOCK_K).to(x.dtype)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n & (split == 0), other=0)
-        acc += bias.to(ACC_DTYPE)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
-    else:  # y is a zeroed fp32 workspace
-        tl.atomic_add(y_ptrs, acc, mask=mask_y)
+        acc = dot_tile(x, w, acc, ACC_DTYPE, PRECISION, UPCAST)
+    store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
+               HAS_BIAS, ACC_DTYPE, SPLIT_K)
 
 
 _tiled = triton.autotune(configs=TILED_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"])(_nm_linear_kernel)
