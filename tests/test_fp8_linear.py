@@ -3,7 +3,6 @@ nearest rounding), the GEMM on every (device, backend) against the float64 oracl
 quantized operands, SQNR against the float layer, straight-through gradients, FP8
 training (its gradients against the oracle, and its loss curve against fp32 training),
 compile, opcheck, the module, convert, and bad input."""
-import io
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from sparqle.formats.int4 import sqnr_db
 from sparqle.functional import fp8_training_linear
 from sparqle.nn import FP8Linear
 
+from ._modules import load_saved
 from ._oracle import assert_close
 from .conftest import device_backends
 
@@ -313,11 +313,7 @@ def test_module_convert_and_state_dict():
     sparqle.convert(model, "fp8")
     assert all(isinstance(model[i], FP8Linear) for i in (0, 2)) and "granularity=row" in repr(model[0])
     assert sqnr_db(reference, model(x)) > 25
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    buffer.seek(0)
-    other = sparqle.convert(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)), "fp8")
-    other.load_state_dict(torch.load(buffer, weights_only=True))
+    other = load_saved(model, sparqle.convert(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)), "fp8"))
     torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
     bits, scales = model[0].qweight.clone(), model[0].scales.clone()
     model.to(torch.bfloat16)  # the FP8 bits (uint8) and the fp32 scales are left alone

@@ -1,7 +1,6 @@
 """int4 weight-only linear: the format (pack/unpack exact, quantization rules, SQNR), the op
 on every (device, backend) against the float64 oracle of its dequantized weight, gradients,
 compile, opcheck, the module, convert, and bad input."""
-import io
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from sparqle import Int4Weight
 from sparqle.formats.int4 import sqnr_db
 from sparqle.nn import Int4Linear
 
+from ._modules import load_saved
 from ._oracle import assert_close
 from .conftest import device_backends
 
@@ -146,12 +146,8 @@ def test_module_convert_state_dict_and_adapter_training():
     assert all(isinstance(model[i], Int4Linear) for i in (0, 2))
     assert "group_size=32" in repr(model[0])
     assert sqnr_db(reference, model(x)) > 15
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    buffer.seek(0)
-    other = sparqle.convert(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)),
-                            "int4", group_size=32)
-    other.load_state_dict(torch.load(buffer, weights_only=True))
+    other = load_saved(model, sparqle.convert(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)),
+                                              "int4", group_size=32))
     torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
     # A LoRA-style adapter trains on top of the frozen int4 layer.
     adapter = nn.Linear(64, 48, bias=False)

@@ -1,7 +1,6 @@
 """int8 linear layers (W8A8 and W8A16): quantization rules exactly, the op on every
 (device, backend) against the float64 oracle of its quantized operands, SQNR against the
 float layer, gradients, compile, opcheck, the module, convert, and bad input."""
-import io
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from sparqle import Int8Weight
 from sparqle.formats.int4 import sqnr_db
 from sparqle.nn import Int8Linear
 
+from ._modules import load_saved
 from ._oracle import assert_close
 from .conftest import device_backends
 
@@ -136,11 +136,7 @@ def test_module_convert_and_state_dict():
     sparqle.convert(model, "int8")
     assert all(isinstance(model[i], Int8Linear) for i in (0, 2)) and "activation=dynamic" in repr(model[0])
     assert sqnr_db(reference, model(x)) > 30
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    buffer.seek(0)
-    other = sparqle.convert(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)), "int8")
-    other.load_state_dict(torch.load(buffer, weights_only=True))
+    other = load_saved(model, sparqle.convert(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)), "int8"))
     torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
     weight_only = Int8Linear.from_linear(nn.Linear(64, 48), activation=None)
     assert weight_only(x).shape == (8, 48)

@@ -2,7 +2,6 @@
 forward, gradients of x, values and bias, spmm, the small-M split-K and tiled paths, the
 expanded-W and cuSPARSELt paths and auto's measured choice on CUDA, gradcheck, opcheck,
 compile, SparseLinear, convert, state_dict, and bad input."""
-import io
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from sparqle.formats.nm import PATTERNS
 from sparqle.kernels.torch import nm_linear as torch_nm
 from sparqle.nn import SparseLinear
 
+from ._modules import load_saved
 from ._oracle import assert_close
 from .conftest import device_backends
 
@@ -225,13 +225,9 @@ def test_module_convert_state_dict_and_sparse_training():
     assert isinstance(model[0], SparseLinear) and "format=2:4" in repr(model[0])
     model[2] = SparseLinear.from_linear(nn.Linear(24, 8), format="4:8")
     x = torch.randn(16, 32)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    buffer.seek(0)
-    other = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8))
-    sparqle.convert(other, "2:4")
+    other = sparqle.convert(nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8)), "2:4")
     other[2] = SparseLinear.from_linear(nn.Linear(24, 8), format="4:8")
-    other.load_state_dict(torch.load(buffer, weights_only=True))
+    load_saved(model, other)
     torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
     # Sparse training with the pattern fixed: the loss falls and the weight stays 2:4.
     opt = torch.optim.Adam(model.parameters(), lr=0.01)

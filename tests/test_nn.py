@@ -1,6 +1,5 @@
 """sparqle.nn.SparseLinear and sparqle.convert."""
 import inspect
-import io
 
 import pytest
 import torch
@@ -8,6 +7,8 @@ from torch import nn
 
 import sparqle
 from sparqle.nn import SparseLinear
+
+from ._modules import load_saved
 
 
 class Block(nn.Module):
@@ -105,13 +106,8 @@ def test_state_dict_round_trip_with_weights_only_load(fmt, options):
     """Loads into a model pruned from other weights: the pattern's sizes may differ."""
     torch.manual_seed(1)
     model = sparqle.convert(Block(), fmt, **options)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
     torch.manual_seed(2)
-    other = sparqle.convert(Block(), fmt, **options)
-    other.load_state_dict(state)
+    other = load_saved(model, sparqle.convert(Block(), fmt, **options))
     x = torch.randn(2, 3, 24)
     torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
 

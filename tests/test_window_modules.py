@@ -3,7 +3,6 @@ in bench/swin_reference.py, run in float64 as the oracle): the swapped attention
 converted model's logits, keep_ratio = 1 equal to the dense block, kept windows equal to
 the dense block's and the others untouched, gradients, state_dict, and bad input."""
 import copy
-import io
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ import sparqle
 from sparqle.nn import SparseWindowBlock, WindowAttention
 
 from sparqle.bench import swin_reference as swin
+
+from ._modules import load_saved
 from .test_window_partition import pixel_map
 
 # (H, W, window, shift): N = 49 shifted and not, and H, W not multiples of the window
@@ -115,11 +116,7 @@ def test_convert_model_gives_the_same_logits():
     assert sum(isinstance(m, WindowAttention) for m in converted.modules()) == 4
     assert set(converted.state_dict()) == keys
     close(converted(images), reference, "logits")
-    buffer = io.BytesIO()
-    torch.save(converted.state_dict(), buffer)
-    buffer.seek(0)
-    other = sparqle.convert(swin.TinySwin().eval(), "window_attention")
-    other.load_state_dict(torch.load(buffer, weights_only=True))
+    other = load_saved(converted, sparqle.convert(swin.TinySwin().eval(), "window_attention"))
     assert torch.equal(other(images), converted(images))
 
     dense_equal = sparqle.convert(copy.deepcopy(model), "sparse_windows", keep_ratio=[1.0, 1.0])
