@@ -18,6 +18,7 @@ training.
 Gradients, the pattern fixed: dx = dy @ W (through the dense W: the transpose of an N:M
 matrix is not N:M), d(values) = (dy^T @ x) at the kept positions, dbias = sum of dy.
 """
+import functools
 from typing import Callable, Dict, Optional
 
 import torch
@@ -37,10 +38,12 @@ _TO_DENSE_DTYPES = dict.fromkeys(("triton", "torch", "cupy"), FLOATS)
 _UNMEASURED_CUBLAS_FROM_M = 1024
 
 
-def _cusparselt_runs(x: torch.Tensor, n: int, m: int) -> bool:
-    return ((n, m) == (2, 4) and x.dtype in (torch.float16, torch.bfloat16)
+@functools.lru_cache(maxsize=None)
+def _cusparselt_runs(device: torch.device, dtype: torch.dtype, n: int, m: int) -> bool:
+    """Whether cuSPARSELt takes this pattern and dtype on this device (asked once each)."""
+    return ((n, m) == (2, 4) and dtype in (torch.float16, torch.bfloat16)
             and torch.backends.cusparselt.is_available()
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def _cusparselt_linear(x, values, meta, bias, training) -> torch.Tensor:
@@ -63,7 +66,7 @@ def _cuda_candidates(x, values, meta, bias, n, m, training) -> Dict[str, Callabl
         "cublas": lambda: on_triton.expanded_linear(x, values, meta, bias, n, m),
         "triton": lambda: on_triton.nm_linear(x, values, meta, bias, n, m),
     }
-    if _cusparselt_runs(x, n, m):
+    if _cusparselt_runs(x.device, x.dtype, n, m):
         candidates["cusparselt"] = lambda: _cusparselt_linear(x, values, meta, bias, training)
     return candidates
 
