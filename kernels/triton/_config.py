@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton launchers: autotune configs and the launch device."""
+"""Helpers shared by the Triton launchers: the interpreter switch, the launch device and
+the constexprs of a dot (autotuning is in _autotune.py)."""
 import contextlib
 import os
 
@@ -9,12 +10,6 @@ import triton.language as tl
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU through its NumPy interpreter."""
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def autotune_configs(space, interpreted):
-    """``space`` (a list of triton.Config) on a GPU; the single ``interpreted`` config
-    under the interpreter, where each extra config only costs time."""
-    return [interpreted] if interpreting() else space
 
 
 def on_device_of(t: torch.Tensor):

@@ -3,11 +3,11 @@ per-row max |x|, and the fp32 magic number of round-half-to-even."""
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs
+from ._autotune import Configs
 
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + magic - magic rounds |v| < 2**22 half to even
 
-QUANT_CONFIGS = autotune_configs(
+QUANT_CONFIGS = Configs(
     [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8)]],
     triton.Config({"BLOCK_K": 32}),
 )

@@ -21,13 +21,14 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._config import autotune_configs, dot_meta, on_device_of
+from ._autotune import Configs, autotune
+from ._config import dot_meta, on_device_of
 from ._rows import QUANT_CONFIGS, ROUND_MAGIC, row_absmax
 
 # torch FP8 dtype name -> (Triton dtype, mantissa bits, smallest normal exponent)
 _FORMATS = {"float8_e4m3fn": (tl.float8e4nv, 3, -6), "float8_e5m2": (tl.float8e5, 2, -14)}
 
-_GEMM_CONFIGS = autotune_configs(
+_GEMM_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
      for bm, bn, bk, w, s in [(16, 16, 512, 2, 4), (16, 32, 512, 4, 3),  # small M: more CTAs, more bytes in flight
                               (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 128, 4, 4),
@@ -55,7 +56,7 @@ def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
     return tl.where(bits < 0, -r, r)
 
 
-@triton.autotune(configs=QUANT_CONFIGS, key=["K"])
+@autotune(QUANT_CONFIGS, key=["K"])
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, static_ptr,
@@ -82,7 +83,7 @@ def _quantize_rows_kernel(
         tl.store(q_ptr + row * stride_qm + offs, q.to(tl.uint8, bitcast=True), mask=offs < K)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K", "A_FP8"])
+@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "A_FP8"], bucket=["M"])
 @triton.jit
 def _fp8_scaled_mm_kernel(
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, y_ptr,

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..torch.int4_linear import dequantize
+from ._autotune import autotune
 from ._config import dot_meta
 from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile
 
@@ -59,8 +60,8 @@ def _int4_linear_kernel(
                HAS_BIAS, ACC_DTYPE, SPLIT_K)
 
 
-_tiled = triton.autotune(configs=TILED_CONFIGS, key=["M", "N", "K"])(_int4_linear_kernel)
-_small_m = triton.autotune(configs=SMALL_M_CONFIGS, key=["M", "N", "K"],
+_tiled = autotune(TILED_CONFIGS, key=["M", "N", "K"], bucket=["M"])(_int4_linear_kernel)
+_small_m = autotune(SMALL_M_CONFIGS, key=["M", "N", "K"], bucket=["M"],
                            reset_to_zero=["y_ptr"])(_int4_linear_kernel)
 
 

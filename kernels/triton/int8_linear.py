@@ -16,11 +16,12 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._config import autotune_configs, dot_meta, on_device_of
+from ._autotune import Configs, autotune
+from ._config import dot_meta, on_device_of
 from ._rows import QUANT_CONFIGS, ROUND_MAGIC, row_absmax
 
 
-_GEMM_CONFIGS = autotune_configs(
+_GEMM_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
      for bm, bn, bk, w, s in [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
                               (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3),
@@ -29,7 +30,7 @@ _GEMM_CONFIGS = autotune_configs(
 )
 
 
-@triton.autotune(configs=QUANT_CONFIGS, key=["K"])
+@autotune(QUANT_CONFIGS, key=["K"])
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, static_ptr,
@@ -54,7 +55,7 @@ def _quantize_rows_kernel(
         tl.store(q_ptr + row * stride_qm + offs, v.to(tl.int8), mask=offs < K)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K", "W8A8"])
+@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8"], bucket=["M"])
 @triton.jit
 def _int8_linear_kernel(
     x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,

@@ -24,11 +24,12 @@ import triton.language as tl
 
 from .. import _alloc
 from ..torch.nm_linear import index_bits
-from ._config import autotune_configs, dot_meta, on_device_of
+from ._autotune import Configs, autotune
+from ._config import dot_meta, on_device_of
 from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile
 
 # to_dense is bound by memory: tiles of 2K to 8K dense elements.
-TO_DENSE_CONFIGS = autotune_configs(
+TO_DENSE_CONFIGS = Configs(
     [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4) for bn, bk in [(16, 128), (32, 128), (32, 256)]],
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}),
 )
@@ -88,8 +89,8 @@ def _nm_linear_kernel(
                HAS_BIAS, ACC_DTYPE, SPLIT_K)
 
 
-_tiled = triton.autotune(configs=TILED_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"])(_nm_linear_kernel)
-_small_m = triton.autotune(configs=SMALL_M_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"],
+_tiled = autotune(TILED_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"], bucket=["M"])(_nm_linear_kernel)
+_small_m = autotune(SMALL_M_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"], bucket=["M"],
                            reset_to_zero=["y_ptr"])(_nm_linear_kernel)
 
 
@@ -113,7 +114,7 @@ def _to_dense_kernel(
              mask=mask_n[:, None] & (offs_k < K)[None, :])
 
 
-_to_dense = triton.autotune(configs=TO_DENSE_CONFIGS, key=["N", "K", "KEEP", "GROUP"])(_to_dense_kernel)
+_to_dense = autotune(TO_DENSE_CONFIGS, key=["N", "K", "KEEP", "GROUP"])(_to_dense_kernel)
 
 
 def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:

@@ -23,22 +23,23 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._config import autotune_configs, dot_meta, on_device_of
+from ._autotune import Configs, autotune
+from ._config import dot_meta, on_device_of
 
-_MM_CONFIGS = autotune_configs(
+_MM_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
      for bm, w, s in [(16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 4, 3),
                       (128, 8, 3), (128, 8, 4)]],
     triton.Config({"BLOCK_M": 16}),
 )
-_SDDMM_CONFIGS = autotune_configs(
+_SDDMM_CONFIGS = Configs(
     [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
      for bk, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)]],
     triton.Config({"BLOCK_K": 16}),
 )
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["N", "WIDTH", "B"])
+@autotune(_MM_CONFIGS, key=["N", "WIDTH", "B"], bucket=["N"])
 @triton.jit
 def _spmm_bell_kernel(
     cols_ptr, slots_ptr, values_ptr, x_ptr, out_ptr,
@@ -77,7 +78,7 @@ def _spmm_bell_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_m < M_OUT)[None, :])
 
 
-@triton.autotune(configs=_SDDMM_CONFIGS, key=["N", "B"])
+@autotune(_SDDMM_CONFIGS, key=["N", "B"], bucket=["N"])
 @triton.jit
 def _sddmm_bell_kernel(
     cols_ptr, dy_ptr, x_ptr, out_ptr,

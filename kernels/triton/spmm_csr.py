@@ -16,9 +16,10 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._config import autotune_configs, on_device_of
+from ._autotune import Configs, autotune
+from ._config import on_device_of
 
-_SPMM_CONFIGS = autotune_configs(
+_SPMM_CONFIGS = Configs(
     [
         triton.Config({"BLOCK_N": bn, "BLOCK_NNZ": bk}, num_warps=w)
         # Narrow column tiles with long nonzero chunks for decode (n <= 16), wide ones for n in the hundreds.
@@ -28,7 +29,7 @@ _SPMM_CONFIGS = autotune_configs(
     triton.Config({"BLOCK_N": 16, "BLOCK_NNZ": 8}),
 )
 
-_SDDMM_CONFIGS = autotune_configs(
+_SDDMM_CONFIGS = Configs(
     [
         triton.Config({"BLOCK_NNZ": bk, "BLOCK_N": bn}, num_warps=w)
         for bk, bn, w in [(16, 64, 2), (32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8)]
@@ -41,7 +42,7 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@triton.autotune(configs=_SPMM_CONFIGS, key=["N", "AVG_ROW_NNZ"])
+@autotune(_SPMM_CONFIGS, key=["N", "AVG_ROW_NNZ"], bucket=["N"])
 @triton.jit
 def _spmm_csr_kernel(
     crow_ptr, col_ptr, values_ptr, row_order_ptr, b_ptr, c_ptr,
@@ -72,7 +73,7 @@ def _spmm_csr_kernel(
              acc.to(c_ptr.dtype.element_ty), mask=mask_n)
 
 
-@triton.autotune(configs=_SDDMM_CONFIGS, key=["N"])
+@autotune(_SDDMM_CONFIGS, key=["N"], bucket=["N"])
 @triton.jit
 def _sddmm_csr_kernel(
     row_ptr, col_ptr, x_ptr, y_ptr, out_ptr,

@@ -27,13 +27,14 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._config import autotune_configs, dot_meta, interpreting, on_device_of
+from ._autotune import Configs, autotune
+from ._config import dot_meta, interpreting, on_device_of
 
-_ATTENTION_CONFIGS = autotune_configs(
+_ATTENTION_CONFIGS = Configs(
     [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)],
     triton.Config({}),
 )
-_COPY_CONFIGS = autotune_configs(
+_COPY_CONFIGS = Configs(
     [triton.Config({"BLOCK_T": t, "BLOCK_C": c}, num_warps=w)
      for t, c, w in [(16, 64, 2), (32, 64, 4), (64, 64, 4), (16, 128, 4), (64, 128, 8)]],
     triton.Config({"BLOCK_T": 64, "BLOCK_C": 32}),
@@ -75,7 +76,7 @@ def _scores(query_ptr, key_ptr, bias_ptr, mask_ptr, mask_index_ptr, b, h, row0, 
     return q, k, s
 
 
-@triton.autotune(configs=_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"])
+@autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"])
 @triton.jit
 def _window_attention_fwd_kernel(
     query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
@@ -114,7 +115,9 @@ def _window_attention_fwd_kernel(
     tl.store(lse_ptr + (b * tl.num_programs(1) + h) * N + offs_m, m + tl.log(total), mask=mask_m)
 
 
-@triton.autotune(configs=_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"])
+@autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"],
+          # with SPLIT, dK and dV are fp32 sums of atomic adds: zeroed before each trial
+          reset_to_zero=["dkey_ptr", "dvalue_ptr"])
 @triton.jit
 def _window_attention_bwd_kernel(
     query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
@@ -180,7 +183,7 @@ def _window_attention_bwd_kernel(
         tl.store(dbias_ptr + partial + offs_m[:, None] * N + offs_t[None, :], dbias, mask=mask_mt)
 
 
-@triton.autotune(configs=_COPY_CONFIGS, key=["N", "C", "HAS_INDEX", "MERGE"])
+@autotune(_COPY_CONFIGS, key=["N", "C", "HAS_INDEX", "MERGE"])
 @triton.jit
 def _window_copy_kernel(
     x_ptr, windows_ptr, index_ptr,
