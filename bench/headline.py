@@ -1,0 +1,58 @@
+"""The headline points of every family: one shape per question a user asks first ("is the
+2:4 layer faster than dense at decode?"), each with the baselines it is measured against and
+the goal ratio (baseline time / sparqle time) the open issues set.
+
+The GPU check's bench tier (``sparqle gpu-check``) times these; the kernel report
+(``python -m sparqle.bench.kernel_report``) compiles the kernels at their specialisations.
+``params`` are the arguments of the family's ``bench_<family>.make_case``.
+"""
+from typing import Dict, List, NamedTuple, Optional
+
+
+class Point(NamedTuple):
+    family: str                       # bench module bench_<family>
+    params: Dict[str, object]         # its make_case arguments
+    goals: Dict[str, Optional[float]]  # baseline impl -> goal ratio (None: measured, no goal)
+    graphs: bool = False              # small M: also timed as CUDA-graph replays
+
+
+def _linear(m: int, n: int, k: int) -> Dict[str, object]:
+    return {"m": m, "n": n, "k": k, "dtype": "bfloat16"}
+
+
+POINTS: List[Point] = [
+    # CSR (issue 18): > dense at 95% for n >= 256; 1.5x cuSPARSE (geomean over DLMC shapes).
+    Point("spmm_csr", {"m": 4096, "k": 4096, "n": 512, "sparsity": 0.95, "dtype": "bfloat16"},
+          {"torch.sparse": 1.5, "dense": 1.0}),
+    # Blocked-ELL (issue 18): >= 5x dense at 90% with 64x64 blocks, >= 1.2x torch BSR.
+    Point("spmm_bell", {"m": 4096, "k": 4096, "n": 4096, "block": 64, "sparsity": 0.9,
+                        "dtype": "bfloat16"}, {"dense": 5.0, "torch.bsr": 1.2}),
+    # 2:4 (issue 18): >= 1.5x dense at M <= 16, >= 1.15x at M >= 2048.
+    *[Point("nm", _linear(m, 11008, 4096), {"dense": goal, "torch-cusparselt": None}, graphs=m <= 16)
+      for m, goal in ((1, 1.5), (16, 1.5), (4096, 1.15))],
+    # int4 group 128 (issue 17): 3.0x bf16 at M = 1, 2.0x at 16, >= 1.0x at every M.
+    *[Point("int4", _linear(m, 8192, 8192), {"dense": goal}, graphs=m <= 16)
+      for m, goal in ((1, 3.0), (16, 2.0), (256, 1.0), (4096, 1.0))],
+    # int8 W8A8 with quantization (issue 17): >= 1.6x bf16 at 4096^3 and above.
+    *[Point("int8", _linear(s, s, s), {"dense": 1.6, "torch._int_mm": None}) for s in (4096, 8192)],
+    # FP8 row-wise with quantization (issue 17): 1.6x bf16 at 8192^3, >= 0.9x torch._scaled_mm.
+    *[Point("fp8", _linear(s, s, s), {"dense": 1.6 if s == 8192 else None,
+                                      "torch._scaled_mm-row": 0.9 if s == 8192 else None})
+      for s in (4096, 8192)],
+    # Window attention, Swin-T stage 1 with bias and shift mask (issue 19): forward >= 2x eager
+    # and >= 1.3x SDPA with the mask; backward >= 1.5x eager.
+    Point("window_attention", {"model": "swin-t", "stage": 1, "batch": 32, "heads": 3, "n": 49,
+                               "dtype": "bfloat16", "mode": "fwd"}, {"eager": 2.0, "sdpa": 1.3}),
+    Point("window_attention", {"model": "swin-t", "stage": 1, "batch": 32, "heads": 3, "n": 49,
+                               "dtype": "bfloat16", "mode": "fwd+bwd"}, {"eager": 1.5, "sdpa": None}),
+]
+
+FAMILIES = tuple(dict.fromkeys(p.family for p in POINTS))
+
+
+def points(families=None) -> List[Point]:
+    """The headline points of ``families`` (every family when None), in POINTS' order."""
+    unknown = set(families or ()) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"no headline points for {sorted(unknown)}; families are {list(FAMILIES)}")
+    return [p for p in POINTS if families is None or p.family in families]
