@@ -113,7 +113,10 @@ def device_name() -> str:
 
 def _commit() -> str:
     """The checkout's commit, "-dirty" when code differs from it (results and the
-    performance page, which benchmarks rewrite, do not count)."""
+    performance page, which benchmarks rewrite, do not count); ``SPARQLE_COMMIT`` when set
+    (a copy of the tree without its git folder, as on a lent GPU machine)."""
+    if os.environ.get("SPARQLE_COMMIT"):
+        return os.environ["SPARQLE_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         def git(*args):
@@ -124,6 +127,30 @@ def _commit() -> str:
         return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _driver() -> Optional[str]:
+    """The NVIDIA driver's version, from nvidia-smi (None without one)."""
+    if device().type != "cuda":
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+        return out.splitlines()[0].strip() or None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def stamp() -> dict:
+    """What a result file says about where it was measured: device, date, commit, versions."""
+    return {
+        "device": device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "versions": {"sparqle": sparqle.__version__, "torch": torch.__version__,
+                     "cuda": torch.version.cuda, "driver": _driver(),
+                     "python": platform.python_version(), "triton": _triton_version()},
+    }
 
 
 def run(cases: Sequence[Case], *, progress: bool = True) -> dict:
@@ -151,12 +178,7 @@ def run(cases: Sequence[Case], *, progress: bool = True) -> dict:
                 "sparqle_speedup": times[impl.name] / times["sparqle"],
             })
     return {
-        "device": device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "versions": {"sparqle": sparqle.__version__, "torch": torch.__version__,
-                     "cuda": torch.version.cuda, "python": platform.python_version(),
-                     "triton": _triton_version()},
+        **stamp(),
         "measured_memory_bandwidth_gbs": bandwidth / 1e9,
         "fp32_peak_tflops": None if peak is None else peak / 1e12,
         "notes": "tflops counts the useful FLOPs (2 * nnz * n) for every impl; gbs counts each "

@@ -25,6 +25,9 @@ def _geomean(values):
 def page(reports) -> str:
     lines = [_INTRO]
     for name, report in reports:
+        if report.get("kind") == "gpu-check":
+            lines += _gpu_check_section(name, report)
+            continue
         rows = report["results"]
         keys = [k for k in rows[0] if k not in ("op", "impl", "time_ms", "tflops", "gbs",
                                                  "roof_fraction", "sparqle_speedup")]
@@ -50,6 +53,18 @@ def page(reports) -> str:
     if not reports:
         lines.append("No results yet: run `sparqle bench`.")
     return "\n".join(lines) + "\n"
+
+
+def _gpu_check_section(name: str, report: dict) -> list:
+    """The headline points of a GPU check (scripts/gpu_check.sh): each ratio beside its goal."""
+    from .gpu_check import headline_table
+    return [f"## Headline points on {report['device']}", "",
+            f"`{name}`: the GPU check at commit {report['commit']}, torch {report['versions']['torch']}, "
+            f"triton {report['versions']['triton']}, driver {report['versions'].get('driver')}, "
+            f"{report['date']}; measured copy bandwidth {report['measured_memory_bandwidth_gbs']:.0f} GB/s, "
+            "matrix rates " + ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in report["measured_matrix_tflops"].items())
+            + ". `ratio`: the baseline's time over sparqle's; `goal`: the ratio the issues ask for.", "",
+            *headline_table(report), ""]
 
 
 def main(results_dir: str = os.path.join("bench", "results"),

@@ -181,6 +181,11 @@ def fastest(key: Hashable, candidates: Mapping[str, Callable[[], torch.Tensor]],
     return results[name][1]
 
 
+def forget_measurements() -> None:
+    """Drop every choice :func:`fastest` has measured (the next call per key measures again)."""
+    _fastest.clear()
+
+
 def remember_backend(ctx) -> None:
     """Record on an autograd ``ctx`` the backend :func:`use_backend` forced for the forward."""
     if not torch.compiler.is_compiling():  # Dynamo does not trace a ContextVar

@@ -30,7 +30,22 @@ def device_backends():
     return pairs
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cuda-only", action="store_true",
+                     help="keep only the tests that run on CUDA: those marked gpu or cupy, and "
+                          "those with a cuda device among their parameters (the GPU check)")
+
+
+def _runs_on_cuda(item) -> bool:
+    return "gpu" in item.keywords or "cupy" in item.keywords or "cuda" in item.name
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--cuda-only"):
+        deselected = [item for item in items if not _runs_on_cuda(item)]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if _runs_on_cuda(item)]
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     cupy_ok, cupy_why = (cupy_status(torch.device("cuda")) if torch.cuda.is_available()
                          else (False, "needs a CUDA device"))

@@ -3,6 +3,9 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytest.importorskip("mkdocs", reason="needs the test extra's mkdocs")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

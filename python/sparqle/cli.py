@@ -1,4 +1,4 @@
-"""``sparqle info`` and ``sparqle bench``."""
+"""``sparqle info``, ``sparqle bench`` and ``sparqle gpu-check``."""
 import argparse
 import importlib
 import os
@@ -33,7 +33,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--out", default=os.path.join("bench", "results"), help="JSON folder")
     bench.add_argument("--plot", action="store_true", help="also draw speed-up against sparsity")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from sparqle.bench import gpu_check
+    gpu_check.add_arguments(sub.add_parser(
+        "gpu-check", help="the tests on the CUDA backends and the headline benchmark points, "
+                          "in about 8 minutes (scripts/gpu_check.sh)"))
     args = parser.parse_args(argv)
+    if args.command == "gpu-check":
+        return gpu_check.run(args)
     if args.command == "info":
         import sparqle
         sparqle.info()
