@@ -177,7 +177,8 @@ def _matrix_rates() -> Dict[str, float]:
     a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
     rate("bfloat16", lambda: a @ a)
     a8 = torch.randint(-127, 128, (size, size), device=dev, dtype=torch.int8)
-    rate("int8", lambda: torch._int_mm(a8, a8.t()))
+    b8 = a8.t().contiguous()  # row-major [K, N], as bench_int8 passes it
+    rate("int8", lambda: torch._int_mm(a8, b8))
     if torch.cuda.get_device_capability(dev) >= (8, 9):
         f8, one = a.to(torch.float8_e4m3fn), torch.ones((), device=dev)
         rate("float8", lambda: torch._scaled_mm(f8, f8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
