@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from sparqle import cli
 from sparqle.bench import bench_spmm_csr, harness, performance_page
 
@@ -37,3 +39,20 @@ def test_bench_rejects_unknown_op(capsys):
     except SystemExit as e:
         assert e.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_info_reports_a_mistyped_backend_and_prints_the_rest(monkeypatch, capsys):
+    monkeypatch.setenv("SPARQLE_BACKEND", "trition")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "requested backend: error: SPARQLE_BACKEND='trition' is not a backend" in out
+    assert "torch  can run" in out
+
+
+def test_version_and_plain_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.startswith("sparqle ")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "``" not in capsys.readouterr().out

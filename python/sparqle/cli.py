@@ -23,8 +23,19 @@ def _bench(args) -> int:
     return 0
 
 
+def _version() -> str:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("sparqle")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparqle", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="sparqle", description="sparqle: GPU kernels for sparse and low-bit linear algebra. "
+                                    "Commands: info, bench, gpu-check.")
+    parser.add_argument("--version", action="version", version=f"sparqle {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backends can run")
     bench = sub.add_parser("bench", help="time sparqle's ops against the baselines")

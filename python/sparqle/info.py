@@ -24,7 +24,11 @@ def info() -> None:
     lines += [f"{p} {_version(p)}" for p in ("triton", "numpy")]
     cupy = next((d.version for d in importlib.metadata.distributions()
                  if (d.metadata["Name"] or "").lower().startswith("cupy")), "not installed")
-    lines += [f"cupy {cupy}", f"device: {name}", f"requested backend: {requested_backend()}"]
+    try:
+        requested = requested_backend()
+    except ValueError as error:  # a mistyped SPARQLE_BACKEND: say so, and print the rest
+        requested = f"error: {error}"
+    lines += [f"cupy {cupy}", f"device: {name}", f"requested backend: {requested}"]
     for backend in ("triton", "cupy", "torch"):
         ok, why = status(backend, device)
         lines.append(f"  {backend:<7}{'can run' if ok else 'cannot run: ' + why}")
