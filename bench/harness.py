@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -72,8 +72,10 @@ def copies_for(input_bytes: float) -> int:
     return max(1, min(8, int(_L2_FLUSH_BYTES // max(1.0, input_bytes)) + 1))
 
 
-def time_ms(make: Callable[[int], Callable[[], object]], copies: int) -> float:
-    """The median time of one call, in milliseconds."""
+def time_quantiles(make: Callable[[int], Callable[[], object]], copies: int) -> Tuple[float, float, float]:
+    """The 20th, 50th and 80th percentile times of one call, in milliseconds, the calls
+    rotating over ``copies`` inputs: ``triton.testing.do_bench`` on a GPU (the L2 flushed
+    before each call); on a CPU ``torch.utils.benchmark`` with the threads torch uses."""
     fns = [make(i) for i in range(copies)]
     state = {"i": 0}
 
@@ -83,10 +85,20 @@ def time_ms(make: Callable[[int], Callable[[], object]], copies: int) -> float:
 
     if device().type == "cuda":
         import triton.testing
-        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+        p20, p50, p80 = triton.testing.do_bench(step, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+        return float(p20), float(p50), float(p80)
     import torch.utils.benchmark as tb
     step()
-    return tb.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=0.2).median * 1e3
+    measured = tb.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()
+                        ).blocked_autorange(min_run_time=0.2)
+    times = sorted(t * 1e3 for t in measured.times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return pick(0.2), measured.median * 1e3, pick(0.8)
+
+
+def time_ms(make: Callable[[int], Callable[[], object]], copies: int) -> float:
+    """The median time of one call, in milliseconds (see :func:`time_quantiles`)."""
+    return time_quantiles(make, copies)[1]
 
 
 def memory_bandwidth() -> float:
@@ -150,6 +162,8 @@ def stamp() -> dict:
         "versions": {"sparqle": sparqle.__version__, "torch": torch.__version__,
                      "cuda": torch.version.cuda, "driver": _driver(),
                      "python": platform.python_version(), "triton": _triton_version()},
+        "backend": sparqle.backends.requested_backend(),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -163,7 +177,8 @@ def run(cases: Sequence[Case], *, progress: bool = True) -> dict:
         iterator = tqdm(cases, desc="bench", unit="case", leave=False)
     for case in iterator:
         copies = copies_for(case.input_bytes)
-        times = {impl.name: time_ms(impl.make, copies) for impl in case.impls}
+        quantiles = {impl.name: time_quantiles(impl.make, copies) for impl in case.impls}
+        times = {name: q[1] for name, q in quantiles.items()}
         for impl in case.impls:
             seconds = times[impl.name] * 1e-3
             roof = impl.bytes / bandwidth
@@ -172,6 +187,7 @@ def run(cases: Sequence[Case], *, progress: bool = True) -> dict:
             rows.append({
                 "op": case.op, **case.params, "impl": impl.name,
                 "time_ms": times[impl.name],
+                "p20_ms": quantiles[impl.name][0], "p80_ms": quantiles[impl.name][2],
                 "tflops": case.flops / seconds / 1e12,
                 "gbs": impl.bytes / seconds / 1e9,
                 "roof_fraction": roof / seconds if impl.name == "sparqle" else None,
@@ -181,9 +197,10 @@ def run(cases: Sequence[Case], *, progress: bool = True) -> dict:
         **stamp(),
         "measured_memory_bandwidth_gbs": bandwidth / 1e9,
         "fp32_peak_tflops": None if peak is None else peak / 1e12,
-        "notes": "tflops counts the useful FLOPs (2 * nnz * n) for every impl; gbs counts each "
-                 "impl's own minimum traffic; roof_fraction = roofline time / measured time; "
-                 "sparqle_speedup = impl time / sparqle time.",
+        "notes": "time_ms is the median, p20_ms and p80_ms the 20th and 80th percentiles; tflops "
+                 "counts the useful FLOPs (2 * nnz * n) for every impl; gbs counts each impl's own "
+                 "minimum traffic; roof_fraction = roofline time / measured time; sparqle_speedup = "
+                 "impl time / sparqle time (above 1: sparqle is faster).",
         "results": rows,
     }
 
@@ -196,18 +213,42 @@ def _triton_version() -> Optional[str]:
         return None
 
 
-def table(report: dict, keys: Sequence[str]) -> str:
-    """The report as a fixed-width text table."""
-    head = [*keys, "impl", "ms", "TFLOP/s", "GB/s", "roof", "speed-up"]
-    lines = [f"# {report['device']} | torch {report['versions']['torch']} | commit {report['commit']}",
-             "  ".join(f"{h:>12}" for h in head)]
+LEGEND = ("ms: median time of one call (p20-p80 beside it); roof: the roofline time over "
+          "sparqle's; speed-up: the impl's time over sparqle's (above 1: sparqle is faster)")
+
+
+def _cells(report: dict, keys: Sequence[str]) -> List[List[str]]:
+    """The header, then one row of cells per result."""
+    rows = [[*keys, "impl", "ms", "p20-p80 ms", "TFLOP/s", "GB/s", "roof", "speed-up"]]
     for r in report["results"]:
         roof = "" if r["roof_fraction"] is None else f"{100 * r['roof_fraction']:.1f}%"
         speedup = "" if r["impl"] == "sparqle" else f"{r['sparqle_speedup']:.2f}x"
-        cells = [*(str(r[k]) for k in keys), r["impl"], f"{r['time_ms']:.4f}",
-                 f"{r['tflops']:.3f}", f"{r['gbs']:.1f}", roof, speedup]
-        lines.append("  ".join(f"{c:>12}" for c in cells))
-    return "\n".join(lines)
+        spread = f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}" if r.get("p20_ms") is not None else ""
+        rows.append([*(str(r[k]) for k in keys), r["impl"], f"{r['time_ms']:.4f}", spread,
+                     f"{r['tflops']:.3f}", f"{r['gbs']:.1f}", roof, speedup])
+    return rows
+
+
+def _where(report: dict) -> str:
+    return (f"{report['device']} | torch {report['versions']['torch']} | backend "
+            f"{report.get('backend', 'auto')} | {report.get('threads', '?')} threads | commit {report['commit']}")
+
+
+def table(report: dict, keys: Sequence[str]) -> str:
+    """The report as a text table, each column as wide as its widest cell, and its legend."""
+    rows = _cells(report, keys)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join([f"# {_where(report)}", f"# {LEGEND}"]
+                     + ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows])
+
+
+def markdown(report: dict, keys: Sequence[str], title: str) -> str:
+    """The report as a Markdown page: where and when it ran, the legend, the table."""
+    head, *body = _cells(report, keys)
+    lines = [f"# {title}", "", f"{_where(report)} | {report['date']}", "", LEGEND + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
 
 
 def linear_grid(quick: bool, gpu_ms: Sequence[int], gpu_shapes: Sequence[tuple],
@@ -258,10 +299,44 @@ def plot_speedups(report: dict, path: str, series_keys: Sequence[str], title: st
     plt.close(fig)
 
 
-def write(report: dict, out_dir: str, op: str) -> str:
+def write(report: dict, out_dir: str, op: str, keys: Optional[Sequence[str]] = None) -> str:
+    """Write the report as ``<op>[-<backend>]-<device>.json`` in ``out_dir`` (the backend
+    named when one was forced, so that such a run never passes for a normal one), and with
+    ``keys``, its Markdown page beside it; returns the JSON's path."""
     os.makedirs(out_dir, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in report["device"]).strip("-").lower()
-    path = os.path.join(out_dir, f"{op}-{slug}.json")
-    with open(path, "w") as f:
+    backend = report.get("backend", "auto")
+    stem = os.path.join(out_dir, f"{op}-{slug}" if backend == "auto" else f"{op}-{backend}-{slug}")
+    with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
-    return path
+    if keys is not None:
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(report, keys, op))
+    return stem + ".json"
+
+
+def compare(before: dict, after: dict) -> str:
+    """The rows two reports share (same op, parameters and impl), with the time of each and
+    after / before (below 1: ``after`` is faster): a change against main, one GPU against
+    another."""
+    def key(r):
+        return tuple(sorted((k, str(v)) for k, v in r.items() if k in ("op", "impl") or k not in _MEASURED))
+    old = {key(r): r for r in before["results"]}
+    head = ["op", "case", "impl", "before ms", "after ms", "after/before"]
+    rows = [head]
+    for r in after["results"]:
+        b = old.get(key(r))
+        if b is None or not b.get("time_ms") or not r.get("time_ms"):
+            continue
+        case = " ".join(f"{k}={v}" for k, v in r.items() if k not in _MEASURED and k not in ("op", "impl"))
+        rows.append([r["op"], case, r["impl"], f"{b['time_ms']:.4f}", f"{r['time_ms']:.4f}",
+                     f"{r['time_ms'] / b['time_ms']:.2f}x"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [f"# before: {before['device']}, commit {before['commit']}; after: {after['device']}, "
+             f"commit {after['commit']}; {len(rows) - 1} shared rows"]
+    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows])
+
+
+# Row fields that are measurements, not parameters of the case.
+_MEASURED = {"time_ms", "p20_ms", "p80_ms", "tflops", "gbs", "roof_fraction", "sparqle_speedup",
+             "goal", "error", "missing", "agreement", "agrees", "peak_mb", "shape"}

@@ -1,10 +1,13 @@
 """The console entry point, and the benchmark harness on a tiny case."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+import sparqle
 from sparqle import cli
 from sparqle.bench import bench_spmm_csr, harness, performance_page
 
@@ -23,9 +26,14 @@ def test_bench_report_table_json_and_plot(tmp_path):
     assert all(r["time_ms"] > 0 and r["tflops"] > 0 for r in rows)
     assert rows[0]["sparqle_speedup"] == 1.0 and rows[0]["roof_fraction"] > 0
     assert report["measured_memory_bandwidth_gbs"] > 0 and report["commit"]
-    assert "torch.sparse" in harness.table(report, bench_spmm_csr.KEYS)
-    path = harness.write(report, str(tmp_path), "spmm_csr")
+    assert all(r["p20_ms"] <= r["time_ms"] <= r["p80_ms"] for r in rows)
+    assert report["backend"] == "auto" and report["threads"] == torch.get_num_threads()
+    text = harness.table(report, bench_spmm_csr.KEYS)
+    assert "torch.sparse" in text and "speed-up: the impl's time over sparqle's" in text
+    path = harness.write(report, str(tmp_path), "spmm_csr", bench_spmm_csr.KEYS)
     assert json.load(open(path))["results"] == rows
+    page = open(path[:-len(".json")] + ".md").read()
+    assert page.startswith("# spmm_csr") and "| torch.sparse |" in page
     bench_spmm_csr.plot(report, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 0
     performance_page.main(str(tmp_path), str(tmp_path / "performance.md"))
@@ -56,3 +64,25 @@ def test_version_and_plain_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "``" not in capsys.readouterr().out
+
+
+def test_a_forced_backend_run_is_named_apart_and_runs_compare(tmp_path, capsys):
+    case = bench_spmm_csr.make_case(m=32, k=24, n=4, sparsity=0.5, dtype="float32")
+    normal = harness.run([case], progress=False)
+    with sparqle.use_backend("torch"):
+        forced = harness.run([case], progress=False)
+    assert forced["backend"] == "torch"
+    a = harness.write(normal, str(tmp_path), "spmm_csr")
+    b = harness.write(forced, str(tmp_path), "spmm_csr")
+    assert a != b and "-torch-" in os.path.basename(b)
+    assert cli.main(["bench", "--compare", a, b]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "3 shared rows" in out[0] and len(out) == 5
+    ratio = float(out[2].split()[-1].rstrip("x"))  # the first row: sparqle
+    assert ratio == pytest.approx(forced["results"][0]["time_ms"] / normal["results"][0]["time_ms"], abs=0.006)
+
+
+def test_bench_writes_outside_the_committed_results_by_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "default bench-results" in " ".join(capsys.readouterr().out.split())

@@ -1,6 +1,7 @@
 """``sparqle info``, ``sparqle bench`` and ``sparqle gpu-check``."""
 import argparse
 import importlib
+import json
 import os
 import sys
 from typing import List, Optional
@@ -10,11 +11,15 @@ BENCHMARKS = ("spmm_csr", "spmm_bell", "nm", "int4", "int8", "fp8", "window_atte
 
 def _bench(args) -> int:
     from sparqle.bench import harness
+    if args.compare:
+        before, after = (json.load(open(path)) for path in args.compare)
+        print(harness.compare(before, after))
+        return 0
     for op in args.op or BENCHMARKS:
         module = importlib.import_module(f"sparqle.bench.bench_{op}")
         report = harness.run(module.cases(args.quick), progress=not args.no_progress)
         print(harness.table(report, module.KEYS))
-        path = harness.write(report, args.out, op + ("-quick" if args.quick else ""))
+        path = harness.write(report, args.out, op + ("-quick" if args.quick else ""), module.KEYS)
         print(f"wrote {path}")
         if args.plot:
             png = os.path.splitext(path)[0] + ".png"
@@ -41,7 +46,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench = sub.add_parser("bench", help="time sparqle's ops against the baselines")
     bench.add_argument("--quick", action="store_true", help="a small set (under a minute on a CPU)")
     bench.add_argument("--op", action="append", choices=BENCHMARKS, help="only this op (repeatable)")
-    bench.add_argument("--out", default=os.path.join("bench", "results"), help="JSON folder")
+    bench.add_argument("--out", default="bench-results",
+                       help="folder of the JSON and Markdown results (default bench-results; the "
+                            "repository's results are committed from --out bench/results on purpose)")
+    bench.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                       help="print the time ratio of the rows two result files share, and exit")
     bench.add_argument("--plot", action="store_true", help="also draw speed-up against sparsity")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     from sparqle.bench import gpu_check
