@@ -15,10 +15,10 @@ QUANT_CONFIGS = Configs(
 
 @triton.jit
 def row_absmax(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """max |x[row, k]| over k < K, in fp32 (0 for K = 0)."""
+    """max |x[row, k]| over k < K, in fp32 (0 for K = 0); ``row`` int64."""
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
+        offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
     return tl.max(amax, axis=0)

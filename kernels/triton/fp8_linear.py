@@ -75,7 +75,7 @@ def _quantize_rows_kernel(
         scale = tl.where(scale > 0, scale, 1.0)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
+        offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
         v = tl.div_rn(x.to(tl.float32), tl.zeros_like(x.to(tl.float32)) + scale)
         v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
@@ -104,12 +104,12 @@ def _fp8_scaled_mm_kernel(
     rows = tl.minimum(grid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows
     pid_n = (pid % (GROUP_M * grid_n)) // rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_k = offs_k < K
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0)

@@ -47,7 +47,7 @@ def _quantize_rows_kernel(
         scale = tl.where(scale > 0, scale, 1.0)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
+        offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
         v = tl.div_rn(x.to(tl.float32), tl.zeros_like(x.to(tl.float32)) + scale)
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)
@@ -67,15 +67,15 @@ def _int8_linear_kernel(
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m, mask_n = offs_m < M, offs_n < N
     if W8A8:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0)

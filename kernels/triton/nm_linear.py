@@ -40,15 +40,17 @@ def _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total,
                    stride_vn, stride_vk, stride_metan, stride_metak,
                    KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dense columns [k0, k0 + BLOCK_K) of W's rows offs_n, in values' dtype (zero outside
+    """Dense columns [k0, k0 + BLOCK_K) of W's rows offs_n (int64), in values' dtype (zero outside
     W). The compressed tile and its positions are loaded contiguously, then expanded in
     registers: dense column k of group k // GROUP takes the kept value j whose position is
     k % GROUP, else 0."""
     PER_WORD: tl.constexpr = 32 // BITS
     offs_kc = k0 // GROUP * KEEP + tl.arange(0, BLOCK_K // GROUP * KEEP)
     mask_w = mask_n[:, None] & (offs_kc < kc_total)[None, :]
-    v = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_kc[None, :] * stride_vk, mask=mask_w, other=0)
-    word = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (offs_kc // PER_WORD)[None, :] * stride_metak,
+    v = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_kc[None, :].to(tl.int64) * stride_vk,
+                mask=mask_w, other=0)
+    word = tl.load(meta_ptr + offs_n[:, None] * stride_metan
+                   + (offs_kc // PER_WORD)[None, :].to(tl.int64) * stride_metak,
                    mask=mask_w, other=0)
     pos = (word >> ((offs_kc % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
     w = tl.zeros([BLOCK_N, BLOCK_K], dtype=v.dtype)
@@ -71,8 +73,8 @@ def _nm_linear_kernel(
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     split = tl.program_id(2)
     mask_m, mask_n = offs_m < M, offs_n < N
     kc_total = tl.cdiv(K, GROUP) * KEEP
@@ -80,7 +82,7 @@ def _nm_linear_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for k0 in range(split * k_per_split, tl.minimum(K, (split + 1) * k_per_split), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
         w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total, stride_vn, stride_vk,
                            stride_metan, stride_metak, KEEP, GROUP, BITS, BLOCK_N, BLOCK_K).to(x.dtype)
@@ -104,7 +106,7 @@ def _to_dense_kernel(
     KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N

@@ -50,7 +50,7 @@ def _spmm_bell_kernel(
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     block_row = tl.program_id(1)
     offs_b = tl.arange(0, B)
     mask_n = offs_n < N
@@ -62,7 +62,7 @@ def _spmm_bell_kernel(
                 slot = tl.load(slots_ptr + block_row * WIDTH + s).to(tl.int64)
             else:
                 slot = (block_row * WIDTH + s).to(tl.int64)
-            offs_k = col * B + offs_b
+            offs_k = col.to(tl.int64) * B + offs_b
             x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk,
                         mask=mask_n[:, None] & (offs_k < K_X)[None, :], other=0)
             w = tl.load(values_ptr + slot * B * B + offs_b[:, None] * B + offs_b[None, :])
@@ -93,12 +93,12 @@ def _sddmm_bell_kernel(
     block_row = slot // WIDTH
     col = tl.load(cols_ptr + slot)
     offs_b = tl.arange(0, B)
-    offs_m = block_row * B + offs_b
-    offs_k = col * B + offs_b
+    offs_m = block_row.to(tl.int64) * B + offs_b
+    offs_k = col.to(tl.int64) * B + offs_b
     acc = tl.zeros([B, B], dtype=ACC_DTYPE)
     if col >= 0:
         for n0 in range(0, N, BLOCK_K):
-            offs_n = n0 + tl.arange(0, BLOCK_K)
+            offs_n = (n0 + tl.arange(0, BLOCK_K)).to(tl.int64)
             mask_n = offs_n < N
             dy = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
                          mask=mask_n[:, None] & (offs_m < M)[None, :], other=0)

@@ -54,13 +54,15 @@ def _spmm_csr_kernel(
     BLOCK_N: tl.constexpr, BLOCK_NNZ: tl.constexpr,
 ):
     row = tl.load(row_order_ptr + tl.program_id(0)).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_n = offs_n < N
-    start = tl.load(crow_ptr + row)
-    end = tl.load(crow_ptr + row + 1)
+    # int64 bounds, counter and lanes: the last chunk's lanes pass 2^31 - 1 when nnz nears it
+    # (the interpreter's counter is a Python int, hence the lanes' own cast).
+    start = tl.load(crow_ptr + row).to(tl.int64)
+    end = tl.load(crow_ptr + row + 1).to(tl.int64)
     acc = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
     for chunk in range(start, end, BLOCK_NNZ):
-        offs_nz = chunk + tl.arange(0, BLOCK_NNZ)
+        offs_nz = chunk + tl.arange(0, BLOCK_NNZ).to(tl.int64)
         mask_nz = offs_nz < end
         cols = tl.load(col_ptr + offs_nz, mask=mask_nz, other=0).to(tl.int64)
         vals = tl.load(values_ptr + offs_nz, mask=mask_nz, other=0).to(ACC_DTYPE)
@@ -83,13 +85,13 @@ def _sddmm_csr_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_NNZ: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    offs_nz = tl.program_id(0) * BLOCK_NNZ + tl.arange(0, BLOCK_NNZ)
+    offs_nz = tl.program_id(0).to(tl.int64) * BLOCK_NNZ + tl.arange(0, BLOCK_NNZ)
     mask_nz = offs_nz < NNZ
     rows = tl.load(row_ptr + offs_nz, mask=mask_nz, other=0).to(tl.int64)
     cols = tl.load(col_ptr + offs_nz, mask=mask_nz, other=0).to(tl.int64)
     acc = tl.zeros([BLOCK_NNZ], dtype=ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask = mask_nz[:, None] & (offs_n < N)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_n[None, :] * stride_xn,
                     mask=mask, other=0).to(ACC_DTYPE)

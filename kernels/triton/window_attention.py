@@ -49,10 +49,11 @@ def _scores(query_ptr, key_ptr, bias_ptr, mask_ptr, mask_index_ptr, b, h, row0, 
             PRECISION: tl.constexpr, UPCAST: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
     """(q [BLOCK_M, HEAD_DIM] of query rows row0.., k [BLOCK_T, HEAD_DIM] of all keys, S
-    [BLOCK_M, BLOCK_T] fp32) of window b, head h; S is -inf in the padded key columns."""
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, HEAD_DIM)
+    [BLOCK_M, BLOCK_T] fp32) of window b, head h (b, h int64); S is -inf in the padded key
+    columns. Token and feature offsets are int64: q and k may have any strides."""
+    offs_m = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM).to(tl.int64)
     mask_m, mask_t, mask_d = offs_m < N, offs_t < N, offs_d < D
     q = tl.load(query_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
                 + offs_d[None, :] * stride_qd, mask=mask_m[:, None] & mask_d[None, :], other=0)
@@ -93,9 +94,9 @@ def _window_attention_fwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     row0 = tl.program_id(2) * BLOCK_M
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM).to(tl.int64)
     mask_m, mask_d = offs_m < N, offs_d < D
     q, k, s = _scores(query_ptr, key_ptr, bias_ptr, mask_ptr, mask_index_ptr, b, h, row0, N, D, NW, scale,
                       stride_qb, stride_qh, stride_qn, stride_qd,
@@ -137,9 +138,9 @@ def _window_attention_bwd_kernel(
     h = tl.program_id(1).to(tl.int64)
     heads = tl.num_programs(1)
     row0 = tl.program_id(2) * BLOCK_M
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM).to(tl.int64)
     mask_m, mask_t, mask_d = offs_m < N, offs_t < N, offs_d < D
     mask_md = mask_m[:, None] & mask_d[None, :]
     mask_td = mask_t[:, None] & mask_d[None, :]
@@ -196,8 +197,8 @@ def _window_copy_kernel(
     """Partition (x -> windows, padding written as 0) or, with MERGE, the inverse scatter of
     the windows' real tokens into x."""
     r = tl.program_id(0).to(tl.int64)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # int32 for the divisions by WW
+    offs_c = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     image = r // K
     if HAS_INDEX:
         w = tl.load(index_ptr + r).to(tl.int64)
@@ -210,7 +211,7 @@ def _window_copy_kernel(
     mask_c = (offs_c < C)[None, :]
     pixel = image * stride_xb + ((py + SH) % H) * stride_xh + ((px + SW) % W) * stride_xw
     x_offs = pixel[:, None] + offs_c[None, :] * stride_xc
-    w_offs = r * stride_wr + offs_t[:, None] * stride_wn + offs_c[None, :] * stride_wc
+    w_offs = r * stride_wr + offs_t[:, None].to(tl.int64) * stride_wn + offs_c[None, :] * stride_wc
     if MERGE:
         vals = tl.load(windows_ptr + w_offs, mask=real[:, None] & mask_c)
         tl.store(x_ptr + x_offs, vals.to(x_ptr.dtype.element_ty), mask=real[:, None] & mask_c)
