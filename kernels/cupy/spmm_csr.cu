@@ -68,20 +68,22 @@ __device__ __forceinline__ void spmm_csr(const int* __restrict__ crow, const Ind
                                          const T* __restrict__ values, const int* __restrict__ row_order,
                                          const T* __restrict__ b, T* __restrict__ c, int m, int n, int nnz,
                                          long long stride_bk, long long stride_bn) {
-  const int slot = blockIdx.x * blockDim.y + threadIdx.y;
+  // 64-bit slot and nonzero indices: with m or nnz near 2^31 the last block's slots and the
+  // last chunk's indices (chunk + 127) pass INT_MAX.
+  const long long slot = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (slot >= m) return;  // the whole subwarp leaves together
   const unsigned mask = subwarp_mask<SUBWARP>();
   const int lane = threadIdx.x;
   const int row = row_order[slot];
-  const int start = crow[row], end = crow[row + 1];
+  const long long start = crow[row], end = crow[row + 1];
   const int col0 = (blockIdx.y * SUBWARP + lane) * VEC;
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
 
   // Reverse offset: begin at the aligned index at or below `start`.
-  for (int chunk = start - start % SPARSE_VEC; chunk < end; chunk += SUBWARP * SPARSE_VEC) {
-    const int mine = chunk + lane * SPARSE_VEC;
+  for (long long chunk = start - start % SPARSE_VEC; chunk < end; chunk += SUBWARP * SPARSE_VEC) {
+    const long long mine = chunk + lane * SPARSE_VEC;
     float vals[SPARSE_VEC];
     int cols[SPARSE_VEC];
     if (mine + SPARSE_VEC <= nnz) {
@@ -101,7 +103,7 @@ __device__ __forceinline__ void spmm_csr(const int* __restrict__ crow, const Ind
       }
     }
     for (int src = 0; src < SUBWARP; ++src) {
-      const int first = chunk + src * SPARSE_VEC;
+      const long long first = chunk + src * SPARSE_VEC;
       if (first >= end) break;  // uniform over the subwarp
 #pragma unroll
       for (int e = 0; e < SPARSE_VEC; ++e) {
@@ -143,14 +145,15 @@ __device__ __forceinline__ void sddmm_csr(const int* __restrict__ crow, const in
                                           T* __restrict__ out, int m, int nnz, int n,
                                           long long stride_xm, long long stride_xn,
                                           long long stride_ym, long long stride_yn) {
-  const int i = blockIdx.x * blockDim.y + threadIdx.y;
+  // 64-bit: with nnz near 2^31 the last block's entries pass INT_MAX.
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (i >= nnz) return;  // the whole subwarp leaves together
   const unsigned mask = subwarp_mask<SUBWARP>();
   const int lane = threadIdx.x;
   // The row of entry i: crow[lo] <= i < crow[hi] holds throughout, and empty rows never satisfy it.
   int lo = 0, hi = m;
   while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
+    const int mid = lo + ((hi - lo) >> 1);  // lo + hi would pass INT_MAX for m > 2^30
     if (crow[mid] <= i) lo = mid; else hi = mid;
   }
   const T* xrow = x + static_cast<long long>(lo) * stride_xm;
