@@ -17,6 +17,8 @@ from typing import Callable, Dict, Hashable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
+from sparqle.kernels import _capture
+
 BACKENDS = ("auto", "triton", "cupy", "torch")
 FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _ENV = "SPARQLE_BACKEND"
@@ -158,7 +160,7 @@ def fastest(key: Hashable, candidates: Mapping[str, Callable[[], torch.Tensor]],
     name = _fastest.get(key)
     if name is not None:
         return candidates[name]()
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if _capture.capturing():
         return candidates[default]()
     results: Dict[str, Tuple[float, torch.Tensor]] = {}
     reference = None

@@ -2,12 +2,16 @@
 first use and kept while their sources live and are not modified in place.
 
 A source is recognised by identity and its version counter. Inference tensors keep no
-version counter, so what is derived from one is made again on every call.
+version counter, so what is derived from one is made again on every call. What is made
+during CUDA-graph capture is not kept (it holds its values only once the graph replays, and
+the graph's memory pool may hand its memory to another graph); what was kept before is used.
 """
 import weakref
 from typing import Callable, Dict, Tuple
 
 import torch
+
+from . import _capture
 
 # (id(first source), name) -> (weak references to the sources, their versions, the tensor)
 _kept: Dict[Tuple[int, str], Tuple[tuple, tuple, torch.Tensor]] = {}
@@ -23,8 +27,10 @@ def derived(name: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor)
     hit = _kept.get(key)
     if hit is not None and hit[1] == versions and all(r() is s for r, s in zip(hit[0], sources)):
         return hit[2]
+    tensor = make()
+    if _capture.capturing():
+        return tensor
     if hit is None or hit[0][0]() is not sources[0]:
         weakref.finalize(sources[0], _kept.pop, key, None)
-    tensor = make()
     _kept[key] = (tuple(weakref.ref(s) for s in sources), versions, tensor)
     return tensor

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner as _TritonAutotuner
 
+from .. import _capture
 from ._config import interpreting
 
 AUTOTUNE_ENV = "SPARQLE_AUTOTUNE"  # "one": every kernel runs its test config only
@@ -148,7 +149,7 @@ class Autotuner(_TritonAutotuner):
             return None
         config = self.configs[0] if len(self.configs) == 1 else self.cache.get(key)
         if config is None:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if _capture.capturing():
                 config = self._untuned_in_capture(key)
             else:
                 config = self._tune(key, args, kwargs)

@@ -1,8 +1,10 @@
 """Swin window attention and the window layout: ``window_attention``, ``window_partition``,
 ``window_merge``. Arguments are checked here, with errors that name them."""
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
+
+from sparqle.kernels import _capture
 
 MAX_TOKENS = 256
 MAX_HEAD_DIM = 128
@@ -28,12 +30,23 @@ def _integers(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must hold integers, got {t.dtype}")
 
 
-def _in_range(name: str, t: torch.Tensor, high: int) -> None:
-    """Values in [0, high): checked eagerly (a device sync); torch.compile traces no check."""
+def _check_values(holds: Callable[[], torch.Tensor], message: str) -> None:
+    """ValueError(message) unless ``holds()`` (a bool tensor) is true: read on the host (a
+    device sync) eagerly; while a CUDA graph is captured, where nothing may be read, asserted
+    on the device instead (a failing replay stops with a device-side assert, not a wrong
+    result). torch.compile traces no check."""
     if torch.compiler.is_compiling():
         return
-    if t.numel() and not bool(((t >= 0) & (t < high)).all()):
-        raise ValueError(f"{name} holds values outside [0, {high})")
+    if _capture.capturing():
+        torch._assert_async(holds(), message)
+    elif not bool(holds()):
+        raise ValueError(message)
+
+
+def _in_range(name: str, t: torch.Tensor, high: int) -> None:
+    """Values in [0, high) (see _check_values)."""
+    if t.numel():
+        _check_values(lambda: ((t >= 0) & (t < high)).all(), f"{name} holds values outside [0, {high})")
 
 
 def _additive(name: str, t, shape, q: torch.Tensor) -> Optional[torch.Tensor]:
@@ -132,9 +145,9 @@ def _layout(x, window_size: _Pair, shift: _Pair, index) -> tuple:
         _same_device("index", index, x, "x")
         windows = num_windows(x.shape[1], x.shape[2], (wh, ww))
         _in_range("index", index, windows)
-        if (not torch.compiler.is_compiling() and index.shape[1] > 1
-                and bool((index.sort(dim=1).values.diff(dim=1) == 0).any())):
-            raise ValueError("index names a window twice in one image")
+        if index.shape[1] > 1:
+            _check_values(lambda: (index.sort(dim=1).values.diff(dim=1) != 0).all(),
+                          "index names a window twice in one image")
         index = index.contiguous()
     return wh, ww, sh, sw, index
 

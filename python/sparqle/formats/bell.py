@@ -61,6 +61,7 @@ class BlockedELL:
             if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
                 raise ValueError("BlockedELL: ell_cols repeats a block-column within a block-row")
         self._set(ell_cols.to(torch.int32), values, shape, None)
+        self.transposed_structure()  # here, where a host sync is allowed (see there)
 
     def _set(self, ell_cols, values, shape, transposed):
         self.ell_cols, self.values, self.shape = ell_cols, values, torch.Size(shape)
@@ -130,7 +131,9 @@ class BlockedELL:
     def transposed_structure(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(t_ell_cols, t_slots) [ceil(k/b), W_t]: block-row c of A^T lists the block-rows of
         A with a stored block in block-column c, and the flat slot index of that block in
-        ``values.view(-1, b, b)`` (-1 for unused). Built on first use and kept."""
+        ``values.view(-1, b, b)`` (-1 for unused). Its width W_t is data-dependent (read on
+        the host), so it is built when the format is constructed, never in a forward pass,
+        where a CUDA graph may be being captured."""
         if self._transposed is None:
             rows, width = self.ell_cols.shape
             cols = cdiv(self.shape[1], self.block_size)

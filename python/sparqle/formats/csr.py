@@ -10,6 +10,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from sparqle.kernels import _capture
+
 from ._checks import check_shape, check_tensors, dense_and_mask
 
 _INT32_MAX = 2**31 - 1
@@ -122,19 +124,24 @@ class CSR:
         return self.values.dtype
 
     def transposed_structure(self) -> Tuple[torch.Tensor, ...]:
-        """(crow, col, perm, row_order) of A^T, whose values are ``values[perm]``.
-        Built on first use and kept: the gradient with respect to the dense operand needs it."""
-        if self._transposed is None:
-            m, k = self.shape
-            rows = torch.repeat_interleave(
-                torch.arange(m, dtype=torch.int32, device=self.device),
-                self.crow_indices[1:] - self.crow_indices[:-1], output_size=self.nnz)
-            perm = torch.argsort(self.col_indices, stable=True)
-            counts = torch.bincount(self.col_indices, minlength=k)
-            t_crow = torch.zeros(k + 1, dtype=torch.int32, device=self.device)
-            torch.cumsum(counts, dim=0, out=t_crow[1:])
-            self._transposed = (t_crow, rows[perm], perm.to(torch.int32), _row_order(t_crow))
-        return self._transposed
+        """(crow, col, perm, row_order) of A^T, whose values are ``values[perm]``: the
+        gradient with respect to the dense operand needs it. Built on first use without a
+        host sync (CUDA-graph capture allows none) and kept, unless built during capture."""
+        if self._transposed is not None:
+            return self._transposed
+        m, k = self.shape
+        rows = torch.repeat_interleave(
+            torch.arange(m, dtype=torch.int32, device=self.device),
+            self.crow_indices[1:] - self.crow_indices[:-1], output_size=self.nnz)
+        perm = torch.argsort(self.col_indices, stable=True)
+        # Row c of A^T starts at the count of columns < c: a search in the sorted columns.
+        t_crow = torch.searchsorted(self.col_indices[perm],
+                                    torch.arange(k + 1, dtype=torch.int32, device=self.device),
+                                    out_int32=True)
+        transposed = (t_crow, rows[perm], perm.to(torch.int32), _row_order(t_crow))
+        if not _capture.capturing():
+            self._transposed = transposed
+        return transposed
 
     def index_tensors(self) -> Dict[str, torch.Tensor]:
         """The integer tensors an nn module keeps as buffers (the transposed structure included)."""

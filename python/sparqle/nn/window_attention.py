@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from sparqle.kernels import _capture
+
 from ..window import num_windows, window_attention, window_merge, window_partition
 
 _SWIN_MASK = -100.0  # Swin's additive mask between tokens of different shifted regions
@@ -171,12 +173,17 @@ class SparseWindowBlock(nn.Module):
                    getattr(block, "input_resolution", None))
 
     def _mask(self, h: int, w: int, x: torch.Tensor) -> torch.Tensor:
+        """The shift mask for an h x w map, kept per (h, w, device, dtype) unless made
+        during CUDA-graph capture (it would hold its values only once the graph replays)."""
         key = (h, w, x.device, x.dtype)
-        if key not in self._masks:
+        mask = self._masks.get(key)
+        if mask is None:
             (wh, ww) = self.window_size
-            self._masks[key] = shift_mask(-(-h // wh) * wh, -(-w // ww) * ww, self.window_size,
-                                          self.shift_size, x.device, x.dtype)
-        return self._masks[key]
+            mask = shift_mask(-(-h // wh) * wh, -(-w // ww) * ww, self.window_size,
+                              self.shift_size, x.device, x.dtype)
+            if not _capture.capturing():
+                self._masks[key] = mask
+        return mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
