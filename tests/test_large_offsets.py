@@ -400,8 +400,8 @@ FAMILIES = {
     "int8": [int8_quantize_rows, int8_w8a16_far_rows, int8_w8a16_far_columns, int8_w8a8_far_rows],
     "nm": [nm_tiled_far_rows, nm_split_k_far_columns, nm_to_dense_far_rows],
     "fp8": [fp8_quantize_rows, fp8_weight_only_far_rows, fp8_scaled_far_columns],
-    "window_attention": [functools.partial(window_attention_forward, 2), functools.partial(window_attention_forward, 3),
-                         functools.partial(window_attention_backward, 2), functools.partial(window_attention_backward, 3)],
+    "window_attention": [functools.partial(check, dim) for check in (window_attention_forward, window_attention_backward)
+                         for dim in (2, 3)],  # tokens, then features, past 2^31
     "window_copy": [window_partition_far_channels_and_tokens, window_merge_far_channels],
 }
 

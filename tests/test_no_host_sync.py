@@ -19,13 +19,11 @@ from torch import nn
 
 import sparqle
 from sparqle import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
-from sparqle.functional import fp8_training_linear
 from sparqle.kernels import _capture
 from sparqle.nn import FP8Linear, Int4Linear, Int8Linear, SparseLinear, SparseWindowBlock, WindowAttention
 
 from sparqle.bench import swin_reference as swin
 
-from ._oracle import random_sparse
 from .test_window_modules import reference_block
 
 # Tensor methods, and torch functions, whose result is read on the host.
@@ -197,11 +195,6 @@ def _fp8_quantize_rows(dtype):
     return (lambda: sparqle.fp8_quantize_rows(x)[0].float()), []
 
 
-def _fp8_training(dtype):
-    x, weight = _x(20, 48, dtype), torch.randn(24, 48, dtype=dtype, requires_grad=True)
-    return (lambda: fp8_training_linear(x, weight)), [x, weight]
-
-
 # Cases whose torch path auto takes on CUDA in float64 (CSR and Blocked-ELL run Triton in every dtype).
 TORCH_ON_CUDA = {
     "int4.linear": _weight_case(lambda w: Int4Weight.from_float(w, 32)),
@@ -213,7 +206,6 @@ TORCH_ON_CUDA = {
     "fp8.linear": _weight_case(FP8Weight.from_float),
     "fp8.linear.weight_only": _fp8_weight_only,
     "fp8.quantize_rows": _fp8_quantize_rows,
-    "fp8.training_linear": _fp8_training,
     "window_attention": _window_attention,
     "window_partition": _window_partition,
     "window_merge": _window_merge,
@@ -221,6 +213,7 @@ TORCH_ON_CUDA = {
     "Int4Linear": _module_case(lambda lin: Int4Linear.from_linear(lin, 32)),
     "Int8Linear": _module_case(Int8Linear.from_linear),
     "FP8Linear": _module_case(FP8Linear.from_linear),
+    # FP8Linear.training: its forward is sparqle.functional.fp8_training_linear
     "FP8Linear.training": _module_case(lambda lin: FP8Linear.from_linear(lin, training=True)),
     "WindowAttention": _window_module,
     "SparseWindowBlock": _sparse_window_block,
