@@ -1,8 +1,11 @@
 """Helpers shared by the formats: constructor checks (errors name the format and the
 argument) and ceil division."""
+import operator
 from typing import Dict, Tuple
 
 import torch
+
+INT32_MAX = 2**31 - 1
 
 
 def cdiv(a: int, b: int) -> int:
@@ -10,14 +13,21 @@ def cdiv(a: int, b: int) -> int:
 
 
 def check_shape(fmt: str, shape) -> Tuple[int, int]:
-    """``shape`` as a pair (m, k) of sizes >= 0."""
+    """``shape`` as a pair (m, k) of ints >= 0; a size that is not an int (2.7, "2", True)
+    is refused, not truncated."""
     try:
-        shape = tuple(int(s) for s in shape)
+        sizes = tuple(shape)
     except TypeError:
         raise ValueError(f"{fmt}: shape must be a pair (m, k), got {shape!r}") from None
-    if len(shape) != 2 or min(shape) < 0:
-        raise ValueError(f"{fmt}: shape must be 2-D with sizes >= 0, got {shape}")
-    return shape
+    try:
+        if any(isinstance(s, bool) for s in sizes):
+            raise TypeError
+        sizes = tuple(operator.index(s) for s in sizes)
+    except TypeError:
+        raise TypeError(f"{fmt}: shape must hold ints, got {shape!r}") from None
+    if len(sizes) != 2 or min(sizes) < 0:
+        raise ValueError(f"{fmt}: shape must be 2-D with sizes >= 0, got {sizes}")
+    return sizes
 
 
 def check_tensors(fmt: str, indices: Dict[str, torch.Tensor], values: torch.Tensor) -> None:
@@ -32,6 +42,22 @@ def check_tensors(fmt: str, indices: Dict[str, torch.Tensor], values: torch.Tens
             raise TypeError(f"{fmt}: {name} must hold integers, got {t.dtype}")
     if not values.is_floating_point():
         raise TypeError(f"{fmt}: values must be floating point, got {values.dtype}")
+
+
+def check_int32(fmt: str, name: str, largest: int) -> None:
+    """Indices whose ``largest`` value fits the int32 that sparqle keeps them in (a cast
+    would wrap a larger one silently)."""
+    if largest > INT32_MAX:
+        raise ValueError(f"{fmt}: {name} reaches {largest}, past the int32 indices sparqle keeps "
+                         f"(at most 2**31 - 1 = {INT32_MAX}); split the matrix along that dimension")
+
+
+def check_scales(fmt: str, scales: torch.Tensor) -> None:
+    """Scales that are finite and > 0: a scale of 0, below 0, NaN or Inf dequantizes every
+    weight it covers to 0, a flipped sign, NaN or Inf."""
+    if scales.numel() and not bool(((scales > 0) & torch.isfinite(scales)).all()):
+        bad = scales[~((scales > 0) & torch.isfinite(scales))].flatten()[0]
+        raise ValueError(f"{fmt}: scales must be finite and > 0, got {float(bad)}")
 
 
 def dense_and_mask(where: str, t, mask):

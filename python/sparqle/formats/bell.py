@@ -10,7 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import cdiv, check_shape, check_tensors, dense_and_mask
+from ._checks import cdiv, check_int32, check_shape, check_tensors, dense_and_mask
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -52,11 +52,15 @@ class BlockedELL:
             raise ValueError(f"BlockedELL: ell_cols must have shape {expected} (ceil(m / b), width) "
                              f"for shape {shape}, block size {b} and values {tuple(values.shape)}, "
                              f"got {tuple(ell_cols.shape)}")
+        if values.shape[0] != cdiv(m, b):
+            raise ValueError(f"BlockedELL: values must have ceil(m / b) = {cdiv(m, b)} block-rows for "
+                             f"shape {shape} and block size {b}, got {tuple(values.shape)}")
         if ell_cols.numel() > 0:
             lo, hi = int(ell_cols.min()), int(ell_cols.max())
             if lo < -1 or hi >= cdiv(k, b):
                 raise ValueError(f"BlockedELL: ell_cols must lie in [-1, {cdiv(k, b)}) (block "
                                  f"columns of {k} columns), got [{lo}, {hi}]")
+            check_int32("BlockedELL", "ell_cols", hi)
             ordered = ell_cols.sort(dim=1).values
             if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
                 raise ValueError("BlockedELL: ell_cols repeats a block-column within a block-row")

@@ -12,9 +12,7 @@ import torch
 
 from sparqle.kernels import _capture
 
-from ._checks import check_shape, check_tensors, dense_and_mask
-
-_INT32_MAX = 2**31 - 1
+from ._checks import INT32_MAX, check_int32, check_shape, check_tensors, dense_and_mask
 
 
 def _row_order(crow: torch.Tensor) -> torch.Tensor:
@@ -50,16 +48,19 @@ class CSR:
         if col_indices.numel() != nnz:
             raise ValueError(f"CSR: col_indices has {col_indices.numel()} entries but values "
                              f"has {nnz}; they must match")
-        if nnz > _INT32_MAX:
+        if nnz > INT32_MAX:
             raise ValueError(f"CSR: {nnz} nonzeros do not fit int32 indices")
         if int(crow_indices[0]) != 0 or int(crow_indices[-1]) != nnz:
             raise ValueError(f"CSR: crow_indices must start at 0 and end at nnz = {nnz}, got "
                              f"{int(crow_indices[0])} and {int(crow_indices[-1])}")
         if m > 0 and bool((crow_indices[1:] < crow_indices[:-1]).any()):
             raise ValueError("CSR: crow_indices must be non-decreasing")
-        if nnz > 0 and (int(col_indices.min()) < 0 or int(col_indices.max()) >= k):
-            raise ValueError(f"CSR: col_indices must lie in [0, {k}) for shape {shape}, got "
-                             f"[{int(col_indices.min())}, {int(col_indices.max())}]")
+        if nnz > 0:
+            lo, hi = int(col_indices.min()), int(col_indices.max())
+            if lo < 0 or hi >= k:
+                raise ValueError(f"CSR: col_indices must lie in [0, {k}) for shape {shape}, got "
+                                 f"[{lo}, {hi}]")
+            check_int32("CSR", "col_indices", hi)
         crow = crow_indices.to(torch.int32)
         self._set(crow, col_indices.to(torch.int32), values, shape, _row_order(crow), None)
 

@@ -3,15 +3,16 @@
 For W [N, K] and the FP8 dtype's largest finite value ``fmax`` (448 for e4m3fn, 57344 for
 e5m2): scale = amax / fmax in fp32, where amax is max|W[n]| (``granularity="row"``, scales
 [N]) or max|W| (``granularity="tensor"``, a 0-dim scale); an all-zero row or tensor gets
-scale 1. q = fp8(clamp(W / scale, -fmax, fmax)), the division in fp32 (fp64 for fp64
-weights) and the cast round to nearest even; the clamp comes first because torch's cast of
-an out-of-range value to e4m3fn is NaN. W ~= q * scale.
+scale 1, and hand-built scales must be finite and > 0. q = fp8(clamp(W / scale, -fmax,
+fmax)), the division in fp32 (fp64 for fp64 weights) and the cast round to nearest even;
+the clamp comes first because torch's cast of an out-of-range value to e4m3fn is NaN.
+W ~= q * scale.
 """
 from typing import Optional
 
 import torch
 
-from ._checks import check_float_weight, check_shape
+from ._checks import check_float_weight, check_scales
 
 GRANULARITIES = ("row", "tensor")
 _NAMES = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2",
@@ -68,8 +69,19 @@ class FP8Weight:
                              f"0-dim (tensor-wise), got {tuple(qweight.shape)} and {tuple(scales.shape)}")
         if qweight.device != scales.device:
             raise ValueError(f"FP8Weight: qweight is on {qweight.device} but scales is on {scales.device}")
+        check_scales("FP8Weight", scales)
+        self._set(qweight, scales, dtype)
+
+    def _set(self, qweight, scales, dtype) -> None:
         self.qweight, self.scales, self.dtype = qweight, scales, dtype
-        self.shape = torch.Size(check_shape("FP8Weight", qweight.shape))
+        self.shape = torch.Size(qweight.shape)
+
+    @classmethod
+    def _trusted(cls, qweight, scales, dtype) -> "FP8Weight":
+        """An FP8Weight from tensors already known to be valid (as nn modules hold them)."""
+        w = cls.__new__(cls)
+        w._set(qweight, scales, dtype)
+        return w
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype="e4m3", granularity: str = "row") -> "FP8Weight":

@@ -12,14 +12,15 @@ w ~= (q - zero) * scale with q in [0, 15]:
 
 q = clamp(round(w / scale) + zero, 0, 15). Layout: ``packed`` uint8 [N, ceil(K / 2)], byte
 j of a row holding q[2j] in its low nibble and q[2j + 1] in its high nibble (an odd K is
-padded with q = zero), so a kernel reads a row's K / 2 bytes contiguously; ``scales`` and
-``zeros`` [N, ceil(K / group)] in the weight's float dtype.
+padded with q = zero), so a kernel reads a row's K / 2 bytes contiguously; ``scales``
+(finite, > 0) and ``zeros`` (in [0, 15]; all 8 when symmetric) [N, ceil(K / group)] in the
+weight's float dtype.
 """
 from typing import Optional, Tuple
 
 import torch
 
-from ._checks import cdiv, check_float_weight, check_shape
+from ._checks import cdiv, check_float_weight, check_scales, check_shape
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
 METHODS = ("minmax", "mse")
@@ -51,13 +52,15 @@ class Int4Weight:
 
     Attributes: ``packed`` (uint8 [N, ceil(K/2)]), ``scales``, ``zeros`` ([N, G], float),
     ``shape`` (N, K), ``group_size`` (as given, -1 for per channel), ``group_width``
-    (the channels per group: K for -1).
+    (the channels per group: K for -1), ``symmetric`` (every zero point is 8).
     """
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 shape, group_size: int):
+                 shape, group_size: int, symmetric: bool = False):
         n, k = check_shape("Int4Weight", shape)
         check_group_size(group_size)
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"Int4Weight: symmetric must be a bool, got {type(symmetric).__name__}")
         for name, t in (("packed", packed), ("scales", scales), ("zeros", zeros)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"Int4Weight: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -76,8 +79,25 @@ class Int4Weight:
             if tuple(t.shape) != (n, groups):
                 raise ValueError(f"Int4Weight: {name} must have shape {(n, groups)} for shape "
                                  f"{(n, k)} and group_size {group_size}, got {tuple(t.shape)}")
+        check_scales("Int4Weight", scales)
+        if zeros.numel() and not bool(((zeros >= 0) & (zeros <= 15)).all()):
+            bad = zeros[~((zeros >= 0) & (zeros <= 15))].flatten()[0]
+            raise ValueError(f"Int4Weight: zeros must lie in [0, 15] (q is 4 bits), got {float(bad)}")
+        if symmetric and zeros.numel() and not bool((zeros == 8).all()):
+            raise ValueError("Int4Weight: symmetric=True needs every zero point at 8, but zeros "
+                             "holds others")
+        self._set(packed, scales, zeros, (n, k), group_size, symmetric)
+
+    def _set(self, packed, scales, zeros, shape, group_size, symmetric) -> None:
         self.packed, self.scales, self.zeros = packed, scales, zeros
-        self.shape, self.group_size = torch.Size((n, k)), group_size
+        self.shape, self.group_size, self.symmetric = torch.Size(shape), group_size, symmetric
+
+    @classmethod
+    def _trusted(cls, packed, scales, zeros, shape, group_size, symmetric) -> "Int4Weight":
+        """An Int4Weight from tensors already known to be valid (as nn modules hold them)."""
+        w = cls.__new__(cls)
+        w._set(packed, scales, zeros, shape, group_size, symmetric)
+        return w
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 128, *, symmetric: bool = False,
@@ -108,7 +128,7 @@ class Int4Weight:
             q = torch.cat([q, zero[:, -1].to(torch.uint8)], dim=1)
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
         return cls(packed.contiguous(), scale.view(n, g).to(w.dtype), zero.view(n, g).to(w.dtype),
-                   (n, k), group_size)
+                   (n, k), group_size, symmetric)
 
     @property
     def group_width(self) -> int:
@@ -135,15 +155,16 @@ class Int4Weight:
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Int4Weight":
         """A copy on ``device`` and/or with scales and zeros of ``dtype``."""
         return Int4Weight(self.packed.to(device), self.scales.to(device=device, dtype=dtype),
-                          self.zeros.to(device=device, dtype=dtype), self.shape, self.group_size)
+                          self.zeros.to(device=device, dtype=dtype), self.shape, self.group_size,
+                          self.symmetric)
 
     def __repr__(self) -> str:
         return (f"Int4Weight(shape={tuple(self.shape)}, group_size={self.group_size}, "
-                f"dtype={self.dtype}, device={self.device})")
+                f"symmetric={self.symmetric}, dtype={self.dtype}, device={self.device})")
 
 
 def check_group_size(group_size) -> int:
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
     return group_size
 

@@ -1,14 +1,15 @@
 """int8 weights, symmetric, one scale per output channel.
 
 For W [N, K]: scale[n] = max|W[n]| / 127 (1 for an all-zero row), and
-q = clamp(round(W / scale), -127, 127) with round half to even. ``qweight`` is int8 [N, K];
-``scales`` [N] are kept in the weight's float dtype; W ~= q * scale.
+q = clamp(round(W / scale), -127, 127) with round half to even. ``qweight`` is int8 [N, K]
+in [-127, 127] (-128 has no positive twin in a symmetric code: it is refused);
+``scales`` [N], finite and > 0, are kept in the weight's float dtype; W ~= q * scale.
 """
 from typing import Optional
 
 import torch
 
-from ._checks import check_float_weight, check_shape
+from ._checks import check_float_weight, check_scales
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,8 +33,21 @@ class Int8Weight:
                              f"{tuple(qweight.shape)} and {tuple(scales.shape)}")
         if qweight.device != scales.device:
             raise ValueError(f"Int8Weight: qweight is on {qweight.device} but scales is on {scales.device}")
+        if qweight.numel() and bool((qweight == -128).any()):
+            raise ValueError("Int8Weight: qweight holds -128; the symmetric code is [-127, 127]")
+        check_scales("Int8Weight", scales)
+        self._set(qweight, scales)
+
+    def _set(self, qweight, scales) -> None:
         self.qweight, self.scales = qweight, scales
-        self.shape = torch.Size(check_shape("Int8Weight", qweight.shape))
+        self.shape = torch.Size(qweight.shape)
+
+    @classmethod
+    def _trusted(cls, qweight, scales) -> "Int8Weight":
+        """An Int8Weight from tensors already known to be valid (as nn modules hold them)."""
+        w = cls.__new__(cls)
+        w._set(qweight, scales)
+        return w
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Weight":
