@@ -47,7 +47,8 @@ def _backward(ctx, grad):
     qweight, scales = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad @ (qweight.float() * scales.float()[:, None]).to(grad.dtype)
+        cdt = torch.float64 if grad.dtype == torch.float64 else torch.float32  # as the forward
+        grad_x = grad @ (qweight.to(cdt) * scales.to(cdt)[:, None]).to(grad.dtype)
     if ctx.needs_input_grad[3]:
         grad_bias = grad.sum(0)
     return grad_x, None, None, grad_bias, None
