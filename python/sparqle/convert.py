@@ -5,6 +5,7 @@ from torch import nn
 
 from .formats.nm import PATTERNS
 from .nn import FP8Linear, Int4Linear, Int8Linear, SparseLinear
+from .nn._replace import replace_modules
 from .nn.window_attention import convert_sparse_windows, convert_window_attention
 
 _CONVERTERS = {
@@ -33,6 +34,10 @@ def convert(model: nn.Module, fmt: str, *,
     ``convert(model, "fp8", granularity="row")``, ``convert(model, "2:4")`` (or another N:M
     pattern). Returns ``model``.
 
+    A module reached at several names is converted once and the converted module put at
+    every name; a weight or bias tied to another module (an lm_head tied to the embedding)
+    is copied into the converted module, and a warning says that the tie breaks.
+
     Swin models: ``convert(model, "window_attention")`` swaps every Swin WindowAttention for
     :class:`sparqle.nn.WindowAttention`; ``convert(model, "sparse_windows", keep_ratio=0.5)``
     wraps every Swin block in :class:`sparqle.nn.SparseWindowBlock` (a float, or a list of
@@ -43,12 +48,7 @@ def convert(model: nn.Module, fmt: str, *,
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if fmt in _MODULE_CONVERTERS:
         return _MODULE_CONVERTERS[fmt](model, filter=filter, **options)
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and (filter is None or filter(name, module))]
-    if targets and targets[0][0] == "":
-        raise ValueError("model is itself an nn.Linear: convert its parent, or use "
-                         "sparqle.nn.SparseLinear.from_linear")
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _CONVERTERS[fmt](module, **options))
-    return model
+    return replace_modules(model, lambda m: type(m) is nn.Linear, filter,
+                           lambda name, linear: _CONVERTERS[fmt](linear, **options),
+                           root_hint="an nn.Linear: convert its parent, or use "
+                                     "sparqle.nn.SparseLinear.from_linear", copies_parameters=True)

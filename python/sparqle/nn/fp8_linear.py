@@ -7,9 +7,10 @@ from torch import nn
 from ..formats import FP8Weight
 from ..formats.fp8 import check_granularity, fp8_dtype
 from ..functional import fp8_linear, fp8_training_linear
+from ._load import ConvertedLinear, bias_parameter
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(ConvertedLinear):
     """A linear layer whose GEMMs run in FP8.
 
     Inference (``training=False``): the weight is an FP8Weight (e4m3 or e5m2, a scale per
@@ -24,6 +25,9 @@ class FP8Linear(nn.Module):
     nn.Parameter; every call quantizes x and the weight to e4m3 and the backward runs
     dgrad and wgrad in FP8 with an e5m2 gradient (see
     :func:`sparqle.functional.fp8_training_linear`).
+
+    The mode, FP8 dtype and granularity travel in the state_dict; a load is checked as
+    FP8Weight's constructor checks its arguments.
     """
 
     def __init__(self, weight, bias: Optional[torch.Tensor] = None, training: bool = False):
@@ -44,7 +48,7 @@ class FP8Linear(nn.Module):
             self.fp8_dtype, self.granularity = weight.fp8_dtype, weight.granularity
             self.register_buffer("qweight", weight.qweight.view(torch.uint8))
             self.register_buffer("scales", weight.scales)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.bias = bias_parameter(bias, self.out_features)
 
     @classmethod
     def from_linear(cls, linear_: nn.Linear, dtype="e4m3", granularity: str = "row",
@@ -58,12 +62,24 @@ class FP8Linear(nn.Module):
                 raise ValueError("training=True runs the fixed recipe (e4m3 forward, e5m2 gradients, "
                                  f"row-wise scales): dtype must be 'e4m3' and granularity 'row', got "
                                  f"{dtype!r} and {granularity!r}")
-            return cls(linear_.weight.detach(), linear_.bias, training=True)
-        return cls(FP8Weight.from_float(linear_.weight.detach(), dtype, granularity), linear_.bias)
+            return cls(linear_.weight.detach(), linear_.bias, training=True)._follow(linear_, "weight")
+        weight = FP8Weight.from_float(linear_.weight.detach(), dtype, granularity)
+        return cls(weight, linear_.bias)._follow(linear_, None)
 
     def quantized_weight(self, dtype: torch.dtype) -> FP8Weight:
-        """The inference weight as an FP8Weight for activations of ``dtype``."""
-        return FP8Weight(self.qweight.view(self.fp8_dtype), self.scales, dtype)
+        """The inference weight as an FP8Weight for activations of ``dtype`` (over this
+        module's buffers: no copy, no checks, as they were checked when built or loaded)."""
+        return FP8Weight._trusted(self.qweight.view(self.fp8_dtype), self.scales, dtype)
+
+    def settings(self):
+        return {"format": "fp8", "training": self.fp8_training,
+                "fp8_dtype": None if self.fp8_dtype is None else str(self.fp8_dtype).replace("torch.", ""),
+                "granularity": self.granularity,
+                "out_features": self.out_features, "in_features": self.in_features}
+
+    def _check_state(self, tensors):
+        if not self.fp8_training:
+            FP8Weight(tensors["qweight"].view(self.fp8_dtype), tensors["scales"])
 
     def _apply(self, fn, recurse=True):
         """As nn.Module's, but ``scales`` keeps fp32 through ``model.half()`` or
@@ -81,6 +97,10 @@ class FP8Linear(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got "
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if self.bias is not None and x.dtype != self.bias.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but this FP8Linear is in {self.bias.dtype} "
+                            f"(its bias); pass x in {self.bias.dtype}, or convert the layer with "
+                            f".to({x.dtype})")
         return fp8_linear(x, self.quantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -6,14 +6,17 @@ from torch import nn
 
 from ..formats import Int4Weight
 from ..functional import linear
+from ._load import ConvertedLinear, bias_parameter
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(ConvertedLinear):
     """A linear layer whose weight is an :class:`~sparqle.Int4Weight`.
 
     The packed weight, scales and zeros are buffers (frozen; ``state_dict()`` round-trips
-    and ``torch.save`` loads with weights_only); the bias stays a Parameter. Gradients flow
-    to the input through the dequantized weight, so adapters (QLoRA-style) train on top.
+    and ``torch.save`` loads with weights_only; group size and symmetry travel in it, and a
+    load is checked as Int4Weight's constructor checks its arguments); the bias stays a
+    Parameter. Gradients flow to the input through the dequantized weight, so adapters
+    (QLoRA-style) train on top.
     """
 
     def __init__(self, weight: Int4Weight, bias: Optional[torch.Tensor] = None):
@@ -21,11 +24,11 @@ class Int4Linear(nn.Module):
         if not isinstance(weight, Int4Weight):
             raise TypeError(f"weight must be a sparqle.Int4Weight, got {type(weight).__name__}")
         self.out_features, self.in_features = weight.shape
-        self.group_size = weight.group_size
+        self.group_size, self.symmetric = weight.group_size, weight.symmetric
         self.register_buffer("packed", weight.packed)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("zeros", weight.zeros)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.bias = bias_parameter(bias, self.out_features)
 
     @classmethod
     def from_linear(cls, linear_: nn.Linear, group_size: int = 128, *, method: str = "minmax",
@@ -35,17 +38,26 @@ class Int4Linear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear_).__name__}")
         weight = Int4Weight.from_float(linear_.weight.detach(), group_size,
                                        symmetric=symmetric, method=method)
-        return cls(weight, linear_.bias)
+        return cls(weight, linear_.bias)._follow(linear_, None)
 
     @property
     def weight(self) -> Int4Weight:
-        """The weight over this module's buffers (no copy)."""
-        return Int4Weight(self.packed, self.scales, self.zeros,
-                          (self.out_features, self.in_features), self.group_size)
+        """The weight over this module's buffers (no copy, no checks: they were checked when
+        built or loaded)."""
+        return Int4Weight._trusted(self.packed, self.scales, self.zeros,
+                                   (self.out_features, self.in_features), self.group_size, self.symmetric)
+
+    def settings(self):
+        return {"format": "int4", "group_size": self.group_size, "symmetric": self.symmetric,
+                "out_features": self.out_features, "in_features": self.in_features}
+
+    def _check_state(self, tensors):
+        Int4Weight(tensors["packed"], tensors["scales"], tensors["zeros"],
+                   (self.out_features, self.in_features), self.group_size, self.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}")

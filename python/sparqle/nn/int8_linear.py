@@ -6,18 +6,20 @@ from torch import nn
 
 from ..formats import Int8Weight
 from ..functional import int8_linear
+from ._load import ConvertedLinear, bias_parameter
 
 _ACTIVATIONS = ("dynamic", None)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(ConvertedLinear):
     """A linear layer with an int8 weight, one scale per output channel.
 
     ``activation="dynamic"`` (default) quantizes each token (row) of x to int8 with its own
     scale and multiplies on int8 tensor cores (W8A8); ``activation=None`` keeps x in its
     float dtype (W8A16). ``qweight`` and ``scales`` are buffers (frozen; state_dict and
-    weights_only loads work); the bias stays a Parameter; gradients reach x through the
-    dequantized weight.
+    weights_only loads work, the activation mode travels in the state_dict, and a load is
+    checked as Int8Weight's constructor checks its arguments); the bias stays a Parameter;
+    gradients reach x through the dequantized weight.
     """
 
     def __init__(self, weight: Int8Weight, bias: Optional[torch.Tensor] = None,
@@ -31,17 +33,26 @@ class Int8Linear(nn.Module):
         self.activation = activation
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("scales", weight.scales)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.bias = bias_parameter(bias, self.out_features)
 
     @classmethod
     def from_linear(cls, linear_: nn.Linear, activation: Optional[str] = "dynamic") -> "Int8Linear":
         if not isinstance(linear_, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear_).__name__}")
-        return cls(Int8Weight.from_float(linear_.weight.detach()), linear_.bias, activation)
+        return cls(Int8Weight.from_float(linear_.weight.detach()), linear_.bias, activation)._follow(linear_, None)
 
     @property
     def weight(self) -> Int8Weight:
-        return Int8Weight(self.qweight, self.scales)
+        """The weight over this module's buffers (no copy, no checks: they were checked when
+        built or loaded)."""
+        return Int8Weight._trusted(self.qweight, self.scales)
+
+    def settings(self):
+        return {"format": "int8", "activation": self.activation,
+                "out_features": self.out_features, "in_features": self.in_features}
+
+    def _check_state(self, tensors):
+        Int8Weight(tensors["qweight"], tensors["scales"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight, self.bias, self.activation)

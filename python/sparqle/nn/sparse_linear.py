@@ -10,6 +10,7 @@ from .. import prune
 from ..formats import CSR, BlockedELL, SemiStructured
 from ..formats.nm import PATTERNS
 from ..functional import linear
+from ._load import ConvertedLinear, bias_parameter
 
 # Format name -> builder of the weight from (shape, values, index tensors).
 _FORMATS = {"csr": CSR.from_index_tensors, "bell": BlockedELL.from_index_tensors,
@@ -27,24 +28,29 @@ def _format_name(weight) -> str:
     raise TypeError(f"weight must be a CSR, BlockedELL or SemiStructured, got {type(weight).__name__}")
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(ConvertedLinear):
     """A linear layer with a sparse weight (CSR, Blocked-ELL or N:M).
 
     The stored values are the Parameter ``values``; the format's index tensors (the
     pattern, and the transposed structure the backward uses) are buffers, so
-    ``state_dict()`` round-trips and ``torch.save`` loads with weights_only. Loading a
-    state_dict whose pattern has other sizes (another pruning of the same layer) resizes
-    them.
+    ``state_dict()`` round-trips and ``torch.save`` loads with weights_only; the format
+    (and Blocked-ELL's block size) travel in it as extra state. A load is checked as the
+    format's constructor checks its arguments, and the transposed structure must be the
+    one the pattern gives. Loading a state_dict whose pattern has other sizes (another
+    pruning of the same layer) resizes them; ``values`` stays the same Parameter, so an
+    optimizer built before the load trains it (reset a stateful optimizer's state for it:
+    its moments have the old size).
     """
 
     def __init__(self, weight, bias: Optional[torch.Tensor] = None):
         super().__init__()
         self.format = _format_name(weight)
         self.out_features, self.in_features = weight.shape
+        self.block_size = weight.block_size if isinstance(weight, BlockedELL) else None
         for name, tensor in weight.index_tensors().items():
             self.register_buffer(name, tensor)
         self.values = nn.Parameter(weight.values.detach().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.bias = bias_parameter(bias, self.out_features)
 
     @classmethod
     def from_linear(cls, linear_: nn.Linear, sparsity: Optional[float] = None, *,
@@ -63,7 +69,7 @@ class SparseLinear(nn.Module):
                 raise ValueError(f"format={format!r} sets the sparsity: pass neither sparsity "
                                  f"nor block_size")
             n, m = (int(v) for v in format.split(":"))
-            return cls(SemiStructured.from_dense(w, n, m), linear_.bias)
+            return cls(SemiStructured.from_dense(w, n, m), linear_.bias)._follow(linear_, "values")
         if sparsity is None:
             raise ValueError(f"sparsity is required for format={format!r}")
         if format == "csr":
@@ -74,7 +80,7 @@ class SparseLinear(nn.Module):
             block_size = 32 if block_size is None else block_size
             mask = prune.magnitude(w, sparsity, block=block_size)
             weight = BlockedELL.from_dense(w, block_size, mask=mask)
-        return cls(weight, linear_.bias)
+        return cls(weight, linear_.bias)._follow(linear_, "values")
 
     @property
     def weight(self):
@@ -85,16 +91,38 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name, tensor in [*self._buffers.items(), ("values", self.values)]:
-            incoming = state_dict.get(prefix + name)
-            if isinstance(incoming, torch.Tensor) and incoming.shape != tensor.shape:
-                resized = tensor.new_empty(incoming.shape)
-                if name == "values":
-                    self.values = nn.Parameter(resized, requires_grad=tensor.requires_grad)
+    def settings(self):
+        return {"format": self.format, "block_size": self.block_size,
+                "out_features": self.out_features, "in_features": self.in_features}
+
+    def _check_state(self, tensors):
+        shape = (self.out_features, self.in_features)
+        if self.format == "csr":
+            weight = CSR(tensors["crow_indices"], tensors["col_indices"], tensors["values"], shape)
+        elif self.format == "bell":
+            weight = BlockedELL(tensors["ell_cols"], tensors["values"], shape)
+            if weight.block_size != self.block_size:
+                raise ValueError(f"values holds {weight.block_size} x {weight.block_size} blocks; "
+                                 f"this layer's block size is {self.block_size}")
+        else:
+            n, m = (int(v) for v in self.format.split(":"))
+            weight = SemiStructured(tensors["values"], tensors["meta"], shape, n, m)
+        for name, derived in weight.index_tensors().items():
+            if not torch.equal(tensors[name], derived):
+                raise ValueError(f"{name} is not the one the pattern gives (it is derived from "
+                                 f"the other index tensors): the state_dict is corrupt")
+
+    def _sized_by_format(self, name: str) -> bool:
+        return name != "bias"
+
+    def _resize(self, tensors):
+        for name, t in tensors.items():
+            current = self.values if name == "values" else self._buffers.get(name)
+            if current is not None and t.shape != current.shape:
+                if name == "values":  # the same Parameter: optimizers keep it
+                    self.values.data = current.new_empty(t.shape)
                 else:
-                    self._buffers[name] = resized
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+                    self._buffers[name] = current.new_empty(t.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

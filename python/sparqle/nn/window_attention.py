@@ -6,7 +6,7 @@ relative_position_index); ``SparseWindowBlock.from_block(block, keep_ratio)`` wr
 SwinTransformerBlock (norm1, attn, norm2, mlp, window_size, shift_size) so that only the
 windows with the largest activations are computed.
 """
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -14,8 +14,12 @@ from torch import nn
 from sparqle.kernels import _capture
 
 from ..window import num_windows, window_attention, window_merge, window_partition
+from ._load import CheckedLoad
+from ._replace import replace_modules
 
 _SWIN_MASK = -100.0  # Swin's additive mask between tokens of different shifted regions
+_ROOT_HINT = ("the module to convert: convert its parent, or use "
+              "sparqle.nn.WindowAttention.from_module / SparseWindowBlock.from_block")
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -40,7 +44,33 @@ def is_swin_block(m: nn.Module) -> bool:
             and is_swin_window_attention(m.attn))
 
 
-class WindowAttention(nn.Module):
+def _check_relative_position(table, index, num_heads: int, window_size) -> None:
+    """A bias table [T, num_heads] and an index [N, N] of ints in [0, T) (N = wh * ww when
+    the window size is known): checked when built and loaded, as the forward gathers
+    table[index] without a bound check."""
+    for name, t in (("relative_position_bias_table", table), ("relative_position_index", index)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not table.is_floating_point():
+        raise TypeError(f"relative_position_bias_table must be floating point, got {table.dtype}")
+    if table.shape[1] != num_heads:
+        raise ValueError(f"relative_position_bias_table must be [entries, num_heads = {num_heads}], "
+                         f"got {tuple(table.shape)}")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"relative_position_index must hold integers, got {index.dtype}")
+    n = index.shape[0]
+    if index.shape[1] != n:
+        raise ValueError(f"relative_position_index must be [N, N], got {tuple(index.shape)}")
+    if window_size is not None and n != _pair(window_size)[0] * _pair(window_size)[1]:
+        raise ValueError(f"relative_position_index must be [N, N] with N = {n} the tokens of the "
+                         f"{_pair(window_size)} window, got {tuple(index.shape)}")
+    if index.numel() and not bool(((index >= 0) & (index < table.shape[0])).all()):
+        raise ValueError(f"relative_position_index holds values outside [0, {table.shape[0]}) (the rows "
+                         f"of relative_position_bias_table): got [{int(index.min())}, {int(index.max())}]")
+
+
+class WindowAttention(CheckedLoad):
     """Swin's window multi-head self-attention with relative position bias, on the fused
     :func:`sparqle.window_attention` kernel.
 
@@ -50,6 +80,7 @@ class WindowAttention(nn.Module):
     relative_position_bias_table[relative_position_index[i, j], h]. ``mask_index`` [nW*B]
     picks each window's mask when the windows are a subset (see SparseWindowBlock).
     Attention dropout is not supported in training (the module raises); proj_drop is kept.
+    A load_state_dict is checked as the constructor checks the table and the index.
     """
 
     def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, relative_position_bias_table: torch.Tensor,
@@ -58,13 +89,18 @@ class WindowAttention(nn.Module):
         super().__init__()
         if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear):
             raise TypeError("qkv and proj must be nn.Linear layers")
-        if qkv.out_features % (3 * num_heads):
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+            raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be at least 1, got {num_heads}")
+        if qkv.out_features % (3 * num_heads) or qkv.out_features == 0:
             raise ValueError(f"qkv.out_features = {qkv.out_features} is not 3 * num_heads * head_dim "
-                             f"for num_heads = {num_heads}")
-        n = relative_position_index.shape[0]
-        if relative_position_index.shape != (n, n):
-            raise ValueError(f"relative_position_index must be [N, N], got {tuple(relative_position_index.shape)}")
-        self.num_heads, self.scale, self.attn_drop = int(num_heads), float(scale), float(attn_drop)
+                             f"for num_heads = {num_heads} and a head_dim >= 1")
+        if proj.in_features != qkv.out_features // 3:
+            raise ValueError(f"proj.in_features = {proj.in_features} must be num_heads * head_dim = "
+                             f"{qkv.out_features // 3}, the width of the attention's output")
+        _check_relative_position(relative_position_bias_table, relative_position_index, num_heads, window_size)
+        self.num_heads, self.scale, self.attn_drop = num_heads, float(scale), float(attn_drop)
         self.head_dim = qkv.out_features // (3 * num_heads)
         self.window_size = window_size
         self.qkv, self.proj = qkv, proj
@@ -88,6 +124,11 @@ class WindowAttention(nn.Module):
                    getattr(m, "scale", head_dim ** -0.5), getattr(m, "window_size", None),
                    getattr(m, "proj_drop", None), getattr(drop, "p", 0.0),
                    index_persistent="relative_position_index" in m.state_dict())
+
+    def _check_state(self, tensors):
+        _check_relative_position(tensors["relative_position_bias_table"],
+                                 tensors.get("relative_position_index", self.relative_position_index),
+                                 self.num_heads, self.window_size)
 
     def relative_position_bias(self) -> torch.Tensor:
         """bias [heads, N, N] gathered from the table."""
@@ -214,22 +255,12 @@ class SparseWindowBlock(nn.Module):
         return f"window_size={self.window_size}, shift_size={self.shift_size}, keep_ratio={self.keep_ratio}"
 
 
-def _replace(model: nn.Module, targets: List[Tuple[str, nn.Module]], make: Callable) -> nn.Module:
-    if targets and targets[0][0] == "":
-        raise ValueError("model is itself the module to convert: convert its parent, or use "
-                         "sparqle.nn.WindowAttention.from_module / SparseWindowBlock.from_block")
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, make(name, module))
-    return model
-
-
 def convert_window_attention(model: nn.Module, filter=None) -> nn.Module:
     """Swap every Swin WindowAttention of ``model`` (for which ``filter(name, module)``) for
     :class:`WindowAttention`, in place."""
-    targets = [(n, m) for n, m in model.named_modules()
-               if is_swin_window_attention(m) and not isinstance(m, WindowAttention) and (filter is None or filter(n, m))]
-    return _replace(model, targets, lambda name, m: WindowAttention.from_module(m))
+    return replace_modules(model, lambda m: is_swin_window_attention(m) and not isinstance(m, WindowAttention),
+                           filter, lambda name, m: WindowAttention.from_module(m), root_hint=_ROOT_HINT,
+                           copies_parameters=False)
 
 
 def convert_sparse_windows(model: nn.Module, filter=None,
@@ -237,9 +268,9 @@ def convert_sparse_windows(model: nn.Module, filter=None,
     """Wrap every Swin block of ``model`` in :class:`SparseWindowBlock`, in place.
     ``keep_ratio`` is a float, or one float per stage (the blocks' parent containers, in
     model order)."""
-    targets = [(n, m) for n, m in model.named_modules()
-               if is_swin_block(m) and not isinstance(m, SparseWindowBlock) and (filter is None or filter(n, m))]
-    stages = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in targets))
+    is_target = lambda m: is_swin_block(m) and not isinstance(m, SparseWindowBlock)  # noqa: E731
+    stages = list(dict.fromkeys(n.rpartition(".")[0] for n, m in model.named_modules()
+                                if is_target(m) and (filter is None or filter(n, m))))
     if isinstance(keep_ratio, (list, tuple)):
         if len(keep_ratio) != len(stages):
             raise ValueError(f"keep_ratio has {len(keep_ratio)} entries but the model has {len(stages)} "
@@ -247,5 +278,6 @@ def convert_sparse_windows(model: nn.Module, filter=None,
         ratios = {stage: _check_keep_ratio(r) for stage, r in zip(stages, keep_ratio)}
     else:
         ratios = dict.fromkeys(stages, _check_keep_ratio(keep_ratio))
-    return _replace(model, targets,
-                    lambda name, m: SparseWindowBlock.from_block(m, ratios[name.rpartition(".")[0]]))
+    return replace_modules(model, is_target, filter,
+                           lambda name, m: SparseWindowBlock.from_block(m, ratios[name.rpartition(".")[0]]),
+                           root_hint=_ROOT_HINT, copies_parameters=False)
