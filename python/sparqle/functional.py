@@ -9,6 +9,7 @@ from sparqle.bindings.fp8_linear import FP8TrainingLinear
 
 from .formats import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
 from .formats.fp8 import fp8_dtype
+from .window import _check_values
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -23,6 +24,22 @@ def _check_matches(name: str, t: torch.Tensor, fmt_name: str, fmt) -> None:
         raise TypeError(f"{name} has dtype {t.dtype} but {fmt_name} has {fmt.dtype}; they must match")
     if t.device != fmt.device:
         raise ValueError(f"{name} is on {t.device} but {fmt_name} is on {fmt.device}")
+
+
+def _check_static_scale(static_scale, x: torch.Tensor) -> None:
+    """A static activation scale: a 1-element real tensor on x's device whose value, in the
+    fp32 the kernels use, is finite and > 0 (read as window's index checks are)."""
+    if static_scale is None:
+        return
+    if not isinstance(static_scale, torch.Tensor) or static_scale.numel() != 1:
+        raise ValueError("static_scale must be a 1-element tensor")
+    if static_scale.dtype == torch.bool or static_scale.is_complex():
+        raise TypeError(f"static_scale must hold a real number, got {static_scale.dtype}")
+    if static_scale.device != x.device:
+        raise ValueError(f"static_scale is on {static_scale.device} but x is on {x.device}")
+    scale = static_scale.float()
+    _check_values(lambda: (torch.isfinite(scale) & (scale > 0)).all(),
+                 "static_scale must be finite and > 0 (in fp32)")
 
 
 def _csr_spmm(a: CSR, b: torch.Tensor) -> torch.Tensor:
@@ -97,9 +114,7 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
     _check_tensor("x", x, dims=2)
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
-    if static_scale is not None and (not isinstance(static_scale, torch.Tensor)
-                                     or static_scale.numel() != 1):
-        raise ValueError("static_scale must be a 1-element tensor")
+    _check_static_scale(static_scale, x)
     return torch.ops.sparqle.int8_quantize_rows(x, static_scale)
 
 
@@ -177,9 +192,7 @@ def fp8_quantize_rows(x: torch.Tensor, dtype="e4m3", static_scale: Optional[torc
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
     target = fp8_dtype(dtype)
-    if static_scale is not None and (not isinstance(static_scale, torch.Tensor)
-                                     or static_scale.numel() != 1):
-        raise ValueError("static_scale must be a 1-element tensor")
+    _check_static_scale(static_scale, x)
     return torch.ops.sparqle.fp8_quantize_rows(x, static_scale, target)
 
 

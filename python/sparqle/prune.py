@@ -1,4 +1,5 @@
 """Pruning masks: which weights a sparse format keeps."""
+import numbers
 from typing import Optional
 
 import torch
@@ -29,6 +30,8 @@ def magnitude(w: torch.Tensor, sparsity: Optional[float] = None, *, block: Optio
         return keep_top_n(w, n, m)
     if sparsity is None:
         raise ValueError("sparsity is required (or n and m for an N:M mask)")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"sparsity must be a number in [0, 1), got {type(sparsity).__name__} {sparsity!r}")
     if not 0 <= float(sparsity) < 1:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
     if not bool(torch.isfinite(w).all()):
