@@ -39,7 +39,8 @@ def _blocks(page: pathlib.Path):
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p)], ids=lambda p: p.name)
-def test_python_blocks_run(page):
+def test_python_blocks_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what the examples save lands here
     namespace: dict = {}
     exec(compile(SETUP.get(page.name, _COMMON), f"<setup of {page.name}>", "exec"), namespace)
     for number, (reason, code) in enumerate(_blocks(page), 1):
