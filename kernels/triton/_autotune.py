@@ -15,7 +15,9 @@
   capture); call the op once outside capture to tune it.
 - **planning**: inside :func:`planning`, kernels are not launched; the plan counts the
   autotune trials and the distinct compiles the calls would cause, so that a GPU run can
-  say what it will cost before it starts.
+  say what it will cost before it starts, and keeps one :class:`Launch` per compile, from
+  which the kernel can be compiled for any target without a GPU
+  (sparqle.bench.kernel_specs).
 """
 import concurrent.futures
 import contextlib
@@ -61,13 +63,33 @@ def bucket(n: int) -> int:
     return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
 
 
+@dataclass(frozen=True)
+class TensorArg:
+    """A tensor argument as Triton specialises it: its dtype, and its address (whose
+    16-byte alignment Triton specialises on). Has ``dtype`` and ``data_ptr()`` like a tensor."""
+    dtype: torch.dtype
+    address: int
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+class Launch(NamedTuple):
+    """A kernel call recorded by :func:`planning`: the autotuned kernel, one config it would
+    run, and the call's arguments by name (every tensor as a :class:`TensorArg`; the
+    config's meta-parameters not included)."""
+    kernel: "Autotuner"
+    config: triton.Config
+    arguments: Dict[str, object]
+
+
 @dataclass
 class Plan:
     """What the calls made inside :func:`planning` would cost: one autotune trial per config
     per new key, one compile per distinct (kernel, config, specialisation)."""
-    trials: Dict[str, int] = field(default_factory=dict)   # kernel -> configs to time
-    compiles: Set[Tuple] = field(default_factory=set)      # distinct compile signatures
-    keys: Set[Tuple] = field(default_factory=set)          # (kernel, key) tuned
+    trials: Dict[str, int] = field(default_factory=dict)      # kernel -> configs to time
+    compiles: Dict[Tuple, Launch] = field(default_factory=dict)  # compile signature -> a launch causing it
+    keys: Set[Tuple] = field(default_factory=set)             # (kernel, key) tuned
 
     def compiles_by_kernel(self) -> Dict[str, int]:
         counts: Dict[str, int] = {}
@@ -206,9 +228,11 @@ class Autotuner(_TritonAutotuner):
             configs = [self.cache.get(key, configs[0])]
         runtime = tuple((k, _specialisation(v)) for k, v in arguments.items() if k not in self._constexprs)
         constexprs = tuple((k, repr(v)) for k, v in arguments.items() if k in self._constexprs)
+        recorded = {k: TensorArg(v.dtype, v.data_ptr()) if isinstance(v, torch.Tensor) else v
+                    for k, v in arguments.items()}
         for config in configs:
             options = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
-            _plan.compiles.add((self.name, options, runtime, constexprs))
+            _plan.compiles.setdefault((self.name, options, runtime, constexprs), Launch(self, config, recorded))
 
 
 def autotune(configs: Configs, key: Sequence[str], bucket: Sequence[str] = (),
