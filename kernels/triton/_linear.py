@@ -24,14 +24,14 @@ SMALL_M = 16
 
 TILED_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [(32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+     for bm, bn, bk, w, s in [(32, 64, 128, 4, 2), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
                               (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}),
 )
 SMALL_M_CONFIGS = Configs(
-    [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=4)
-     for bn, bk, sk, w in [(32, 128, 1, 4), (64, 128, 1, 4), (128, 64, 1, 4), (32, 128, 2, 4),
-                           (64, 128, 2, 4), (32, 128, 4, 4), (64, 256, 4, 8), (32, 256, 8, 8)]],
+    [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+     for bn, bk, sk, w, s in [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (128, 64, 1, 4, 4), (32, 128, 2, 4, 4),
+                              (64, 128, 2, 4, 4), (32, 128, 4, 4, 4), (64, 256, 4, 8, 3), (32, 256, 8, 8, 4)]],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}),
 )
 
