@@ -16,6 +16,17 @@ device named above its table. `speed-up` is the baseline's time over sparqle's (
 sparqle is faster). `TFLOP/s` counts the useful FLOPs (2 nnz n) for every impl; `roof` is
 the roofline time (measured copy bandwidth, and the spec-sheet fp32 rate on known GPUs)
 over sparqle's time.
+
+## Kernel report (compiled, not measured)
+
+`bench/results/kernel-report-sm90.md` shows what each Triton kernel compiles to on Hopper
+(sm_90) at the headline points of `bench/headline.py`, for every config of its tuning space:
+registers, spills, shared memory, the occupancy they allow, whether the matrix instructions
+are wgmma or mma.sync, which loads go through the software pipeline (cp.async, TMA), and
+the widths of the plain global loads. It is built without a GPU, from Triton's compiler and
+the ptxas and nvdisasm it ships: nothing in it was run or timed. Regenerate it with
+`python -m sparqle.bench.kernel_report --out bench/results/kernel-report-sm90.md`
+(`--op FAMILY` for one family), with `TRITON_INTERPRET` unset.
 """
 
 

@@ -73,3 +73,24 @@ def test_a_config_over_the_shared_memory_of_a_block_cannot_launch():
     occupancy = kernel_specs.ctas_per_sm(use._replace(registers=64, warps=4, shared=16 * 1024), sm90)
     assert occupancy == {"registers": 8, "shared": 13, "warps": 16, "ctas": 32, "resident": 8}
 
+
+def test_kernel_report_runs_on_one_family():
+    """The report (python -m sparqle.bench.kernel_report) for window attention's two
+    headline points: every column filled, the kernels found."""
+    result = subprocess.run([sys.executable, "-m", "sparqle.bench.kernel_report", "--op", "window_attention"],
+                            env=_compiler_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    text = result.stdout
+    header = "| config | regs | spill st/ld | smem KB | CTAs/SM (limit) | warps/SM | MMA | cp.async | TMA "
+    assert header in text
+    for kernel in ("_window_attention_fwd_kernel", "_window_attention_bwd_kernel"):
+        assert f"### `{kernel}`" in text
+    # fwd and bwd, each at both configs of the space (warps 4 and 8); the fwd+bwd point's
+    # forward is the fwd point's launch, listed once.
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| warps=")]
+    assert len(rows) == 4 and "The same launch as in window_attention" in text
+    for cells in rows:
+        assert len(cells) == 11 and all(cell.strip() for cell in cells[:10]), cells
+        regs, spills, smem = int(cells[1]), cells[2].strip(), float(cells[3])
+        assert 0 < regs <= 255 and 0 < smem <= 227 and spills.count("/") == 1
+        assert cells[6].strip().startswith(("wgmma", "mma.sync")), cells[6]  # bf16 dots on tensor cores
