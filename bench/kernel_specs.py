@@ -315,7 +315,7 @@ def test_cases() -> List[Case]:
     cases += fp8_mm_cases(tensor(48, 128, dtype=e4m3), 40, e4m3, bf16, False, row_scales=False)  # stride 0
     # Window attention: Swin-T's 7x7 windows with the shift mask (by b % nW; by mask_index in
     # Swin's qkv layout), the smallest tile without bias or mask, d = 128 over two query
-    # blocks, Swin-B's 12x12 windows over five. In IEEE fp32 (the default: no TF32) the last
+    # blocks, Swin-B's 12x12 windows over five, and the widest tile. In IEEE fp32 (the default: no TF32) the last
     # two unroll their dots into 1 to 2.5 MB of PTX that ptxas takes minutes over: fp32 is
     # compiled there with TF32 allowed. fp16 takes bf16's code path: two tiles; the mask_index and
     # qkv-view variant at bf16 only.
@@ -328,6 +328,8 @@ def test_cases() -> List[Case]:
             cases += window_attention_cases(2, 2, 16, 16, dtype, False, 0, False)
             cases += window_attention_cases(2, 4, 144, 32, dtype, True, 2, False, tf32=fp32)
         cases += window_attention_cases(2, 2, 100, 128, dtype, True, 2, False, tf32=fp32)
+    # The widest tile, fp32 at N = 256 and d = 128: the query blocks shrink to fit sm_80.
+    cases += window_attention_cases(2, 2, 256, 128, torch.float32, True, 2, False, tf32=True)
     return cases
 
 

@@ -39,13 +39,7 @@ def test_cases_cover_every_dtype_of_every_triton_backend():
 # Problems the check finds that no autotune config can fix, each waiting on a kernel change:
 # a pattern matching its lines, and why. The test fails when a pattern matches nothing (fixed:
 # delete the entry) as well as when a problem matches none.
-KNOWN_PROBLEMS = {
-    r"^_window_attention_bwd_kernel .* for bwd float32 windows=2 heads=2 N=100 d=128 .*: cannot launch":
-        "fp32 window attention backward for 64 < N <= 128 and 64 < d <= 128: the launcher's tiles "
-        "(BLOCK_M 64, BLOCK_T 128, HEAD_DIM 128) take 176 KB of shared memory on sm_80 and 241 KB on "
-        "sm_90 at 4 warps (more at 8), over both GPUs' per-block limit: window_attention._blocks must "
-        "take smaller query blocks for fp32.",
-}
+KNOWN_PROBLEMS: dict = {}
 
 
 def test_triton_kernels_compile_and_fit_sm80_and_sm90():

@@ -49,11 +49,12 @@ def _scores(query_ptr, key_ptr, bias_ptr, mask_ptr, mask_index_ptr, b, h, row0, 
             PRECISION: tl.constexpr, UPCAST: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
     """(q [BLOCK_M, HEAD_DIM] of query rows row0.., k [BLOCK_T, HEAD_DIM] of all keys, S
-    [BLOCK_M, BLOCK_T] fp32) of window b, head h (b, h int64); S is -inf in the padded key
-    columns. Token and feature offsets are int64: q and k may have any strides."""
-    offs_m = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM).to(tl.int64)
+    [BLOCK_M, BLOCK_T] fp32) of window b, head h (b, h int64: the window's base offset may
+    pass 2^31); S is -inf in the padded key columns. Token and feature offsets stay int32
+    (fewer registers): the launchers pass only strides whose products with them fit."""
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
     mask_m, mask_t, mask_d = offs_m < N, offs_t < N, offs_d < D
     q = tl.load(query_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
                 + offs_d[None, :] * stride_qd, mask=mask_m[:, None] & mask_d[None, :], other=0)
@@ -94,9 +95,9 @@ def _window_attention_fwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     row0 = tl.program_id(2) * BLOCK_M
-    offs_m = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM).to(tl.int64)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
     mask_m, mask_d = offs_m < N, offs_d < D
     q, k, s = _scores(query_ptr, key_ptr, bias_ptr, mask_ptr, mask_index_ptr, b, h, row0, N, D, NW, scale,
                       stride_qb, stride_qh, stride_qn, stride_qd,
@@ -138,9 +139,9 @@ def _window_attention_bwd_kernel(
     h = tl.program_id(1).to(tl.int64)
     heads = tl.num_programs(1)
     row0 = tl.program_id(2) * BLOCK_M
-    offs_m = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM).to(tl.int64)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
     mask_m, mask_t, mask_d = offs_m < N, offs_t < N, offs_d < D
     mask_md = mask_m[:, None] & mask_d[None, :]
     mask_td = mask_t[:, None] & mask_d[None, :]
@@ -221,18 +222,31 @@ def _window_copy_kernel(
                  mask=in_window[:, None] & mask_c)
 
 
-def _blocks(n: int, d: int) -> dict:
+def _blocks(n: int, d: int, dtype: torch.dtype) -> dict:
     """The tiles: all N keys padded to BLOCK_T (>= 16, a power of two), d to HEAD_DIM, and
     query rows in blocks of BLOCK_M (the whole window up to 64 tokens; 64 rows up to 128,
     32 up to 256, so that the [BLOCK_M, BLOCK_T] fp32 tiles and their shared-memory layout
-    conversions fit one SM)."""
+    conversions fit one SM; half that, 32 and 16, when fp32 operands have d > 64: their
+    backward at 64 rows and 128 keys needs 176 KB of shared memory on sm_80 and 241 KB on
+    sm_90, at 32 rows and 256 keys 184 KB on sm_80, over the 163 KB and 227 KB a block has)."""
     block_t = max(16, triton.next_power_of_2(n))
-    return {"BLOCK_M": min(block_t, 64 if block_t <= 128 else 32), "BLOCK_T": block_t,
-            "HEAD_DIM": max(16, triton.next_power_of_2(d))}
+    head_dim = max(16, triton.next_power_of_2(d))
+    rows = 64 if block_t <= 128 else 32
+    if dtype == torch.float32 and head_dim > 64 and block_t > 64:
+        rows //= 2
+    return {"BLOCK_M": min(block_t, rows), "BLOCK_T": block_t, "HEAD_DIM": head_dim}
 
 
 def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
+
+
+def _int32_tiles(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [B_, heads, N, d], copied contiguous when a token or feature offset (< 256)
+    times its stride could pass 2^31: the kernels keep those offsets int32 and only the
+    window and head offsets int64."""
+    reach = max(t.shape[2], t.shape[3]) * max(abs(t.stride(2)), abs(t.stride(3)))
+    return t if reach < 2 ** 31 else t.contiguous()
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
@@ -241,11 +255,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     """(out [B_, heads, N, d], lse [B_, heads, N] fp32); bias [heads, N, N] and mask
     [nW, N, N] contiguous, q, k, v with any strides."""
     nb, heads, n, d = q.shape
+    q, k, v = _int32_tiles(q), _int32_tiles(k), _int32_tiles(v)
     out = _alloc.empty((nb, heads, n, d), q.dtype, q.device)
     lse = _alloc.empty((nb, heads, n), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    meta, blocks = dot_meta(q.dtype), _blocks(n, d)
+    meta, blocks = dot_meta(q.dtype), _blocks(n, d, q.dtype)
     with on_device_of(q):
         _window_attention_fwd_kernel[(nb, heads, triton.cdiv(n, blocks["BLOCK_M"]))](
             q, k, v, q if bias is None else bias, q if mask is None else mask,
@@ -266,7 +281,8 @@ def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, s
     """(dq, dk, dv, dbias) for window_attention (dbias empty [0] without a bias); out and
     dout contiguous."""
     nb, heads, n, d = q.shape
-    meta, blocks = dot_meta(q.dtype), _blocks(n, d)
+    q, k, v = _int32_tiles(q), _int32_tiles(k), _int32_tiles(v)
+    meta, blocks = dot_meta(q.dtype), _blocks(n, d, q.dtype)
     row_blocks = triton.cdiv(n, blocks["BLOCK_M"])
     split = row_blocks > 1
     dq = _alloc.empty((nb, heads, n, d), q.dtype, q.device)
