@@ -92,7 +92,7 @@ def cusparselt_linear(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[
     sparse tensor cores: cuSPARSELt computes W x^T and writes it transposed."""
     rows = x.shape[0]
     dense = _padded(x.contiguous(), _DENSE_TILE, _SPARSE_TILE)
-    if bias is not None and out_features % _SPARSE_TILE:
-        bias = F.pad(bias, (0, -out_features % _SPARSE_TILE))
+    if bias is not None:  # read at unit stride, padded to the tile
+        bias = F.pad(bias, (0, -out_features % _SPARSE_TILE)) if out_features % _SPARSE_TILE else bias.contiguous()
     y = torch._cslt_sparse_mm(compressed, dense.t(), bias=bias, transpose_result=True)
     return y[:rows, :out_features].contiguous()

@@ -48,12 +48,13 @@ def dot_tile(x, w, acc, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST
 
 @triton.jit
 def store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
-               HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[offs_m, offs_n] = acc + bias (the bias added by split 0 only): stored in y's dtype
-    when SPLIT_K == 1, else added atomically into y, a zeroed fp32 workspace. offs_m and
-    offs_n are int64, so that offs_m * stride_ym passes 2^31 without wrapping."""
+               stride_bias, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[offs_m, offs_n] = acc + bias (read at ``stride_bias``, 0 for an expanded bias; added
+    by split 0 only): stored in y's dtype when SPLIT_K == 1, else added atomically into y, a
+    zeroed fp32 workspace. offs_m and offs_n are int64, so that offs_m * stride_ym passes
+    2^31 without wrapping."""
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n & (split == 0), other=0)
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n & (split == 0), other=0)
         acc += bias.to(ACC_DTYPE)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask_y = mask_m[:, None] & mask_n[None, :]

@@ -91,7 +91,7 @@ def _fp8_scaled_mm_kernel(
     stride_am, stride_ak,
     stride_bn, stride_bk,
     stride_ym, stride_yn,
-    stride_as, stride_bs,
+    stride_as, stride_bs, stride_bias,
     A_FP8: tl.constexpr, A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -129,7 +129,7 @@ def _fp8_scaled_mm_kernel(
     if A_FP8:
         out = out * tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0)[:, None]
     if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+        out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -175,7 +175,7 @@ def scaled_mm(a: torch.Tensor, a_scale: Optional[torch.Tensor], b: torch.Tensor,
             a.stride(0), a.stride(1),
             b.stride(0), b.stride(1),
             y.stride(0), y.stride(1),
-            _scale_stride(a_scale), _scale_stride(b_scale),
+            _scale_stride(a_scale), _scale_stride(b_scale), 0 if bias is None else bias.stride(0),
             A_FP8=a_fp8, A_DTYPE=fp8_format(a.dtype)["Q_DTYPE"] if a_fp8 else tl.float32,
             B_DTYPE=fp8_format(b.dtype)["Q_DTYPE"], HAS_BIAS=bias is not None,
             **dot_meta(out_dtype if a_fp8 else a.dtype),

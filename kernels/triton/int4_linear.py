@@ -30,6 +30,7 @@ def _int4_linear_kernel(
     stride_xm, stride_xk,
     stride_pn, stride_sn,
     stride_ym, stride_yn,
+    stride_bias,
     HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -57,7 +58,7 @@ def _int4_linear_kernel(
         w = ((q.to(ACC_DTYPE) - zero.to(ACC_DTYPE)) * scale.to(ACC_DTYPE)).to(x.dtype)
         acc = dot_tile(x, w, acc, ACC_DTYPE, PRECISION, UPCAST)
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
-               HAS_BIAS, ACC_DTYPE, SPLIT_K)
+               stride_bias, HAS_BIAS, ACC_DTYPE, SPLIT_K)
 
 
 _tiled = autotune(TILED_CONFIGS, key=["M", "N", "K"], bucket=["M"])(_int4_linear_kernel)
@@ -83,6 +84,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
             x.stride(0), x.stride(1),
             packed.stride(0), scales.stride(0),
             y.stride(0), y.stride(1),
+            0 if bias is None else bias.stride(0),
             HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )
 

@@ -63,6 +63,7 @@ def _int8_linear_kernel(
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_ym, stride_yn,
+    stride_bias,
     W8A8: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -94,7 +95,7 @@ def _int8_linear_kernel(
     if W8A8:
         out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
     if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+        out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -133,6 +134,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
             a.stride(0), a.stride(1),
             qweight.stride(0), qweight.stride(1),
             y.stride(0), y.stride(1),
+            0 if bias is None else bias.stride(0),
             W8A8=quantize_activation, HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )
     return y

@@ -69,6 +69,7 @@ def _nm_linear_kernel(
     stride_vn, stride_vk,
     stride_metan, stride_metak,
     stride_ym, stride_yn,
+    stride_bias,
     KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -88,7 +89,7 @@ def _nm_linear_kernel(
                            stride_metan, stride_metak, KEEP, GROUP, BITS, BLOCK_N, BLOCK_K).to(x.dtype)
         acc = dot_tile(x, w, acc, ACC_DTYPE, PRECISION, UPCAST)
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
-               HAS_BIAS, ACC_DTYPE, SPLIT_K)
+               stride_bias, HAS_BIAS, ACC_DTYPE, SPLIT_K)
 
 
 _tiled = autotune(TILED_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"], bucket=["M"])(_nm_linear_kernel)
@@ -158,6 +159,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             values.stride(0), values.stride(1),
             meta.stride(0), meta.stride(1),
             y.stride(0), y.stride(1),
+            0 if bias is None else bias.stride(0),
             KEEP=n, GROUP=m, BITS=index_bits(m), HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )
 
