@@ -9,13 +9,20 @@ window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale
 window_partition(x, wh, ww, sh, sw, index) -> windows [B * K, wh * ww, C]
 window_merge(windows, x, wh, ww, sh, sw, index) -> out [B, H, W, C]
 
+The ops check the values of mask_index (in [0, nW)) and index (in [0, windows per image),
+distinct in each row) where they run, so that the checks hold under torch.compile too (the
+ops are opaque to it): ValueError, read on the host (a device sync) eagerly; while a CUDA
+graph is captured, where nothing may be read, asserted on the device instead.
+
 Gradients of the layout ops are the layout ops: partition's is a merge of the window
 gradients into zeros; merge's is, for the windows, a partition of the output gradient, and
 for x, the output gradient with the merged windows' pixels zeroed (a merge of zeros).
 """
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
+
+from sparqle.kernels import _capture
 
 from ._backend import FLOATS, launch, register_autograd
 
@@ -23,10 +30,37 @@ _DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 _MODULE = "window_attention"
 
 
+def _check_values(holds: Callable[[], torch.Tensor], message: str) -> None:
+    """ValueError(message) unless ``holds()`` (a bool tensor) is true: read on the host (a
+    device sync); while a CUDA graph is captured, where nothing may be read, asserted on the
+    device instead (a failing replay stops with a device-side assert, not a wrong result)."""
+    if _capture.capturing():
+        torch._assert_async(holds(), message)
+    elif not bool(holds()):
+        raise ValueError(message)
+
+
+def _check_in_range(name: str, t: torch.Tensor, high: int) -> None:
+    if t.numel():
+        _check_values(lambda: ((t >= 0) & (t < high)).all(), f"{name} holds values outside [0, {high})")
+
+
+def _check_index(index: Optional[torch.Tensor], x: torch.Tensor, wh: int, ww: int) -> None:
+    """index [B, K]: window ids of x's images, in range and distinct per image."""
+    if index is None:
+        return
+    _check_in_range("index", index, -(-x.shape[1] // wh) * -(-x.shape[2] // ww))
+    if index.shape[1] > 1:
+        _check_values(lambda: (index.sort(dim=1).values.diff(dim=1) != 0).all(),
+                      "index names a window twice in one image")
+
+
 @torch.library.custom_op("sparqle::window_attention", mutates_args=())
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                      mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    if mask is not None and mask_index is not None:
+        _check_in_range("mask_index", mask_index, mask.shape[0])
     return launch(_MODULE, "window_attention", _DTYPES, q, q, k, v, bias, mask, mask_index, scale)
 
 
@@ -45,7 +79,7 @@ def window_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
                               mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
                               scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return launch(_MODULE, "window_attention_backward", _DTYPES, q,
-                  dout.contiguous(), q, k, v, out, lse, bias, mask, mask_index, scale)
+                  dout, q, k, v, out, lse, bias, mask, mask_index, scale)
 
 
 @window_attention_backward.register_fake
@@ -79,6 +113,7 @@ def _windows_shape(x: torch.Tensor, wh: int, ww: int, index: Optional[torch.Tens
 @torch.library.custom_op("sparqle::window_partition", mutates_args=())
 def window_partition(x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
                      index: Optional[torch.Tensor]) -> torch.Tensor:
+    _check_index(index, x, wh, ww)
     return launch(_MODULE, "window_partition", _DTYPES, x, x, wh, ww, sh, sw, index)
 
 
@@ -90,6 +125,7 @@ def _(x, wh, ww, sh, sw, index):
 @torch.library.custom_op("sparqle::window_merge", mutates_args=())
 def window_merge(windows: torch.Tensor, x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
                  index: Optional[torch.Tensor]) -> torch.Tensor:
+    _check_index(index, x, wh, ww)
     return launch(_MODULE, "window_merge", _DTYPES, x, windows, x, wh, ww, sh, sw, index)
 
 

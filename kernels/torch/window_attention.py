@@ -17,7 +17,7 @@ def _scores(q, k, bias, mask, mask_index, scale, cdt):
         s += mask.to(cdt)[mask_index][:, None]
     elif mask is not None:  # windows are image-major: view them as [images, nW, ...]
         nb, heads, n, _ = s.shape
-        s.view(-1, mask.shape[0], heads, n, n).add_(mask.to(cdt)[None, :, None])
+        s.view(nb // mask.shape[0], mask.shape[0], heads, n, n).add_(mask.to(cdt)[None, :, None])
     return s
 
 
@@ -27,6 +27,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     """(out [B_, heads, N, d], lse [B_, heads, N]) with out = softmax(S) v and lse the
     logsumexp of S's rows (fp32, fp64 for fp64 inputs)."""
     cdt = compute_dtype(q.dtype)
+    if q.shape[2] == 0:  # no tokens: S has no rows to reduce
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=cdt)
     s = _scores(q, k, bias, mask, mask_index, scale, cdt)
     p = torch.softmax(s, dim=-1)
     # P's largest entry is exp(max S - lse) >= 1 / N: lse = max S - log(max P), well
@@ -59,7 +61,7 @@ def _padded_windows(x, wh, ww, sh, sw):
     x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2)) if sh or sw else x
     x = F.pad(x, (0, 0, 0, -w % ww, 0, -h % wh))
     hp, wp = x.shape[1], x.shape[2]
-    x = x.view(b, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, (hp // wh) * (wp // ww), wh * ww, c)
 
 
@@ -70,7 +72,7 @@ def window_partition(x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
     windows = _padded_windows(x, wh, ww, sh, sw)
     if index is not None:
         windows = windows[torch.arange(x.shape[0], device=x.device)[:, None], index]
-    return _fresh(windows.reshape(-1, wh * ww, x.shape[3]), x)
+    return _fresh(windows.flatten(0, 1), x)
 
 
 def _fresh(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -85,11 +87,12 @@ def window_merge(windows: torch.Tensor, x: torch.Tensor, wh: int, ww: int, sh: i
     """out [B, H, W, C]: x with the windows written back where window_partition took them
     (the padding dropped, the roll undone)."""
     b, h, w, c = x.shape
-    grid = windows.view(b, -1, wh * ww, c)
-    if index is not None:
-        grid = _padded_windows(x, wh, ww, sh, sw).clone()
-        grid[torch.arange(b, device=x.device)[:, None], index] = windows.view(b, -1, wh * ww, c)
     hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+    per_image = index.shape[1] if index is not None else (hp // wh) * (wp // ww)
+    grid = windows.reshape(b, per_image, wh * ww, c)
+    if index is not None:
+        grid, windows = _padded_windows(x, wh, ww, sh, sw).clone(), grid
+        grid[torch.arange(b, device=x.device)[:, None], index] = windows
     out = grid.view(b, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
     out = out[:, :h, :w]
     return _fresh(torch.roll(out, shifts=(sh, sw), dims=(1, 2)) if sh or sw else out, windows)

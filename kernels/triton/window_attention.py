@@ -249,13 +249,20 @@ def _int32_tiles(t: torch.Tensor) -> torch.Tensor:
     return t if reach < 2 ** 31 else t.contiguous()
 
 
+def _contiguous(*tensors):
+    """The tensors (None kept) at unit strides, as the kernels index bias, mask, mask_index,
+    index, lse, and dO and O (whose strides dQ, dK and dV share)."""
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                      mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [B_, heads, N, d], lse [B_, heads, N] fp32); bias [heads, N, N] and mask
-    [nW, N, N] contiguous, q, k, v with any strides."""
+    """(out [B_, heads, N, d], lse [B_, heads, N] fp32); q, k, v read through their strides,
+    bias [heads, N, N], mask [nW, N, N] and mask_index made contiguous."""
     nb, heads, n, d = q.shape
     q, k, v = _int32_tiles(q), _int32_tiles(k), _int32_tiles(v)
+    bias, mask, mask_index = _contiguous(bias, mask, mask_index)
     out = _alloc.empty((nb, heads, n, d), q.dtype, q.device)
     lse = _alloc.empty((nb, heads, n), torch.float32, q.device)
     if out.numel() == 0:
@@ -278,10 +285,11 @@ def _run_length(windows: int) -> int:
 
 
 def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale):
-    """(dq, dk, dv, dbias) for window_attention (dbias empty [0] without a bias); out and
-    dout contiguous."""
+    """(dq, dk, dv, dbias) for window_attention (dbias empty [0] without a bias); q, k, v
+    read through their strides, the other tensors made contiguous."""
     nb, heads, n, d = q.shape
     q, k, v = _int32_tiles(q), _int32_tiles(k), _int32_tiles(v)
+    dout, out, lse, bias, mask, mask_index = _contiguous(dout, out, lse, bias, mask, mask_index)
     meta, blocks = dot_meta(q.dtype), _blocks(n, d, q.dtype)
     row_blocks = triton.cdiv(n, blocks["BLOCK_M"])
     split = row_blocks > 1
@@ -321,8 +329,9 @@ def _copy(x, windows, wh, ww, sh, sw, index, merge):
 
 def window_partition(x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
                      index: Optional[torch.Tensor]) -> torch.Tensor:
-    """windows [B * K, N, C] of x [B, H, W, C] (any strides); index [B, K] contiguous."""
+    """windows [B * K, N, C] of x [B, H, W, C] (any strides), index [B, K] (made contiguous)."""
     b, h, w, c = x.shape
+    (index,) = _contiguous(index)
     per_image = index.shape[1] if index is not None else triton.cdiv(h, wh) * triton.cdiv(w, ww)
     windows = _alloc.empty((b * per_image, wh * ww, c), x.dtype, x.device)
     _copy(x, windows, wh, ww, sh, sw, index, merge=False)
@@ -332,7 +341,9 @@ def window_partition(x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
 def window_merge(windows: torch.Tensor, x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
                  index: Optional[torch.Tensor]) -> torch.Tensor:
     """out [B, H, W, C]: a copy of x (only its shape without ``index``, as every pixel is
-    then written) with the windows' real tokens scattered back."""
+    then written) with the windows' real tokens scattered back; windows and x with any
+    strides, index made contiguous."""
+    (index,) = _contiguous(index)
     out = _alloc.empty(x.shape, x.dtype, x.device)
     if index is not None:
         out.copy_(x)

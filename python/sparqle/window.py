@@ -1,10 +1,8 @@
 """Swin window attention and the window layout: ``window_attention``, ``window_partition``,
 ``window_merge``. Arguments are checked here, with errors that name them."""
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
-
-from sparqle.kernels import _capture
 
 MAX_TOKENS = 256
 MAX_HEAD_DIM = 128
@@ -30,25 +28,6 @@ def _integers(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must hold integers, got {t.dtype}")
 
 
-def _check_values(holds: Callable[[], torch.Tensor], message: str) -> None:
-    """ValueError(message) unless ``holds()`` (a bool tensor) is true: read on the host (a
-    device sync) eagerly; while a CUDA graph is captured, where nothing may be read, asserted
-    on the device instead (a failing replay stops with a device-side assert, not a wrong
-    result). torch.compile traces no check."""
-    if torch.compiler.is_compiling():
-        return
-    if _capture.capturing():
-        torch._assert_async(holds(), message)
-    elif not bool(holds()):
-        raise ValueError(message)
-
-
-def _in_range(name: str, t: torch.Tensor, high: int) -> None:
-    """Values in [0, high) (see _check_values)."""
-    if t.numel():
-        _check_values(lambda: ((t >= 0) & (t < high)).all(), f"{name} holds values outside [0, {high})")
-
-
 def _additive(name: str, t, shape, q: torch.Tensor) -> Optional[torch.Tensor]:
     if t is None:
         return None
@@ -59,7 +38,7 @@ def _additive(name: str, t, shape, q: torch.Tensor) -> Optional[torch.Tensor]:
         want = "[nW" if shape[0] is None else f"[{shape[0]}"
         raise ValueError(f"{name} must have shape {want}, {shape[1]}, {shape[2]}], got {tuple(t.shape)}")
     _same_device(name, t, q, "q")
-    return t.contiguous()
+    return t
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -102,8 +81,6 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if mask_index.shape[0] != nb:
             raise ValueError(f"mask_index must have q.shape[0] = {nb} entries, got {mask_index.shape[0]}")
         _same_device("mask_index", mask_index, q, "q")
-        _in_range("mask_index", mask_index, mask.shape[0])
-        mask_index = mask_index.contiguous()
     elif mask is not None and nb % mask.shape[0]:
         raise ValueError(f"q.shape[0] = {nb} windows is not a multiple of mask.shape[0] = "
                          f"{mask.shape[0]}; pass mask_index to choose each window's mask")
@@ -143,12 +120,6 @@ def _layout(x, window_size: _Pair, shift: _Pair, index) -> tuple:
         if index.shape[0] != x.shape[0]:
             raise ValueError(f"index must have x.shape[0] = {x.shape[0]} rows, got shape {tuple(index.shape)}")
         _same_device("index", index, x, "x")
-        windows = num_windows(x.shape[1], x.shape[2], (wh, ww))
-        _in_range("index", index, windows)
-        if index.shape[1] > 1:
-            _check_values(lambda: (index.sort(dim=1).values.diff(dim=1) != 0).all(),
-                          "index names a window twice in one image")
-        index = index.contiguous()
     return wh, ww, sh, sw, index
 
 
