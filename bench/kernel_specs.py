@@ -195,6 +195,16 @@ def fp8_mm_cases(a: torch.Tensor, n: int, b_fp8: torch.dtype, out: torch.dtype, 
         tensor(n, dtype=out) if bias else None, out), (90,))]
 
 
+def fp8_redo_cases(x: torch.Tensor, n: int, b_fp8: torch.dtype, bias: bool) -> List[Case]:
+    """redo_rows: the rows of x [M, K] holding ±Inf recomputed from x against b [n, K] in FP8
+    ``b_fp8`` (the W8A8 fp8_linear's last launch; int8's is recorded by int8_linear). sm_90."""
+    m, k = x.shape
+    label = f"redo_rows {_name(x.dtype)} x {_name(b_fp8)} M={m} N={n} K={k}{' bias' if bias else ''}"
+    return [Case("fp8_linear", label, lambda: fp8_linear.redo_rows(
+        x, tensor(m, dtype=torch.float32), tensor(n, k, dtype=b_fp8), tensor(n, dtype=torch.float32),
+        tensor(n, dtype=x.dtype) if bias else None, tensor(m, n, dtype=x.dtype)), (90,))]
+
+
 @contextlib.contextmanager
 def float32_matmul_precision(precision: str) -> Iterator[None]:
     """torch.set_float32_matmul_precision(precision) inside the ``with`` block ("high":
@@ -268,7 +278,8 @@ def _linear_cases(x: torch.Tensor, bias: bool) -> List[Case]:
     e4m3 = FP8_DTYPES[0]
     return (int4_cases(x, 40, bias) + int8_cases(x, 40, bias, True) + int8_cases(x, 40, bias, False)
             + nm_cases(x, 40, 2, 4, bias) + fp8_mm_cases(x, 40, e4m3, x.dtype, bias)
-            + fp8_mm_cases(tensor(*x.shape, dtype=e4m3), 40, e4m3, x.dtype, bias))
+            + fp8_mm_cases(tensor(*x.shape, dtype=e4m3), 40, e4m3, x.dtype, bias)
+            + fp8_redo_cases(x, 40, e4m3, bias))
 
 
 def test_cases() -> List[Case]:
@@ -306,7 +317,7 @@ def test_cases() -> List[Case]:
     for rows in (16, 48):
         x = tensor(rows, 128, dtype=bf16)
         cases += [c for keep, group in NM_PATTERNS[1:] for c in nm_cases(x, 40, keep, group, False)]
-        cases += fp8_mm_cases(x, 40, e5m2, bf16, False)
+        cases += fp8_mm_cases(x, 40, e5m2, bf16, False) + fp8_redo_cases(x, 40, e5m2, False)
         cases += [c for a, b in itertools.product(FP8_DTYPES, repeat=2) if (a, b) != (e4m3, e4m3)
                   for c in fp8_mm_cases(tensor(rows, 128, dtype=a), 40, b, bf16, False)]
     cases += fp8_quantize_cases(tensor(16, 128, dtype=bf16), e5m2, False)

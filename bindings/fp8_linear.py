@@ -1,6 +1,7 @@
 """sparqle::fp8_quantize_rows, sparqle::fp8_scaled_mm, sparqle::fp8_linear, and FP8 training.
 
-fp8_quantize_rows(x, static_scale, dtype) -> (q [M, K] FP8 ``dtype``, scale fp32 [M])
+fp8_quantize_rows(x, static_scale, dtype) -> (q [M, K] FP8 ``dtype``, scale [M] fp32, fp64
+    for fp64 x)
 fp8_scaled_mm(a, a_scale, b, b_scale, bias, out_dtype) -> y [M, N]
     = (a @ b^T) * a_scale[m] * b_scale[n] + bias; a FP8 (a_scale [M] or [1]) or float
     (weight-only, a_scale None); b FP8 [N, K], b_scale [N] or [1].
@@ -20,6 +21,9 @@ GPUs on the torch path, and a forced ``triton`` there is an error.
 from typing import Optional, Tuple
 
 import torch
+
+from sparqle.kernels.torch._dtypes import compute_dtype
+from sparqle.kernels.torch._linear import dequantize_rows
 
 from ._backend import (FLOATS, choose, forward_backend, kernels, register_autograd,
                        remember_backend, requested_backend)
@@ -48,7 +52,7 @@ def fp8_quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor],
 
 @fp8_quantize_rows.register_fake
 def _(x, static_scale, dtype):
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[0],), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("sparqle::fp8_scaled_mm", mutates_args=())
@@ -69,18 +73,12 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if x.shape[0] <= SMALL_M:
         return k.scaled_mm(x, None, qweight, scales, bias, x.dtype)
     q, scale = k.quantize_rows(x, None, E4M3)
-    return k.scaled_mm(q, scale, qweight, scales, bias, x.dtype)
+    return k.redo_rows(x, scale, qweight, scales, bias, k.scaled_mm(q, scale, qweight, scales, bias, x.dtype))
 
 
 @fp8_linear.register_fake
 def _(x, qweight, scales, bias):
     return x.new_empty((x.shape[0], qweight.shape[0]))
-
-
-def _dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """q * scale in ``dtype``, computed in fp32 (fp64 for fp64); scales [N] or [1]."""
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    return (qweight.to(cdt) * scales.to(cdt).reshape(-1, 1)).to(dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -92,7 +90,7 @@ def _backward(ctx, grad):
     qweight, scales = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad @ _dequantize(qweight, scales, grad.dtype)
+        grad_x = grad @ dequantize_rows(qweight, scales, grad.dtype)
     if ctx.needs_input_grad[3]:
         grad_bias = grad.sum(0)
     return grad_x, None, None, grad_bias

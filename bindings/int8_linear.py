@@ -3,7 +3,7 @@
 int8_linear(x, qweight, scales, bias, quantize_activation) -> y [M, N]
     = x @ (q_w * scale_w)^T + bias, x quantized per row to int8 first when
     quantize_activation (W8A8), else used as is (W8A16).
-int8_quantize_rows(x, static_scale) -> (q int8 [M, K], scale fp32 [M])
+int8_quantize_rows(x, static_scale) -> (q int8 [M, K], scale [M] fp32, fp64 for fp64 x)
 
 Gradients (straight through): dx = dy @ (q_w * scale_w), dbias = sum of dy; the quantized
 weight is frozen.
@@ -11,6 +11,9 @@ weight is frozen.
 from typing import Optional, Tuple
 
 import torch
+
+from sparqle.kernels.torch._dtypes import compute_dtype as scale_dtype
+from sparqle.kernels.torch._linear import dequantize_rows
 
 from ._backend import FLOATS, launch, register_autograd
 
@@ -35,7 +38,7 @@ def int8_quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) ->
 
 @int8_quantize_rows.register_fake
 def _(x, static_scale):
-    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32))
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=scale_dtype(x.dtype)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -47,8 +50,7 @@ def _backward(ctx, grad):
     qweight, scales = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        cdt = torch.float64 if grad.dtype == torch.float64 else torch.float32  # as the forward
-        grad_x = grad @ (qweight.to(cdt) * scales.to(cdt)[:, None]).to(grad.dtype)
+        grad_x = grad @ dequantize_rows(qweight, scales, grad.dtype)
     if ctx.needs_input_grad[3]:
         grad_bias = grad.sum(0)
     return grad_x, None, None, grad_bias, None

@@ -29,3 +29,35 @@ def assert_close(actual, expected64, scale64, dtype, what):
         worst = (err - bound).flatten().argmax()
         raise AssertionError(f"{what}: error {err.flatten()[worst]:.3e} > bound "
                              f"{bound.flatten()[worst]:.3e} at flat index {int(worst)}")
+
+
+def _scaled_rows_rule(x: torch.Tensor, qmax: float, static=None):
+    """(v, scale) of the per-row quantizers' documented rule (kernels/triton/_rows.py), on the
+    CPU in fp32 (fp64 for fp64 x): scale = max|x[m]| / qmax (1 for an all-zero row, NaN for a
+    row holding a NaN, +Inf for one holding ±Inf), or ``static`` ([1] or [M]; NaN for a row
+    holding a NaN); v = x / scale (x / static), NaN replaced by 0."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.detach().cpu().to(cdt)
+    if static is None:
+        scale = xc.abs().amax(1) / qmax if xc.shape[1] else torch.zeros(xc.shape[0], dtype=cdt)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        v = xc / scale[:, None]
+    else:
+        static = static.detach().cpu().to(cdt).reshape(-1)
+        v = xc / static[:, None]
+        scale = torch.where(xc.isnan().any(1), torch.nan, static.expand(xc.shape[0]))
+    return torch.where(v.isnan(), torch.zeros_like(v), v), scale
+
+
+def int8_rows_rule(x: torch.Tensor, static=None):
+    """(q [M, K] as floats, scale [M]): q = round_half_even(clamp(v, -127, 127))."""
+    v, scale = _scaled_rows_rule(x, 127, static)
+    return torch.round(torch.clamp(v, -127, 127)), scale
+
+
+def fp8_rows_rule(x: torch.Tensor, dtype: torch.dtype, static=None):
+    """(q [M, K] in FP8 ``dtype``, scale [M]): q = fp8(clamp(v, -fmax, fmax)) rounded to
+    nearest even."""
+    fmax = torch.finfo(dtype).max
+    v, scale = _scaled_rows_rule(x, fmax, static)
+    return torch.clamp(v, -fmax, fmax).to(dtype), scale

@@ -16,23 +16,13 @@ from sparqle.nn import FP8Linear
 
 from ._modules import load_saved
 from ._oracle import assert_close
+from ._oracle import fp8_rows_rule as rule
 from .conftest import device_backends
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8 = [E4M3, E5M2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MANTISSA, EMIN = {E4M3: 3, E5M2: 2}, {E4M3: -6, E5M2: -14}
-
-
-def rule(x: torch.Tensor, dtype: torch.dtype, scale=None):
-    """The documented per-row rule, in fp32: scale = max|x| / fmax (1 for a zero row),
-    q = fp8(clamp(x / scale, -fmax, fmax)) rounded to nearest even."""
-    fmax = torch.finfo(dtype).max
-    xf = x.detach().float().cpu()
-    if scale is None:
-        scale = xf.abs().amax(1) / fmax if xf.shape[1] else torch.zeros(xf.shape[0])
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.clamp(xf / scale.reshape(-1, 1), -fmax, fmax).to(dtype), scale
 
 
 def assert_nearest(q: torch.Tensor, v64: torch.Tensor):

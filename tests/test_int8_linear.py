@@ -13,18 +13,10 @@ from sparqle.nn import Int8Linear
 
 from ._modules import load_saved
 from ._oracle import assert_close
+from ._oracle import int8_rows_rule as quantize_rows_rule
 from .conftest import device_backends
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def quantize_rows_rule(x: torch.Tensor):
-    """The documented per-row rule, in fp32: scale = max|x| / 127 (1 for a zero row),
-    q = round_half_even(clamp(x / scale, -127, 127))."""
-    xf = x.float().cpu()
-    scale = xf.abs().amax(1) / 127 if xf.shape[1] else torch.zeros(xf.shape[0])
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(torch.clamp(xf / scale[:, None], -127, 127)), scale
 
 
 def test_weight_quantization_rules():

@@ -1,13 +1,21 @@
-"""x @ W^T for a weight decoded a block of rows at a time, shared by the torch paths of
-the weight formats (int4, N:M): each block is multiplied while it is still in cache, which
-on a CPU beats decoding the whole weight first (measured in those modules)."""
-from typing import Callable, Optional
+"""Weights decoded a block of rows at a time, shared by the torch paths of the weight
+formats (int4, int8, FP8, N:M): x @ W^T with each block multiplied while it is still in
+cache, which on a CPU beats decoding the whole weight first (measured in those modules),
+and W itself built block by block, so that decoding never holds more than W and one block."""
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
 from ._dtypes import compute_dtype
 
 _ROWS_ELEMENTS = 1 << 18
+
+
+def row_blocks(rows: int, k: int) -> Iterator[Tuple[int, int]]:
+    """(lo, hi) covering range(rows) in blocks of about _ROWS_ELEMENTS elements of K."""
+    step = max(1, _ROWS_ELEMENTS // max(1, k))
+    for lo in range(0, rows, step):
+        yield lo, min(rows, lo + step)
 
 
 def linear_by_row_blocks(x: torch.Tensor, out_features: int,
@@ -19,10 +27,27 @@ def linear_by_row_blocks(x: torch.Tensor, out_features: int,
     cdt = compute_dtype(x.dtype)
     xc = x.to(cdt)
     y = torch.empty(rows, out_features, dtype=cdt, device=x.device)
-    step = max(1, _ROWS_ELEMENTS // max(1, k))
-    for lo in range(0, out_features, step):
-        hi = min(out_features, lo + step)
+    for lo, hi in row_blocks(out_features, k):
         torch.matmul(xc, weight_rows(lo, hi).to(cdt).t(), out=y[:, lo:hi])
     if bias is not None:
         y += bias.to(cdt)
     return y.to(x.dtype)
+
+
+def dense_by_row_blocks(out_features: int, k: int, weight_rows: Callable[[int, int], torch.Tensor],
+                        dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """W [out_features, k] in ``dtype`` (contiguous) from ``weight_rows(lo, hi)``, one block
+    of rows at a time."""
+    w = torch.empty(out_features, k, dtype=dtype, device=device)
+    for lo, hi in row_blocks(out_features, k):
+        w[lo:hi] = weight_rows(lo, hi)
+    return w
+
+
+def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] = q * scale in ``dtype``, computed in fp32 (fp64 for fp64): q int8 or FP8
+    [N, K], scales [N] (per row) or [1] (per tensor)."""
+    n, k = q.shape
+    cdt = compute_dtype(dtype)
+    scales = scales.to(cdt).expand(n)
+    return dense_by_row_blocks(n, k, lambda lo, hi: q[lo:hi].to(cdt) * scales[lo:hi, None], dtype, q.device)

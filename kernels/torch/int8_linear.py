@@ -1,35 +1,32 @@
 """int8 linear layers in plain PyTorch (see kernels/triton/int8_linear.py for the maths).
-The int8 product is exact: int8 x int8 sums are integers far below 2^53, so a float64
-matmul computes them exactly on any device."""
+The weight is converted a block of rows at a time (the transient is one block, never a
+float copy of the weight). W8A8's product is exact: int8 x int8 sums are integers far
+below 2^53, so float64 blocks compute them exactly on any device, for any K."""
 from typing import Optional, Tuple
 
 import torch
 
 from ._dtypes import compute_dtype
+from ._linear import linear_by_row_blocks
+from ._rows import redo_infinite_rows, scaled_rows
 
 
 def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [M, K], scale fp32 [M]) for float x [M, K]."""
-    xf = x.float()
-    if static_scale is None:
-        scale = xf.abs().amax(dim=1) / 127 if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    else:
-        scale = static_scale.float().reshape(1).expand(x.shape[0]).clone()
-    q = torch.round(torch.clamp(xf / scale[:, None], -127, 127))
-    return q.to(torch.int8), scale
+    """(q int8 [M, K], scale [M] fp32, fp64 for fp64 x) for float x [M, K]."""
+    v, scale = scaled_rows(x, static_scale, 127)
+    return torch.round(torch.clamp(v, -127, 127)).to(torch.int8), scale
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias,
                 quantize_activation: bool) -> torch.Tensor:
     """y [M, N] = x [M, K] @ (q_w * scale_w)^T + bias (W8A8 when ``quantize_activation``)."""
-    cdt = compute_dtype(x.dtype)
-    if quantize_activation:
-        q, x_scale = quantize_rows(x, None)
-        y = ((q.double() @ qweight.double().t()) * x_scale.double()[:, None]).to(cdt)
-    else:
-        y = x.to(cdt) @ qweight.to(x.dtype).to(cdt).t()
-    y = y * scales.to(cdt)[None, :]
+    n, cdt = qweight.shape[0], compute_dtype(x.dtype)
+    if not quantize_activation:
+        return linear_by_row_blocks(
+            x, n, lambda lo, hi: qweight[lo:hi].to(cdt) * scales[lo:hi, None].to(cdt), bias)
+    q, x_scale = quantize_rows(x, None)
+    y = linear_by_row_blocks(q.double(), n, lambda lo, hi: qweight[lo:hi], None)
+    y = y * x_scale.double()[:, None] * scales.double()[None, :]
     if bias is not None:
-        y = y + bias.to(cdt)
-    return y.to(x.dtype)
+        y += bias.double()
+    return redo_infinite_rows(x, x_scale, qweight, scales, bias, y.to(x.dtype))

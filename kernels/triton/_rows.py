@@ -1,24 +1,100 @@
-"""Pieces shared by the per-row quantizers (int8, FP8): their autotune configs, the
-per-row max |x|, and the fp32 magic number of round-half-to-even."""
+"""Pieces shared by the per-row quantizers (int8, FP8) and their W8A8 GEMMs: the quantizers'
+autotune configs, the per-row max |x|, the fp32 magic number of round-half-to-even, and the
+recomputation of the rows a quantized x cannot carry.
+
+NaN and Inf (the same on the torch path): a row of x holding a NaN gets scale NaN, and a
+row holding ±Inf (and no NaN) scale +Inf; x / scale is then NaN or 0 everywhere, and NaN
+quantizes to 0, so such a row is all zeros. A W8A8 GEMM then gives NaN (0 * NaN, 0 * Inf)
+for the whole row: right for a NaN row (F.linear's row is NaN too), but F.linear's row for
+±Inf is ±Inf where the infinities meet nonzero weights of one sign, NaN elsewhere, so
+``redo_infinite_rows`` recomputes the rows with scale +Inf from x itself.
+"""
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
-from ._autotune import Configs
+from ._autotune import Configs, autotune
+from ._config import on_device_of
 
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + magic - magic rounds |v| < 2**22 half to even
 
 QUANT_CONFIGS = Configs(
     [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8)]],
-    triton.Config({"BLOCK_K": 32}),
+    triton.Config({"BLOCK_K": 1024}),  # the interpreter's cost is per step, not per element
+)
+_REDO_CONFIGS = Configs(
+    [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4) for bn, bk in [(64, 64), (128, 32)]],
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}),
 )
 
 
 @triton.jit
 def row_absmax(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """max |x[row, k]| over k < K, in fp32 (0 for K = 0); ``row`` int64."""
+    """max |x[row, k]| over k < K, in fp32 (0 for K = 0; NaN when the row holds a NaN);
+    ``row`` int64."""
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    nans = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    return tl.max(amax, axis=0)
+        x = tl.abs(tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0).to(tl.float32))
+        amax = tl.maximum(amax, x)
+        nans |= (x != x).to(tl.int32)
+    return tl.where(tl.max(nans, axis=0) > 0, float("nan"), tl.max(amax, axis=0))
+
+
+@autotune(_REDO_CONFIGS, key=["N", "K"])
+@triton.jit
+def _redo_infinite_rows_kernel(
+    x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+    N, K,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_ym, stride_yn,
+    stride_ws, stride_bias,
+    W_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (m, j): if x_scale[m] is +Inf, y[m, block j] = (x[m] @ w^T) * w_scale + bias
+    with fp32 products and sums, whose NaN/Inf pattern is F.linear's; else nothing."""
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(x_scale_ptr + row) == float("inf"):
+        offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = offs_n < N
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=mask_k, other=0).to(tl.float32)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0)
+            acc += tl.sum(w.to(W_DTYPE, bitcast=True).to(tl.float32) * x[None, :], axis=1)
+        out = acc * tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=0).to(tl.float32)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)
+        tl.store(y_ptr + row * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+def redo_infinite_rows(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor], y: torch.Tensor, w_dtype) -> torch.Tensor:
+    """y [M, N] (modified in place, and returned) with each row m whose x_scale[m] is +Inf
+    recomputed as x[m] @ (w * w_scale)^T + bias: x [M, K] float, w [N, K] (int8, or FP8
+    viewed as uint8, of Triton type ``w_dtype``), w_scale [N] or [1], bias [N] or None.
+    One launch over every row; rows with a finite scale end at once."""
+    m, k = x.shape
+    n = w.shape[0]
+    if m == 0 or n == 0:
+        return y
+    grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    with on_device_of(x):
+        _redo_infinite_rows_kernel[grid](
+            x, w, x_scale, w_scale, y if bias is None else bias, y,
+            n, k,
+            x.stride(0), x.stride(1),
+            w.stride(0), w.stride(1),
+            y.stride(0), y.stride(1),
+            0 if w_scale.numel() == 1 else w_scale.stride(0), 0 if bias is None else bias.stride(0),
+            W_DTYPE=w_dtype, HAS_BIAS=bias is not None,
+        )
+    return y

@@ -6,7 +6,9 @@ quantize_rows: q [M, K] (float8_e4m3fn or float8_e5m2), scale [M] fp32 for float
     even. The rounding to the FP8 grid is done in fp32 arithmetic (scale by the power of
     two of the value's FP8 ulp, the magic-number add, scale back), so the final cast is
     exact: the same bits on a GPU and in the interpreter (whose own fp32->fp8 cast
-    mis-rounds values that carry into the next binade), and equal to torch's cast.
+    mis-rounds values that carry into the next binade), and equal to torch's cast. NaN
+    quantizes to 0; a row holding a NaN gets scale NaN (with a static scale too), a row
+    holding ±Inf scale +Inf (see _rows.py).
 scaled_mm: y [M, N] = (a @ b^T) * a_scale[m] * b_scale[n] + bias, out in fp16/bf16/fp32.
     a [M, K] FP8 (FP8 x FP8 on tensor cores, fp32 accumulation) or float (weight-only: the
     FP8 tile of b [N, K] is converted to a's dtype in registers; a_scale is unused); b FP8.
@@ -23,7 +25,7 @@ import triton.language as tl
 from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
-from ._rows import QUANT_CONFIGS, ROUND_MAGIC, row_absmax
+from ._rows import QUANT_CONFIGS, ROUND_MAGIC, redo_infinite_rows, row_absmax
 
 # torch FP8 dtype name -> (Triton dtype, mantissa bits, smallest normal exponent)
 _FORMATS = {"float8_e4m3fn": (tl.float8e4nv, 3, -6), "float8_e5m2": (tl.float8e5, 2, -14)}
@@ -71,16 +73,22 @@ def _quantize_rows_kernel(
         scale = tl.load(static_ptr).to(tl.float32)
     else:
         top = row_absmax(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K)
-        scale = tl.div_rn(top, top * 0 + FP8_MAX)
-        scale = tl.where(scale > 0, scale, 1.0)
-    tl.store(scale_ptr + row, scale)
+        scale = tl.div_rn(top, tl.zeros_like(top) + FP8_MAX)
+        scale = tl.where(scale == 0, 1.0, scale)
+    nans = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
-        v = tl.div_rn(x.to(tl.float32), tl.zeros_like(x.to(tl.float32)) + scale)
+        x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
+        nans |= (x != x).to(tl.int32)
+        v = tl.div_rn(x, tl.zeros_like(x) + scale)
+        v = tl.where(v != v, 0.0, v)
         v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
         q = _round_to_fp8(v, MBITS, EMIN).to(Q_DTYPE)  # exact: already on the grid
-        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.uint8, bitcast=True), mask=offs < K)
+        # The sign bit set from v's: the interpreter's cast drops the sign of -0 (a negative
+        # value over an infinite scale, or below the smallest subnormal), torch's keeps it.
+        sign = tl.where(v.to(tl.int32, bitcast=True) < 0, 0x80, 0).to(tl.uint8)
+        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.uint8, bitcast=True) | sign, mask=offs < K)
+    tl.store(scale_ptr + row, tl.where(tl.max(nans, axis=0) > 0, float("nan"), scale))
 
 
 @autotune(_GEMM_CONFIGS, key=["M", "N", "K", "A_FP8"], bucket=["M"])
@@ -181,3 +189,11 @@ def scaled_mm(a: torch.Tensor, a_scale: Optional[torch.Tensor], b: torch.Tensor,
             **dot_meta(out_dtype if a_fp8 else a.dtype),
         )
     return y
+
+
+def redo_rows(x: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+              bias: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """y [M, N] with the rows of x [M, K] that hold ±Inf (x_scale +Inf) recomputed from x as
+    x @ (q_w * w_scale)^T + bias, in place (see _rows.py); qweight FP8 [N, K]."""
+    return redo_infinite_rows(x, x_scale, qweight.view(torch.uint8), w_scale, bias, y,
+                              fp8_format(qweight.dtype)["Q_DTYPE"])

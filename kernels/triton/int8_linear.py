@@ -3,11 +3,15 @@
 quantize_rows: q [M, K] int8, scale [M] fp32 for x [M, K]: scale = max|x[m]| / 127 (1 for an
     all-zero row), or a given static scale; q = clamp(round(x / scale), -127, 127), the
     division IEEE-exact and the rounding half to even (the fp32 magic-number add), so the
-    result equals torch.round's.
+    result equals torch.round's. NaN quantizes to 0; a row holding a NaN gets scale NaN
+    (with a static scale too), a row holding ±Inf scale +Inf (see _rows.py).
 int8_linear: y [M, N] = (q_x @ q_w^T) * scale_x[m] * scale_w[n] + bias, the product in int32
     on int8 tensor cores (W8A8), or y = (x @ q_w^T) * scale_w[n] + bias with the int8 weight
     tile converted to x's dtype in registers (W8A16). Epilogue fused; fp32 accumulation for
-    W8A16. K need not be a multiple of 16: tiles are masked with zeros.
+    W8A16. K need not be a multiple of 16: tiles are masked with zeros. W8A8 sums K in
+    chunks of at most INT32_SAFE_K, each exact in int32 (|q_x| <= 127, |q_w| <= 128), and
+    adds the chunks in fp32: any K is safe. Rows of x holding ±Inf are recomputed from x
+    (``_rows.redo_infinite_rows``), so NaN and Inf reach y as through F.linear.
 """
 from typing import Optional, Tuple
 
@@ -18,15 +22,18 @@ import triton.language as tl
 from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
-from ._rows import QUANT_CONFIGS, ROUND_MAGIC, row_absmax
+from ._rows import QUANT_CONFIGS, ROUND_MAGIC, redo_infinite_rows, row_absmax
 
+# The longest K whose int8 x int8 dot cannot overflow int32: 2**31 / (127 * 128) > 2**17.
+INT32_SAFE_K = tl.constexpr(1 << 17)
 
 _GEMM_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
      for bm, bn, bk, w, s in [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
                               (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3),
                               (128, 256, 128, 8, 3)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}),
+    # the interpreter's cost is per step: K = 133,145 (the int32 overflow test) in 261 steps
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 512}),
 )
 
 
@@ -44,15 +51,18 @@ def _quantize_rows_kernel(
         scale = tl.load(static_ptr).to(tl.float32)
     else:
         scale = row_absmax(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K) / 127.0
-        scale = tl.where(scale > 0, scale, 1.0)
-    tl.store(scale_ptr + row, scale)
+        scale = tl.where(scale == 0, 1.0, scale)
+    nans = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0)
-        v = tl.div_rn(x.to(tl.float32), tl.zeros_like(x.to(tl.float32)) + scale)
+        x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
+        nans |= (x != x).to(tl.int32)
+        v = tl.div_rn(x, tl.zeros_like(x) + scale)
+        v = tl.where(v != v, 0.0, v)
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)
         v = (v + ROUND_MAGIC) - ROUND_MAGIC
         tl.store(q_ptr + row * stride_qm + offs, v.to(tl.int8), mask=offs < K)
+    tl.store(scale_ptr + row, tl.where(tl.max(nans, axis=0) > 0, float("nan"), scale))
 
 
 @autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8"], bucket=["M"])
@@ -71,26 +81,30 @@ def _int8_linear_kernel(
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m, mask_n = offs_m < M, offs_n < N
-    if W8A8:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    CHUNK_K: tl.constexpr = INT32_SAFE_K // BLOCK_K * BLOCK_K
+    for chunk in range(0, K, CHUNK_K):
         if W8A8:
-            acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         else:
-            if UPCAST:  # the same values: |q| <= 127 is exact in bf16
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+        for k0 in range(chunk, tl.minimum(K, chunk + CHUNK_K), BLOCK_K):
+            offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0)
+            if W8A8:
+                part = tl.dot(x, tl.trans(w), part, out_dtype=tl.int32)
             else:
-                w = w.to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                if UPCAST:  # the same values: |q| <= 127 is exact in bf16
+                    x = x.to(tl.float32)
+                    w = w.to(tl.float32)
+                else:
+                    w = w.to(x.dtype)
+                part = tl.dot(x, tl.trans(w), part, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc += part.to(ACC_DTYPE)
     out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     if W8A8:
         out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
@@ -137,4 +151,6 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
             0 if bias is None else bias.stride(0),
             W8A8=quantize_activation, HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )
+    if quantize_activation:
+        redo_infinite_rows(x, a_scale, qweight, scales, bias, y, tl.int8)
     return y

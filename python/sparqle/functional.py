@@ -109,8 +109,9 @@ def _int4_linear(x2d: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor])
 
 
 def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
-    """(q int8 [M, K], scale fp32 [M]): x [M, K] quantized per row, symmetric, to int8:
-    scale = max|x[m]| / 127 (or ``static_scale``), q = clamp(round(x / scale), -127, 127)."""
+    """(q int8 [M, K], scale [M] fp32, fp64 for fp64 x): x [M, K] quantized per row,
+    symmetric, to int8: scale = max|x[m]| / 127 (or ``static_scale``),
+    q = clamp(round(x / scale), -127, 127); see docs/int8.md for NaN and Inf."""
     _check_tensor("x", x, dims=2)
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
@@ -186,8 +187,9 @@ def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor] = Non
 
 
 def fp8_quantize_rows(x: torch.Tensor, dtype="e4m3", static_scale: Optional[torch.Tensor] = None):
-    """(q [M, K] in FP8 ``dtype``, scale fp32 [M]): x [M, K] quantized per row, symmetric:
-    scale = max|x[m]| / the dtype's max (or ``static_scale``), q = fp8(clamp(x / scale))."""
+    """(q [M, K] in FP8 ``dtype``, scale [M] fp32, fp64 for fp64 x): x [M, K] quantized per
+    row, symmetric: scale = max|x[m]| / the dtype's max (or ``static_scale``),
+    q = fp8(clamp(x / scale)); see docs/fp8.md for NaN and Inf."""
     _check_tensor("x", x, dims=2)
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
