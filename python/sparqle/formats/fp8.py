@@ -3,9 +3,10 @@
 For W [N, K] and the FP8 dtype's largest finite value ``fmax`` (448 for e4m3fn, 57344 for
 e5m2): scale = amax / fmax in fp32, where amax is max|W[n]| (``granularity="row"``, scales
 [N]) or max|W| (``granularity="tensor"``, a 0-dim scale); an all-zero row or tensor gets
-scale 1, and hand-built scales must be finite and > 0. q = fp8(clamp(W / scale, -fmax,
-fmax)), the division in fp32 (fp64 for fp64 weights) and the cast round to nearest even;
-the clamp comes first because torch's cast of an out-of-range value to e4m3fn is NaN.
+scale 1, and hand-built scales must be finite and > 0; a row (tensor) whose scale fp32
+cannot hold (an fp64 weight beyond fp32's range) is refused. q = fp8(clamp(W / scale,
+-fmax, fmax)), the division in fp32 (fp64 for fp64 weights) and the cast round to nearest
+even; the clamp comes first because torch's cast of an out-of-range value to e4m3fn is NaN.
 W ~= q * scale.
 """
 from typing import Optional
@@ -97,6 +98,10 @@ class FP8Weight:
         else:
             amax = w.abs().amax() if w.numel() else w.new_zeros(())
         scales = amax.float() / fmax
+        if bool((~torch.isfinite(scales) | ((scales == 0) & (amax > 0))).any()):
+            raise ValueError(f"FP8Weight.from_float: max|w| / {fmax:g} lies outside float32's range for "
+                             f"some {granularity}s (|w| up to {float(amax.max()):g}, down to "
+                             f"{float(amax[amax > 0].min()):g}): the scales are fp32; rescale w")
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         cdt = _compute_dtype(w.dtype)
         column = scales.to(cdt)[:, None] if granularity == "row" else scales.to(cdt)

@@ -3,7 +3,9 @@
 For W [N, K]: scale[n] = max|W[n]| / 127 (1 for an all-zero row), and
 q = clamp(round(W / scale), -127, 127) with round half to even. ``qweight`` is int8 [N, K]
 in [-127, 127] (-128 has no positive twin in a symmetric code: it is refused);
-``scales`` [N], finite and > 0, are kept in the weight's float dtype; W ~= q * scale.
+``scales`` [N], finite and > 0, are fp32 (fp64 for an fp64 weight), whatever the layer's
+float ``dtype``: an fp16 scale would underflow for rows below about 1e-5 (max / 127 under
+fp16's smallest subnormal); W ~= q * scale.
 """
 from typing import Optional
 
@@ -18,9 +20,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class Int8Weight:
     """A [N, K] weight in int8 with a scale per output channel (see the module doc).
-    Attributes: ``qweight`` (int8 [N, K]), ``scales`` ([N], float), ``shape``."""
+    Attributes: ``qweight`` (int8 [N, K]), ``scales`` ([N], float), ``dtype`` (the float
+    dtype of the layer's x, bias and y; default the scales' dtype), ``shape``."""
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: Optional[torch.dtype] = None):
         for name, t in (("qweight", qweight), ("scales", scales)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"Int8Weight: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -36,45 +39,46 @@ class Int8Weight:
         if qweight.numel() and bool((qweight == -128).any()):
             raise ValueError("Int8Weight: qweight holds -128; the symmetric code is [-127, 127]")
         check_scales("Int8Weight", scales)
-        self._set(qweight, scales)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"Int8Weight: dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self._set(qweight, scales, scales.dtype if dtype is None else dtype)
 
-    def _set(self, qweight, scales) -> None:
-        self.qweight, self.scales = qweight, scales
+    def _set(self, qweight, scales, dtype) -> None:
+        self.qweight, self.scales, self.dtype = qweight, scales, dtype
         self.shape = torch.Size(qweight.shape)
 
     @classmethod
-    def _trusted(cls, qweight, scales) -> "Int8Weight":
+    def _trusted(cls, qweight, scales, dtype: Optional[torch.dtype] = None) -> "Int8Weight":
         """An Int8Weight from tensors already known to be valid (as nn modules hold them)."""
         w = cls.__new__(cls)
-        w._set(qweight, scales)
+        w._set(qweight, scales, scales.dtype if dtype is None else dtype)
         return w
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Weight":
         """Quantize a 2-D float weight [N, K] (see the module doc)."""
         check_float_weight(w)
-        amax = w.detach().abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
-        scales = (amax / 127).to(w.dtype)
+        wc = w.detach().to(_compute_dtype(w.dtype))
+        amax = wc.abs().amax(dim=1) if w.shape[1] else wc.new_zeros(w.shape[0])
+        scales = amax / 127
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-        cdt = _compute_dtype(w.dtype)
-        q = torch.clamp(torch.round(w.detach().to(cdt) / scales.to(cdt)[:, None]), -127, 127)
-        return cls(q.to(torch.int8), scales)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scales.dtype
+        q = torch.clamp(torch.round(wc / scales[:, None]), -127, 127)
+        return cls(q.to(torch.int8), scales, w.dtype)
 
     @property
     def device(self) -> torch.device:
         return self.scales.device
 
     def dequantize(self) -> torch.Tensor:
-        """q * scale, [N, K] in the scales' dtype (computed in fp32, fp64 for fp64)."""
+        """q * scale, [N, K] in ``dtype`` (computed in fp32, fp64 for fp64)."""
         cdt = _compute_dtype(self.dtype)
         return (self.qweight.to(cdt) * self.scales.to(cdt)[:, None]).to(self.dtype)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Int8Weight":
-        return Int8Weight(self.qweight.to(device), self.scales.to(device=device, dtype=dtype))
+        """Moved to ``device``; ``dtype`` changes the layer's float dtype (the scales keep
+        theirs: fp64 only for an fp64 layer)."""
+        scales = self.scales.to(device=device, dtype=_compute_dtype(dtype)) if dtype else self.scales.to(device)
+        return Int8Weight(self.qweight.to(device), scales, dtype or self.dtype)
 
     def __repr__(self) -> str:
         return f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"

@@ -18,7 +18,9 @@ class Int8Linear(ConvertedLinear):
     scale and multiplies on int8 tensor cores (W8A8); ``activation=None`` keeps x in its
     float dtype (W8A16). ``qweight`` and ``scales`` are buffers (frozen; state_dict and
     weights_only loads work, the activation mode travels in the state_dict, and a load is
-    checked as Int8Weight's constructor checks its arguments); the bias stays a Parameter;
+    checked as Int8Weight's constructor checks its arguments; ``scales`` stay fp32 through
+    ``model.half()``, see sparqle.formats.int8); the layer runs in x's float dtype; the bias
+    stays a Parameter;
     gradients reach x through the dequantized weight.
     """
 
@@ -54,8 +56,22 @@ class Int8Linear(ConvertedLinear):
     def _check_state(self, tensors):
         Int8Weight(tensors["qweight"], tensors["scales"])
 
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's, but ``scales`` keeps its dtype through ``model.half()`` or
+        ``model.to(dtype)`` (an fp16 scale underflows for small rows): it follows the
+        device only."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.bias, self.activation)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        return int8_linear(x, Int8Weight._trusted(self.qweight, self.scales, x.dtype), self.bias,
+                           self.activation)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
