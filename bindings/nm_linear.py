@@ -16,7 +16,9 @@ its own compressed copy of W: kept while W is unchanged, made (and timed) on eve
 training.
 
 Gradients, the pattern fixed: dx = dy @ W (through the dense W: the transpose of an N:M
-matrix is not N:M), d(values) = (dy^T @ x) at the kept positions, dbias = sum of dy.
+matrix is not N:M), d(values) = (dy^T @ x) at the kept positions, dbias = sum of dy; and
+nm_to_dense's, d(values) = dW at the kept positions, so that second derivatives (double
+backward) work too.
 """
 import functools
 from typing import Callable, Dict, Optional
@@ -99,6 +101,25 @@ def _(values, meta, n, m, k):
     return values.new_empty((values.shape[0], k))
 
 
+def _kept(dense: torch.Tensor, meta: torch.Tensor, n: int, m: int, kc: int) -> torch.Tensor:
+    """The entries of dense [R, K] at the kept positions: [R, kc], the layout of values."""
+    return torch.nn.functional.pad(dense, (0, kc // n * m - dense.shape[1])).gather(1, columns(meta, n, m, kc))
+
+
+def _to_dense_setup(ctx, inputs, output):
+    values, meta, ctx.n, ctx.m, _ = inputs
+    ctx.save_for_backward(meta)
+    ctx.kc = values.shape[1]
+
+
+def _to_dense_backward(ctx, grad):
+    (meta,) = ctx.saved_tensors
+    return _kept(grad, meta, ctx.n, ctx.m, ctx.kc), None, None, None, None
+
+
+register_autograd(nm_to_dense, _to_dense_backward, _to_dense_setup)
+
+
 def _setup_context(ctx, inputs, output):
     x, values, meta, bias, n, m, _ = inputs
     ctx.save_for_backward(x, values, meta)
@@ -112,9 +133,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = grad @ torch.ops.sparqle.nm_to_dense(values, meta, n, m, k).to(grad.dtype)
     if ctx.needs_input_grad[1]:
-        kc = values.shape[1]
-        grad_w = torch.nn.functional.pad(grad.t() @ x.to(grad.dtype), (0, kc // n * m - k))
-        grad_values = grad_w.gather(1, columns(meta, n, m, kc)).to(values.dtype)
+        grad_values = _kept(grad.t() @ x.to(grad.dtype), meta, n, m, values.shape[1]).to(values.dtype)
     if ctx.needs_input_grad[3]:
         grad_bias = grad.sum(0)
     return grad_x, grad_values, None, grad_bias, None, None, None

@@ -8,6 +8,7 @@ spmm_bell_t(t_ell_cols, t_slots, values, x, k) -> out [n, k] = x [n, m] @ A
 sddmm_bell(ell_cols, dy, x, b) -> [R, W, b, b]: dy^T @ x at A's stored blocks
 
 Gradients of out = x @ A^T: dx = dout @ A (spmm_bell_t); dvalues = sddmm_bell(dout, x).
+spmm_bell_t and sddmm_bell have no derivative: a second derivative raises.
 The ops trust their inputs: sparqle.spmm and sparqle.linear check them first.
 """
 from typing import Optional
@@ -49,6 +50,17 @@ def sddmm_bell(ell_cols: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, b: int
 @sddmm_bell.register_fake
 def _(ell_cols, dy, x, b):
     return dy.new_empty((ell_cols.shape[0], ell_cols.shape[1], b, b))
+
+
+def _second_derivative(ctx, *grads):
+    raise NotImplementedError(
+        "sparqle: second derivatives (double backward) through a Blocked-ELL weight are not "
+        "supported: sparqle::spmm_bell_t and sparqle::sddmm_bell, the gradient ops, have no "
+        "derivative. Use the dense weight (w.to_dense()) where a second derivative is needed.")
+
+
+for _op in (spmm_bell_t, sddmm_bell):
+    register_autograd(_op, _second_derivative, lambda ctx, inputs, output: None)
 
 
 def _setup_context(ctx, inputs, output):

@@ -7,7 +7,9 @@ spmm_csr(crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b) ->
 sddmm_csr(crow, col, x, y) -> out [nnz]
     out[i] = x[row_i] . y[col_i]: the values of x @ y^T at A's pattern.
 
-Gradients of C = A @ b: dvalues = sddmm_csr(dC, b) at A's pattern; db = A^T @ dC.
+Gradients of C = A @ b: dvalues = sddmm_csr(dC, b) at A's pattern; db = A^T @ dC, whose
+own gradient (a second derivative in b) is A @ ..., with A's structure passed as that of
+(A^T)^T. sddmm_csr has no derivative: a second derivative through the values raises.
 The ops trust their inputs: sparqle.spmm and sparqle.linear check them first.
 """
 from typing import Optional
@@ -48,13 +50,31 @@ def _(crow, col, x, y):
     return x.new_empty(col.shape)
 
 
+def _sddmm_backward(ctx, grad):
+    raise NotImplementedError(
+        "sparqle: a second derivative (double backward) through a CSR weight's values is not "
+        "supported: sparqle::sddmm_csr, their gradient, has no derivative. Freeze the values "
+        "(w.values.requires_grad_(False)) to differentiate twice in x, or use the dense weight "
+        "(w.to_dense()) where the values need second derivatives.")
+
+
+register_autograd(sddmm_csr, _sddmm_backward, lambda ctx, inputs, output: None)
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes ``perm``: (values[perm])[_inverse(perm)] == values."""
+    inverse = torch.empty_like(perm)
+    inverse[perm.long()] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
+    return inverse
+
+
 def _setup_context(ctx, inputs, output):
-    crow, col, values, _, t_crow, t_col, t_perm, t_row_order, b = inputs
-    ctx.save_for_backward(crow, col, values, t_crow, t_col, t_perm, t_row_order, b)
+    crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b = inputs
+    ctx.save_for_backward(crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b)
 
 
 def _backward(ctx, grad):
-    crow, col, values, t_crow, t_col, t_perm, t_row_order, b = ctx.saved_tensors
+    crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b = ctx.saved_tensors
     # dC arrives transposed from sparqle.linear; both ops stream rows of it.
     grad = grad.contiguous()
     grad_values = grad_b = None
@@ -64,8 +84,9 @@ def _backward(ctx, grad):
         if t_crow is None:
             raise RuntimeError("sparqle::spmm_csr: the gradient of b needs A^T's structure "
                                "(t_crow, t_col, t_perm, t_row_order), which was not passed")
-        grad_b = torch.ops.sparqle.spmm_csr(t_crow, t_col, values[t_perm], t_row_order,
-                                            None, None, None, None, grad)
+        # With create_graph, db = A^T @ dC is differentiated again: pass A's structure as A^T's.
+        again = (crow, col, _inverse(t_perm), row_order) if torch.is_grad_enabled() else (None,) * 4
+        grad_b = torch.ops.sparqle.spmm_csr(t_crow, t_col, values[t_perm], t_row_order, *again, grad)
     return None, None, grad_values, None, None, None, None, None, grad_b
 
 
