@@ -3,9 +3,12 @@
 GPU: ``triton.testing.do_bench`` medians, each call on the next of several input copies
 that together exceed the L2 cache. CPU: ``torch.utils.benchmark`` medians. The memory
 roof is measured in the same run (a large device-to-device copy); the compute roof is the
-spec-sheet fp32 CUDA-core rate for known GPUs and is left out elsewhere.
+spec-sheet fp32 CUDA-core rate for known GPUs and is left out elsewhere. Each row also
+reports the peak memory of one call (``peak_bytes``) next to its time.
 """
+import ctypes
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -101,6 +104,45 @@ def time_ms(make: Callable[[int], Callable[[], object]], copies: int) -> float:
     return time_quantiles(make, copies)[1]
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+@functools.lru_cache(maxsize=None)
+def _allocations_mapped() -> None:
+    """Make glibc serve every allocation above 128 KiB from its own mapping, returned to
+    the system when freed (its default, which it abandons after the first large free):
+    otherwise a tensor reusing freed, still resident heap pages does not show in the
+    resident set."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """The memory one call of ``fn`` holds at its peak beyond what was held before it, its
+    output included: the CUDA allocator's peak on a GPU; on a Linux CPU the peak resident
+    set (reset through /proc/self/clear_refs), to a page; None where neither can be read."""
+    if device().type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    _allocations_mapped()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set, to the current one
+        before = _status_bytes("VmRSS")
+        fn()
+        return max(0, _status_bytes("VmHWM") - before)
+    except (OSError, StopIteration):
+        return None
+
+
 def memory_bandwidth() -> float:
     """Measured bytes/s of a large copy (read + write) on the benchmark device."""
     n = (256 << 20) // 4 if device().type == "cuda" else (64 << 20) // 4
@@ -179,6 +221,7 @@ def run(cases: Sequence[Case], *, progress: bool = True) -> dict:
         copies = copies_for(case.input_bytes)
         quantiles = {impl.name: time_quantiles(impl.make, copies) for impl in case.impls}
         times = {name: q[1] for name, q in quantiles.items()}
+        peaks = {impl.name: peak_bytes(impl.make(0)) for impl in case.impls}
         for impl in case.impls:
             seconds = times[impl.name] * 1e-3
             roof = impl.bytes / bandwidth
@@ -188,6 +231,7 @@ def run(cases: Sequence[Case], *, progress: bool = True) -> dict:
                 "op": case.op, **case.params, "impl": impl.name,
                 "time_ms": times[impl.name],
                 "p20_ms": quantiles[impl.name][0], "p80_ms": quantiles[impl.name][2],
+                "peak_mb": None if peaks[impl.name] is None else peaks[impl.name] / 2**20,
                 "tflops": case.flops / seconds / 1e12,
                 "gbs": impl.bytes / seconds / 1e9,
                 "roof_fraction": roof / seconds if impl.name == "sparqle" else None,
@@ -200,7 +244,9 @@ def run(cases: Sequence[Case], *, progress: bool = True) -> dict:
         "notes": "time_ms is the median, p20_ms and p80_ms the 20th and 80th percentiles; tflops "
                  "counts the useful FLOPs (2 * nnz * n) for every impl; gbs counts each impl's own "
                  "minimum traffic; roof_fraction = roofline time / measured time; sparqle_speedup = "
-                 "impl time / sparqle time (above 1: sparqle is faster).",
+                 "impl time / sparqle time (above 1: sparqle is faster); peak_mb is the memory "
+                 "one call holds at its peak beyond its inputs, output included (None: not "
+                 "measurable).",
         "results": rows,
     }
 
@@ -213,18 +259,24 @@ def _triton_version() -> Optional[str]:
         return None
 
 
-LEGEND = ("ms: median time of one call (p20-p80 beside it); roof: the roofline time over "
-          "sparqle's; speed-up: the impl's time over sparqle's (above 1: sparqle is faster)")
+LEGEND = ("ms: median time of one call (p20-p80 beside it); peak MB: the memory one call holds "
+          "at its peak beyond its inputs, output included; roof: the roofline time over sparqle's; "
+          "speed-up: the impl's time over sparqle's (above 1: sparqle is faster)")
+
+
+def peak_cell(row: dict) -> str:
+    """A row's peak memory per call for tables ("" where not measured)."""
+    return "" if row.get("peak_mb") is None else f"{row['peak_mb']:.1f}"
 
 
 def _cells(report: dict, keys: Sequence[str]) -> List[List[str]]:
     """The header, then one row of cells per result."""
-    rows = [[*keys, "impl", "ms", "p20-p80 ms", "TFLOP/s", "GB/s", "roof", "speed-up"]]
+    rows = [[*keys, "impl", "ms", "p20-p80 ms", "peak MB", "TFLOP/s", "GB/s", "roof", "speed-up"]]
     for r in report["results"]:
         roof = "" if r["roof_fraction"] is None else f"{100 * r['roof_fraction']:.1f}%"
         speedup = "" if r["impl"] == "sparqle" else f"{r['sparqle_speedup']:.2f}x"
         spread = f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}" if r.get("p20_ms") is not None else ""
-        rows.append([*(str(r[k]) for k in keys), r["impl"], f"{r['time_ms']:.4f}", spread,
+        rows.append([*(str(r[k]) for k in keys), r["impl"], f"{r['time_ms']:.4f}", spread, peak_cell(r),
                      f"{r['tflops']:.3f}", f"{r['gbs']:.1f}", roof, speedup])
     return rows
 
