@@ -18,11 +18,11 @@ Gradients of the layout ops are the layout ops: partition's is a merge of the wi
 gradients into zeros; merge's is, for the windows, a partition of the output gradient, and
 for x, the output gradient with the merged windows' pixels zeroed (a merge of zeros).
 """
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from sparqle.kernels import _capture
+from sparqle.kernels._capture import check_values
 
 from ._backend import FLOATS, launch, register_autograd
 
@@ -30,19 +30,9 @@ _DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 _MODULE = "window_attention"
 
 
-def _check_values(holds: Callable[[], torch.Tensor], message: str) -> None:
-    """ValueError(message) unless ``holds()`` (a bool tensor) is true: read on the host (a
-    device sync); while a CUDA graph is captured, where nothing may be read, asserted on the
-    device instead (a failing replay stops with a device-side assert, not a wrong result)."""
-    if _capture.capturing():
-        torch._assert_async(holds(), message)
-    elif not bool(holds()):
-        raise ValueError(message)
-
-
 def _check_in_range(name: str, t: torch.Tensor, high: int) -> None:
     if t.numel():
-        _check_values(lambda: ((t >= 0) & (t < high)).all(), f"{name} holds values outside [0, {high})")
+        check_values(lambda: ((t >= 0) & (t < high)).all(), f"{name} holds values outside [0, {high})")
 
 
 def _check_index(index: Optional[torch.Tensor], x: torch.Tensor, wh: int, ww: int) -> None:
@@ -51,8 +41,8 @@ def _check_index(index: Optional[torch.Tensor], x: torch.Tensor, wh: int, ww: in
         return
     _check_in_range("index", index, -(-x.shape[1] // wh) * -(-x.shape[2] // ww))
     if index.shape[1] > 1:
-        _check_values(lambda: (index.sort(dim=1).values.diff(dim=1) != 0).all(),
-                      "index names a window twice in one image")
+        check_values(lambda: (index.sort(dim=1).values.diff(dim=1) != 0).all(),
+                     "index names a window twice in one image")
 
 
 @torch.library.custom_op("sparqle::window_attention", mutates_args=())

@@ -1,11 +1,13 @@
 """int4 weight-only linear in plain PyTorch. The weight is dequantized a block of rows at a
 time, (q - zero) * scale in fp32 (fp64 for fp64) rounded to x's dtype as the Triton kernel
 does, and multiplied while the block is still in cache: on a 2-core CPU this is 12x faster
-than dequantizing the whole weight first (measured at 4096 x 4096, M = 1)."""
+than dequantizing the whole weight first (measured at 4096 x 4096, M = 1). ``dequantize``
+builds the whole W block by block too: its transient is W and one block (unpacking the
+whole weight at once held about 16x the packed bytes)."""
 import torch
 
 from ._dtypes import compute_dtype
-from ._linear import linear_by_row_blocks
+from ._linear import dense_by_row_blocks, linear_by_row_blocks
 
 
 def _dequantize_rows(packed, scales, zeros, group_width: int, k: int, dtype: torch.dtype):
@@ -21,7 +23,8 @@ def _dequantize_rows(packed, scales, zeros, group_width: int, k: int, dtype: tor
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_width: int, k: int) -> torch.Tensor:
     """W [N, K] = (q - zero) * scale in the scales' dtype (contiguous)."""
-    return _dequantize_rows(packed, scales, zeros, group_width, k, scales.dtype).contiguous()
+    return dense_by_row_blocks(packed.shape[0], k, lambda lo, hi: _dequantize_rows(
+        packed[lo:hi], scales[lo:hi], zeros[lo:hi], group_width, k, scales.dtype), scales.dtype, packed.device)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,

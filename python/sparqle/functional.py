@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from sparqle.bindings.fp8_linear import FP8TrainingLinear
+from sparqle.kernels._capture import check_values
 
 from .formats import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
 from .formats.fp8 import fp8_dtype
-from .window import _check_values
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -38,7 +38,7 @@ def _check_static_scale(static_scale, x: torch.Tensor) -> None:
     if static_scale.device != x.device:
         raise ValueError(f"static_scale is on {static_scale.device} but x is on {x.device}")
     scale = static_scale.float()
-    _check_values(lambda: (torch.isfinite(scale) & (scale > 0)).all(),
+    check_values(lambda: (torch.isfinite(scale) & (scale > 0)).all(),
                  "static_scale must be finite and > 0 (in fp32)")
 
 

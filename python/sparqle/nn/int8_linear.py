@@ -20,8 +20,7 @@ class Int8Linear(ConvertedLinear):
     weights_only loads work, the activation mode travels in the state_dict, and a load is
     checked as Int8Weight's constructor checks its arguments; ``scales`` stay fp32 through
     ``model.half()``, see sparqle.formats.int8); the layer runs in x's float dtype; the bias
-    stays a Parameter;
-    gradients reach x through the dequantized weight.
+    stays a Parameter; gradients reach x through the dequantized weight.
     """
 
     def __init__(self, weight: Int8Weight, bias: Optional[torch.Tensor] = None,

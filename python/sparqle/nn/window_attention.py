@@ -6,6 +6,7 @@ relative_position_index); ``SparseWindowBlock.from_block(block, keep_ratio)`` wr
 SwinTransformerBlock (norm1, attn, norm2, mlp, window_size, shift_size) so that only the
 windows with the largest activations are computed.
 """
+from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,6 +21,10 @@ from ._replace import replace_modules
 _SWIN_MASK = -100.0  # Swin's additive mask between tokens of different shifted regions
 _ROOT_HINT = ("the module to convert: convert its parent, or use "
               "sparqle.nn.WindowAttention.from_module / SparseWindowBlock.from_block")
+# Shift masks a SparseWindowBlock keeps, the most recently used: one per (resolution,
+# device, dtype) met; a few cover training and inference at fixed sizes, and a stream of
+# new resolutions no longer grows the cache without bound (120 held 340 MB).
+MASK_CACHE_SIZE = 8
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -199,7 +204,7 @@ class SparseWindowBlock(nn.Module):
         self.window_size, self.shift_size = _pair(window_size), _pair(shift_size)
         self.input_resolution = input_resolution
         self.keep_ratio = _check_keep_ratio(keep_ratio)
-        self._masks: Dict[tuple, torch.Tensor] = {}
+        self._masks: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 
     @classmethod
     def from_block(cls, block: nn.Module, keep_ratio: float) -> "SparseWindowBlock":
@@ -214,16 +219,21 @@ class SparseWindowBlock(nn.Module):
                    getattr(block, "input_resolution", None))
 
     def _mask(self, h: int, w: int, x: torch.Tensor) -> torch.Tensor:
-        """The shift mask for an h x w map, kept per (h, w, device, dtype) unless made
-        during CUDA-graph capture (it would hold its values only once the graph replays)."""
+        """The shift mask for an h x w map, from an LRU cache of the MASK_CACHE_SIZE most
+        recently used, per (h, w, device, dtype); one made during CUDA-graph capture is not
+        kept (it would hold its values only once the graph replays)."""
         key = (h, w, x.device, x.dtype)
         mask = self._masks.get(key)
-        if mask is None:
-            (wh, ww) = self.window_size
-            mask = shift_mask(-(-h // wh) * wh, -(-w // ww) * ww, self.window_size,
-                              self.shift_size, x.device, x.dtype)
-            if not _capture.capturing():
-                self._masks[key] = mask
+        if mask is not None:
+            self._masks.move_to_end(key)
+            return mask
+        (wh, ww) = self.window_size
+        mask = shift_mask(-(-h // wh) * wh, -(-w // ww) * ww, self.window_size,
+                          self.shift_size, x.device, x.dtype)
+        if not _capture.capturing():
+            self._masks[key] = mask
+            if len(self._masks) > MASK_CACHE_SIZE:
+                self._masks.popitem(last=False)
         return mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
