@@ -65,6 +65,10 @@ def seeded(data):
     torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
 
 
+def maybe_bias(data, n):
+    return torch.randn(n) if data.draw(st.booleans(), label="bias") else None
+
+
 def run_grads(out, grad, leaves):
     """Gradients of ``(out * grad).sum()`` for the leaves (None kept)."""
     present = [t for t in leaves if t is not None]
@@ -115,7 +119,7 @@ def test_int8_linear(device, backend, data):
     m, n, k = sizes(data)
     w = Int8Weight.from_float(torch.randn(n, k))
     act = data.draw(st.booleans(), label="W8A8")
-    bias = torch.randn(n) if data.draw(st.booleans(), label="bias") else None
+    bias = maybe_bias(data, n)
     a = with_grad(draw_layouts(data, {"x": torch.randn(m, k), "qweight": w.qweight, "scales": w.scales,
                                       "bias": bias}, {}), ["x", "bias"])
     with sparqle.use_backend(backend):
@@ -159,7 +163,7 @@ def test_int4_linear(device, backend, data):
     seeded(data)
     m, n, k = sizes(data, k_min=1)
     w = Int4Weight.from_float(torch.randn(n, k), data.draw(st.sampled_from([32, -1]), label="group"))
-    bias = torch.randn(n) if data.draw(st.booleans(), label="bias") else None
+    bias = maybe_bias(data, n)
     a = with_grad(draw_layouts(data, {"x": torch.randn(m, k), "packed": w.packed, "scales": w.scales,
                                       "zeros": w.zeros, "bias": bias}, {}), ["x", "bias"])
     with sparqle.use_backend(backend):
@@ -186,7 +190,7 @@ def test_fp8_linear_and_scaled_mm(device, backend, data):
     m, n, k = sizes(data)
     fp8 = data.draw(st.sampled_from([E4M3, E5M2]), label="fp8")
     w = FP8Weight.from_float(torch.randn(n, k), fp8, data.draw(st.sampled_from(["row", "tensor"])))
-    bias = torch.randn(n) if data.draw(st.booleans(), label="bias") else None
+    bias = maybe_bias(data, n)
     a = with_grad(draw_layouts(data, {"x": torch.randn(m, k), "qweight": w.qweight,
                                       "scales": w.scales.reshape(-1), "bias": bias}, {}), ["x", "bias"])
     with sparqle.use_backend(backend):
@@ -227,7 +231,7 @@ def test_fp8_quantize_rows(device, backend, data):
 def test_fp8_training_linear(device, backend, data):
     seeded(data)
     m, n, k = sizes(data)
-    bias = torch.randn(n) if data.draw(st.booleans(), label="bias") else None
+    bias = maybe_bias(data, n)
     a = with_grad(draw_layouts(data, {"x": torch.randn(m, k), "weight": torch.randn(n, k), "bias": bias}, {}),
                   ["x", "weight", "bias"])
     with sparqle.use_backend(backend):
@@ -266,7 +270,7 @@ def test_nm_linear(device, backend, data):
     rows, out, k = sizes(data, k_min=1)
     n, m = data.draw(st.sampled_from(PATTERNS), label="n:m")
     w = SemiStructured.from_dense(torch.randn(out, k), n, m)
-    bias = torch.randn(out) if data.draw(st.booleans(), label="bias") else None
+    bias = maybe_bias(data, out)
     a = with_grad(draw_layouts(data, {"x": torch.randn(rows, k), "values": w.values, "meta": w.meta,
                                       "bias": bias}, {"meta": STRUCTURE}), ["x", "values", "bias"])
     with sparqle.use_backend(backend):

@@ -19,6 +19,12 @@ BACKENDS = pytest.mark.parametrize("device,backend", device_backends(), ids=lamb
 F32 = torch.float32
 
 
+def seeded_sizes(data):
+    """(M, N, K), each in [1, 9], after seeding torch from the data."""
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    return tuple(data.draw(st.integers(1, 9), label=s) for s in ("M", "N", "K"))
+
+
 def second_derivatives(linear, x, leaves):
     """d/d(leaves) of |d/dx sum(y^2)|^2: through the first backward, again."""
     (gx,) = torch.autograd.grad(linear(x).pow(2).sum(), x, create_graph=True)
@@ -29,8 +35,7 @@ def second_derivatives(linear, x, leaves):
 @settings(max_examples=5, deadline=None)
 @given(data=st.data())
 def test_nm_second_derivatives(device, backend, data):
-    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
-    rows, out, k = (data.draw(st.integers(1, 9), label=s) for s in ("M", "N", "K"))
+    rows, out, k = seeded_sizes(data)
     n, m = data.draw(st.sampled_from(PATTERNS), label="n:m")
     w = SemiStructured.from_dense(torch.randn(out, k), n, m)
     w.values.requires_grad_(True)
@@ -54,8 +59,7 @@ def test_nm_second_derivatives(device, backend, data):
 @settings(max_examples=5, deadline=None)
 @given(data=st.data())
 def test_csr_second_derivative_in_x(device, backend, data):
-    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
-    rows, out, k = (data.draw(st.integers(1, 9), label=s) for s in ("M", "N", "K"))
+    rows, out, k = seeded_sizes(data)
     dense = random_sparse(out, k, 0.4, F32)
     w = CSR.from_dense(dense)
     x = torch.randn(rows, k, requires_grad=True)
