@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _capture
 from ._dtypes import compute_dtype
 from ._linear import linear_by_row_blocks
 
@@ -31,13 +32,22 @@ def scaled_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor],
 
 def redo_infinite_rows(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                        bias: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    """y [M, N] (modified in place, and returned) with each row m whose x_scale[m] is +Inf
-    (x[m] holds ±Inf) recomputed as x[m] @ (w * w_scale)^T + bias, whose NaN/Inf pattern is
-    F.linear's; w [N, K] int8 or FP8, w_scale [N] or [1]."""
-    rows = torch.isinf(x_scale).nonzero().flatten()
+    """y [M, N] with each row m whose x_scale[m] is +Inf (x[m] holds ±Inf) recomputed as
+    x[m] @ (w * w_scale)^T + bias, whose NaN/Inf pattern is F.linear's; w [N, K] int8 or
+    FP8, w_scale [N] or [1]. Eagerly the rows are found on the host and y is modified in
+    place; while a CUDA graph is captured, where nothing may be read, every row is
+    recomputed and the infinite ones chosen on the device (a second, float, product)."""
+    n, cdt = w.shape[0], compute_dtype(x.dtype)
+    scales = w_scale.to(cdt).expand(n)
+
+    def recomputed(rows: torch.Tensor) -> torch.Tensor:
+        return linear_by_row_blocks(
+            rows, n, lambda lo, hi: w[lo:hi].to(cdt) * scales[lo:hi, None], bias).to(y.dtype)
+
+    infinite = torch.isinf(x_scale)
+    if _capture.capturing():
+        return torch.where(infinite[:, None], recomputed(x), y)
+    rows = infinite.nonzero().flatten()
     if rows.numel():
-        n, cdt = w.shape[0], compute_dtype(x.dtype)
-        scales = w_scale.to(cdt).expand(n)
-        y[rows] = linear_by_row_blocks(
-            x[rows], n, lambda lo, hi: w[lo:hi].to(cdt) * scales[lo:hi, None], bias).to(y.dtype)
+        y[rows] = recomputed(x[rows])
     return y

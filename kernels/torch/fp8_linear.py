@@ -37,5 +37,5 @@ def scaled_mm(a: torch.Tensor, a_scale: Optional[torch.Tensor], b: torch.Tensor,
 def redo_rows(x: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
     """y [M, N] with the rows of x [M, K] that hold ±Inf (x_scale +Inf) recomputed from x as
-    x @ (q_w * w_scale)^T + bias, in place (see _rows.py); qweight FP8 [N, K]."""
+    x @ (q_w * w_scale)^T + bias (see _rows.py); qweight FP8 [N, K]."""
     return redo_infinite_rows(x, x_scale, qweight, w_scale, bias, y)
