@@ -148,3 +148,20 @@ def test_quantizers_flag_nonfinite_rows(quantizer, device, backend, data):
         assert torch.equal(scale.isposinf(), has_inf & ~has_nan)
     else:
         assert torch.isfinite(q.float()).all()  # an infinity saturates
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_infinite_rows_found_without_host_reads_during_capture(fmt, monkeypatch):
+    """While a CUDA graph is captured the torch path cannot look the rows up on the host:
+    it recomputes every row and picks on the device, with the same result."""
+    from sparqle.kernels import _capture
+    x = torch.randn(20, 24)
+    x[3, 5], x[7, 1], x[7, 2] = float("inf"), -float("inf"), float("nan")
+    w = Int8Weight.from_float(torch.randn(8, 24)) if fmt == "int8" else FP8Weight.from_float(torch.randn(8, 24))
+    with sparqle.use_backend("torch"):
+        eager = sparqle.linear(x, w)
+        monkeypatch.setattr(_capture, "capturing", lambda: True)
+        monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("a host read"))
+        captured = sparqle.linear(x, w)
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0, equal_nan=True)
+    assert torch.isinf(eager[3]).any()
