@@ -51,6 +51,10 @@ def _mask_index(index) -> bool:
 def no_host_reads(monkeypatch):
     """A context manager: inside it capture is simulated and every host read raises HostRead."""
 
+    # Dynamo maps torch's functions to its rules once, on first use, by name: were that done
+    # while they are patched here, a later torch.compile would refuse the real ones.
+    torch._dynamo.trace_rules.get_torch_obj_rule_map()
+
     @contextlib.contextmanager
     def guard():
         getitem, setitem = torch.Tensor.__getitem__, torch.Tensor.__setitem__
