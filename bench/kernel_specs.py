@@ -339,6 +339,8 @@ def test_cases() -> List[Case]:
             cases += window_attention_cases(2, 2, 16, 16, dtype, False, 0, False)
             cases += window_attention_cases(2, 4, 144, 32, dtype, True, 2, False, tf32=fp32)
         cases += window_attention_cases(2, 2, 100, 128, dtype, True, 2, False, tf32=fp32)
+    # W8A8 past the int32-exact K: the CHUNKED variant.
+    cases += int8_cases(tensor(16, (1 << 17) + 64), 40, True, True)
     # The widest tile, fp32 at N = 256 and d = 128: the query blocks shrink to fit sm_80.
     cases += window_attention_cases(2, 2, 256, 128, torch.float32, True, 2, False, tf32=True)
     return cases

@@ -8,9 +8,10 @@ quantize_rows: q [M, K] int8, scale [M] fp32 for x [M, K]: scale = max|x[m]| / 1
 int8_linear: y [M, N] = (q_x @ q_w^T) * scale_x[m] * scale_w[n] + bias, the product in int32
     on int8 tensor cores (W8A8), or y = (x @ q_w^T) * scale_w[n] + bias with the int8 weight
     tile converted to x's dtype in registers (W8A16). Epilogue fused; fp32 accumulation for
-    W8A16. K need not be a multiple of 16: tiles are masked with zeros. W8A8 sums K in
-    chunks of at most INT32_SAFE_K, each exact in int32 (|q_x| <= 127, |q_w| <= 128), and
-    adds the chunks in fp32: any K is safe. Rows of x holding ±Inf are recomputed from x
+    W8A16. K need not be a multiple of 16: tiles are masked with zeros. W8A8 accumulates in
+    int32, exact up to K = INT32_SAFE_K (|q_x| <= 127, |q_w| <= 128); beyond it (CHUNKED, a
+    variant compiled only for such K, as the second accumulator costs registers) it sums
+    chunks of at most INT32_SAFE_K in int32 and adds them in fp32: any K is safe. Rows of x holding ±Inf are recomputed from x
     (``_rows.redo_infinite_rows``), so NaN and Inf reach y as through F.linear.
 """
 from typing import Optional, Tuple
@@ -65,7 +66,33 @@ def _quantize_rows_kernel(
     tl.store(scale_ptr + row, tl.where(tl.max(nans, axis=0) > 0, float("nan"), scale))
 
 
-@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8"], bucket=["M"])
+@triton.jit
+def _dot_k_range(x_ptr, w_ptr, acc, offs_m, offs_n, mask_m, mask_n, k_start, k_end, K,
+                 stride_xm, stride_xk, stride_wn, stride_wk,
+                 W8A8: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + x[offs_m, k_start:k_end] @ w[offs_n, k_start:k_end]^T: int8 x int8 into an int32
+    acc (W8A8), or x's float type times the int8 weight cast to it."""
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0)
+        if W8A8:
+            acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+        else:
+            if UPCAST:  # the same values: |q| <= 127 is exact in bf16
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            else:
+                w = w.to(x.dtype)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8", "CHUNKED"], bucket=["M"])
 @triton.jit
 def _int8_linear_kernel(
     x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
@@ -74,37 +101,27 @@ def _int8_linear_kernel(
     stride_wn, stride_wk,
     stride_ym, stride_yn,
     stride_bias,
-    W8A8: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W8A8: tl.constexpr, CHUNKED: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-    CHUNK_K: tl.constexpr = INT32_SAFE_K // BLOCK_K * BLOCK_K
-    for chunk in range(0, K, CHUNK_K):
-        if W8A8:
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        else:
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-        for k0 in range(chunk, tl.minimum(K, chunk + CHUNK_K), BLOCK_K):
-            offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            mask_k = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0)
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0)
-            if W8A8:
-                part = tl.dot(x, tl.trans(w), part, out_dtype=tl.int32)
-            else:
-                if UPCAST:  # the same values: |q| <= 127 is exact in bf16
-                    x = x.to(tl.float32)
-                    w = w.to(tl.float32)
-                else:
-                    w = w.to(x.dtype)
-                part = tl.dot(x, tl.trans(w), part, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        acc += part.to(ACC_DTYPE)
+    if CHUNKED:  # W8A8 with K > INT32_SAFE_K: exact int32 chunks, summed in ACC_DTYPE
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+        CHUNK_K: tl.constexpr = INT32_SAFE_K // BLOCK_K * BLOCK_K
+        for chunk in range(0, K, CHUNK_K):
+            part = _dot_k_range(x_ptr, w_ptr, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), offs_m, offs_n,
+                                mask_m, mask_n, chunk, tl.minimum(K, chunk + CHUNK_K), K,
+                                stride_xm, stride_xk, stride_wn, stride_wk,
+                                W8A8, ACC_DTYPE, PRECISION, UPCAST, BLOCK_K)
+            acc += part.to(ACC_DTYPE)
+    else:
+        acc = _dot_k_range(x_ptr, w_ptr, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if W8A8 else ACC_DTYPE),
+                           offs_m, offs_n, mask_m, mask_n, 0, K, K,
+                           stride_xm, stride_xk, stride_wn, stride_wk,
+                           W8A8, ACC_DTYPE, PRECISION, UPCAST, BLOCK_K)
     out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     if W8A8:
         out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
@@ -149,7 +166,8 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
             qweight.stride(0), qweight.stride(1),
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),
-            W8A8=quantize_activation, HAS_BIAS=bias is not None, **dot_meta(x.dtype),
+            W8A8=quantize_activation, CHUNKED=quantize_activation and k > INT32_SAFE_K,
+            HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )
     if quantize_activation:
         redo_infinite_rows(x, a_scale, qweight, scales, bias, y, tl.int8)
