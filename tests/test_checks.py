@@ -52,7 +52,8 @@ def test_swin_modules_at_several_names_are_converted_once():
 def test_a_filter_must_take_a_shared_module_at_all_its_names_or_none():
     linear = nn.Linear(8, 8)
     model = nn.Sequential(linear, linear)
-    with pytest.raises(ValueError, match=r"filter accepts the Linear at \['0'\] but not at \['1'\]"):
+    with pytest.raises(ValueError, match=r"the Linear at \['0', '1'\] is one module, decided differently by name "
+                                         r"\('0': convert with 'int8'; '1': the filter rejects it\)"):
         sparqle.convert(model, "int8", filter=lambda name, m: name == "0")
     assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
 

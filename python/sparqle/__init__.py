@@ -5,24 +5,20 @@
     sparqle.convert(model, "csr", sparsity=0.9)    # every nn.Linear, in place
 """
 import importlib.metadata
-import warnings
 
 from sparqle import bindings  # noqa: F401  (registers torch.ops.sparqle.*)
 
 from . import nn, prune
 from .backends import use_backend
-from .convert import convert
+from .convert import ConvertedLayer, ConvertSummary, convert
 from .formats import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
 from .functional import fp8_linear, fp8_quantize_rows, int8_linear, linear, quantize_rows, spmm
 from .info import info
 from .window import window_attention, window_merge, window_partition
-
-# sparqle builds torch.sparse_csr tensors only from validated CSR objects.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 try:
     __version__ = importlib.metadata.version("sparqle")
 except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
-__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "window_attention", "window_partition", "window_merge", "convert", "use_backend", "info", "nn", "prune"]
+__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "window_attention", "window_partition", "window_merge", "convert", "ConvertSummary", "ConvertedLayer", "use_backend", "info", "nn", "prune"]

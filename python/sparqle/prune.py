@@ -46,8 +46,13 @@ def magnitude(w: torch.Tensor, sparsity: Optional[float] = None, *, block: Optio
     return keep.repeat_interleave(block, 0).repeat_interleave(block, 1)[:w.shape[0], :w.shape[1]]
 
 
+def kept(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` entries (or blocks) :func:`magnitude` keeps at ``sparsity``."""
+    return numel - round(float(sparsity) * numel)
+
+
 def _keep_largest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    keep = scores.numel() - round(float(sparsity) * scores.numel())
+    keep = kept(scores.numel(), sparsity)
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     mask[torch.topk(scores.flatten(), keep, sorted=False).indices] = True
     return mask.view(scores.shape)

@@ -7,16 +7,16 @@ SwinTransformerBlock (norm1, attn, norm2, mlp, window_size, shift_size) so that 
 windows with the largest activations are computed.
 """
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from sparqle.kernels import _capture
 
-from ..window import num_windows, window_attention, window_merge, window_partition
+from ..window import MAX_HEAD_DIM, MAX_TOKENS, num_windows, window_attention, window_merge, window_partition
 from ._load import CheckedLoad
-from ._replace import replace_modules
+from ._replace import Outcome, filtered, replace_modules
 
 _SWIN_MASK = -100.0  # Swin's additive mask between tokens of different shifted regions
 _ROOT_HINT = ("the module to convert: convert its parent, or use "
@@ -265,22 +265,38 @@ class SparseWindowBlock(nn.Module):
         return f"window_size={self.window_size}, shift_size={self.shift_size}, keep_ratio={self.keep_ratio}"
 
 
-def convert_window_attention(model: nn.Module, filter=None) -> nn.Module:
-    """Swap every Swin WindowAttention of ``model`` (for which ``filter(name, module)``) for
-    :class:`WindowAttention`, in place."""
+def _attention_refusal(m: nn.Module) -> Optional[str]:
+    """Why the fused kernel cannot serve Swin attention ``m`` (None when it can): it takes
+    windows of at most MAX_TOKENS tokens and head dims of at most MAX_HEAD_DIM."""
+    tokens = m.relative_position_index.shape[0]
+    head_dim = m.qkv.out_features // (3 * m.num_heads) if m.num_heads else 0
+    if tokens > MAX_TOKENS:
+        return f"its windows hold {tokens} tokens; the fused kernel takes at most {MAX_TOKENS}"
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        return f"its head dim is {head_dim}; the fused kernel takes 1 to {MAX_HEAD_DIM}"
+    return None
+
+
+def convert_window_attention(model: nn.Module, filter=None) -> List[Outcome]:
+    """Swap every Swin WindowAttention of ``model`` (for which ``filter(name, module)``, and
+    that the fused kernel can serve) for :class:`WindowAttention`, in place; one
+    :class:`~sparqle.nn._replace.Outcome` per Swin WindowAttention."""
     return replace_modules(model, lambda m: is_swin_window_attention(m) and not isinstance(m, WindowAttention),
-                           filter, lambda name, m: WindowAttention.from_module(m), root_hint=_ROOT_HINT,
+                           filtered(filter, "window_attention", _attention_refusal),
+                           lambda name, m, setting: WindowAttention.from_module(m), root_hint=_ROOT_HINT,
                            copies_parameters=False)
 
 
 def convert_sparse_windows(model: nn.Module, filter=None,
-                           keep_ratio: Union[float, Sequence[float]] = 0.5) -> nn.Module:
-    """Wrap every Swin block of ``model`` in :class:`SparseWindowBlock`, in place.
-    ``keep_ratio`` is a float, or one float per stage (the blocks' parent containers, in
-    model order)."""
+                           keep_ratio: Union[float, Sequence[float]] = 0.5) -> List[Outcome]:
+    """Wrap every Swin block of ``model`` (for which ``filter(name, module)``, and whose
+    attention the fused kernel can serve) in :class:`SparseWindowBlock`, in place; one
+    :class:`~sparqle.nn._replace.Outcome` per Swin block. ``keep_ratio`` is a float, or one
+    float per stage (the converted blocks' parent containers, in model order)."""
     is_target = lambda m: is_swin_block(m) and not isinstance(m, SparseWindowBlock)  # noqa: E731
+    decide = filtered(filter, "sparse_windows", lambda m: _attention_refusal(m.attn))
     stages = list(dict.fromkeys(n.rpartition(".")[0] for n, m in model.named_modules()
-                                if is_target(m) and (filter is None or filter(n, m))))
+                                if is_target(m) and decide(n, m)[1] is None))
     if isinstance(keep_ratio, (list, tuple)):
         if len(keep_ratio) != len(stages):
             raise ValueError(f"keep_ratio has {len(keep_ratio)} entries but the model has {len(stages)} "
@@ -288,6 +304,6 @@ def convert_sparse_windows(model: nn.Module, filter=None,
         ratios = {stage: _check_keep_ratio(r) for stage, r in zip(stages, keep_ratio)}
     else:
         ratios = dict.fromkeys(stages, _check_keep_ratio(keep_ratio))
-    return replace_modules(model, is_target, filter,
-                           lambda name, m: SparseWindowBlock.from_block(m, ratios[name.rpartition(".")[0]]),
+    return replace_modules(model, is_target, decide,
+                           lambda name, m, setting: SparseWindowBlock.from_block(m, ratios[name.rpartition(".")[0]]),
                            root_hint=_ROOT_HINT, copies_parameters=False)
