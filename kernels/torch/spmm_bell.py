@@ -8,6 +8,7 @@ fp16 and bf16 compute in fp32.
 import torch
 
 from ._dtypes import compute_dtype
+from ._sparse import bsr_matrix
 
 _CHUNK_ELEMENTS = 1 << 23
 
@@ -42,8 +43,7 @@ def _mm(cols, slots, values, x, out_features, transposed):
     blocks = values.reshape(-1, b, b)[torch.gather(slots.long(), 1, order)[used]]
     if transposed:
         blocks = blocks.transpose(-1, -2)
-    matrix = torch.sparse_bsr_tensor(crow, key[used], blocks.to(cdt), (rows * b, nblocks_in * b),
-                                     check_invariants=False)
+    matrix = bsr_matrix(crow, key[used], blocks.to(cdt), (rows * b, nblocks_in * b))
     x_t = torch.nn.functional.pad(x.to(cdt), (0, nblocks_in * b - x.shape[1])).t()
     return (matrix @ x_t).t()[:, :out_features].to(x.dtype).contiguous()
 

@@ -7,6 +7,7 @@ chunks so that no [nnz, n] temporary exceeds a few million elements.
 import torch
 
 from ._dtypes import compute_dtype
+from ._sparse import csr_matrix
 
 from .. import _alloc
 
@@ -21,8 +22,7 @@ def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
     if m == 0 or n == 0 or col.numel() == 0:
         return torch.zeros((m, n), dtype=b.dtype, device=b.device)
     cdt = compute_dtype(b.dtype)
-    a = torch.sparse_csr_tensor(crow, col, values.to(cdt), (m, k),
-                                check_invariants=False)
+    a = csr_matrix(crow, col, values.to(cdt), (m, k))
     return (a @ b.to(cdt)).to(b.dtype)
 
 

@@ -11,6 +11,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from sparqle.kernels import _capture
+from sparqle.kernels.torch._sparse import csr_matrix
 
 from ._checks import INT32_MAX, check_int32, check_shape, check_tensors, dense_and_mask
 
@@ -96,8 +97,8 @@ class CSR:
         return cls(t.crow_indices(), t.col_indices(), t.values(), t.shape)
 
     def to_sparse_csr(self) -> torch.Tensor:
-        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
-                                       self.shape, check_invariants=False)
+        """The same matrix as a torch.sparse_csr tensor over the same tensors (no copy)."""
+        return csr_matrix(self.crow_indices, self.col_indices, self.values, self.shape)
 
     def to_dense(self) -> torch.Tensor:
         m, k = self.shape
