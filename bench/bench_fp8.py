@@ -16,7 +16,7 @@ import sparqle
 from .harness import Case, Impl, device, inputs, linear_grid, no_grad, plot_speedups
 
 OP = "fp8"
-KEYS = ("m", "n", "k", "dtype")
+KEYS = ("tokens", "out_features", "in_features", "dtype")
 SIZES = [4096, 8192, 14336]
 MS = [1, 16, 128, 1024, 4096, 8192]
 E4M3_MAX = 448.0
@@ -46,7 +46,8 @@ def _scaled_mm_linear(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.T
     return y[:m]
 
 
-def make_case(m: int, n: int, k: int, dtype: str) -> Case:
+def make_case(tokens: int, out_features: int, in_features: int, dtype: str) -> Case:
+    m, n, k = tokens, out_features, in_features  # y [m, n] = x [m, k] @ W^T
     dev, dt = device(), getattr(torch, dtype)
     weight = torch.randn(n, k, device=dev, dtype=dt) * 0.02
     row = sparqle.FP8Weight.from_float(weight, torch.float8_e4m3fn, "row")
@@ -70,7 +71,7 @@ def make_case(m: int, n: int, k: int, dtype: str) -> Case:
             Impl("torch._scaled_mm-row", lambda i: no_grad(
                 lambda xi=x(i): _scaled_mm_linear(xi, qt_row, row_scale, True)), fp8_bytes),
         ]
-    return Case(OP, {"m": m, "n": n, "k": k, "dtype": dtype}, flops=2.0 * m * n * k,
+    return Case(OP, {"tokens": m, "out_features": n, "in_features": k, "dtype": dtype}, flops=2.0 * m * n * k,
                 input_bytes=fp8_bytes, impls=impls)
 
 
@@ -79,4 +80,5 @@ def cases(quick: bool) -> List[Case]:
 
 
 def plot(report: dict, path: str) -> None:
-    plot_speedups(report, path, ("n", "k", "dtype"), "FP8 linear (e4m3)", x_key="m", log_x=True)
+    plot_speedups(report, path, ("out_features", "in_features", "dtype"), "FP8 linear (e4m3)", x_key="tokens",
+                  log_x=True)

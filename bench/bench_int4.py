@@ -16,7 +16,7 @@ import sparqle
 from .harness import Case, Impl, device, inputs, linear_grid, no_grad, plot_speedups
 
 OP = "int4"
-KEYS = ("m", "n", "k", "dtype")
+KEYS = ("tokens", "out_features", "in_features", "dtype")
 GROUP = 128
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
@@ -41,7 +41,8 @@ def grid(quick: bool) -> Iterator[dict]:
     return linear_grid(quick, MS, SHAPES, SHAPES[:2])
 
 
-def make_case(m: int, n: int, k: int, dtype: str) -> Case:
+def make_case(tokens: int, out_features: int, in_features: int, dtype: str) -> Case:
+    m, n, k = tokens, out_features, in_features  # y [m, n] = x [m, k] @ W^T
     dev, dt = device(), getattr(torch, dtype)
     weight = torch.randn(n, k, device=dev, dtype=dt) * 0.02
     qw = sparqle.Int4Weight.from_float(weight, GROUP)
@@ -57,7 +58,7 @@ def make_case(m: int, n: int, k: int, dtype: str) -> Case:
     if "torchao" in IMPLS:
         torchao = _torchao_linear(weight)
         impls.append(Impl("torchao", lambda i: no_grad(lambda xi=x(i): torchao(xi)), int4_bytes))
-    return Case(OP, {"m": m, "n": n, "k": k, "dtype": dtype}, flops=2.0 * m * n * k,
+    return Case(OP, {"tokens": m, "out_features": n, "in_features": k, "dtype": dtype}, flops=2.0 * m * n * k,
                 input_bytes=int4_bytes, impls=impls)
 
 
@@ -66,4 +67,5 @@ def cases(quick: bool) -> List[Case]:
 
 
 def plot(report: dict, path: str) -> None:
-    plot_speedups(report, path, ("n", "k", "dtype"), "int4 weight-only linear", x_key="m", log_x=True)
+    plot_speedups(report, path, ("out_features", "in_features", "dtype"), "int4 weight-only linear", x_key="tokens",
+                  log_x=True)

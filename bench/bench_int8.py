@@ -15,7 +15,7 @@ import sparqle
 from .harness import Case, Impl, device, inputs, linear_grid, no_grad, plot_speedups
 
 OP = "int8"
-KEYS = ("m", "n", "k", "dtype")
+KEYS = ("tokens", "out_features", "in_features", "dtype")
 IMPLS = ("sparqle", "sparqle-w8a16", "dense", "torch._int_mm")
 SIZES = [4096, 8192, 14336]
 MS = [1, 16, 128, 1024, 4096, 8192]
@@ -36,7 +36,8 @@ def _int_mm_linear(x: torch.Tensor, qweight_t: torch.Tensor, scales: torch.Tenso
     return (y.float() * scale * scales.float()[None, :]).to(x.dtype)
 
 
-def make_case(m: int, n: int, k: int, dtype: str) -> Case:
+def make_case(tokens: int, out_features: int, in_features: int, dtype: str) -> Case:
+    m, n, k = tokens, out_features, in_features  # y [m, n] = x [m, k] @ W^T
     dev, dt = device(), getattr(torch, dtype)
     weight = torch.randn(n, k, device=dev, dtype=dt) * 0.02
     qw = sparqle.Int8Weight.from_float(weight)
@@ -45,7 +46,7 @@ def make_case(m: int, n: int, k: int, dtype: str) -> Case:
     size = dt.itemsize
     io_bytes = (m * k + m * n) * size
     int8_bytes = n * k + n * size + io_bytes
-    return Case(OP, {"m": m, "n": n, "k": k, "dtype": dtype}, flops=2.0 * m * n * k,
+    return Case(OP, {"tokens": m, "out_features": n, "in_features": k, "dtype": dtype}, flops=2.0 * m * n * k,
                 input_bytes=int8_bytes, impls=[
                     Impl("sparqle", lambda i: no_grad(lambda xi=x(i): sparqle.linear(xi, qw)), int8_bytes),
                     Impl("sparqle-w8a16", lambda i: no_grad(
@@ -62,4 +63,5 @@ def cases(quick: bool) -> List[Case]:
 
 
 def plot(report: dict, path: str) -> None:
-    plot_speedups(report, path, ("n", "k", "dtype"), "int8 linear", x_key="m", log_x=True)
+    plot_speedups(report, path, ("out_features", "in_features", "dtype"), "int8 linear", x_key="tokens",
+                  log_x=True)

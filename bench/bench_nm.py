@@ -20,7 +20,7 @@ import sparqle
 from .harness import Case, Impl, device, inputs, no_grad, plot_speedups
 
 OP = "nm"
-KEYS = ("m", "n", "k", "dtype")
+KEYS = ("tokens", "out_features", "in_features", "dtype")
 MS = [1, 2, 4, 8, 16, 64, 256, 1024, 2048, 4096, 8192]
 # (out, in) of Llama-like and ViT-like layers.
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (768, 3072), (3072, 768)]
@@ -49,7 +49,7 @@ def grid(quick: bool) -> Iterator[dict]:
     else:
         ms, shapes, dtypes = [1, 16, 256], SHAPES[3:], ["float32"]
     for m, (n, k), dtype in itertools.product(ms, shapes, dtypes):
-        yield {"m": m, "n": n, "k": k, "dtype": dtype}
+        yield {"tokens": m, "out_features": n, "in_features": k, "dtype": dtype}
 
 
 def _semi_structured(weight: torch.Tensor, backend: str) -> torch.Tensor:
@@ -63,7 +63,8 @@ def _forced(backend: str, x: torch.Tensor, w: sparqle.SemiStructured) -> torch.T
         return sparqle.linear(x, w)
 
 
-def make_case(m: int, n: int, k: int, dtype: str) -> Case:
+def make_case(tokens: int, out_features: int, in_features: int, dtype: str) -> Case:
+    m, n, k = tokens, out_features, in_features  # y [m, n] = x [m, k] @ W^T
     dev, dt = device(), getattr(torch, dtype)
     w = sparqle.SemiStructured.from_dense(torch.randn(n, k, device=dev, dtype=dt) * 0.02)
     weight = w.to_dense()
@@ -85,7 +86,7 @@ def make_case(m: int, n: int, k: int, dtype: str) -> Case:
         ws = _semi_structured(weight, backend)
         impls.append(Impl(backend, lambda i, ws=ws: no_grad(
             lambda xi=x(i): torch.nn.functional.linear(xi, ws)), sparse_bytes))
-    return Case(OP, {"m": m, "n": n, "k": k, "dtype": dtype}, flops=2.0 * m * n * k,
+    return Case(OP, {"tokens": m, "out_features": n, "in_features": k, "dtype": dtype}, flops=2.0 * m * n * k,
                 input_bytes=sparse_bytes, impls=impls)
 
 
@@ -94,4 +95,5 @@ def cases(quick: bool) -> List[Case]:
 
 
 def plot(report: dict, path: str) -> None:
-    plot_speedups(report, path, ("n", "k", "dtype"), "2:4 sparse linear", x_key="m", log_x=True)
+    plot_speedups(report, path, ("out_features", "in_features", "dtype"), "2:4 sparse linear", x_key="tokens",
+                  log_x=True)

@@ -14,7 +14,7 @@ import sparqle
 from .harness import Case, Impl, device, inputs, no_grad, plot_speedups
 
 OP = "spmm_bell"
-KEYS = ("m", "k", "n", "block", "sparsity", "dtype")
+KEYS = ("out_features", "in_features", "tokens", "block", "sparsity", "dtype")
 IMPLS = ("sparqle", "dense", "torch.bsr")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SPARSITIES = [0.5, 0.75, 0.9, 0.95]
@@ -32,10 +32,11 @@ def grid(quick: bool) -> Iterator[dict]:
         shapes, ns, blocks, sparsities = [(4096, 1024)], [16, 64, 256], [16, 32, 64], SPARSITIES
         dtypes = ["float32"]
     for (m, k), n, b, s, dt in itertools.product(shapes, ns, blocks, sparsities, dtypes):
-        yield {"m": m, "k": k, "n": n, "block": b, "sparsity": s, "dtype": dt}
+        yield {"out_features": m, "in_features": k, "tokens": n, "block": b, "sparsity": s, "dtype": dt}
 
 
-def make_case(m: int, k: int, n: int, block: int, sparsity: float, dtype: str) -> Case:
+def make_case(out_features: int, in_features: int, tokens: int, block: int, sparsity: float, dtype: str) -> Case:
+    m, k, n = out_features, in_features, tokens  # y [n, m] = x [n, k] @ W^T
     dev, dt = device(), getattr(torch, dtype)
     weight = torch.randn(m, k, device=dev, dtype=dt)
     w = sparqle.BlockedELL.from_dense(
@@ -46,7 +47,8 @@ def make_case(m: int, k: int, n: int, block: int, sparsity: float, dtype: str) -
     size, stored = dt.itemsize, w.nnz_blocks * block * block
     sparse_bytes = stored * size + w.ell_cols.numel() * 4 + (n * k + n * m) * size
     dense_bytes = (m * k + n * k + n * m) * size
-    return Case(OP, {"m": m, "k": k, "n": n, "block": block, "sparsity": sparsity, "dtype": dtype},
+    return Case(OP, {"out_features": m, "in_features": k, "tokens": n, "block": block, "sparsity": sparsity,
+                     "dtype": dtype},
                 flops=2.0 * stored * n, input_bytes=sparse_bytes, impls=[
                     Impl("sparqle", lambda i: no_grad(lambda xi=x(i): sparqle.linear(xi, w)), sparse_bytes),
                     Impl("dense", lambda i: no_grad(lambda xi=x(i): xi @ dense.T), dense_bytes),
@@ -59,4 +61,4 @@ def cases(quick: bool) -> List[Case]:
 
 
 def plot(report: dict, path: str) -> None:
-    plot_speedups(report, path, ("block", "n", "dtype"), "Blocked-ELL linear")
+    plot_speedups(report, path, ("block", "tokens", "dtype"), "Blocked-ELL linear")

@@ -17,7 +17,7 @@ import sparqle
 from .harness import Case, Impl, device, inputs, no_grad, plot_speedups
 
 OP = "spmm_csr"
-KEYS = ("m", "k", "n", "sparsity", "dtype")
+KEYS = ("out_features", "in_features", "tokens", "sparsity", "dtype")
 # The CuPy kernel runs on CUDA with CuPy installed only.
 IMPLS = ("sparqle", "dense", "torch.sparse") + (
     ("cupy",) if importlib.util.find_spec("cupy") and torch.cuda.is_available() else ())
@@ -34,7 +34,7 @@ def grid(quick: bool) -> Iterator[dict]:
         shapes, sparsities = SHAPES, SPARSITIES
         ns = [1, 16, 64, 256, 1024, 4096] if on_gpu else [1, 16, 64, 256]
     for (m, k), n, s in itertools.product(shapes, ns, sparsities):
-        yield {"m": m, "k": k, "n": n, "sparsity": s, "dtype": dtype}
+        yield {"out_features": m, "in_features": k, "tokens": n, "sparsity": s, "dtype": dtype}
 
 
 def _cupy_spmm(a: sparqle.CSR, b: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,8 @@ def _cupy_spmm(a: sparqle.CSR, b: torch.Tensor) -> torch.Tensor:
         return sparqle.spmm(a, b)
 
 
-def make_case(m: int, k: int, n: int, sparsity: float, dtype: str) -> Case:
+def make_case(out_features: int, in_features: int, tokens: int, sparsity: float, dtype: str) -> Case:
+    m, k, n = out_features, in_features, tokens  # C [m, n] = A [m, k] @ B [k, n]
     dev, dt = device(), getattr(torch, dtype)
     weight = torch.randn(m, k, device=dev, dtype=dt)
     a = sparqle.CSR.from_dense(weight, mask=sparqle.prune.magnitude(weight, sparsity))
@@ -59,7 +60,7 @@ def make_case(m: int, k: int, n: int, sparsity: float, dtype: str) -> Case:
     if "cupy" in IMPLS:  # 16-bit column indices for fp16/bf16 where k allows
         cupy_bytes = sparse_bytes - (2 * a.nnz if dt != torch.float32 and k <= 65536 else 0)
         impls.append(Impl("cupy", lambda i, b=b: no_grad(lambda bi=b(i): _cupy_spmm(a, bi)), cupy_bytes))
-    return Case(OP, {"m": m, "k": k, "n": n, "sparsity": sparsity, "dtype": dtype},
+    return Case(OP, {"out_features": m, "in_features": k, "tokens": n, "sparsity": sparsity, "dtype": dtype},
                 flops=2.0 * a.nnz * n, input_bytes=sparse_bytes, impls=impls)
 
 
@@ -68,4 +69,4 @@ def cases(quick: bool) -> List[Case]:
 
 
 def plot(report: dict, path: str) -> None:
-    plot_speedups(report, path, ("m", "k", "n"), "CSR SpMM")
+    plot_speedups(report, path, ("out_features", "in_features", "tokens"), "CSR SpMM")

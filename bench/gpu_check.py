@@ -144,13 +144,13 @@ def _tiny(point: Point) -> Dict[str, object]:
     p = dict(point.params, dtype="float32")
     if point.family in ("int4", "int8", "fp8", "nm"):
         # M keeps its regime (1, a few rows, tiled) and stays distinct per point.
-        m = p["m"]
-        p.update(m=1 if m == 1 else 3 if m <= 16 else 32 + m.bit_length(), n=48,
-                 k=128 if point.family == "int4" else 64)
+        m = p["tokens"]
+        p.update(tokens=1 if m == 1 else 3 if m <= 16 else 32 + m.bit_length(), out_features=48,
+                 in_features=128 if point.family == "int4" else 64)
     elif point.family == "spmm_csr":
-        p.update(m=40, k=48, n=24)
+        p.update(out_features=40, in_features=48, tokens=24)
     elif point.family == "spmm_bell":
-        p.update(m=48, k=64, n=24, block=16, sparsity=0.5)
+        p.update(out_features=48, in_features=64, tokens=24, block=16, sparsity=0.5)
     elif point.family == "window_attention":
         p.update(stage=4, batch=1, heads=2)
     return p

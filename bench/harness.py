@@ -242,7 +242,7 @@ def run(cases: Sequence[Case], *, progress: bool = True) -> dict:
         "measured_memory_bandwidth_gbs": bandwidth / 1e9,
         "fp32_peak_tflops": None if peak is None else peak / 1e12,
         "notes": "time_ms is the median, p20_ms and p80_ms the 20th and 80th percentiles; tflops "
-                 "counts the useful FLOPs (2 * nnz * n) for every impl; gbs counts each impl's own "
+                 "counts the useful FLOPs (2 * nnz * tokens) for every impl; gbs counts each impl's own "
                  "minimum traffic; roof_fraction = roofline time / measured time; sparqle_speedup = "
                  "impl time / sparqle time (above 1: sparqle is faster); peak_mb is the memory "
                  "one call holds at its peak beyond its inputs, output included (None: not "
@@ -305,7 +305,7 @@ def markdown(report: dict, keys: Sequence[str], title: str) -> str:
 
 def linear_grid(quick: bool, gpu_ms: Sequence[int], gpu_shapes: Sequence[tuple],
                 cpu_shapes: Sequence[tuple]) -> Iterator[dict]:
-    """The (m, n, k, dtype) cases of a linear-layer benchmark, (n, k) = (out, in): bf16
+    """The (tokens, out_features, in_features, dtype) cases of a linear-layer benchmark: bf16
     over ``gpu_ms`` x ``gpu_shapes`` on a GPU, fp32 over M in 1, 16, 256 x ``cpu_shapes``
     on a CPU; ``quick``: M in 1, 16 at 4096 x 4096."""
     on_gpu = device().type == "cuda"
@@ -317,7 +317,7 @@ def linear_grid(quick: bool, gpu_ms: Sequence[int], gpu_shapes: Sequence[tuple],
     else:
         ms, shapes = [1, 16, 256], cpu_shapes
     for m, (n, k) in itertools.product(ms, shapes):
-        yield {"m": m, "n": n, "k": k, "dtype": dtype}
+        yield {"tokens": m, "out_features": n, "in_features": k, "dtype": dtype}
 
 
 def plot_speedups(report: dict, path: str, series_keys: Sequence[str], title: str,

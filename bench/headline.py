@@ -16,16 +16,17 @@ class Point(NamedTuple):
     graphs: bool = False              # small M: also timed as CUDA-graph replays
 
 
-def _linear(m: int, n: int, k: int) -> Dict[str, object]:
-    return {"m": m, "n": n, "k": k, "dtype": "bfloat16"}
+def _linear(tokens: int, out_features: int, in_features: int) -> Dict[str, object]:
+    return {"tokens": tokens, "out_features": out_features, "in_features": in_features, "dtype": "bfloat16"}
 
 
 POINTS: List[Point] = [
-    # CSR (issue 18): > dense at 95% for n >= 256; 1.5x cuSPARSE (geomean over DLMC shapes).
-    Point("spmm_csr", {"m": 4096, "k": 4096, "n": 512, "sparsity": 0.95, "dtype": "bfloat16"},
+    # CSR (issue 18): > dense at 95% for n >= 256 tokens; 1.5x cuSPARSE (geomean over DLMC shapes).
+    Point("spmm_csr", {"out_features": 4096, "in_features": 4096, "tokens": 512, "sparsity": 0.95,
+                       "dtype": "bfloat16"},
           {"torch.sparse": 1.5, "dense": 1.0}),
     # Blocked-ELL (issue 18): >= 5x dense at 90% with 64x64 blocks, >= 1.2x torch BSR.
-    Point("spmm_bell", {"m": 4096, "k": 4096, "n": 4096, "block": 64, "sparsity": 0.9,
+    Point("spmm_bell", {"out_features": 4096, "in_features": 4096, "tokens": 4096, "block": 64, "sparsity": 0.9,
                         "dtype": "bfloat16"}, {"dense": 5.0, "torch.bsr": 1.2}),
     # 2:4 (issue 18): >= 1.5x dense at M <= 16, >= 1.15x at M >= 2048.
     *[Point("nm", _linear(m, 11008, 4096), {"dense": goal, "torch-cusparselt": None}, graphs=m <= 16)

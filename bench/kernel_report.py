@@ -46,32 +46,36 @@ def _dtype(params: Dict[str, object]) -> torch.dtype:
 
 def _csr(p) -> List[Case]:
     """sparqle.spmm(A [m, k] CSR, b [k, n]): spmm_csr with m * k * (1 - sparsity) entries."""
-    nnz = round(p["m"] * p["k"] * (1 - p["sparsity"]))
-    return kernel_specs.csr_cases(p["m"], p["k"], p["n"], nnz, _dtype(p), sddmm=False, archs=(ARCH,))
+    nnz = round(p["out_features"] * p["in_features"] * (1 - p["sparsity"]))
+    return kernel_specs.csr_cases(p["out_features"], p["in_features"], p["tokens"], nnz, _dtype(p), sddmm=False,
+                                  archs=(ARCH,))
 
 
 def _bell(p) -> List[Case]:
     """sparqle.linear(x [n, k], A [m, k] Blocked-ELL): spmm_bell. The width (the most blocks
     kept in a block-row) depends on the weights; the mean is taken: it only sets a loop count."""
-    width = math.ceil((1 - p["sparsity"]) * p["k"] / p["block"])
-    return kernel_specs.bell_cases(p["n"], p["m"], p["k"], p["block"], width, _dtype(p), ("spmm",), (ARCH,))
+    width = math.ceil((1 - p["sparsity"]) * p["in_features"] / p["block"])
+    return kernel_specs.bell_cases(p["tokens"], p["out_features"], p["in_features"], p["block"], width, _dtype(p),
+                                   ("spmm",), (ARCH,))
 
 
 def _nm(p) -> List[Case]:
     """sparqle.linear(x [m, k], W [n, k] 2:4): the Triton kernel, and nm_to_dense (the
     expansion for cuBLAS and cuSPARSELt), the candidates the binding times."""
-    return kernel_specs.nm_cases(tensor(p["m"], p["k"], dtype=_dtype(p)), p["n"], 2, 4, False, to_dense=True,
-                                 archs=(ARCH,))
+    x = tensor(p["tokens"], p["in_features"], dtype=_dtype(p))
+    return kernel_specs.nm_cases(x, p["out_features"], 2, 4, False, to_dense=True, archs=(ARCH,))
 
 
 def _int4(p) -> List[Case]:
     from .bench_int4 import GROUP
-    return kernel_specs.int4_cases(tensor(p["m"], p["k"], dtype=_dtype(p)), p["n"], False, GROUP, (ARCH,))
+    x = tensor(p["tokens"], p["in_features"], dtype=_dtype(p))
+    return kernel_specs.int4_cases(x, p["out_features"], False, GROUP, (ARCH,))
 
 
 def _int8(p) -> List[Case]:
     """sparqle.linear(x, Int8Weight): W8A8 (x quantized per row first, by the launcher)."""
-    return kernel_specs.int8_cases(tensor(p["m"], p["k"], dtype=_dtype(p)), p["n"], False, True, (ARCH,))
+    x = tensor(p["tokens"], p["in_features"], dtype=_dtype(p))
+    return kernel_specs.int8_cases(x, p["out_features"], False, True, (ARCH,))
 
 
 def _fp8(p) -> List[Case]:
@@ -79,12 +83,14 @@ def _fp8(p) -> List[Case]:
     ``sparqle`` and ``sparqle-tensor`` impls): above the binding's SMALL_M, x quantized per
     row to e4m3 and FP8 x FP8; at or below it, weight-only."""
     from sparqle.bindings.fp8_linear import E4M3, SMALL_M
-    x = tensor(p["m"], p["k"], dtype=_dtype(p))
-    if p["m"] <= SMALL_M:
-        return [c for rows in (True, False) for c in kernel_specs.fp8_mm_cases(x, p["n"], E4M3, x.dtype, False, rows)]
-    q = tensor(p["m"], p["k"], dtype=E4M3)
+    x = tensor(p["tokens"], p["in_features"], dtype=_dtype(p))
+    if p["tokens"] <= SMALL_M:
+        return [c for rows in (True, False)
+                for c in kernel_specs.fp8_mm_cases(x, p["out_features"], E4M3, x.dtype, False, rows)]
+    q = tensor(p["tokens"], p["in_features"], dtype=E4M3)
     return kernel_specs.fp8_quantize_cases(x, E4M3, False) + [
-        c for rows in (True, False) for c in kernel_specs.fp8_mm_cases(q, p["n"], E4M3, x.dtype, False, rows)]
+        c for rows in (True, False)
+        for c in kernel_specs.fp8_mm_cases(q, p["out_features"], E4M3, x.dtype, False, rows)]
 
 
 def _window_attention(p) -> List[Case]:

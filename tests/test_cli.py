@@ -19,7 +19,7 @@ def test_info_command():
 
 
 def test_bench_report_table_json_and_plot(tmp_path):
-    case = bench_spmm_csr.make_case(m=48, k=40, n=8, sparsity=0.9, dtype="float32")
+    case = bench_spmm_csr.make_case(out_features=48, in_features=40, tokens=8, sparsity=0.9, dtype="float32")
     report = harness.run([case], progress=False)
     rows = report["results"]
     assert [r["impl"] for r in rows] == ["sparqle", "dense", "torch.sparse"]
@@ -67,7 +67,7 @@ def test_version_and_plain_help(capsys):
 
 
 def test_a_forced_backend_run_is_named_apart_and_runs_compare(tmp_path, capsys):
-    case = bench_spmm_csr.make_case(m=32, k=24, n=4, sparsity=0.5, dtype="float32")
+    case = bench_spmm_csr.make_case(out_features=32, in_features=24, tokens=4, sparsity=0.5, dtype="float32")
     normal = harness.run([case], progress=False)
     with sparqle.use_backend("torch"):
         forced = harness.run([case], progress=False)

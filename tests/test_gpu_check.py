@@ -81,11 +81,11 @@ def test_family_selection():
 
 def test_headline_table_sets_each_ratio_beside_its_goal():
     def row(impl, ms, speedup, goal=None, **extra):
-        return {"op": "int4", "shape": "m=1", "dtype": "bfloat16", "timing": "eager", "impl": impl,
+        return {"op": "int4", "shape": "tokens=1", "dtype": "bfloat16", "timing": "eager", "impl": impl,
                 "time_ms": ms, "sparqle_speedup": speedup, "goal": goal, "error": None,
                 "roof_fraction": 0.5 if impl == "sparqle" else None, **extra}
     report = {"results": [row("sparqle", 1.0, 1.0, agreement=0.1, agrees=True),
                           row("dense", 2.5, 2.5, goal=3.0)]}
     table = gpu_check.headline_table(report)
-    assert table[2] == ("| int4 | m=1 | bfloat16 | eager | 1.0000 | dense | 2.5000 | 2.50x | 3.00x | **no** "
+    assert table[2] == ("| int4 | tokens=1 | bfloat16 | eager | 1.0000 | dense | 2.5000 | 2.50x | 3.00x | **no** "
                         "| 50% | yes (1.0e-01) |")
