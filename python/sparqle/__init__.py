@@ -3,6 +3,7 @@
     w = sparqle.CSR.from_dense(dense_weight)
     y = sparqle.linear(x, w, bias)                 # x @ w^T + bias
     sparqle.convert(model, "csr", sparsity=0.9)    # every nn.Linear, in place
+    sparqle.save(model, "model.safetensors")       # later: sparqle.load(float_model, path)
 """
 import importlib.metadata
 
@@ -10,6 +11,7 @@ from sparqle import bindings  # noqa: F401  (registers torch.ops.sparqle.*)
 
 from . import nn, prune
 from .backends import use_backend
+from .checkpoint import load, save
 from .convert import ConvertedLayer, ConvertSummary, convert
 from .formats import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
 from .functional import fp8_linear, fp8_quantize_rows, int8_linear, linear, quantize_rows, spmm
@@ -21,4 +23,4 @@ try:
 except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
-__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "window_attention", "window_partition", "window_merge", "convert", "ConvertSummary", "ConvertedLayer", "use_backend", "info", "nn", "prune"]
+__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "window_attention", "window_partition", "window_merge", "convert", "ConvertSummary", "ConvertedLayer", "save", "load", "use_backend", "info", "nn", "prune"]

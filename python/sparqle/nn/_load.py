@@ -8,7 +8,7 @@ as extra state of plain types, so that a state_dict saved with other settings is
 instead of computed with, and ``torch.load(weights_only=True)`` still reads it.
 """
 import re
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -79,12 +79,44 @@ class CheckedLoad(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
+class Settings(dict):
+    """A module's saved settings: a missing one is a ValueError that names it."""
+
+    def __missing__(self, key):
+        raise ValueError(f"_extra_state has no setting {key!r}")
+
+
 class ConvertedLinear(CheckedLoad):
     """A linear layer with its weight in a sparqle format: ``settings()`` (plain types)
     travel in the state_dict as extra state and must match on load."""
 
     def settings(self) -> Dict[str, object]:
         """What this module computes with beyond its tensors' values."""
+        raise NotImplementedError
+
+    def derived(self) -> Tuple[str, ...]:
+        """The buffers computed from the module's other tensors (a checkpoint leaves them
+        out; ``from_state_dict`` rebuilds them)."""
+        return ()
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, object]) -> "ConvertedLinear":
+        """The module whose ``state_dict()`` is ``state`` (the keys of the module itself,
+        ``_extra_state`` included; the ``derived()`` buffers may be left out and are
+        rebuilt), without a float weight: its tensors go through the checks of the
+        format's constructor and its settings must be the ones it computes with. A
+        missing tensor is a KeyError naming it; a bad one a ValueError or TypeError."""
+        settings = state["_extra_state"]
+        if not isinstance(settings, dict):
+            raise TypeError(f"_extra_state must be the dict of settings that {cls.__name__}."
+                            f"get_extra_state() saves, got {type(settings).__name__}")
+        module = cls._from_state(Settings(settings), state)
+        module._check_settings(settings, "_extra_state")
+        return module
+
+    @classmethod
+    def _from_state(cls, settings: Settings, tensors: Dict[str, torch.Tensor]) -> "ConvertedLinear":
+        """The module of ``settings`` over ``tensors``, built by its checked constructor."""
         raise NotImplementedError
 
     def get_extra_state(self) -> Dict[str, object]:

@@ -77,6 +77,16 @@ class FP8Linear(ConvertedLinear):
                 "granularity": self.granularity,
                 "out_features": self.out_features, "in_features": self.in_features}
 
+    @classmethod
+    def _from_state(cls, settings, tensors):
+        if settings["training"]:
+            return cls(tensors["weight"], tensors.get("bias"), training=True)
+        qweight = tensors["qweight"]
+        if qweight.dtype != torch.uint8:
+            raise TypeError(f"qweight must hold the FP8 bits as uint8, got {qweight.dtype}")
+        weight = FP8Weight(qweight.view(fp8_dtype(settings["fp8_dtype"], "fp8_dtype")), tensors["scales"])
+        return cls(weight, tensors.get("bias"))
+
     def _check_state(self, tensors):
         if not self.fp8_training:
             FP8Weight(tensors["qweight"].view(self.fp8_dtype), tensors["scales"])

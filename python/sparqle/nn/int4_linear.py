@@ -51,6 +51,13 @@ class Int4Linear(ConvertedLinear):
         return {"format": "int4", "group_size": self.group_size, "symmetric": self.symmetric,
                 "out_features": self.out_features, "in_features": self.in_features}
 
+    @classmethod
+    def _from_state(cls, settings, tensors):
+        weight = Int4Weight(tensors["packed"], tensors["scales"], tensors["zeros"],
+                            (settings["out_features"], settings["in_features"]),
+                            settings["group_size"], settings["symmetric"])
+        return cls(weight, tensors.get("bias"))
+
     def _check_state(self, tensors):
         Int4Weight(tensors["packed"], tensors["scales"], tensors["zeros"],
                    (self.out_features, self.in_features), self.group_size, self.symmetric)

@@ -52,6 +52,10 @@ class Int8Linear(ConvertedLinear):
         return {"format": "int8", "activation": self.activation,
                 "out_features": self.out_features, "in_features": self.in_features}
 
+    @classmethod
+    def _from_state(cls, settings, tensors):
+        return cls(Int8Weight(tensors["qweight"], tensors["scales"]), tensors.get("bias"), settings["activation"])
+
     def _check_state(self, tensors):
         Int8Weight(tensors["qweight"], tensors["scales"])
 

@@ -18,6 +18,27 @@ _FORMATS = {"csr": CSR.from_index_tensors, "bell": BlockedELL.from_index_tensors
                for n, m in PATTERNS}}
 
 
+# Format -> the index tensors that hold the pattern; a SparseLinear's other buffers (the
+# transposed structure, CSR's row order) are derived from them.
+_PATTERN = {"csr": ("crow_indices", "col_indices"), "bell": ("ell_cols",),
+            **{f"{n}:{m}": ("meta",) for n, m in PATTERNS}}
+
+
+def _checked_weight(format: str, shape, block_size: Optional[int], tensors):
+    """The ``format`` weight of ``shape`` over ``tensors`` (values and the pattern), built by
+    the format's checked constructor; Blocked-ELL's blocks must be ``block_size`` wide."""
+    if format == "csr":
+        return CSR(tensors["crow_indices"], tensors["col_indices"], tensors["values"], shape)
+    if format == "bell":
+        weight = BlockedELL(tensors["ell_cols"], tensors["values"], shape)
+        if weight.block_size != block_size:
+            raise ValueError(f"values holds {weight.block_size} x {weight.block_size} blocks; "
+                             f"this layer's block size is {block_size}")
+        return weight
+    n, m = (int(v) for v in format.split(":"))
+    return SemiStructured(tensors["values"], tensors["meta"], shape, n, m)
+
+
 def _format_name(weight) -> str:
     if isinstance(weight, SemiStructured):
         return f"{weight.n}:{weight.m}"
@@ -95,18 +116,19 @@ class SparseLinear(ConvertedLinear):
         return {"format": self.format, "block_size": self.block_size,
                 "out_features": self.out_features, "in_features": self.in_features}
 
+    def derived(self):
+        return tuple(name for name in self._buffers if name not in _PATTERN[self.format])
+
+    @classmethod
+    def _from_state(cls, settings, tensors):
+        if settings["format"] not in _FORMATS:
+            raise ValueError(f"_extra_state: format must be one of {sorted(_FORMATS)}, got "
+                             f"{settings['format']!r}")
+        return cls(_checked_weight(settings["format"], (settings["out_features"], settings["in_features"]),
+                                   settings["block_size"], tensors), tensors.get("bias"))
+
     def _check_state(self, tensors):
-        shape = (self.out_features, self.in_features)
-        if self.format == "csr":
-            weight = CSR(tensors["crow_indices"], tensors["col_indices"], tensors["values"], shape)
-        elif self.format == "bell":
-            weight = BlockedELL(tensors["ell_cols"], tensors["values"], shape)
-            if weight.block_size != self.block_size:
-                raise ValueError(f"values holds {weight.block_size} x {weight.block_size} blocks; "
-                                 f"this layer's block size is {self.block_size}")
-        else:
-            n, m = (int(v) for v in self.format.split(":"))
-            weight = SemiStructured(tensors["values"], tensors["meta"], shape, n, m)
+        weight = _checked_weight(self.format, (self.out_features, self.in_features), self.block_size, tensors)
         for name, derived in weight.index_tensors().items():
             if not torch.equal(tensors[name], derived):
                 raise ValueError(f"{name} is not the one the pattern gives (it is derived from "

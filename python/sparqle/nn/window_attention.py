@@ -70,7 +70,7 @@ def _check_relative_position(table, index, num_heads: int, window_size) -> None:
     if window_size is not None and n != _pair(window_size)[0] * _pair(window_size)[1]:
         raise ValueError(f"relative_position_index must be [N, N] with N = {n} the tokens of the "
                          f"{_pair(window_size)} window, got {tuple(index.shape)}")
-    if index.numel() and not bool(((index >= 0) & (index < table.shape[0])).all()):
+    if index.numel() and not index.is_meta and not bool(((index >= 0) & (index < table.shape[0])).all()):
         raise ValueError(f"relative_position_index holds values outside [0, {table.shape[0]}) (the rows "
                          f"of relative_position_bias_table): got [{int(index.min())}, {int(index.max())}]")
 
@@ -134,6 +134,14 @@ class WindowAttention(CheckedLoad):
         _check_relative_position(tensors["relative_position_bias_table"],
                                  tensors.get("relative_position_index", self.relative_position_index),
                                  self.num_heads, self.window_size)
+
+    def settings(self) -> Dict[str, object]:
+        """What this module computes with beyond its tensors (plain types; a checkpoint
+        keeps them, see sparqle.save)."""
+        return {"format": "window_attention", "num_heads": self.num_heads, "scale": self.scale,
+                "window_size": None if self.window_size is None else list(_pair(self.window_size)),
+                "attn_drop": self.attn_drop,
+                "index_persistent": "relative_position_index" not in self._non_persistent_buffers_set}
 
     def relative_position_bias(self) -> torch.Tensor:
         """bias [heads, N, N] gathered from the table."""
@@ -217,6 +225,13 @@ class SparseWindowBlock(nn.Module):
         return cls(block.norm1, attn, block.norm2, block.mlp, block.window_size, block.shift_size, keep_ratio,
                    getattr(block, "drop_path1", drop), getattr(block, "drop_path2", drop),
                    getattr(block, "input_resolution", None))
+
+    def settings(self) -> Dict[str, object]:
+        """What this block computes with beyond its modules (plain types; a checkpoint keeps
+        them, see sparqle.save)."""
+        return {"format": "sparse_windows", "keep_ratio": self.keep_ratio,
+                "window_size": list(self.window_size), "shift_size": list(self.shift_size),
+                "input_resolution": None if self.input_resolution is None else list(_pair(self.input_resolution))}
 
     def _mask(self, h: int, w: int, x: torch.Tensor) -> torch.Tensor:
         """The shift mask for an h x w map, from an LRU cache of the MASK_CACHE_SIZE most
