@@ -19,7 +19,7 @@ ValueError or TypeError naming the module or the state_dict key.
 """
 import json
 import os
-from typing import Dict, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -62,10 +62,9 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def checkpoint_state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """(tensors, metadata) of ``model``'s checkpoint: the state_dict without the derived
-    buffers, the settings and the second names of shared tensors; the metadata entry that
-    describes them."""
+def checkpoint_state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, dict]]:
+    """(tensors, modules) of ``model``'s checkpoint: its state_dict without the settings and
+    the derived buffers of the converted modules; each converted module's settings."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     state = model.state_dict()
@@ -85,10 +84,13 @@ def checkpoint_state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[st
         if value.is_meta:
             raise ValueError(f"state_dict key {key!r} is on the meta device: it has no values to save")
         tensors[key] = value
-    tensors, aliases = _unshared(tensors)
-    header = {"format_version": FORMAT_VERSION, "sparqle_version": _version(), "modules": modules,
-              "aliases": aliases}
-    return tensors, {METADATA_KEY: json.dumps(header)}
+    return tensors, modules
+
+
+def file_metadata(modules: Dict[str, dict], aliases: Dict[str, str]) -> Dict[str, str]:
+    """The checkpoint's safetensors metadata (see the module's docstring)."""
+    return {METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "sparqle_version": _version(),
+                                      "modules": modules, "aliases": aliases})}
 
 
 def _version() -> str:
@@ -120,8 +122,9 @@ def save(model: nn.Module, path: Path) -> None:
     """Write ``model`` (converted by :func:`sparqle.convert`, or a sparqle.nn module) to the
     safetensors file ``path``: its tensors, less those a load rebuilds, and in the metadata
     the format and settings of every converted module (see :func:`load`)."""
-    tensors, metadata = checkpoint_state(model)
-    _safetensors().torch.save_file(tensors, os.fspath(path), metadata=metadata)
+    tensors, modules = checkpoint_state(model)
+    tensors, aliases = _unshared(tensors)
+    _safetensors().torch.save_file(tensors, os.fspath(path), metadata=file_metadata(modules, aliases))
 
 
 def read_metadata(metadata, where: str) -> Tuple[Dict[str, dict], Dict[str, str]]:
@@ -190,10 +193,22 @@ def load(model: nn.Module, path: Path, *, device: Union[str, torch.device] = "cp
             raise ValueError(f"{where}: metadata 'aliases' maps state_dict key {key!r} to {saved!r}, "
                              f"but the file {'lacks ' + repr(saved) if saved not in tensors else 'has ' + repr(key)}")
     state = {**tensors, **{key: tensors[saved] for key, saved in aliases.items()}}
-    convert_to_match(model, modules, state, where)
-    _check_keys(model, state, where)
+    undo: List[Dict[int, nn.Module]] = []
+    try:
+        convert_structural(model, modules, where, undo)
+        built = build_linears(model, modules, state, where)
+        _swap(model, built, undo)
+        _check_keys(model, state, where)
+    except BaseException:  # a refused file leaves the model's modules as they were
+        for swapped in reversed(undo):
+            _swap(model, swapped)
+        raise
     _materialize(model, torch.device(device))
-    model.load_state_dict(state)
+    # the keys are checked: the load is strict; the layers just built from the file hold
+    # its tensors, checked by their constructors, and are not loaded twice
+    built_ids = {id(m) for m in built.values()}
+    model.load_state_dict({key: t for key, t in state.items()
+                           if id(model.get_submodule(key.rpartition(".")[0])) not in built_ids}, strict=False)
     return model
 
 
@@ -205,19 +220,23 @@ def _submodule(model: nn.Module, name: str, where: str) -> nn.Module:
                          f"checkpoint is of another architecture") from None
 
 
-def _swap(model: nn.Module, new: Dict[int, nn.Module]) -> None:
-    """Put ``new[id(m)]`` in place of every module m of ``model`` it names, at each of m's names."""
+def _swap(model: nn.Module, new: Dict[int, nn.Module], undo: Optional[List[Dict[int, nn.Module]]] = None) -> None:
+    """Put ``new[id(m)]`` in place of every module m of ``model`` it names, at each of m's
+    names; ``undo`` gains the swap that reverts it."""
+    if undo is not None:
+        undo.append({id(new[id(m)]): m for m in model.modules() if id(m) in new})
     if new:
         replace_modules(model, lambda m: id(m) in new, None, lambda name, m: new[id(m)],
                         root_hint="a module the checkpoint converts: load into a model that contains it",
                         copies_parameters=False)
 
 
-def convert_to_match(model: nn.Module, modules: Dict[str, dict], state: Dict[str, object],
-                     where: str) -> None:
-    """Convert ``model``'s modules as ``modules`` (name -> settings, from the metadata) says,
-    the linear layers built from ``state`` (the state_dict, which gains each converted
-    layer's ``_extra_state`` and derived buffers)."""
+def convert_structural(model: nn.Module, modules: Dict[str, dict], where: str,
+                       undo: Optional[List[Dict[int, nn.Module]]] = None) -> None:
+    """Swap the modules of ``model`` that ``modules`` (name -> settings, from the metadata;
+    ``where`` names the file) records in a format that swaps whole modules (Swin's
+    attention and blocks: their tensors stay those of the float modules); ``undo`` gains
+    the swaps that revert it."""
     for fmt, (cls, is_kind, make) in _STRUCTURAL.items():
         for name, settings in modules.items():
             if settings["format"] != fmt:
@@ -231,11 +250,20 @@ def convert_to_match(model: nn.Module, modules: Dict[str, dict], state: Dict[str
                     converted = make(target, Settings(settings))
                 except (ValueError, TypeError) as error:
                     raise type(error)(f"{where}, module {name!r}: {error}") from None
-                _swap(model, {id(target): converted})
+                _swap(model, {id(target): converted}, undo)
                 target = converted
             if json.loads(json.dumps(target.settings())) != settings:
                 raise ValueError(f"{where}: module {name!r} was saved with settings {settings}, but this "
                                  f"model's gives {target.settings()}: another architecture")
+
+
+def build_linears(model: nn.Module, modules: Dict[str, dict], state: Dict[str, object],
+                  where: str) -> Dict[int, nn.Module]:
+    """{id(float layer): its converted layer} for the linear layers of ``model`` that
+    ``modules`` records, each built from the tensors of ``state`` (the checkpoint's
+    state_dict, which gains each converted layer's ``_extra_state`` and derived buffers).
+    A recorded layer that the model already holds converted keeps its module (the load
+    checks it) and is not in the result."""
     new = {}
     for name, settings in modules.items():
         if settings["format"] not in _LINEARS:
@@ -263,10 +291,16 @@ def convert_to_match(model: nn.Module, modules: Dict[str, dict], state: Dict[str
             raise ValueError(f"{where} holds a {settings['format']} {cls.__name__} at {name!r}, but the "
                              f"model has a {type(target).__name__} there (an nn.Linear, or a {cls.__name__}, "
                              f"is expected)")
+        if any(key in local for key in built.derived()):  # sparqle.save leaves them out
+            own = {key: t for key, t in [*built._parameters.items(), *built._buffers.items()] if t is not None}
+            try:
+                built._check_state({**own, **{key: t for key, t in local.items() if key in own}})
+            except (ValueError, TypeError) as error:
+                raise _named(prefix, local, error) from None
         state[prefix + "_extra_state"] = settings
         for key in built.derived():
             state.setdefault(prefix + key, getattr(built, key))
-    _swap(model, new)
+    return new
 
 
 def _check_keys(model: nn.Module, state: Dict[str, object], where: str) -> None:
