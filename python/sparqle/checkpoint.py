@@ -274,12 +274,9 @@ def build_linears(model: nn.Module, modules: Dict[str, dict], state: Dict[str, o
                  if key.startswith(prefix) and "." not in key[len(prefix):]}
         local["_extra_state"] = settings
         try:
-            built = cls.from_state_dict(local)
-        except KeyError as missing:
-            raise ValueError(f"{where} lacks state_dict key {prefix + missing.args[0]!r}, which the "
-                             f"{settings['format']} module {name!r} needs") from None
+            built = cls.from_state_dict(local, prefix)
         except (ValueError, TypeError) as error:
-            raise _named(prefix, local, error) from None
+            raise type(error)(f"{where}: {error}") from None
         if type(target) is nn.Linear:
             if (target.out_features, target.in_features) != (built.out_features, built.in_features) or \
                     (target.bias is None) != (built.bias is None):

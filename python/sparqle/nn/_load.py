@@ -100,18 +100,28 @@ class ConvertedLinear(CheckedLoad):
         return ()
 
     @classmethod
-    def from_state_dict(cls, state: Dict[str, object]) -> "ConvertedLinear":
+    def from_state_dict(cls, state: Dict[str, object], prefix: str = "") -> "ConvertedLinear":
         """The module whose ``state_dict()`` is ``state`` (the keys of the module itself,
         ``_extra_state`` included; the ``derived()`` buffers may be left out and are
         rebuilt), without a float weight: its tensors go through the checks of the
-        format's constructor and its settings must be the ones it computes with. A
-        missing tensor is a KeyError naming it; a bad one a ValueError or TypeError."""
-        settings = state["_extra_state"]
+        format's constructor and its settings must be the ones it computes with. A missing
+        or bad entry is a ValueError or TypeError naming its key, led by ``prefix``."""
+        settings = state.get("_extra_state")
         if not isinstance(settings, dict):
-            raise TypeError(f"_extra_state must be the dict of settings that {cls.__name__}."
-                            f"get_extra_state() saves, got {type(settings).__name__}")
-        module = cls._from_state(Settings(settings), state)
-        module._check_settings(settings, "_extra_state")
+            raise TypeError(f"state_dict key {prefix + '_extra_state'!r} must be the dict of settings that "
+                            f"{cls.__name__}.get_extra_state() saves, got {type(settings).__name__}")
+        try:
+            module = cls._from_state(Settings(settings), state)
+        except KeyError as error:
+            raise ValueError(f"state_dict key {prefix + error.args[0]!r} is missing: a {settings.get('format')} "
+                             f"{cls.__name__} needs it") from None
+        except (ValueError, TypeError) as error:
+            raise _named(prefix, state, error) from None
+        if module.settings() != settings:
+            saved, here = _differences(settings, module.settings())
+            keys = " / ".join(repr(prefix + key) for key in state if key != "_extra_state")
+            raise ValueError(f"state_dict key {prefix + '_extra_state'!r} records {saved}, but the tensors "
+                             f"({keys}) give {here}: the state_dict is corrupt")
         return module
 
     @classmethod
@@ -136,9 +146,7 @@ class ConvertedLinear(CheckedLoad):
         if not isinstance(state, dict):
             raise TypeError(f"state_dict key {key!r} must be the dict of settings that "
                             f"{type(self).__name__}.get_extra_state() saves, got {type(state).__name__}")
-        differ = sorted(set(state) ^ set(mine) | {k for k in mine if k in state and state[k] != mine[k]})
-        saved = ", ".join(f"{k}={state.get(k)!r}" for k in differ)
-        here = ", ".join(f"{k}={mine.get(k)!r}" for k in differ)
+        saved, here = _differences(state, mine)
         raise ValueError(f"state_dict key {key!r}: the state_dict was saved from a "
                          f"{type(self).__name__} with {saved}, but this one has {here}; convert "
                          f"the model with the settings it was saved with before loading")
@@ -151,6 +159,12 @@ class ConvertedLinear(CheckedLoad):
         if self.bias is not None:
             self.bias.requires_grad_(linear_.bias.requires_grad)
         return self
+
+
+def _differences(saved: dict, mine: dict) -> Tuple[str, str]:
+    """The settings on which ``saved`` and ``mine`` differ: ("k=saved, ...", "k=mine, ...")."""
+    differ = sorted(set(saved) ^ set(mine) | {k for k in mine if k in saved and saved[k] != mine[k]})
+    return (", ".join(f"{k}={saved.get(k)!r}" for k in differ), ", ".join(f"{k}={mine.get(k)!r}" for k in differ))
 
 
 def bias_parameter(bias: Optional[torch.Tensor], out_features: int) -> Optional[nn.Parameter]:
