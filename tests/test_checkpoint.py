@@ -89,6 +89,17 @@ def test_the_file_holds_no_derived_tensor_and_no_settings(tmp_path):
         assert set(f.keys()) == {"0.ell_cols", "0.values", "2.ell_cols", "2.values", "2.bias"}
 
 
+def test_a_csr_checkpoint_at_half_density_is_no_larger_than_the_dense_one(tmp_path):
+    """Per weight kept, CSR saves a value and a column index (4 + 4 bytes for 2 dense
+    entries of 4 at 50% sparsity): the bytes of the dense weight. The transposed structure
+    (as many bytes again) is rebuilt at load, not saved."""
+    model = nn.Sequential(nn.Linear(384, 256), nn.ReLU(), nn.Linear(256, 384))
+    safetensors_torch.save_file(model.state_dict(), str(tmp_path / "dense.safetensors"))
+    sparqle.save(sparqle.convert(model, "csr", sparsity=0.5), tmp_path / "csr.safetensors")
+    dense, csr = ((tmp_path / f"{name}.safetensors").stat().st_size for name in ("dense", "csr"))
+    assert csr < 1.01 * dense, (csr, dense)
+
+
 def test_a_file_holding_derived_tensors_has_them_checked(tmp_path):
     """A file written with the transposed structure (not by sparqle.save) loads when it is
     the one the pattern gives, and is refused, naming the key, when it is not."""
