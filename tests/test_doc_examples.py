@@ -32,6 +32,8 @@ mask = torch.zeros(4, 49, 49)
 x = torch.randn(2, 14, 14, 16)
 """
 SETUP = {"window_attention.md": _WINDOWS}
+# page -> the optional package its examples need (the test skips without it)
+REQUIRES = {"workflow-quantize-hf.md": "transformers", "checkpoints.md": "safetensors"}
 
 
 def _blocks(page: pathlib.Path):
@@ -40,6 +42,8 @@ def _blocks(page: pathlib.Path):
 
 @pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p)], ids=lambda p: p.name)
 def test_python_blocks_run(page, tmp_path, monkeypatch):
+    if page.name in REQUIRES:
+        pytest.importorskip(REQUIRES[page.name], reason=f"{page.name}'s examples need {REQUIRES[page.name]}")
     monkeypatch.chdir(tmp_path)  # what the examples save lands here
     namespace: dict = {}
     exec(compile(SETUP.get(page.name, _COMMON), f"<setup of {page.name}>", "exec"), namespace)
