@@ -99,3 +99,12 @@ def test_minilm_round_trips_through_save_pretrained(minilm_path, tmp_path):
         assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == 37
         assert torch.equal(loaded(ids).last_hidden_state, expected)
 
+
+
+def test_a_sharded_checkpoint_round_trips(tmp_path):
+    """Every shard carries the metadata; each converted layer is read from its shard."""
+    model = sparqle.convert(_llama(False), "2:4")
+    ids = torch.randint(0, 96, (2, 11))
+    sparqle.hf.save_pretrained(model, tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    assert torch.equal(_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path), ids), _logits(model, ids))

@@ -112,7 +112,7 @@ def _unshared(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor]
             aliases[key] = kept[view]
             continue
         kept[view] = key
-        shared = t.numel() and storages.get(storage, 0) > 0
+        shared = t.numel() > 0 and storages.get(storage, 0) > 0
         storages[storage] = storages.get(storage, 0) + 1
         out[key] = t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
     return out, aliases

@@ -21,6 +21,7 @@ import re
 from typing import Dict, List, Optional
 
 import torch
+import transformers
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -59,7 +60,10 @@ class SparqleQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files: Optional[List[str]] = None,
                                              device_map=None, **kwargs):
-        if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
+        if not checkpoint_files:
+            raise ValueError(f"the sparqle quantizer reads the converted layers from the checkpoint files, "
+                             f"which this transformers ({transformers.__version__}) does not pass it")
+        if not all(str(f).endswith(".safetensors") for f in checkpoint_files):
             raise ValueError(f"a sparqle checkpoint is in safetensors files, got {checkpoint_files}")
         safetensors = checkpoint._safetensors()
         device = _single_device(device_map)
