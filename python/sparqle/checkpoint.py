@@ -199,16 +199,16 @@ def load(model: nn.Module, path: Path, *, device: Union[str, torch.device] = "cp
         built = build_linears(model, modules, state, where)
         _swap(model, built, undo)
         _check_keys(model, state, where)
+        _materialize(model, torch.device(device))
+        # the keys are checked: the load is strict; the layers just built from the file
+        # hold its tensors, checked by their constructors, and are not loaded twice
+        built_ids = {id(m) for m in built.values()}
+        model.load_state_dict({key: t for key, t in state.items()
+                               if id(model.get_submodule(key.rpartition(".")[0])) not in built_ids}, strict=False)
     except BaseException:  # a refused file leaves the model's modules as they were
         for swapped in reversed(undo):
             _swap(model, swapped)
         raise
-    _materialize(model, torch.device(device))
-    # the keys are checked: the load is strict; the layers just built from the file hold
-    # its tensors, checked by their constructors, and are not loaded twice
-    built_ids = {id(m) for m in built.values()}
-    model.load_state_dict({key: t for key, t in state.items()
-                           if id(model.get_submodule(key.rpartition(".")[0])) not in built_ids}, strict=False)
     return model
 
 
