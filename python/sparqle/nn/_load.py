@@ -129,6 +129,15 @@ class ConvertedLinear(CheckedLoad):
         """The module of ``settings`` over ``tensors``, built by its checked constructor."""
         raise NotImplementedError
 
+    @staticmethod
+    def _check_recorded_shape(shape, settings: Settings, name: str) -> None:
+        """The weight that tensor ``name`` holds has the shape the settings record (checked
+        before the bias is, so that a corrupt weight is named as such)."""
+        recorded = (settings["out_features"], settings["in_features"])
+        if tuple(shape) != recorded:
+            raise ValueError(f"{name} holds a {shape[0]} x {shape[1]} weight, but _extra_state records "
+                             f"out_features, in_features = {recorded}")
+
     def get_extra_state(self) -> Dict[str, object]:
         return self.settings()
 

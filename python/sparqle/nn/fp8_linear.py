@@ -80,11 +80,15 @@ class FP8Linear(ConvertedLinear):
     @classmethod
     def _from_state(cls, settings, tensors):
         if settings["training"]:
-            return cls(tensors["weight"], tensors.get("bias"), training=True)
+            weight = tensors["weight"]
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                cls._check_recorded_shape(weight.shape, settings, "weight")
+            return cls(weight, tensors.get("bias"), training=True)
         qweight = tensors["qweight"]
         if qweight.dtype != torch.uint8:
             raise TypeError(f"qweight must hold the FP8 bits as uint8, got {qweight.dtype}")
         weight = FP8Weight(qweight.view(fp8_dtype(settings["fp8_dtype"], "fp8_dtype")), tensors["scales"])
+        cls._check_recorded_shape(weight.shape, settings, "qweight")
         return cls(weight, tensors.get("bias"))
 
     def _check_state(self, tensors):

@@ -54,7 +54,9 @@ class Int8Linear(ConvertedLinear):
 
     @classmethod
     def _from_state(cls, settings, tensors):
-        return cls(Int8Weight(tensors["qweight"], tensors["scales"]), tensors.get("bias"), settings["activation"])
+        weight = Int8Weight(tensors["qweight"], tensors["scales"])
+        cls._check_recorded_shape(weight.shape, settings, "qweight")
+        return cls(weight, tensors.get("bias"), settings["activation"])
 
     def _check_state(self, tensors):
         Int8Weight(tensors["qweight"], tensors["scales"])

@@ -52,7 +52,8 @@ def is_swin_block(m: nn.Module) -> bool:
 def _check_relative_position(table, index, num_heads: int, window_size) -> None:
     """A bias table [T, num_heads] and an index [N, N] of ints in [0, T) (N = wh * ww when
     the window size is known): checked when built and loaded, as the forward gathers
-    table[index] without a bound check."""
+    table[index] without a bound check (a meta-device index has no values: they are checked
+    when it is loaded)."""
     for name, t in (("relative_position_bias_table", table), ("relative_position_index", index)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor, got "
