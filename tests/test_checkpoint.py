@@ -74,6 +74,21 @@ def test_a_round_trip_gives_the_saved_models_outputs(kind, tmp_path):
         _assert_same_outputs(_outputs(target, x), expected, f"{kind} loaded into {target}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["csr", "bell", "2:4", "int4", "int8", "fp8"])
+def test_a_load_to_cuda_gives_the_saved_models_outputs(kind, tmp_path):
+    """Read to the GPU: the converted layers and the meta-device tensors are created there."""
+    torch.manual_seed(1)
+    model, x = _converted(kind).cuda(), _input(kind).cuda()
+    sparqle.save(model, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        target = _float()
+    sparqle.load(target, tmp_path / "model.safetensors", device="cuda")
+    assert all(t.is_cuda for t in [*target.parameters(), *target.buffers()])
+    with torch.no_grad():
+        assert torch.equal(target(x), model(x))
+
+
 def test_the_file_holds_no_derived_tensor_and_no_settings(tmp_path):
     model = _converted("csr")
     sparqle.save(model, tmp_path / "csr.safetensors")
