@@ -149,6 +149,21 @@ def test_swin_window_modules_round_trip(fmt, options, tmp_path):
         sparqle.load(swin.TinySwin(num_heads=(1, 4)).eval(), tmp_path / "swin.safetensors")
 
 
+def test_per_layer_settings_round_trip(tmp_path):
+    """A model converted layer by layer (convert's patterns), one layer left float."""
+    def model():
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32),
+                             nn.ReLU(), nn.Linear(32, 16))
+    torch.manual_seed(0)
+    converted = sparqle.convert(model(), {"0": ("int4", {"group_size": 32}), "2": "2:4",
+                                          "4": ("csr", {"sparsity": 0.7}), "6": None})
+    sparqle.save(converted, tmp_path / "mixed.safetensors")
+    loaded = sparqle.load(model(), tmp_path / "mixed.safetensors")
+    assert [type(m) for m in loaded] == [type(m) for m in converted]
+    x = torch.randn(5, 64)
+    _assert_same_outputs(_outputs(loaded, x), _outputs(converted, x), "per-layer settings")
+
+
 class _Tied(nn.Module):
     """An embedding, a hidden layer and an lm_head tied to the embedding."""
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from .nn import FP8Linear, Int4Linear, Int8Linear, SparseLinear, SparseWindowBlock, WindowAttention
 from .nn._load import CheckedLoad, ConvertedLinear, Settings, _named
-from .nn._replace import replace_modules
+from .nn._replace import filtered, replace_modules
 from .nn.sparse_linear import _FORMATS as _SPARSE_FORMATS
 from .nn.window_attention import is_swin_block, is_swin_window_attention
 
@@ -226,7 +226,7 @@ def _swap(model: nn.Module, new: Dict[int, nn.Module], undo: Optional[List[Dict[
     if undo is not None:
         undo.append({id(new[id(m)]): m for m in model.modules() if id(m) in new})
     if new:
-        replace_modules(model, lambda m: id(m) in new, None, lambda name, m: new[id(m)],
+        replace_modules(model, lambda m: id(m) in new, filtered(None, None), lambda name, m, setting: new[id(m)],
                         root_hint="a module the checkpoint converts: load into a model that contains it",
                         copies_parameters=False)
 
