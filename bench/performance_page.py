@@ -1,6 +1,7 @@
 """Builds docs/performance.md from the benchmark JSON under bench/results/:
 ``python -m sparqle.bench.performance_page [results_dir] [page]``."""
 import glob
+import importlib
 import json
 import math
 import os
@@ -42,6 +43,11 @@ def page(reports) -> str:
     for name, report in reports:
         if report.get("kind") == "gpu-check":
             lines += _gpu_check_section(name, report)
+            continue
+        if report.get("kind") in ("e2e", "overhead"):  # whole models, the host path
+            module = importlib.import_module(f"sparqle.bench.bench_{report['kind']}")
+            body = module.markdown(report).split("\n", 1)[1]  # its own table, under a section title
+            lines += [f"## {report['kind']} on {report['device']}", "", f"`{name}`:", body]
             continue
         rows = report["results"]
         keys = [k for k in rows[0] if k not in ("op", "impl", "time_ms", "peak_mb", "tflops", "gbs",

@@ -7,6 +7,9 @@ import sys
 from typing import List, Optional
 
 BENCHMARKS = ("spmm_csr", "spmm_bell", "nm", "int4", "int8", "fp8", "window_attention", "sparse_windows")
+# Benchmarks of whole models and of the host path: each module's report(quick, progress)
+# measures its own way (not per-op cases); run only when asked for with --op.
+REPORTS = ("e2e", "overhead")
 
 
 def _bench(args) -> int:
@@ -17,9 +20,17 @@ def _bench(args) -> int:
         return 0
     for op in args.op or BENCHMARKS:
         module = importlib.import_module(f"sparqle.bench.bench_{op}")
-        report = harness.run(module.cases(args.quick), progress=not args.no_progress)
-        print(harness.table(report, module.KEYS))
-        path = harness.write(report, args.out, op + ("-quick" if args.quick else ""), module.KEYS)
+        name = op + ("-quick" if args.quick else "")
+        if op in REPORTS:
+            report = module.report(args.quick, progress=not args.no_progress)
+            print(module.table(report))
+            path = harness.write(report, args.out, name)
+            with open(os.path.splitext(path)[0] + ".md", "w") as f:
+                f.write(module.markdown(report))
+        else:
+            report = harness.run(module.cases(args.quick), progress=not args.no_progress)
+            print(harness.table(report, module.KEYS))
+            path = harness.write(report, args.out, name, module.KEYS)
         print(f"wrote {path}")
         if args.plot:
             png = os.path.splitext(path)[0] + ".png"
@@ -45,7 +56,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("info", help="versions, device, and which backends can run")
     bench = sub.add_parser("bench", help="time sparqle's ops against the baselines")
     bench.add_argument("--quick", action="store_true", help="a small set (under a minute on a CPU)")
-    bench.add_argument("--op", action="append", choices=BENCHMARKS, help="only this op (repeatable)")
+    bench.add_argument("--op", action="append", choices=BENCHMARKS + REPORTS,
+                       help="only this op (repeatable); e2e (whole models) and overhead (the host "
+                            "path per call) run only when named")
     bench.add_argument("--out", default="bench-results",
                        help="folder of the JSON and Markdown results (default bench-results; the "
                             "repository's results are committed from --out bench/results on purpose)")
