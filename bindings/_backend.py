@@ -13,6 +13,7 @@ import os
 import statistics
 import time
 import warnings
+from types import ModuleType
 from typing import Callable, Dict, Hashable, Iterator, Mapping, Optional, Tuple
 
 import torch
@@ -102,10 +103,18 @@ def choose(op: str, device: torch.device, dtype: torch.dtype,
     return name
 
 
-def kernels(backend: str, module: str):
+# (backend, module) -> sparqle.kernels.<backend>.<module>, once imported
+_kernel_modules: Dict[Tuple[str, str], ModuleType] = {}
+
+
+def kernels(backend: str, module: str) -> ModuleType:
     """The module ``sparqle.kernels.<backend>.<module>``, imported on first use so that a
-    missing Triton or CuPy costs nothing until it is asked for."""
-    return importlib.import_module(f"sparqle.kernels.{backend}.{module}")
+    missing Triton or CuPy costs nothing until it is asked for (and looked up, not imported,
+    on every later call)."""
+    found = _kernel_modules.get((backend, module))
+    if found is None:
+        found = _kernel_modules[(backend, module)] = importlib.import_module(f"sparqle.kernels.{backend}.{module}")
+    return found
 
 
 def launch(module: str, op: str, dtypes: Mapping[str, frozenset], like: torch.Tensor, *args):

@@ -115,3 +115,76 @@ def test_planning_counts_trials_and_compiles_without_launching(monkeypatch):
     # (plain), 4 (plain too), 16 (divisible by 16).
     assert plan.compiles_by_kernel() == {"_accumulate_kernel": 4}
     assert _autotune._plan is None
+
+
+def _small_m_tuner(monkeypatch, fastest_split_k: int):
+    """int4's small-M kernel autotuned over its whole space (as on a GPU), the trials timed
+    by a table in which the first config with SPLIT_K == ``fastest_split_k`` wins; it
+    replaces the launcher's. Returns it, the trials and the SPLIT_K of each launch it makes
+    outside the trials."""
+    from sparqle.kernels.triton import _linear, int4_linear
+    with monkeypatch.context() as env:
+        env.delenv("TRITON_INTERPRET")
+        env.delenv(AUTOTUNE_ENV, raising=False)
+        tuner = Autotuner(int4_linear._int4_linear_kernel, _linear.SMALL_M_CONFIGS, key=["M", "N", "K"],
+                          bucket=["M"], reset_to_zero=["y_ptr"])
+    best = next(c for c in tuner.configs if c.kwargs["SPLIT_K"] == fastest_split_k)
+    trials, launches = [], []
+    real_run = tuner.fn.run
+
+    def bench(*args, config, **meta):
+        trials.append(config)
+        tuner.pre_hook({**tuner.nargs, **meta, **config.all_kwargs()})
+        real_run(*args, **meta, **config.all_kwargs())
+        return [1.0 if config is best else 2.0] * 3
+
+    def run(*args, **kwargs):
+        launches.append(kwargs["SPLIT_K"])
+        return real_run(*args, **kwargs)
+    monkeypatch.setattr(tuner, "_bench", bench)
+    monkeypatch.setattr(tuner.fn, "run", run)
+    monkeypatch.setattr(int4_linear, "_small_m", tuner)
+    return tuner, trials, launches
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_small_m_launches_once_into_y_unless_the_tuned_config_splits_k(monkeypatch, split_k):
+    """Small M (int4, N:M): a tuned config with SPLIT_K == 1 writes y in x's dtype in one
+    launch (no zeroed workspace, no cast); the call that tunes it runs it once more that way;
+    a split-K config accumulates into a zeroed fp32 workspace. Same results either way."""
+    import sparqle
+    tuner, trials, launches = _small_m_tuner(monkeypatch, split_k)
+    w = torch.randn(40, 72, dtype=torch.float16)
+    qw = sparqle.Int4Weight.from_float(w, group_size=32)
+    bias = torch.randn(40, dtype=torch.float16)
+    want = (lambda x: x.double() @ qw.dequantize().double().t() + bias.double())
+    zeroed = []
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: (zeroed.append(a), real_zeros(*a, **k))[1])
+    with sparqle.use_backend("triton"), torch.no_grad():
+        for call in range(3):
+            x = torch.randn(3, 72, dtype=torch.float16)
+            del zeroed[:], launches[:]
+            y = sparqle.linear(x, qw, bias)
+            assert y.dtype == torch.float16
+            torch.testing.assert_close(y.double(), want(x), rtol=1e-2, atol=1e-2)
+            workspaces = len([a for a in zeroed if tuple(a[0]) == (3, 40)])
+            if split_k == 1:
+                assert launches == ([1] if call else [1, 1]) and workspaces == (0 if call else 1)
+            else:
+                assert launches == [split_k] and workspaces == 1
+    assert len(trials) == len(tuner.configs)  # tuned once: the direct launch tunes no key of its own
+    assert len(tuner.cache) == 1
+
+
+def test_planning_counts_a_pinned_config_as_one_compile_and_no_trials(monkeypatch):
+    import sparqle
+    tuner, trials, launches = _small_m_tuner(monkeypatch, 1)
+    qw = sparqle.Int4Weight.from_float(torch.randn(40, 72), group_size=32)
+    with sparqle.use_backend("triton"), torch.no_grad():
+        sparqle.linear(torch.randn(3, 72), qw)  # tunes
+        del launches[:]
+        with planning() as plan:
+            sparqle.linear(torch.randn(3, 72), qw)
+    assert launches == [] and plan.trials == {}
+    assert [launch.config.kwargs["SPLIT_K"] for launch in plan.compiles.values()] == [1]

@@ -10,6 +10,9 @@
   graphs and the tuning cache see a few shapes.
 - **parallel compiles**: before a key is tuned on a GPU, every config is compiled at once
   on a thread pool (Triton's compiler releases the GIL), then each is timed.
+- **pinned launches**: ``kernel.pinned(config)[grid](...)`` runs one config without tuning
+  or reading the cache (a launcher that already knows the config, from
+  :meth:`Autotuner.known_config`); with one config, or pinned, no key is computed per call.
 - **nothing during CUDA-graph capture**: a key first met while a graph is being captured
   runs the space's first config untuned and is not remembered (timing would break the
   capture); call the op once outside capture to tune it.
@@ -161,15 +164,30 @@ class Autotuner(_TritonAutotuner):
         key += [str(v.dtype) for v in arguments.values() if hasattr(v, "dtype")]
         return tuple(key)
 
-    def run(self, *args, **kwargs):
+    def known_config(self, *args, **kwargs) -> Optional[triton.Config]:
+        """The config a call with these arguments would run without tuning anything: the only
+        active one when tuning is off, else the one tuned for its key; None when untuned."""
+        if len(self.configs) == 1:
+            return self.configs[0]
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
+        return self.cache.get(self.tuning_key({k: v for k, v in named.items() if k in self.arg_names}))
+
+    def pinned(self, config: triton.Config) -> "Pinned":
+        """This kernel launched with ``config``, neither tuning nor reading the tuning cache:
+        ``kernel.pinned(config)[grid](*args)``."""
+        return Pinned(self, config)
+
+    def run(self, *args, pinned: Optional[triton.Config] = None, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
-        arguments = {k: v for k, v in {**self.nargs, **kwargs}.items() if k in self.arg_names}
-        key = self.tuning_key(arguments)
-        if _plan is not None:
-            self._count(key, arguments)
-            self.nargs = None
-            return None
-        config = self.configs[0] if len(self.configs) == 1 else self.cache.get(key)
+        config = pinned or (self.configs[0] if len(self.configs) == 1 else None)
+        if config is None or _plan is not None:  # the key is read: tuning, or counting
+            arguments = {k: v for k, v in {**self.nargs, **kwargs}.items() if k in self.arg_names}
+            key = self.tuning_key(arguments)
+            if _plan is not None:
+                self._count(key, arguments, pinned)
+                self.nargs = None
+                return None
+            config = self.cache.get(key)
         if config is None:
             if _capture.capturing():
                 config = self._untuned_in_capture(key)
@@ -219,8 +237,8 @@ class Autotuner(_TritonAutotuner):
                           f"op once outside capture to tune it.", RuntimeWarning, stacklevel=3)
         return self.configs[0]
 
-    def _count(self, key: Tuple, arguments: Dict[str, object]) -> None:
-        configs = self.configs
+    def _count(self, key: Tuple, arguments: Dict[str, object], pinned: Optional[triton.Config] = None) -> None:
+        configs = self.configs if pinned is None else [pinned]
         if len(configs) > 1 and key not in self.cache and (self.name, key) not in _plan.keys:
             _plan.keys.add((self.name, key))
             _plan.trials[self.name] = _plan.trials.get(self.name, 0) + len(configs)
@@ -233,6 +251,15 @@ class Autotuner(_TritonAutotuner):
         for config in configs:
             options = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
             _plan.compiles.setdefault((self.name, options, runtime, constexprs), Launch(self, config, recorded))
+
+
+class Pinned(NamedTuple):
+    """An autotuned kernel launched with one config (see :meth:`Autotuner.pinned`)."""
+    kernel: Autotuner
+    config: triton.Config
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.kernel.run(*args, grid=grid, warmup=False, pinned=self.config, **kwargs)
 
 
 def autotune(configs: Configs, key: Sequence[str], bucket: Sequence[str] = (),

@@ -3,20 +3,21 @@
 
 - M <= SMALL_M: weight-bound. BLOCK_M = 16 covers every row, so the weight is streamed
   once; SPLIT_K > 1 spreads K over more programs, each adding its fp32 partial tile
-  atomically into a zeroed workspace.
+  atomically into a zeroed workspace (then cast to x's dtype); a config with SPLIT_K == 1
+  writes y directly, one launch in all.
 - M > SMALL_M: the tiled configs, one pass over K per tile, y written in x's dtype.
 
 A kernel launched here takes the grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K),
 accumulates each decoded tile with ``dot_tile`` and ends with ``store_tile``, which stores
 with ``tl.store`` when SPLIT_K == 1 and ``tl.atomic_add`` otherwise.
 """
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
+from .. import _alloc, _capture
 from ._autotune import Configs
 from ._config import on_device_of
 
@@ -64,18 +65,60 @@ def store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stri
         tl.atomic_add(y_ptrs, acc, mask=mask_y)
 
 
+class _Workspace(NamedTuple):
+    """Stands in for the fp32 workspace [rows, out_features] when only its dtype and strides
+    are read (the tuning key)."""
+    rows: int
+    out_features: int
+    dtype: torch.dtype = torch.float32
+
+    def stride(self, dim: int) -> int:
+        return (self.out_features, 1)[dim]
+
+
+class _Recorded:
+    """Stands in for a kernel: ``[grid](*args, **kwargs)`` keeps the arguments, launches nothing."""
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+        return record
+
+
+def _small_m_config(small_m, launch, grid, rows: int, out_features: int):
+    """The config ``small_m`` runs for this call without tuning (None: untuned), asked with
+    the arguments ``launch`` passes for the fp32 workspace."""
+    recorded = _Recorded()
+    launch(recorded, grid, _Workspace(rows, out_features))
+    return small_m.known_config(*recorded.args, **recorded.kwargs)
+
+
 def launch_by_m(tiled, small_m, x: torch.Tensor, out_features: int,
                 launch: Callable[[object, Callable, torch.Tensor], None]) -> torch.Tensor:
-    """y [M, out_features] in x's dtype: ``launch(kernel, grid, y)`` runs ``small_m`` (with
-    y a zeroed fp32 workspace) for M <= SMALL_M, else ``tiled``."""
+    """y [M, out_features] in x's dtype: ``launch(kernel, grid, y)`` runs ``tiled`` for
+    M > SMALL_M, else ``small_m``: one launch straight into y when the config it runs has
+    SPLIT_K == 1; into a zeroed fp32 workspace, then cast to x's dtype, when it splits K or
+    is not tuned yet. The call that tunes a key whose best config has SPLIT_K == 1 launches
+    it once more straight into y (compiling that variant outside any CUDA-graph capture)."""
     rows = x.shape[0]
-    small = rows <= SMALL_M
-    y = (torch.zeros((rows, out_features), dtype=torch.float32, device=x.device) if small
-         else _alloc.empty((rows, out_features), x.dtype, x.device))
-    if rows == 0 or out_features == 0:
-        return y.to(x.dtype)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(out_features, meta["BLOCK_N"]), meta["SPLIT_K"])
+    if rows > SMALL_M or rows == 0 or out_features == 0:
+        y = _alloc.empty((rows, out_features), x.dtype, x.device)
+        if y.numel():
+            with on_device_of(x):
+                launch(tiled, grid, y)
+        return y
     with on_device_of(x):
-        launch(small_m if small else tiled, grid, y)
-    return y.to(x.dtype)
+        config = _small_m_config(small_m, launch, grid, rows, out_features)
+        if config is None or config.kwargs["SPLIT_K"] > 1:
+            workspace = torch.zeros((rows, out_features), dtype=torch.float32, device=x.device)
+            launch(small_m, grid, workspace)
+            if config is not None or _capture.capturing():
+                return workspace.to(x.dtype)
+            config = _small_m_config(small_m, launch, grid, rows, out_features)  # just tuned
+            if config is None or config.kwargs["SPLIT_K"] > 1:
+                return workspace.to(x.dtype)
+        y = _alloc.empty((rows, out_features), x.dtype, x.device)
+        launch(small_m.pinned(config), grid, y)
+    return y

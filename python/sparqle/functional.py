@@ -90,8 +90,15 @@ def spmm(a, b: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x [..., k] as a 2-D [rows, k] (a view where strides allow), k = 0 included."""
-    return x.reshape(x.shape[:-1].numel(), k)
+    """x [..., k] as a 2-D [rows, k] (x itself when 2-D, else a view where strides allow),
+    k = 0 included."""
+    return x if x.dim() == 2 else x.reshape(x.shape[:-1].numel(), k)
+
+
+def _unrows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y [rows, n] computed from ``_rows(x)`` as [..., n] with x's leading dimensions (y
+    itself when x is 2-D)."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _plus(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -119,12 +126,22 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
     return torch.ops.sparqle.int8_quantize_rows(x, static_scale)
 
 
+def _int8_linear(x2d: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor],
+                 activation: Optional[str] = "dynamic") -> torch.Tensor:
+    return torch.ops.sparqle.int8_linear(x2d, w.qweight, w.scales, bias, activation == "dynamic")
+
+
+def _fp8_linear(x2d: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.sparqle.fp8_linear(x2d, w.qweight, w.scales.reshape(-1), bias)
+
+
+# Each takes x as [rows, in] and arguments linear() has checked.
 _LINEAR = {CSR: _csr_linear,
            BlockedELL: lambda x2d, w, bias: _plus(_bell_times_transposed(x2d, w), bias),
            Int4Weight: _int4_linear,
-           Int8Weight: lambda x2d, w, bias: int8_linear(x2d, w, bias),
+           Int8Weight: _int8_linear,
            SemiStructured: _nm_linear,
-           FP8Weight: lambda x2d, w, bias: fp8_linear(x2d, w, bias)}
+           FP8Weight: _fp8_linear}
 
 
 def _check_linear(x: torch.Tensor, w, bias: Optional[torch.Tensor]) -> None:
@@ -154,7 +171,7 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
         raise TypeError(f"w must be a torch.Tensor or one of the formats "
                         f"{[f.__name__ for f in _LINEAR]}, got {type(w).__name__}")
     _check_linear(x, w, bias)
-    return impl(_rows(x, w.shape[1]), w, bias).reshape(*x.shape[:-1], w.shape[0])
+    return _unrows(impl(_rows(x, w.shape[1]), w, bias), x)
 
 
 def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor] = None,
@@ -168,9 +185,7 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor] = N
     if activation not in ("dynamic", None):
         raise ValueError(f"activation must be 'dynamic' or None, got {activation!r}")
     _check_linear(x, w, bias)
-    y = torch.ops.sparqle.int8_linear(_rows(x, w.shape[1]), w.qweight, w.scales, bias,
-                                      activation == "dynamic")
-    return y.reshape(*x.shape[:-1], w.shape[0])
+    return _unrows(_int8_linear(_rows(x, w.shape[1]), w, bias, activation), x)
 
 
 def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -182,8 +197,7 @@ def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor] = Non
     if not isinstance(w, FP8Weight):
         raise TypeError(f"w must be a sparqle.FP8Weight, got {type(w).__name__}")
     _check_linear(x, w, bias)
-    y = torch.ops.sparqle.fp8_linear(_rows(x, w.shape[1]), w.qweight, w.scales.reshape(-1), bias)
-    return y.reshape(*x.shape[:-1], w.shape[0])
+    return _unrows(_fp8_linear(_rows(x, w.shape[1]), w, bias), x)
 
 
 def fp8_quantize_rows(x: torch.Tensor, dtype="e4m3", static_scale: Optional[torch.Tensor] = None):
@@ -220,6 +234,5 @@ def fp8_training_linear(x: torch.Tensor, weight: torch.Tensor,
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     fp8_dtype("e4m3", "fp8_training_linear")
-    y = FP8TrainingLinear.apply(_rows(x, weight.shape[1]), weight, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _unrows(FP8TrainingLinear.apply(_rows(x, weight.shape[1]), weight, bias), x)
 

@@ -106,8 +106,7 @@ class SparseLinear(ConvertedLinear):
     @property
     def weight(self):
         """The weight in its format, over this module's tensors (no copy)."""
-        tensors = dict(self.named_buffers(recurse=False))
-        return _FORMATS[self.format]((self.out_features, self.in_features), self.values, tensors)
+        return _FORMATS[self.format]((self.out_features, self.in_features), self.values, self._buffers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
