@@ -138,9 +138,9 @@ def static_cache(model: nn.Module, batch: int, length: int):
     constructor this transformers version has (config and max_cache_len everywhere; batch
     size, device and dtype where it takes them, else set on first use)."""
     from transformers import StaticCache
-    wanted = {"config": model.config, "max_cache_len": length, "max_batch_size": batch,
-              "batch_size": batch, "device": model.device, "dtype": model.dtype}
     accepted = inspect.signature(StaticCache.__init__).parameters
+    wanted = {"config": model.config, "max_cache_len": length, "device": model.device, "dtype": model.dtype,
+              "max_batch_size" if "max_batch_size" in accepted else "batch_size": batch}
     return StaticCache(**{k: v for k, v in wanted.items() if k in accepted})
 
 
@@ -437,7 +437,9 @@ def _cell(value, fmt: str = "{:.1f}") -> str:
     return "" if value is None else fmt.format(value)
 
 
-def _cells(report_: dict) -> List[List[str]]:
+def cells(report_: dict) -> List[List[str]]:
+    """The report's table: a header row, then one row per result (harness.cells_table and
+    cells_markdown print it)."""
     rows = [["model", "variant", "batch", "metric", "timing", "throughput", "unit", "speed-up",
              "ms", "peak MB", "weights MB", "note"]]
     for r in report_["results"]:
@@ -449,22 +451,6 @@ def _cells(report_: dict) -> List[List[str]]:
                      _cell(r.get("speedup"), "{:.2f}x"), _cell(r.get("time_ms"), "{:.3f}"),
                      _cell(r.get("peak_mb")), _cell(r.get("weights_mb")), note.replace("|", "/")[:120]])
     return rows
-
-
-def table(report_: dict) -> str:
-    rows = _cells(report_)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join([f"# {report_['device']} | torch {report_['versions']['torch']} | backend "
-                      f"{report_['backend']} | commit {report_['commit']}"]
-                     + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows])
-
-
-def markdown(report_: dict) -> str:
-    head, *body = _cells(report_)
-    lines = ["# e2e", "", f"{report_['device']} | torch {report_['versions']['torch']} | backend "
-             f"{report_['backend']} | commit {report_['commit']} | {report_['date']}", "",
-             report_["notes"], "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
 
 
 def plot(report_: dict, path: str) -> None:
@@ -488,3 +474,110 @@ def plot(report_: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------
+# The GPU check's headline points (bench/headline.py, family "e2e")
+# ------------------------------------------------------------------------------------------
+
+# (model, layers, dtype, Swin's batch) -> ((the dense model, Swin's image shape), its
+# measurements by (batch, timing)): the headline points of one model share its baseline.
+_dense: Dict[tuple, Tuple[nn.Module, Dict[tuple, dict]]] = {}
+# A graph replay agrees with an eager step within this fraction of the logits' largest
+# magnitude (one model, the same kernels: only a different tuned config could differ).
+REPLAY_AGREEMENT = 1e-2
+
+
+def _headline_setting(params: dict, dry_run: bool) -> Setting:
+    dtype = getattr(torch, params["dtype"])
+    is_llama = params["model"] in LLAMA_CONFIGS
+    return Setting(params["model"] if is_llama else "llama-tiny", params.get("layers"), (params["batch"],),
+                   4 if dry_run else 128, 2 if dry_run else 64, 1 if dry_run else 3, 0,
+                   () if is_llama else (params["model"],), params["batch"], False, dtype)
+
+
+def _headline_row(params: dict, impl: str, timing: str, goals: dict, **fields) -> dict:
+    """A row of the GPU check's bench.json (its _row's keys)."""
+    shape = " ".join(f"{k}={v}" for k, v in params.items() if k not in ("dtype", "model"))
+    return {"op": OP, "shape": f"{params['model']} {shape}", **params, "impl": impl, "timing": timing,
+            "time_ms": None, "tflops": None, "gbs": None, "roof_fraction": None, "sparqle_speedup": None,
+            "goal": goals.get(impl), "error": None, "missing": None, "agreement": None, "agrees": None,
+            **fields}
+
+
+def _measured(measure: Callable[[], dict]) -> dict:
+    try:
+        return measure()
+    except Exception as error:  # noqa: BLE001 - a finding, reported in the row
+        return {"error": _error(error)}
+
+
+def headline_rows(params: dict, goals: dict, dry_run: bool) -> List[dict]:
+    """One headline point: ``params`` = model (a Llama config or a Swin), layers (Llama),
+    variant (a format of :func:`llama_formats`, or a Swin variant), batch and dtype; rows for
+    sparqle (the converted model) and ``dense`` (Llama) or ``timm`` (Swin) per timing, the
+    baseline's ``sparqle_speedup`` = its time per token (image batch) over sparqle's. Graph
+    rows (CUDA) carry the replay's agreement with an eager step."""
+    s = _headline_setting(params, dry_run)
+    device = harness.device()
+    is_llama = params["model"] in LLAMA_CONFIGS
+    baseline = "dense" if is_llama else "timm"
+    timings = ("eager", "graph") if is_llama and device.type == "cuda" else ("eager",)
+    if is_llama and importlib.util.find_spec("transformers") is None:
+        return [_headline_row(params, impl, "eager", goals, missing="transformers is not installed")
+                for impl in ("sparqle", baseline)]
+    key = (params["model"], params.get("layers"), params["dtype"], params["batch"] if not is_llama else None)
+    try:
+        if key not in _dense:
+            _dense.clear()
+            _free(device)
+            _dense[key] = ((build_llama(s.llama, s.layers, s.dtype, device), None) if is_llama
+                           else build_swin(params["model"], s.dtype, device)), {}
+        (dense, image), dense_rows = _dense[key]
+        if is_llama:
+            model = convert_llama(copy.deepcopy(dense), *llama_formats(s.llama == "llama-tiny")[params["variant"]])
+        else:
+            model = swin_variants()[params["variant"]](copy.deepcopy(dense))
+            x = torch.randn(s.swin_batch, *image, device=device, dtype=s.dtype)
+    except Exception as error:  # noqa: BLE001
+        return [_headline_row(params, "sparqle", "eager", goals, error=_error(error))]
+
+    def measure(m: nn.Module, timing: str) -> dict:
+        if is_llama:
+            return decode(m, params["batch"], s, timing)
+        run = lambda: m(x)  # noqa: E731
+        with torch.no_grad():
+            return {"time_ms": harness.time_ms(lambda _: run, 1) if not dry_run else _once_ms(run)}
+
+    rows = []
+    for timing in timings:
+        mine = _measured(lambda: measure(model, timing))
+        if (params["batch"], timing) not in dense_rows:
+            dense_rows[(params["batch"], timing)] = _measured(lambda: measure(dense, timing))
+        theirs = dense_rows[(params["batch"], timing)]
+        sparqle_row = _headline_row(params, "sparqle", timing, goals, time_ms=mine.get("time_ms"),
+                                    error=mine.get("error"))
+        if "replay_error" in mine:
+            sparqle_row.update(agreement=mine["replay_error"], agrees=mine["replay_error"] <= REPLAY_AGREEMENT)
+        base_row = _headline_row(params, baseline, timing, goals, time_ms=theirs.get("time_ms"),
+                                 error=theirs.get("error"))
+        if sparqle_row["time_ms"]:
+            sparqle_row["sparqle_speedup"] = 1.0
+            if base_row["time_ms"]:
+                base_row["sparqle_speedup"] = base_row["time_ms"] / sparqle_row["time_ms"]
+        rows += [sparqle_row, base_row]
+    del model
+    _free(device)
+    return rows
+
+
+def _once_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def forget_headline_models() -> None:
+    """Drop the dense models kept between headline points."""
+    _dense.clear()
+    _free(harness.device())

@@ -4,7 +4,7 @@
 For each format, on a small layer (N = K = 64 on a CPU, 4096 on a GPU) at M = 1, through
 the module a converted model calls (``Int4Linear`` ...) and through ``sparqle.linear``:
 
-- ``call_us``: one call (median of best-of runs of back-to-back calls; on a GPU the calls are
+- ``call_us``: one call (the best of 7 runs of back-to-back calls; on a GPU the calls are
   queued without synchronising, so a host-bound call's time is its host time);
 - ``stubbed_us`` (CPU): the same call with the op's kernel launcher (the backend's function
   in ``sparqle.kernels.<backend>.<op>``) replaced by a stub that returns a preallocated
@@ -12,6 +12,8 @@ the module a converted model calls (``Int4Linear`` ...) and through ``sparqle.li
   dispatch, the backend choice, reshapes, and the extra tensor ops around the kernel);
 - ``extra_ops``: the ATen kernels that stubbed call still runs (each a launch on a GPU:
   copies, casts, a bias add);
+- ``python_calls``: the Python-level calls of that (stubbed, on a CPU) call: the host
+  path's work as a count, which a loaded machine does not change as it changes times;
 - ``over_bare_us``: call_us (GPU) or stubbed_us (CPU) minus one ``F.linear`` call on the
   dense weight, a bare launch of a library kernel.
 
@@ -20,6 +22,7 @@ the host path's cost on that CPU, its kernels excluded.
 """
 import contextlib
 import importlib
+import sys
 import time
 from typing import Callable, Dict, Iterator, List, Tuple
 
@@ -82,20 +85,43 @@ def stubbed(backend: str, launchers: List[Tuple[str, str]]) -> Iterator[None]:
 
 
 def per_call_us(fn: Callable[[], object], calls: int) -> float:
-    """The median over 7 runs of ``calls`` back-to-back calls, per call, in microseconds (a
-    GPU synchronised before and after each run only)."""
-    for _ in range(max(10, calls // 10)):
+    """The best of 7 runs of back-to-back calls (at most ``calls`` each, fewer when that
+    would take over 50 ms), per call, in microseconds (a GPU synchronised before and after
+    each run only): the host path's cost, which other work on the machine can only add to."""
+    sync = torch.cuda.synchronize if harness.device().type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(10):
         fn()
-    harness_sync = torch.cuda.synchronize if harness.device().type == "cuda" else (lambda: None)
+    sync()
+    calls = max(10, min(calls, int(0.05 / max(1e-9, (time.perf_counter() - start) / 10))))
     runs = []
     for _ in range(7):
-        harness_sync()
+        sync()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        harness_sync()
+        sync()
         runs.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(runs)[len(runs) // 2]
+    return min(runs)
+
+
+def python_calls(fn: Callable[[], object]) -> int:
+    """The Python-level calls (functions, builtins and C methods such as ``x.dim()``) one
+    call of ``fn`` makes: a count of the host path's work that the machine's load does not
+    change."""
+    fn()
+    count = [0]
+
+    def profile(frame, event, arg):
+        if event in ("call", "c_call"):
+            count[0] += 1
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count[0] - 1  # sys.setprofile(None) itself
 
 
 def extra_ops(fn: Callable[[], object]) -> List[str]:
@@ -121,7 +147,8 @@ def report(quick: bool, progress: bool = True) -> dict:
     with torch.no_grad(), sparqle.use_backend(backend):
         bare = per_call_us(lambda: F.linear(x, linear.weight, linear.bias), calls)
         rows.append({"op": "dense", "entry": "F.linear", "m": 1, "n": size, "k": size, "call_us": bare,
-                     "stubbed_us": None, "over_bare_us": 0.0, "extra_ops": None})
+                     "stubbed_us": None, "over_bare_us": 0.0, "extra_ops": None,
+                     "python_calls": python_calls(lambda: F.linear(x, linear.weight, linear.bias))})
         for op, (module, launchers) in _modules(linear).items():
             weight = module.weight if not isinstance(module, FP8Linear) else module.quantized_weight(dtype)
             if isinstance(module, Int8Linear):
@@ -134,12 +161,13 @@ def report(quick: bool, progress: bool = True) -> dict:
                 row = {"op": op, "entry": entry, "m": 1, "n": size, "k": size}
                 row["call_us"] = per_call_us(fn, calls)
                 if dev.type == "cuda":
-                    row.update(stubbed_us=None, over_bare_us=row["call_us"] - bare, extra_ops=None)
+                    row.update(stubbed_us=None, over_bare_us=row["call_us"] - bare, extra_ops=None,
+                               python_calls=python_calls(fn))
                 else:
                     with stubbed(backend, launchers):
                         row["stubbed_us"] = per_call_us(fn, calls)
-                        ops = extra_ops(fn)
-                    row.update(over_bare_us=row["stubbed_us"] - bare, extra_ops=ops)
+                        ops, count = extra_ops(fn), python_calls(fn)
+                    row.update(over_bare_us=row["stubbed_us"] - bare, extra_ops=ops, python_calls=count)
                 rows.append(row)
                 if progress:
                     print(f"{op} {entry}: {row['call_us']:.1f} us/call"
@@ -147,36 +175,25 @@ def report(quick: bool, progress: bool = True) -> dict:
                              f"extra ops {row['extra_ops']}"), flush=True)
         stamp = harness.stamp()
     return {**stamp, "kind": OP,
-            "notes": "call_us: one call, median of 7 runs of back-to-back calls; stubbed_us (CPU): "
+            "notes": "call_us: one call, the best of 7 runs of back-to-back calls; stubbed_us (CPU): "
                      "the call with the kernel launcher stubbed (returns a preallocated output): the "
                      "host path above the kernel; extra_ops: the ATen kernels the stubbed call still "
-                     "runs; over_bare_us: call_us (GPU) or stubbed_us (CPU) minus F.linear's call_us.",
+                     "runs; over_bare_us: call_us (GPU) or stubbed_us (CPU) minus F.linear's call_us; "
+                     "python_calls: the Python-level calls of one (stubbed) call, a count the "
+                     "machine's load does not change.",
             "results": rows}
 
 
-def _cells(report_: dict) -> List[List[str]]:
-    rows = [["op", "entry", "m", "n", "k", "call us", "stubbed us", "over F.linear us", "extra ATen ops"]]
+def cells(report_: dict) -> List[List[str]]:
+    """The report's table: a header row, then one row per result (harness.cells_table and
+    cells_markdown print it)."""
+    rows = [["op", "entry", "m", "n", "k", "call us", "stubbed us", "over F.linear us", "Python calls",
+             "extra ATen ops"]]
     for r in report_["results"]:
         rows.append([r["op"], r["entry"], str(r["m"]), str(r["n"]), str(r["k"]), f"{r['call_us']:.1f}",
                      "" if r["stubbed_us"] is None else f"{r['stubbed_us']:.1f}", f"{r['over_bare_us']:.1f}",
-                     "" if r["extra_ops"] is None else (", ".join(r["extra_ops"]) or "none")])
+                     str(r["python_calls"]), "" if r["extra_ops"] is None else (", ".join(r["extra_ops"]) or "none")])
     return rows
-
-
-def table(report_: dict) -> str:
-    rows = _cells(report_)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join([f"# {report_['device']} | torch {report_['versions']['torch']} | backend "
-                      f"{report_['backend']} | commit {report_['commit']}"]
-                     + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows])
-
-
-def markdown(report_: dict) -> str:
-    head, *body = _cells(report_)
-    lines = ["# overhead", "", f"{report_['device']} | torch {report_['versions']['torch']} | backend "
-             f"{report_['backend']} | commit {report_['commit']} | {report_['date']}", "",
-             report_["notes"], "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
 
 
 def plot(report_: dict, path: str) -> None:

@@ -303,6 +303,22 @@ def markdown(report: dict, keys: Sequence[str], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cells_table(report: dict, cells: Sequence[Sequence[str]]) -> str:
+    """``cells`` (a header row, then one row per result) as a text table under where the
+    report was measured, each column as wide as its widest cell: for reports with their own
+    columns (bench_e2e, bench_overhead)."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join([f"# {_where(report)}"] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells])
+
+
+def cells_markdown(report: dict, cells: Sequence[Sequence[str]], title: str) -> str:
+    """``cells`` as a Markdown page: where and when it was measured, the report's notes, the table."""
+    head, *body = cells
+    lines = [f"# {title}", "", f"{_where(report)} | {report['date']}", "", report["notes"], "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
+
+
 def linear_grid(quick: bool, gpu_ms: Sequence[int], gpu_shapes: Sequence[tuple],
                 cpu_shapes: Sequence[tuple]) -> Iterator[dict]:
     """The (tokens, out_features, in_features, dtype) cases of a linear-layer benchmark: bf16

@@ -4,7 +4,8 @@ the goal ratio (baseline time / sparqle time) the open issues set.
 
 The GPU check's bench tier (``sparqle gpu-check``) times these; the kernel report
 (``python -m sparqle.bench.kernel_report``) compiles the kernels at their specialisations.
-``params`` are the arguments of the family's ``bench_<family>.make_case``.
+``params`` are the arguments of the family's ``bench_<family>.make_case`` (the e2e family:
+of ``bench_e2e.headline_rows``, which measures whole models its own way).
 """
 from typing import Dict, List, NamedTuple, Optional
 
@@ -46,6 +47,15 @@ POINTS: List[Point] = [
                                "dtype": "bfloat16", "mode": "fwd"}, {"eager": 2.0, "sdpa": 1.3}),
     Point("window_attention", {"model": "swin-t", "stage": 1, "batch": 32, "heads": 3, "n": 49,
                                "dtype": "bfloat16", "mode": "fwd+bwd"}, {"eager": 1.5, "sdpa": None}),
+    # End to end (issue 16), bench_e2e.headline_rows: Llama-3-8B's shapes (4 of its 32 layers)
+    # decoding under CUDA graphs at batch 1: int4 >= 2.5x bf16 tokens/s, int8 >= 1.6x, FP8
+    # >= 1.5x, 2:4 >= 1.3x; at batch 16 none slower than bf16. Swin-T (timm) with window
+    # attention >= 1.1x timm's images/s, SparseViT at keep 0.5 >= 1.5x.
+    *[Point("e2e", {"model": "llama-3-8b", "layers": 4, "variant": variant, "batch": batch,
+                    "dtype": "bfloat16"}, {"dense": goal if batch == 1 else 1.0})
+      for batch in (1, 16) for variant, goal in (("int4", 2.5), ("int8", 1.6), ("fp8", 1.5), ("2:4", 1.3))],
+    *[Point("e2e", {"model": "swin-t", "variant": variant, "batch": 64, "dtype": "bfloat16"}, {"timm": goal})
+      for variant, goal in (("window_attention", 1.1), ("sparse_windows-0.5", 1.5))],
 ]
 
 FAMILIES = tuple(dict.fromkeys(p.family for p in POINTS))

@@ -8,7 +8,7 @@ import os
 import sys
 from collections import defaultdict
 
-from .harness import peak_cell
+from .harness import cells_markdown, peak_cell
 
 _INTRO = """# Performance
 
@@ -46,7 +46,7 @@ def page(reports) -> str:
             continue
         if report.get("kind") in ("e2e", "overhead"):  # whole models, the host path
             module = importlib.import_module(f"sparqle.bench.bench_{report['kind']}")
-            body = module.markdown(report).split("\n", 1)[1]  # its own table, under a section title
+            body = cells_markdown(report, module.cells(report), "").split("\n", 1)[1]  # under a section title
             lines += [f"## {report['kind']} on {report['device']}", "", f"`{name}`:", body]
             continue
         rows = report["results"]

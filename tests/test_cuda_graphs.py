@@ -1,5 +1,6 @@
-"""Every op's forward captured in a CUDA graph and replayed on new inputs gives what an
-eager call on those inputs gives, on every CUDA backend (marked ``gpu``). Decode runs under graphs
+"""Every op's forward captured in a CUDA graph (by hand, and under
+torch.compile(mode="reduce-overhead")) and replayed on new inputs gives what an eager call
+on those inputs gives, on every CUDA backend (marked ``gpu``). Decode runs under graphs
 (torch.compile mode="reduce-overhead", static KV caches), so an op that cannot be captured
 (a host synchronisation, an allocation that depends on values, timing or autotuning during
 capture) fails here: that is a finding, never a skip.
@@ -154,3 +155,25 @@ def test_cases_run_eagerly_on_the_cpu(op):
     fn, inputs = CASES[op](2, torch.float32, "cpu")
     with sparqle.use_backend("torch"), torch.no_grad():
         assert all(t.float().isfinite().all() for t in _tensors(fn(*inputs)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_reduce_overhead_compile_matches_eager(op):
+    """Every op's forward under torch.compile(mode="reduce-overhead") (Inductor's CUDA graph
+    trees: warm-up, record, replays) gives what an eager call on the same inputs gives."""
+    if op in FP8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs sm_89 or newer")
+    fn, inputs = CASES[op](1, torch.bfloat16, "cuda")
+    compiled = torch.compile(fn, mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, then a replay on new values
+            fresh = [torch.randn_like(t) if t.is_floating_point() else t for t in inputs]
+            got = [t.clone() for t in _tensors(compiled(*fresh))]
+            want = _tensors(fn(*fresh))
+            for g, w in zip(got, want):
+                if not w.is_floating_point() or w.dtype.itemsize == 1:
+                    g, w = g.float(), w.float()
+                scale = w.abs().max().clamp(min=1).item()
+                torch.testing.assert_close(g, w, rtol=0, atol=RTOL.get(w.dtype, 1e-5) * scale,
+                                           msg=lambda m: f"{op} under reduce-overhead differs from eager: {m}")

@@ -17,7 +17,7 @@ import torch
 
 import sparqle
 from sparqle import cli
-from sparqle.bench import bench_e2e, bench_overhead, swin_reference
+from sparqle.bench import bench_e2e, bench_overhead, harness, swin_reference
 
 from ._oracle import RTOL
 
@@ -101,7 +101,7 @@ def test_e2e_bench_reports_every_point_on_the_cpu(tmp_path):
     assert all(r["throughput"] > 0 and r["unit"] == "images/s" for r in swin)
     assert all(r["speedup"] == 1.0 for r in rows if r["variant"] in bench_e2e.BASELINES and r.get("throughput"))
     json.dumps(report)  # the JSON the CLI writes
-    text = bench_e2e.markdown(report)
+    text = harness.cells_markdown(report, bench_e2e.cells(report), "e2e")
     assert all(v in text for v in ("int4", "bell-0.8", "sparse_windows-0.25"))
     bench_e2e.plot(report, str(tmp_path / "e2e.png"))
 
@@ -117,7 +117,7 @@ def test_overhead_bench_through_the_cli(tmp_path, monkeypatch, capsys):
         assert {(op, "module"), (op, "sparqle.linear")} <= ops
     for r in report["results"]:
         if r["op"] != "dense":
-            assert r["stubbed_us"] > 0 and isinstance(r["extra_ops"], list)
+            assert r["stubbed_us"] > 0 and isinstance(r["extra_ops"], list) and r["python_calls"] > 0
     assert path.with_suffix(".md").exists()
 
 

@@ -54,7 +54,9 @@ def test_bench_json_has_the_results_schema_and_every_point(dry_run):
     rows = report["results"]
     for point in headline.POINTS:
         mine = [r for r in rows if r["op"] == point.family and r["impl"] == "sparqle"]
-        assert mine and all(r["time_ms"] > 0 and r["agrees"] for r in mine), point
+        # e2e: an eager row has no agreement to check (graph rows, on a GPU, check the replay)
+        assert mine and all(r["time_ms"] > 0 and (r["agrees"] is not False if point.family == "e2e"
+                                                  else r["agrees"]) for r in mine), point
         for baseline in point.goals:
             assert any(r["op"] == point.family and r["impl"] == baseline for r in rows), (point, baseline)
     for row in rows:  # the keys performance_page and harness.table read

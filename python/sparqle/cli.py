@@ -23,10 +23,10 @@ def _bench(args) -> int:
         name = op + ("-quick" if args.quick else "")
         if op in REPORTS:
             report = module.report(args.quick, progress=not args.no_progress)
-            print(module.table(report))
+            print(harness.cells_table(report, module.cells(report)))
             path = harness.write(report, args.out, name)
             with open(os.path.splitext(path)[0] + ".md", "w") as f:
-                f.write(module.markdown(report))
+                f.write(harness.cells_markdown(report, module.cells(report), op))
         else:
             report = harness.run(module.cases(args.quick), progress=not args.no_progress)
             print(harness.table(report, module.KEYS))
