@@ -237,10 +237,7 @@ def _graph_ms(make: Callable[[int], Callable[[], object]], copies: int) -> float
 
 def _once_ms(make: Callable[[int], Callable[[], object]], copies: int) -> float:
     """One call's wall time (dry run: the interpreter is too slow to repeat)."""
-    fn = make(0)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    return harness.once_ms(make(0))
 
 
 @contextlib.contextmanager

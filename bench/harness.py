@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -102,6 +103,13 @@ def time_quantiles(make: Callable[[int], Callable[[], object]], copies: int) -> 
 def time_ms(make: Callable[[int], Callable[[], object]], copies: int) -> float:
     """The median time of one call, in milliseconds (see :func:`time_quantiles`)."""
     return time_quantiles(make, copies)[1]
+
+
+def once_ms(fn: Callable[[], object]) -> float:
+    """One call's wall time in milliseconds (dry runs: the interpreter is too slow to repeat)."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def _status_bytes(field: str) -> int:
