@@ -1,7 +1,7 @@
 """The host path at small batch: what one call of each weight op costs above its kernel
 (``sparqle bench --op overhead``).
 
-For each format, on a small layer (N = K = 64 on a CPU, 4096 on a GPU) at M = 1, through
+For each format, on a small layer (64 x 64 on a CPU, 4096 x 4096 on a GPU) at one token, through
 the module a converted model calls (``Int4Linear`` ...) and through ``sparqle.linear``:
 
 - ``call_us``: one call (the best of 7 runs of back-to-back calls; on a GPU the calls are
@@ -35,7 +35,7 @@ from sparqle.nn import FP8Linear, Int4Linear, Int8Linear, SparseLinear
 from . import harness
 
 OP = "overhead"
-KEYS = ("op", "entry", "m", "n", "k")
+KEYS = ("op", "entry", "tokens", "out_features", "in_features")
 # Profiler events that launch nothing (metadata, views, allocation).
 _NO_LAUNCH = {"aten::empty", "aten::empty_strided", "aten::view", "aten::reshape", "aten::t",
               "aten::transpose", "aten::as_strided", "aten::_reshape_alias", "aten::expand",
@@ -146,7 +146,8 @@ def report(quick: bool, progress: bool = True) -> dict:
     rows = []
     with torch.no_grad(), sparqle.use_backend(backend):
         bare = per_call_us(lambda: F.linear(x, linear.weight, linear.bias), calls)
-        rows.append({"op": "dense", "entry": "F.linear", "m": 1, "n": size, "k": size, "call_us": bare,
+        rows.append({"op": "dense", "entry": "F.linear", "tokens": 1, "out_features": size, "in_features": size,
+                     "call_us": bare,
                      "stubbed_us": None, "over_bare_us": 0.0, "extra_ops": None,
                      "python_calls": python_calls(lambda: F.linear(x, linear.weight, linear.bias))})
         for op, (module, launchers) in _modules(linear).items():
@@ -158,7 +159,7 @@ def report(quick: bool, progress: bool = True) -> dict:
                            x, weight, module.bias, module.activation)) if isinstance(module, Int8Linear)
                        else (lambda weight=weight, module=module: sparqle.linear(x, weight, module.bias))}
             for entry, fn in entries.items():
-                row = {"op": op, "entry": entry, "m": 1, "n": size, "k": size}
+                row = {"op": op, "entry": entry, "tokens": 1, "out_features": size, "in_features": size}
                 row["call_us"] = per_call_us(fn, calls)
                 if dev.type == "cuda":
                     row.update(stubbed_us=None, over_bare_us=row["call_us"] - bare, extra_ops=None,
@@ -187,10 +188,11 @@ def report(quick: bool, progress: bool = True) -> dict:
 def cells(report_: dict) -> List[List[str]]:
     """The report's table: a header row, then one row per result (harness.cells_table and
     cells_markdown print it)."""
-    rows = [["op", "entry", "m", "n", "k", "call us", "stubbed us", "over F.linear us", "Python calls",
+    rows = [["op", "entry", "tokens", "out", "in", "call us", "stubbed us", "over F.linear us", "Python calls",
              "extra ATen ops"]]
     for r in report_["results"]:
-        rows.append([r["op"], r["entry"], str(r["m"]), str(r["n"]), str(r["k"]), f"{r['call_us']:.1f}",
+        rows.append([r["op"], r["entry"], str(r["tokens"]), str(r["out_features"]), str(r["in_features"]),
+                     f"{r['call_us']:.1f}",
                      "" if r["stubbed_us"] is None else f"{r['stubbed_us']:.1f}", f"{r['over_bare_us']:.1f}",
                      str(r["python_calls"]), "" if r["extra_ops"] is None else (", ".join(r["extra_ops"]) or "none")])
     return rows
