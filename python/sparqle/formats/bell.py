@@ -21,11 +21,12 @@ def check_block_size(block_size, name: str = "block_size") -> int:
     return block_size
 
 
-def block_norms(t: torch.Tensor, b: int) -> torch.Tensor:
-    """The Frobenius norm of each b x b block of 2-D ``t`` (zero-padded): [ceil(m/b), ceil(k/b)]."""
+def block_sums(t: torch.Tensor, b: int) -> torch.Tensor:
+    """The sum over each b x b block of 2-D ``t`` (zero-padded), in float32:
+    [ceil(m/b), ceil(k/b)]."""
     m, k = t.shape
     padded = torch.nn.functional.pad(t.detach().float(), (0, cdiv(k, b) * b - k, 0, cdiv(m, b) * b - m))
-    return padded.view(cdiv(m, b), b, cdiv(k, b), b).pow(2).sum((1, 3)).sqrt()
+    return padded.view(cdiv(m, b), b, cdiv(k, b), b).sum((1, 3))
 
 
 class BlockedELL:

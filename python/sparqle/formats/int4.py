@@ -123,12 +123,25 @@ class Int4Weight:
                 best = tuple(torch.where(better, new, old)
                              for new, old in zip((err, q, scale, zero), best))
         _, q, scale, zero = best
-        q = q.view(n, g * width)[:, :k].to(torch.uint8)
+        return cls.from_codes(q.view(n, g * width)[:, :k], scale.view(n, g).to(w.dtype),
+                              zero.view(n, g).to(w.dtype), group_size, symmetric)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                   symmetric: bool = False) -> "Int4Weight":
+        """Pack the codes ``q`` [N, K] (integers in [0, 15], any dtype) with their ``scales`` and
+        ``zeros`` [N, G] (checked as the constructor checks them)."""
+        if not isinstance(q, torch.Tensor) or q.dim() != 2:
+            raise ValueError(f"Int4Weight.from_codes: q must be a 2-D tensor, got "
+                             f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+        if q.numel() and not bool(((q >= 0) & (q <= 15) & (q == torch.round(q.double()))).all()):
+            raise ValueError("Int4Weight.from_codes: q must hold integers in [0, 15]")
+        n, k = q.shape
+        q = q.to(torch.uint8)
         if k % 2:
-            q = torch.cat([q, zero[:, -1].to(torch.uint8)], dim=1)
+            q = torch.cat([q, zeros[:, -1:].to(torch.uint8)], dim=1)
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
-        return cls(packed.contiguous(), scale.view(n, g).to(w.dtype), zero.view(n, g).to(w.dtype),
-                   (n, k), group_size, symmetric)
+        return cls(packed.contiguous(), scales, zeros, (n, k), group_size, symmetric)
 
     @property
     def group_width(self) -> int:
