@@ -4,12 +4,13 @@
     y = sparqle.linear(x, w, bias)                 # x @ w^T + bias
     sparqle.convert(model, "csr", sparsity=0.9)    # every nn.Linear, in place
     sparqle.save(model, "model.safetensors")       # later: sparqle.load(float_model, path)
+    sparqle.convert(model, "2:4", calibrate=lambda m: m(batch), method="sparsegpt")
 """
 import importlib.metadata
 
 from sparqle import bindings  # noqa: F401  (registers torch.ops.sparqle.*)
 
-from . import nn, prune
+from . import calibrate, nn, prune, quantize
 from .backends import use_backend
 from .checkpoint import load, save
 from .convert import ConvertedLayer, ConvertSummary, convert
@@ -23,4 +24,4 @@ try:
 except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
-__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "window_attention", "window_partition", "window_merge", "convert", "ConvertSummary", "ConvertedLayer", "save", "load", "use_backend", "info", "nn", "prune"]
+__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "window_attention", "window_partition", "window_merge", "convert", "ConvertSummary", "ConvertedLayer", "save", "load", "use_backend", "info", "nn", "prune", "calibrate", "quantize"]

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 from torch import nn
 
 from . import prune
+from .calibrate import INT4_METHODS, INT8_METHODS, SPARSE_METHODS, Calibration
 from .formats._checks import INT32_MAX
 from .formats.nm import PATTERNS
 from .nn import FP8Linear, Int4Linear, Int8Linear, SparseLinear
@@ -34,6 +35,10 @@ _MODULE_CONVERTERS = {
     "window_attention": (convert_window_attention, "Swin WindowAttention", WindowAttention),
     "sparse_windows": (convert_sparse_windows, "Swin block", SparseWindowBlock),
 }
+# The criteria (``method``) of the formats that calibrate (sparqle.calibrate): the first is
+# the default without ``calibrate``, the second with it.
+_METHODS = {"csr": SPARSE_METHODS, "bell": SPARSE_METHODS, "int4": INT4_METHODS, "int8": INT8_METHODS,
+            **{f"{n}:{m}": SPARSE_METHODS for n, m in PATTERNS}}
 _LINEAR = "nn.Linear"
 Setting = Union[None, str, Tuple[str, Mapping[str, Any]]]
 
@@ -76,9 +81,11 @@ def _check_options(fmt: str, options: Mapping[str, Any], where: str) -> None:
 
 
 def _convert_linear(fmt: str, options: Mapping[str, Any], linear: nn.Linear, name: str,
-                    where: str) -> nn.Module:
+                    where: str, calibration: Optional[Calibration]) -> nn.Module:
     fn, given = _CONVERTERS[fmt]
     try:
+        if calibration is not None and fmt in _METHODS:
+            return calibration.convert(fn, _METHODS[fmt], name, linear, {**given, **options})
         return fn(linear, **given, **options)
     except (ValueError, TypeError) as error:
         raise type(error)(f"convert: {where}, layer {name!r}: {error}") from error
@@ -231,7 +238,8 @@ def _warn_unused_patterns(rules: List[_Rule], outcomes: List[Outcome]) -> None:
 
 def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
             filter: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
-            return_summary: bool = False, **options):
+            return_summary: bool = False, calibrate: Optional[Callable[[nn.Module], object]] = None,
+            **options):
     """Replace, in place, every module of type exactly ``nn.Linear`` in ``model`` (subclasses
     such as MultiheadAttention's out_proj read ``.weight`` directly and are left alone) for
     which ``filter(name, module)`` is true with its ``fmt`` version, built with ``options``:
@@ -270,9 +278,25 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
     :class:`sparqle.nn.WindowAttention`; ``convert(model, "sparse_windows", keep_ratio=0.5)``
     wraps every Swin block in :class:`sparqle.nn.SparseWindowBlock` (a float, or a list of
     one ratio per stage). Attention whose windows hold more than 256 tokens, or whose head
-    dim passes 128, is more than the fused kernel takes: it is skipped and reported."""
+    dim passes 128, is more than the fused kernel takes: it is skipped and reported.
+
+    Calibration (sparse formats, int4, int8; docs/calibration.md): ``calibrate=run`` calls
+    ``run(model)`` once before anything is replaced (for example ``lambda m:
+    m.encode(sentences)``), records the input statistics of every nn.Linear ``filter``
+    accepts (sparqle.calibrate), and converts with them; the option ``method`` names the
+    criterion: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` for the sparse formats,
+    ``"minmax"``, ``"mse"``, ``"gptq"`` for int4, ``"absmax"``, ``"gptq"`` for int8 (default:
+    the first without ``calibrate``, sparsegpt or gptq with it). In a mapping, the layers of
+    other formats are converted as without it. ``sparqle.calibrate.report(model)`` then
+    tables each layer's output error on the calibration inputs."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    calibration = None
+    if calibrate is not None:
+        if not (isinstance(fmt, Mapping) or (isinstance(fmt, str) and fmt in _METHODS)):
+            raise ValueError(f"calibrate applies to the formats {sorted(_METHODS)} (or a mapping "
+                             f"with them), not {fmt!r}")
+        calibration = Calibration(model, filter, calibrate)
     if isinstance(fmt, Mapping):
         rules = _rules(fmt, options)
         by_pattern = {rule.pattern: rule for rule in rules}
@@ -289,7 +313,7 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
 
         def make(name: str, linear: nn.Module, pattern: str) -> nn.Module:
             rule = by_pattern[pattern]
-            return _convert_linear(rule.fmt, rule.options, linear, name, f"pattern {pattern!r}")
+            return _convert_linear(rule.fmt, rule.options, linear, name, f"pattern {pattern!r}", calibration)
 
         outcomes = replace_modules(model, _is_linear, decide, make, root_hint=_ROOT_HINT, copies_parameters=True)
         summary = _summary(outcomes, lambda o: by_pattern[o.setting].fmt)
@@ -303,7 +327,8 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
         _check_options(fmt, options, f"fmt {fmt!r}")
         outcomes = replace_modules(
             model, _is_linear, filtered(filter, fmt, lambda linear: _refusal(fmt, linear, options)),
-            lambda name, linear, setting: _convert_linear(fmt, options, linear, name, f"fmt {fmt!r}"),
+            lambda name, linear, setting: _convert_linear(fmt, options, linear, name, f"fmt {fmt!r}",
+                                                          calibration),
             root_hint=_ROOT_HINT, copies_parameters=True)
         summary = _summary(outcomes, lambda o: fmt)
         kind, converted_type = _LINEAR, ConvertedLinear

@@ -1,10 +1,24 @@
-"""Pruning masks: which weights a sparse format keeps."""
+"""Pruning masks: which weights a sparse format keeps.
+
+Three criteria, each for the three patterns (unstructured, b x b blocks, N:M):
+
+- ``magnitude(w, ...)``: the largest |w| (no data).
+- ``wanda(w, x_norm, ...)``: the largest |w_ij| * |x_j|, |x_j| being input feature j's l2
+  norm over calibration inputs, compared within each output row (Wanda).
+- ``sparsegpt(w, xtx, ...)``: with H = X^T X of the calibration inputs, the columns are
+  swept in order (sparqle.calibrate) and each pruned weight's error is compensated on the
+  weights of its row not yet swept; the mask is chosen per chunk of 128 columns (per
+  group of m for N:M) from the OBS cost w_ij^2 / U_jj^2 of the weights as updated so far
+  (SparseGPT). Returns the updated weight with the mask.
+"""
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from .formats.bell import block_norms
+from .calibrate import DAMP, inverse_hessian_factor, obs_sweep
+from .formats._checks import cdiv
+from .formats.bell import block_sums
 from .formats.nm import keep_top_n, check_pattern
 
 
@@ -18,16 +32,100 @@ def magnitude(w: torch.Tensor, sparsity: Optional[float] = None, *, block: Optio
     ``sparsity`` lies in [0, 1); counts are exact, so equal shapes and sparsities give
     equal nonzero counts. N:M (``n=2, m=4``, no sparsity, 2-D w): in each group of m
     consecutive entries of a row, the n of largest |w| (ties: the lower index)."""
+    pattern = _check(w, sparsity, block, n, m, two_d=False)
+    if pattern == "nm":
+        return keep_top_n(w, n, m)
+    if pattern == "unstructured":
+        return _keep_largest(w.detach().abs(), sparsity)
+    keep = _keep_largest(block_sums(w.detach().float().pow(2), block).sqrt(), sparsity)
+    return _expand_blocks(keep, block, w.shape)
+
+
+def wanda(w: torch.Tensor, x_norm: torch.Tensor, sparsity: Optional[float] = None, *,
+          block: Optional[int] = None, n: Optional[int] = None, m: Optional[int] = None) -> torch.Tensor:
+    """The bool mask that keeps the weights of 2-D ``w`` [N, K] of largest score
+    |w_ij| * x_norm[j] (Wanda), ``x_norm`` [K] being the l2 norm of each input feature over
+    calibration inputs (``sparqle.calibrate.InputStats.x_norm``).
+
+    Unstructured: in each row, the K - round(sparsity * K) largest scores. Blocks
+    (``block=b``): in each block-row, the ceil(K / b) - round(sparsity * ceil(K / b)) blocks of
+    largest summed score. N:M: the n largest scores of each group of m (ties: the lower
+    index)."""
+    pattern = _check(w, sparsity, block, n, m, two_d=True)
+    if not isinstance(x_norm, torch.Tensor) or not x_norm.is_floating_point() or tuple(x_norm.shape) != (w.shape[1],):
+        raise ValueError(f"x_norm must be a floating-point [{w.shape[1]}] tensor (one norm per "
+                         f"input feature), got {getattr(x_norm, 'dtype', type(x_norm).__name__)} "
+                         f"{tuple(getattr(x_norm, 'shape', ()))}")
+    if not bool(torch.isfinite(x_norm).all()) or bool((x_norm < 0).any()):
+        raise ValueError("x_norm must be finite and >= 0")
+    score = w.detach().abs().float() * x_norm.to(w.device, torch.float32)
+    if pattern == "nm":
+        return keep_top_n(score, n, m)
+    if pattern == "unstructured":
+        return _keep_largest_per_row(score, sparsity)
+    keep = _keep_largest_per_row(block_sums(score, block), sparsity)
+    return _expand_blocks(keep, block, w.shape)
+
+
+def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = None, *,
+              block: Optional[int] = None, n: Optional[int] = None, m: Optional[int] = None,
+              damp: float = DAMP) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(w', mask): 2-D ``w`` [N, K] pruned with error compensation (SparseGPT) for the
+    inputs whose X^T X is ``xtx`` [K, K], w' (w's dtype, zero outside ``mask``) and the bool
+    mask it keeps; see the module doc and sparqle.calibrate for the maths.
+
+    The kept counts are those of ``wanda``: per row K - round(sparsity * K) (the pruned
+    count spread over the chunks of 128 columns by cumulative rounding), per block-row of
+    b x b blocks likewise in blocks (scored by their summed OBS cost), and n of each m for
+    N:M."""
+    pattern = _check(w, sparsity, block, n, m, two_d=True)
+    rows, k = w.shape
+    u = inverse_hessian_factor(xtx, w, damp)
+    mask = torch.ones(rows, k, dtype=torch.bool, device=w.device)
+
+    def target(w1, d1, i, j0):
+        width = w1.shape[1]
+        cost = None
+        if pattern == "nm" and i % m == 0:
+            cost = (w1[:, i:i + m] / d1[i:i + m]).pow(2)
+            group = torch.ones_like(cost, dtype=torch.bool)
+            if cost.shape[1] > n:
+                top = torch.sort(cost, dim=1, descending=True, stable=True).indices[:, :n]
+                group = torch.zeros_like(group).scatter_(1, top, True)
+            mask[:, j0 + i:j0 + i + cost.shape[1]] = group
+        elif pattern == "unstructured" and i == 0:
+            cost = (w1 / d1).pow(2)
+            pruned = round(float(sparsity) * (j0 + width)) - round(float(sparsity) * j0)
+            lowest = torch.topk(cost, pruned, dim=1, largest=False).indices
+            mask[:, j0:j0 + width] = torch.ones_like(cost, dtype=torch.bool).scatter_(1, lowest, False)
+        elif pattern == "blocks" and i == 0:
+            sums = block_sums((w1 / d1).pow(2), block)  # [block rows, chunk's block columns]
+            first, last = j0 // block, cdiv(j0 + width, block)
+            pruned = round(float(sparsity) * last) - round(float(sparsity) * first)
+            lowest = torch.topk(sums, pruned, dim=1, largest=False).indices
+            keep = torch.ones_like(sums, dtype=torch.bool).scatter_(1, lowest, False)
+            mask[:, j0:j0 + width] = _expand_blocks(keep, block, w1.shape)
+        return w1[:, i] * mask[:, j0 + i]
+
+    pruned = obs_sweep(w, u, target, chunk=128)
+    return pruned.masked_fill(~mask, 0).to(w.dtype), mask
+
+
+def _check(w, sparsity, block, n, m, two_d: bool) -> str:
+    """Validate the arguments shared by the criteria; the pattern they name: "nm",
+    "unstructured" or "blocks"."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise TypeError(f"w must be a floating-point tensor, got "
                         f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if two_d and w.dim() != 2:
+        raise ValueError(f"w must be 2-D [out, in], got shape {tuple(w.shape)}")
     if n is not None or m is not None:
         if sparsity is not None or block is not None:
             raise ValueError("n and m set the sparsity of an N:M mask: pass neither sparsity nor block")
-        n, m = check_pattern(n, m)
+        check_pattern(n, m)
         if w.dim() != 2:
             raise ValueError(f"w must be 2-D for N:M pruning, got shape {tuple(w.shape)}")
-        return keep_top_n(w, n, m)
+        return "nm"
     if sparsity is None:
         raise ValueError("sparsity is required (or n and m for an N:M mask)")
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
@@ -37,13 +135,12 @@ def magnitude(w: torch.Tensor, sparsity: Optional[float] = None, *, block: Optio
     if not bool(torch.isfinite(w).all()):
         raise ValueError("w holds NaN or Inf: its magnitudes cannot be ranked")
     if block is None:
-        return _keep_largest(w.detach().abs(), sparsity)
+        return "unstructured"
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D for block pruning, got shape {tuple(w.shape)}")
-    keep = _keep_largest(block_norms(w, block), sparsity)
-    return keep.repeat_interleave(block, 0).repeat_interleave(block, 1)[:w.shape[0], :w.shape[1]]
+    return "blocks"
 
 
 def kept(numel: int, sparsity: float) -> int:
@@ -56,3 +153,14 @@ def _keep_largest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     mask[torch.topk(scores.flatten(), keep, sorted=False).indices] = True
     return mask.view(scores.shape)
+
+
+def _keep_largest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """In each row of 2-D ``scores``, the cols - round(sparsity * cols) largest."""
+    top = torch.topk(scores, kept(scores.shape[1], sparsity), dim=1, sorted=False).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
+
+
+def _expand_blocks(keep: torch.Tensor, b: int, shape) -> torch.Tensor:
+    """The entry mask of shape ``shape`` of the block mask ``keep``."""
+    return keep.repeat_interleave(b, 0).repeat_interleave(b, 1)[:shape[0], :shape[1]]

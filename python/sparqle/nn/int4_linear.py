@@ -4,8 +4,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..calibrate import INT4_METHODS, InputStats, check_method
 from ..formats import Int4Weight
 from ..functional import linear
+from ..quantize import gptq_int4
 from ._load import ConvertedLinear, bias_parameter
 
 
@@ -31,13 +33,20 @@ class Int4Linear(ConvertedLinear):
         self.bias = bias_parameter(bias, self.out_features)
 
     @classmethod
-    def from_linear(cls, linear_: nn.Linear, group_size: int = 128, *, method: str = "minmax",
-                    symmetric: bool = False) -> "Int4Linear":
-        """Quantize ``linear_``'s weight (see :meth:`sparqle.Int4Weight.from_float`)."""
+    def from_linear(cls, linear_: nn.Linear, group_size: int = 128, *, method: Optional[str] = None,
+                    symmetric: bool = False, stats: Optional[InputStats] = None) -> "Int4Linear":
+        """Quantize ``linear_``'s weight: ``method`` ``"minmax"`` (the default without
+        ``stats``) or ``"mse"`` as :meth:`sparqle.Int4Weight.from_float`; ``"gptq"`` (the
+        default with ``stats``, the layer's calibration inputs, see sparqle.calibrate) as
+        :func:`sparqle.quantize.gptq_int4`."""
         if not isinstance(linear_, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear_).__name__}")
-        weight = Int4Weight.from_float(linear_.weight.detach(), group_size,
-                                       symmetric=symmetric, method=method)
+        method = check_method(method, stats, INT4_METHODS, linear_)
+        w = linear_.weight.detach()
+        if method == "gptq":
+            weight = gptq_int4(w, stats.xtx, group_size, symmetric=symmetric)
+        else:
+            weight = Int4Weight.from_float(w, group_size, symmetric=symmetric, method=method)
         return cls(weight, linear_.bias)._follow(linear_, None)
 
     @property

@@ -4,8 +4,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..calibrate import INT8_METHODS, InputStats, check_method
 from ..formats import Int8Weight
 from ..functional import int8_linear
+from ..quantize import gptq_int8
 from ._load import ConvertedLinear, bias_parameter
 
 _ACTIVATIONS = ("dynamic", None)
@@ -37,10 +39,18 @@ class Int8Linear(ConvertedLinear):
         self.bias = bias_parameter(bias, self.out_features)
 
     @classmethod
-    def from_linear(cls, linear_: nn.Linear, activation: Optional[str] = "dynamic") -> "Int8Linear":
+    def from_linear(cls, linear_: nn.Linear, activation: Optional[str] = "dynamic", *,
+                    method: Optional[str] = None, stats: Optional[InputStats] = None) -> "Int8Linear":
+        """Quantize ``linear_``'s weight: ``method`` ``"absmax"`` (the default without
+        ``stats``) as :meth:`sparqle.Int8Weight.from_float`, or ``"gptq"`` (the default with
+        ``stats``, the layer's calibration inputs, see sparqle.calibrate) as
+        :func:`sparqle.quantize.gptq_int8`, the same grid with GPTQ rounding."""
         if not isinstance(linear_, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear_).__name__}")
-        return cls(Int8Weight.from_float(linear_.weight.detach()), linear_.bias, activation)._follow(linear_, None)
+        method = check_method(method, stats, INT8_METHODS, linear_)
+        w = linear_.weight.detach()
+        weight = gptq_int8(w, stats.xtx) if method == "gptq" else Int8Weight.from_float(w)
+        return cls(weight, linear_.bias, activation)._follow(linear_, None)
 
     @property
     def weight(self) -> Int8Weight:

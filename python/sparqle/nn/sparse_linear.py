@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from .. import prune
+from ..calibrate import SPARSE_METHODS, InputStats, check_method
 from ..formats import CSR, BlockedELL, SemiStructured
+from ..formats.bell import check_block_size
 from ..formats.nm import PATTERNS
 from ..functional import linear
 from ._load import ConvertedLinear, bias_parameter
@@ -75,31 +77,50 @@ class SparseLinear(ConvertedLinear):
 
     @classmethod
     def from_linear(cls, linear_: nn.Linear, sparsity: Optional[float] = None, *,
-                    format: str = "csr", block_size: Optional[int] = None) -> "SparseLinear":
-        """Magnitude-prune ``linear_``'s weight to ``sparsity`` (the fraction of weights
-        zeroed for ``"csr"``, of b x b blocks for ``"bell"``, b = ``block_size``, default 32)
-        and keep the survivors in ``format``; an N:M format (``"2:4"``, ``"1:4"``, ...)
-        keeps the n largest of every m and takes no sparsity."""
+                    format: str = "csr", block_size: Optional[int] = None,
+                    method: Optional[str] = None, stats: Optional[InputStats] = None) -> "SparseLinear":
+        """Prune ``linear_``'s weight to ``sparsity`` (the fraction of weights zeroed for
+        ``"csr"``, of b x b blocks for ``"bell"``, b = ``block_size``, default 32) and keep
+        the survivors in ``format``; an N:M format (``"2:4"``, ``"1:4"``, ...) keeps n of
+        every m and takes no sparsity.
+
+        ``method`` is the criterion of sparqle.prune: ``"magnitude"`` (the default without
+        ``stats``), ``"wanda"`` or ``"sparsegpt"`` (the default with them), the last two
+        computed from ``stats``, the layer's calibration inputs (sparqle.calibrate; what
+        ``convert(..., calibrate=run)`` passes); sparsegpt also updates the kept weights."""
         if not isinstance(linear_, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear_).__name__}")
         if format not in _FORMATS:
             raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {format!r}")
+        method = check_method(method, stats, SPARSE_METHODS, linear_)
         w = linear_.weight.detach()
         if ":" in format:
             if sparsity is not None or block_size is not None:
                 raise ValueError(f"format={format!r} sets the sparsity: pass neither sparsity "
                                  f"nor block_size")
             n, m = (int(v) for v in format.split(":"))
-            return cls(SemiStructured.from_dense(w, n, m), linear_.bias)._follow(linear_, "values")
-        if sparsity is None:
+            pattern = {"n": n, "m": m}
+        elif sparsity is None:
             raise ValueError(f"sparsity is required for format={format!r}")
-        if format == "csr":
+        elif format == "csr":
             if block_size is not None:
                 raise ValueError("block_size applies to format='bell' only")
-            weight = CSR.from_dense(w, mask=prune.magnitude(w, sparsity))
+            pattern = {"sparsity": sparsity}
         else:
             block_size = 32 if block_size is None else block_size
-            mask = prune.magnitude(w, sparsity, block=block_size)
+            check_block_size(block_size)
+            pattern = {"sparsity": sparsity, "block": block_size}
+        if method == "magnitude":
+            mask = prune.magnitude(w, **pattern)
+        elif method == "wanda":
+            mask = prune.wanda(w, stats.x_norm, **pattern)
+        else:
+            w, mask = prune.sparsegpt(w, stats.xtx, **pattern)
+        if ":" in format:
+            weight = SemiStructured.from_mask(w, mask, pattern["n"], pattern["m"])
+        elif format == "csr":
+            weight = CSR.from_dense(w, mask=mask)
+        else:
             weight = BlockedELL.from_dense(w, block_size, mask=mask)
         return cls(weight, linear_.bias)._follow(linear_, "values")
 

@@ -1,0 +1,312 @@
+"""Calibrated compression (sparqle.calibrate, prune.wanda / prune.sparsegpt, quantize.gptq_*):
+statistics against their float64 definition, a reconstruction with a known answer, the
+calibrated criteria against the one-shot ones on calibration and held-out inputs, the
+pattern invariants after reconstruction, convert(calibrate=, method=), the report, and
+the state_dict round trip. All on the torch path (CPU); the accuracy on a real model is in
+tests/test_accuracy.py."""
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparqle
+from sparqle import calibrate, prune, quantize
+
+
+def _inputs(rows: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Correlated inputs with feature scales over two orders of magnitude (as a
+    transformer's are): X = (Z A + 0.3 E) diag(s), A, s fixed by the generator's seed."""
+    state = generator.get_state()
+    generator.manual_seed(1234)
+    mixing = torch.randn(k, k, generator=generator, dtype=torch.float64) / k ** 0.5
+    scales = torch.exp(1.2 * torch.randn(k, generator=generator, dtype=torch.float64))
+    generator.set_state(state)
+    z = torch.randn(rows, k, generator=generator, dtype=torch.float64)
+    return ((z @ mixing + 0.3 * torch.randn(rows, k, generator=generator, dtype=torch.float64)) * scales).float()
+
+
+@pytest.fixture
+def problem():
+    """A linear layer, calibration inputs and held-out inputs of the same distribution."""
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(200, 72)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(72, 200, generator=g))
+    return layer, _inputs(1024, 200, g), _inputs(1024, 200, g)
+
+
+def _error(reference: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> float:
+    """|X (W - W')^T| / |X W^T| in float64, W = ``reference``, W' = ``weight``."""
+    w = reference.detach().double()
+    return float((x.double() @ (w - weight.detach().double()).T).norm() / (x.double() @ w.T).norm())
+
+
+def _stats(layer: nn.Linear, x: torch.Tensor) -> calibrate.InputStats:
+    """Statistics collected by running ``layer`` on x in four batches of two dimensions each."""
+    targets = calibrate.linear_targets(layer, None)
+    stats = calibrate.collect(layer, lambda m: [m(b.view(4, -1, b.shape[-1])) for b in x.chunk(4)], targets)
+    return stats[id(layer)]
+
+
+def test_collect_sums_xtx_and_counts_rows_and_removes_its_hooks():
+    model = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 5), nn.Linear(5, 3))
+    x = [torch.randn(3, 7, 12), torch.randn(11, 12)]
+    targets = calibrate.linear_targets(model, lambda name, m: name != "3")
+    stats = calibrate.collect(model, lambda m: [m(b) for b in x], targets)
+    assert set(stats) == {id(model[0]), id(model[2])}
+    rows = torch.cat([b.reshape(-1, 12) for b in x]).double()
+    assert stats[id(model[0])].count == 32
+    torch.testing.assert_close(stats[id(model[0])].xtx.double(), rows.T @ rows, rtol=1e-5, atol=1e-4)
+    hidden = torch.relu(model[0](rows.float())).double()
+    torch.testing.assert_close(stats[id(model[2])].xtx.double(), hidden.T @ hidden, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats[id(model[0])].x_norm.double(), rows.norm(dim=0), rtol=1e-5, atol=1e-5)
+    assert all(not m._forward_pre_hooks for m in model)
+
+    def failing(m):
+        m(torch.randn(2, 12))
+        raise RuntimeError("the user's run failed")
+    with pytest.raises(RuntimeError, match="the user's run failed"):
+        calibrate.collect(model, failing, targets)
+    assert all(not m._forward_pre_hooks for m in model), "hooks are removed on exceptions too"
+
+
+def test_collect_bad_input():
+    model = nn.Sequential(nn.Linear(4, 4))
+    targets = calibrate.linear_targets(model, None)
+    with pytest.raises(TypeError, match="calibrate must be a callable"):
+        calibrate.collect(model, "not a function", targets)
+    with pytest.raises(ValueError, match="calibrate: 0 got an input of torch.int64"):
+        calibrate.collect(model, lambda m: m(torch.ones(2, 4, dtype=torch.int64)), targets)
+
+
+def test_sparsegpt_compensates_a_duplicated_input_exactly():
+    """Known answer: inputs come in identical pairs (x_{2i+1} = x_{2i}), so a 1:2 pattern
+    loses nothing when each kept weight takes its pruned twin's: w'_kept = w_2i + w_2i+1.
+    Magnitude pruning drops half the signal instead."""
+    g = torch.Generator().manual_seed(1)
+    half = torch.randn(512, 8, generator=g)
+    x = half.repeat_interleave(2, dim=1)                              # [512, 16]
+    w = torch.randn(6, 16, generator=g)
+    pruned, mask = prune.sparsegpt(w, x.T @ x, n=1, m=2, damp=0.0)
+    assert torch.equal(mask.view(6, 8, 2).sum(-1), torch.ones(6, 8, dtype=torch.long))
+    torch.testing.assert_close(pruned.sum(1), w.sum(1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pruned.view(6, 8, 2).sum(-1), w.view(6, 8, 2).sum(-1), rtol=1e-4, atol=1e-4)
+    assert _error(w, pruned, x) < 1e-4
+    assert _error(w, w * prune.magnitude(w, n=1, m=2), x) > 0.3
+
+
+PATTERNS = [pytest.param({"format": "csr", "sparsity": 0.5}, id="csr-50"),
+            pytest.param({"format": "2:4"}, id="2:4"),
+            pytest.param({"format": "4:8"}, id="4:8"),
+            pytest.param({"format": "bell", "sparsity": 0.5, "block_size": 16}, id="bell-16-50")]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_calibrated_pruning_beats_magnitude_on_calibration_and_held_out_inputs(problem, pattern):
+    layer, x, held_out = problem
+    stats = _stats(layer, x)
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        sparse = sparqle.nn.SparseLinear.from_linear(layer, **pattern, method=method, stats=stats)
+        dense = sparse.weight.to_dense()
+        errors[method] = (_error(layer.weight, dense, x), _error(layer.weight, dense, held_out))
+    for inputs in (0, 1):
+        assert errors["sparsegpt"][inputs] < errors["wanda"][inputs] < errors["magnitude"][inputs], errors
+    assert errors["sparsegpt"][0] < 0.7 * errors["magnitude"][0], errors
+
+
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_gptq_int4_beats_minmax_and_mse_on_calibration_and_held_out_inputs(problem, group_size):
+    layer, x, held_out = problem
+    stats = _stats(layer, x)
+    errors = {}
+    for method in ("minmax", "mse", "gptq"):
+        q = sparqle.nn.Int4Linear.from_linear(layer, group_size, method=method, stats=stats)
+        dense = q.weight.dequantize()
+        errors[method] = (_error(layer.weight, dense, x), _error(layer.weight, dense, held_out))
+    for inputs in (0, 1):
+        assert errors["gptq"][inputs] < errors["mse"][inputs] <= errors["minmax"][inputs], errors
+
+
+def test_gptq_int8_beats_absmax_on_the_same_grid(problem):
+    layer, x, held_out = problem
+    stats = _stats(layer, x)
+    absmax = sparqle.nn.Int8Linear.from_linear(layer, None)
+    gptq = sparqle.nn.Int8Linear.from_linear(layer, None, method="gptq", stats=stats)
+    assert torch.equal(gptq.scales, absmax.scales), "GPTQ keeps the per-row absmax grid"
+    for inputs in (x, held_out):
+        assert (_error(layer.weight, gptq.weight.dequantize(), inputs)
+                < 0.9 * _error(layer.weight, absmax.weight.dequantize(), inputs))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (4, 8), (1, 2)])
+@pytest.mark.parametrize("k", [70, 256])
+def test_sparsegpt_n_m_is_exact(n, m, k):
+    g = torch.Generator().manual_seed(k + m)
+    w, x = torch.randn(24, k, generator=g), _inputs(300, k, g)
+    pruned, mask = prune.sparsegpt(w, x.T @ x, n=n, m=m)
+    groups = torch.nn.functional.pad(mask, (0, -k % m)).view(24, -1, m).sum(-1)
+    full = k // m
+    assert bool((groups[:, :full] == n).all()), "every full group keeps exactly n"
+    assert bool((groups[:, full:] == min(n, k % m)).all())
+    assert bool((pruned[~mask] == 0).all()) and pruned.dtype == w.dtype
+    weight = sparqle.SemiStructured.from_mask(pruned, mask, n, m)
+    torch.testing.assert_close(weight.to_dense(), pruned, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
+def test_sparsegpt_and_wanda_unstructured_keep_exact_counts_per_row(sparsity):
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(20, 300, generator=g), _inputs(400, 300, g)
+    pruned, mask = prune.sparsegpt(w, x.T @ x, sparsity)
+    keep = 300 - round(sparsity * 300)
+    assert torch.equal(mask.sum(1), torch.full((20,), keep))
+    assert bool((pruned[~mask] == 0).all())
+    wanda = prune.wanda(w, x.norm(dim=0), sparsity)
+    assert torch.equal(wanda.sum(1), torch.full((20,), keep))
+    score = w.abs() * x.norm(dim=0)
+    assert bool((score.masked_fill(~wanda, float("inf")).amin(1) >= score.masked_fill(wanda, 0).amax(1)).all())
+
+
+@pytest.mark.parametrize("b", [16, 32])
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_block_pruning_keeps_whole_blocks_and_exact_counts_per_block_row(b, criterion):
+    g = torch.Generator().manual_seed(b)
+    rows, k = 70, 300
+    w, x = torch.randn(rows, k, generator=g), _inputs(400, k, g)
+    if criterion == "wanda":
+        pruned, mask = None, prune.wanda(w, x.norm(dim=0), 0.5, block=b)
+    else:
+        pruned, mask = prune.sparsegpt(w, x.T @ x, 0.5, block=b)
+    block_rows, block_cols = -(-rows // b), -(-k // b)
+    padded = torch.nn.functional.pad(mask, (0, block_cols * b - k, 0, block_rows * b - rows))
+    kept = padded.view(block_rows, b, block_cols, b).any(3).any(1)
+    whole = kept.repeat_interleave(b, 0).repeat_interleave(b, 1)[:rows, :k]
+    assert torch.equal(mask, whole), "a block is kept whole or not at all"
+    assert torch.equal(kept.sum(1), torch.full((block_rows,), block_cols - round(0.5 * block_cols)))
+    if pruned is not None:
+        assert bool((pruned[~mask] == 0).all())
+        bell = sparqle.BlockedELL.from_dense(pruned, b, mask=mask)
+        torch.testing.assert_close(bell.to_dense(), pruned, rtol=0, atol=0)
+
+
+def test_criteria_bad_input():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match=r"x_norm must be a floating-point \[16\] tensor"):
+        prune.wanda(w, torch.ones(15), 0.5)
+    with pytest.raises(ValueError, match="x_norm must be finite and >= 0"):
+        prune.wanda(w, -torch.ones(16), 0.5)
+    with pytest.raises(ValueError, match=r"xtx must be a floating-point \[16, 16\] tensor"):
+        prune.sparsegpt(w, torch.eye(8), 0.5)
+    with pytest.raises(ValueError, match="xtx holds NaN"):
+        prune.sparsegpt(w, torch.full((16, 16), float("nan")), 0.5)
+    with pytest.raises(ValueError, match="damp must be a number >= 0"):
+        prune.sparsegpt(w, torch.eye(16), 0.5, damp=-1)
+    with pytest.raises(ValueError, match="n and m set the sparsity"):
+        prune.sparsegpt(w, torch.eye(16), 0.5, n=2, m=4)
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        prune.wanda(torch.randn(2, 8, 16), torch.ones(16), 0.5)
+    with pytest.raises(ValueError, match="clip must be one of"):
+        quantize.gptq_int4(w, torch.eye(16), 32, clip="gptq")
+    with pytest.raises(ValueError, match="xtx is not positive semi-definite"):
+        prune.sparsegpt(w, torch.eye(16) - 0.9 * torch.ones(16, 16), 0.5)
+    layer = nn.Linear(16, 8)
+    with pytest.raises(ValueError, match="method='sparsegpt' needs the layer's calibration statistics"):
+        sparqle.nn.SparseLinear.from_linear(layer, 0.5, method="sparsegpt")
+    with pytest.raises(ValueError, match="method must be one of"):
+        sparqle.nn.Int4Linear.from_linear(layer, 32, method="sparsegpt")
+    with pytest.raises(ValueError, match=r"stats.xtx must have shape \(16, 16\)"):
+        sparqle.nn.Int8Linear.from_linear(layer, method="gptq",
+                                          stats=calibrate.InputStats(torch.eye(8), 10))
+    with pytest.raises(TypeError, match="stats must be a sparqle.calibrate.InputStats"):
+        sparqle.nn.Int4Linear.from_linear(layer, 32, stats=torch.eye(16))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.Linear(64, 8))
+
+
+@pytest.mark.parametrize("fmt,options,layer_type", [
+    ("2:4", {}, sparqle.nn.SparseLinear),
+    ("csr", {"sparsity": 0.5}, sparqle.nn.SparseLinear),
+    ("bell", {"sparsity": 0.5, "block_size": 16}, sparqle.nn.SparseLinear),
+    ("int4", {"group_size": 32}, sparqle.nn.Int4Linear),
+    ("int8", {"activation": None}, sparqle.nn.Int8Linear),
+])
+def test_convert_calibrated_report_and_state_dict_round_trip(fmt, options, layer_type):
+    """convert(calibrate=run): every layer's output error on the calibration inputs is below
+    the one-shot criterion's (the report says so), and the calibrated weights survive
+    torch.save / load_state_dict into a model converted without calibration."""
+    model = _mlp()
+    batches = [torch.randn(16, 64) * torch.linspace(0.1, 3, 64) for _ in range(8)]
+    held_out = torch.randn(32, 64) * torch.linspace(0.1, 3, 64)
+    calibrated = sparqle.convert(_mlp(), fmt, calibrate=lambda m: [m(b) for b in batches], **options)
+    assert all(type(m) is layer_type for m in (calibrated[0], calibrated[2], calibrated[3]))
+    table = calibrate.report(calibrated)
+    assert table.splitlines()[0] == "| layer | method | one-shot error | error | seconds |"
+    for name in ("0", "2", "3", "total"):
+        line = next(row for row in table.splitlines() if row.startswith(f"| {name} |"))
+        one_shot, error = (float(v) for v in line.strip("| ").split("|")[-3:-1])
+        assert 0 < error < one_shot, table
+    buffer = io.BytesIO()
+    torch.save(calibrated.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = sparqle.convert(_mlp(), fmt, **options)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(held_out), calibrated(held_out), rtol=0, atol=0)
+        assert not torch.equal(fresh(held_out), sparqle.convert(_mlp(), fmt, **options)(held_out))
+        reference = model(held_out)
+        one_shot = sparqle.convert(_mlp(), fmt, **options)(held_out)
+        assert (fresh(held_out) - reference).norm() < (one_shot - reference).norm()
+
+
+def test_convert_calibration_errors_and_uncalled_layers():
+    model = _mlp()
+    run = lambda m: m[:3](torch.randn(8, 64))  # noqa: E731  (never reaches model[3])
+    with pytest.warns(UserWarning, match="convert: 3 was not called while calibrate ran: it is "
+                                         "converted with method='magnitude'"):
+        sparqle.convert(model, "2:4", calibrate=run, method="wanda")
+    assert model[0].calibration["method"] == "wanda" and not hasattr(model[3], "calibration")
+    with pytest.raises(ValueError, match="calibrate applies to the formats"):
+        sparqle.convert(_mlp(), "fp8", calibrate=run)
+    with pytest.raises(ValueError, match="method='gptq' needs the layer's calibration statistics"):
+        sparqle.convert(_mlp(), "int4", method="gptq")
+    with pytest.raises(ValueError, match="method must be one of"):
+        sparqle.convert(_mlp(), "int8", calibrate=run, method="mse")
+    with pytest.raises(ValueError, match="nothing to report"):
+        calibrate.report(sparqle.convert(_mlp(), "int4", group_size=32, method="mse"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mse = sparqle.convert(_mlp(), "int4", group_size=32, method="mse")
+    assert type(mse[0]) is sparqle.nn.Int4Linear
+
+
+def test_fixed_mask_fine_tune_after_sparsegpt_keeps_the_pattern_and_lowers_the_error():
+    """The fine-tune recipe of docs/calibration.md on a small model: distil the float model's
+    outputs on the calibration batches into the 2:4 model; the optimizer updates the stored
+    values only, so the pattern (meta) stays and every group of 4 still holds 2."""
+    teacher = _mlp()
+    batches = [torch.randn(16, 64) * torch.linspace(0.1, 3, 64) for _ in range(8)]
+    student = sparqle.convert(_mlp(), "2:4", calibrate=lambda m: [m(b) for b in batches], method="sparsegpt")
+    metas = [m.meta.clone() for m in student.modules() if isinstance(m, sparqle.nn.SparseLinear)]
+    x = torch.cat(batches)
+    with torch.no_grad():
+        target = teacher(x)
+        before = float((student(x) - target).pow(2).mean())
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(20):
+        loss = (student(x) - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert float((student(x) - target).pow(2).mean()) < 0.8 * before
+    layers = [m for m in student.modules() if isinstance(m, sparqle.nn.SparseLinear)]
+    assert all(torch.equal(m.meta, meta) for m, meta in zip(layers, metas))
+    for layer in layers:
+        dense = layer.weight.to_dense()
+        assert bool(((dense != 0).view(dense.shape[0], -1, 4).sum(-1) <= 2).all())
