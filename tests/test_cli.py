@@ -86,3 +86,17 @@ def test_bench_writes_outside_the_committed_results_by_default(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     assert "default bench-results" in " ".join(capsys.readouterr().out.split())
+
+
+def test_bench_accuracy_skips_with_its_reason_without_the_model(monkeypatch, capsys, tmp_path):
+    """``sparqle bench --op accuracy`` (not in the default set) says why it cannot run;
+    with the model it prints bench_accuracy.cells (tests/test_accuracy.py measures it)."""
+    from sparqle.bench import bench_accuracy
+    monkeypatch.setattr(bench_accuracy, "missing", lambda: "the test extra's model is missing")
+    assert cli.main(["bench", "--op", "accuracy", "--out", str(tmp_path)]) == 0
+    assert "skipped accuracy: the test extra's model is missing" in capsys.readouterr().out
+    assert "accuracy" not in cli.BENCHMARKS
+    report = {**harness.stamp(), "notes": "", "results": [
+        {"conversion": "csr", "sparsity": 0.5, "method": "sparsegpt", "worst": 0.88, "mean": 0.895, "seconds": 12.5}]}
+    page = harness.cells_markdown(report, bench_accuracy.cells(report), "accuracy")
+    assert "| csr (sparsity=0.5) | sparsegpt | 0.8800 | 0.8950 | 12.5 |" in page

@@ -7,9 +7,10 @@ import sys
 from typing import List, Optional
 
 BENCHMARKS = ("spmm_csr", "spmm_bell", "nm", "int4", "int8", "fp8", "window_attention", "sparse_windows")
-# Benchmarks of whole models and of the host path: each module's report(quick, progress)
-# measures its own way (not per-op cases); run only when asked for with --op.
-REPORTS = ("e2e", "overhead")
+# Benchmarks of whole models, of the host path and of the compression criteria' accuracy:
+# each module's report(quick, progress) measures its own way (not per-op cases); run only
+# when asked for with --op. A module's missing(), if it has one, says why it cannot run here.
+REPORTS = ("e2e", "overhead", "accuracy")
 
 
 def _bench(args) -> int:
@@ -20,6 +21,10 @@ def _bench(args) -> int:
         return 0
     for op in args.op or BENCHMARKS:
         module = importlib.import_module(f"sparqle.bench.bench_{op}")
+        reason = getattr(module, "missing", lambda: None)()
+        if reason:
+            print(f"skipped {op}: {reason}")
+            continue
         name = op + ("-quick" if args.quick else "")
         if op in REPORTS:
             report = module.report(args.quick, progress=not args.no_progress)
@@ -57,8 +62,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench = sub.add_parser("bench", help="time sparqle's ops against the baselines")
     bench.add_argument("--quick", action="store_true", help="a small set (under a minute on a CPU)")
     bench.add_argument("--op", action="append", choices=BENCHMARKS + REPORTS,
-                       help="only this op (repeatable); e2e (whole models) and overhead (the host "
-                            "path per call) run only when named")
+                       help="only this op (repeatable); e2e (whole models), overhead (the host "
+                            "path per call) and accuracy (all-MiniLM-L6-v2 with each compression "
+                            "criterion) run only when named")
     bench.add_argument("--out", default="bench-results",
                        help="folder of the JSON and Markdown results (default bench-results; the "
                             "repository's results are committed from --out bench/results on purpose)")

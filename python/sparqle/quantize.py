@@ -65,5 +65,6 @@ def _gptq(w: torch.Tensor, xtx: torch.Tensor, fake_quantize: Callable[[torch.Ten
     by ``fake_quantize(column [N], j)`` (its dequantized value); float32 [N, K]."""
     order = torch.argsort(xtx.diagonal().to(w.device), descending=True, stable=True)
     u = inverse_hessian_factor(xtx.to(w.device)[order][:, order], w, damp)
-    fixed = obs_sweep(w[:, order], u, lambda w1, d1, i, j0: fake_quantize(w1[:, i], int(order[j0 + i])))
+    columns = order.tolist()  # one host copy, not one per column
+    fixed = obs_sweep(w[:, order], u, lambda w1, d1, i, j0: fake_quantize(w1[:, i], columns[j0 + i]))
     return torch.empty_like(fixed).index_copy_(1, order, fixed)

