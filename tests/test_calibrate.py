@@ -310,3 +310,11 @@ def test_fixed_mask_fine_tune_after_sparsegpt_keeps_the_pattern_and_lowers_the_e
     for layer in layers:
         dense = layer.weight.to_dense()
         assert bool(((dense != 0).view(dense.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def test_convert_calibrates_the_layers_of_a_mapping_whose_format_takes_it():
+    batches = [torch.randn(16, 64) for _ in range(4)]
+    model = sparqle.convert(_mlp(), {"0": ("int4", {"group_size": 32}), "2": ("csr", {"sparsity": 0.5}),
+                                     "3": "fp8"}, calibrate=lambda m: [m(b) for b in batches])
+    assert model[0].calibration["method"] == "gptq" and model[2].calibration["method"] == "sparsegpt"
+    assert type(model[3]) is sparqle.nn.FP8Linear and not hasattr(model[3], "calibration")

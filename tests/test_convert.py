@@ -108,7 +108,7 @@ def test_sparse_formats_in_a_mapping():
     ({"*.mlp.*": "int3"}, ValueError, r"pattern '\*\.mlp\.\*': format must be one of .* got 'int3'"),
     ({"*.mlp.*": "window_attention"}, ValueError, r"pattern '\*\.mlp\.\*': 'window_attention' swaps whole"),
     ({"lm_head": ("int8", {"group_size": 32})}, ValueError,
-     r"pattern 'lm_head': format 'int8' takes the options \['activation'\], got \{'group_size': 32\}"),
+     r"pattern 'lm_head': format 'int8' takes the options \['activation', 'method', 'stats'\], got \{'group_size': 32\}"),
     ({"lm_head": ("csr", {"sparsity": 0.5, "format": "bell"})}, ValueError, r"pattern 'lm_head': format 'csr'"),
     ({"lm_head": None, "*.q": ("int4",)}, TypeError, r"pattern '\*\.q': a setting is None \(skip\), a format name"),
     ({"lm_head": (None, {"sparsity": 0.5})}, TypeError, r"pattern 'lm_head': a setting is None"),

@@ -211,8 +211,8 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, target: Callable[[torch.Tensor, 
         errors = torch.empty_like(w1)
         for i in range(j1 - j0):
             q = target(w1, d1, i, j0)
-            errors[:, i] = (w1[:, i] - q) / d1[i]
-            w1[:, i:] -= errors[:, i:i + 1] * u1[i, i:]
+            torch.div(w1[:, i] - q, d1[i], out=errors[:, i])
+            w1[:, i + 1:].addr_(errors[:, i], u1[i, i + 1:], alpha=-1)
             w1[:, i] = q
         w[:, j0:j1] = w1
         w[:, j1:] -= errors @ u[j0:j1, j1:]
