@@ -107,7 +107,8 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
             mask[:, j0:j0 + width] = _expand_blocks(keep, block, w1.shape)
         return w1[:, i] * mask[:, j0 + i]
 
-    pruned = obs_sweep(w, u, target, chunk=128)
+    # A chunk holds whole groups of m (m divides 128) and whole blocks.
+    pruned = obs_sweep(w, u, target, chunk=block * cdiv(128, block) if pattern == "blocks" else 128)
     return pruned.masked_fill(~mask, 0).to(w.dtype), mask
 
 
