@@ -237,10 +237,11 @@ def _mlp():
     ("int4", {"group_size": 32}, sparqle.nn.Int4Linear),
     ("int8", {"activation": None}, sparqle.nn.Int8Linear),
 ])
-def test_convert_calibrated_report_and_state_dict_round_trip(fmt, options, layer_type):
+def test_convert_calibrated_report_and_state_dict_round_trip(fmt, options, layer_type, tmp_path):
     """convert(calibrate=run): every layer's output error on the calibration inputs is below
     the one-shot criterion's (the report says so), and the calibrated weights survive
-    torch.save / load_state_dict into a model converted without calibration."""
+    torch.save / load_state_dict into a model converted without calibration, and
+    sparqle.save / sparqle.load into the float model."""
     model = _mlp()
     batches = [torch.randn(16, 64) * torch.linspace(0.1, 3, 64) for _ in range(8)]
     held_out = torch.randn(32, 64) * torch.linspace(0.1, 3, 64)
@@ -257,8 +258,12 @@ def test_convert_calibrated_report_and_state_dict_round_trip(fmt, options, layer
     buffer.seek(0)
     fresh = sparqle.convert(_mlp(), fmt, **options)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    path = tmp_path / "calibrated.safetensors"
+    sparqle.save(calibrated, path)
+    loaded = sparqle.load(_mlp(), path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(held_out), calibrated(held_out), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(held_out), calibrated(held_out), rtol=0, atol=0)
         assert not torch.equal(fresh(held_out), sparqle.convert(_mlp(), fmt, **options)(held_out))
         reference = model(held_out)
         one_shot = sparqle.convert(_mlp(), fmt, **options)(held_out)

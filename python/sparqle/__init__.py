@@ -3,8 +3,8 @@
     w = sparqle.CSR.from_dense(dense_weight)
     y = sparqle.linear(x, w, bias)                 # x @ w^T + bias
     sparqle.convert(model, "csr", sparsity=0.9)    # every nn.Linear, in place
-    sparqle.save(model, "model.safetensors")       # later: sparqle.load(float_model, path)
     sparqle.convert(model, "2:4", calibrate=lambda m: m(batch), method="sparsegpt")
+    sparqle.save(model, "model.safetensors")       # later: sparqle.load(float_model, path)
 """
 import importlib.metadata
 
