@@ -10,26 +10,30 @@ and each kernel's whole tuning space and its test config (the GPU check's tests 
 with the config's own num_warps and num_stages. Runs ``python -m sparqle.bench.kernel_specs``
 in a subprocess without TRITON_INTERPRET, on every core.
 """
+import importlib
 import os
 import re
 import subprocess
 import sys
 
+from sparqle import registry
 from sparqle.bench import kernel_specs
+
 
 def _compiler_env():
     return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SPARQLE_AUTOTUNE")}
 
 
 def test_cases_cover_every_dtype_of_every_triton_backend():
-    from sparqle.bindings import (fp8_linear, int4_linear, int8_linear, nm_linear, spmm_bell, spmm_csr,
-                                  window_attention)
+    """Every op of sparqle.registry has compile cases for each dtype its Triton backend takes
+    (a new op with no cases in kernel_specs fails here)."""
     labels = {}
     for case in kernel_specs.test_cases():
         labels.setdefault(case.op, []).append(case.label)
-    tables = [(b.__name__.rsplit(".", 1)[1], b._DTYPES["triton"], "") for b in
-              (spmm_csr, spmm_bell, int4_linear, int8_linear, nm_linear, fp8_linear, window_attention)]
-    tables.append(("nm_linear", nm_linear._TO_DENSE_DTYPES["triton"], "to_dense "))
+    tables = [(kernels, importlib.import_module(f"sparqle.bindings.{kernels}")._DTYPES["triton"], "")
+              for kernels in registry.KERNEL_MODULES]
+    tables.append(("nm_linear", importlib.import_module("sparqle.bindings.nm_linear")._TO_DENSE_DTYPES["triton"],
+                   "to_dense "))
     for op, dtypes, prefix in tables:
         for dtype in dtypes:
             name = str(dtype).replace("torch.", "")

@@ -8,9 +8,7 @@
 """
 import importlib.metadata
 
-from sparqle import bindings  # noqa: F401  (registers torch.ops.sparqle.*)
-
-from . import calibrate, nn, prune, quantize
+from . import calibrate, nn, prune, quantize, registry  # registry: registers torch.ops.sparqle.*
 from .backends import use_backend
 from .checkpoint import load, save
 from .convert import ConvertedLayer, ConvertSummary, convert

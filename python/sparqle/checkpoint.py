@@ -24,17 +24,16 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .nn import FP8Linear, Int4Linear, Int8Linear, SparseLinear, SparseWindowBlock, WindowAttention
+from .nn import SparseWindowBlock, WindowAttention
 from .nn._load import CheckedLoad, ConvertedLinear, Settings, _named
 from .nn._replace import filtered, replace_modules
-from .nn.sparse_linear import _FORMATS as _SPARSE_FORMATS
 from .nn.window_attention import is_swin_block, is_swin_window_attention
+from .registry import BY_CONVERSION
 
 FORMAT_VERSION = 1
 METADATA_KEY = "sparqle"
-# format (settings()["format"]) -> the module class that holds it
-_LINEARS = {**dict.fromkeys(_SPARSE_FORMATS, SparseLinear), "int4": Int4Linear, "int8": Int8Linear,
-            "fp8": FP8Linear}
+# format (settings()["format"], the name sparqle.convert takes) -> the module class that holds it
+_LINEARS = {name: entry.module_class for name, entry in BY_CONVERSION.items()}
 # formats that swap whole modules, in the order a load converts them (a block before the
 # attention inside it; both before the linear layers, which they keep as they are):
 # format -> (class, whether a float module is one to convert, the conversion)

@@ -6,7 +6,8 @@ import os
 import sys
 from typing import List, Optional
 
-BENCHMARKS = ("spmm_csr", "spmm_bell", "nm", "int4", "int8", "fp8", "window_attention", "sparse_windows")
+from sparqle.registry import BENCHMARKS
+
 # Benchmarks of whole models, of the host path and of the compression criteria' accuracy:
 # each module's report(quick, progress) measures its own way (not per-op cases); run only
 # when asked for with --op. A module's missing(), if it has one, says why it cannot run here.

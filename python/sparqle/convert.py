@@ -10,67 +10,38 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 
 from torch import nn
 
-from . import prune
-from .calibrate import INT4_METHODS, INT8_METHODS, SPARSE_METHODS, Calibration
-from .formats._checks import INT32_MAX
-from .formats.nm import PATTERNS
-from .nn import FP8Linear, Int4Linear, Int8Linear, SparseLinear
+from .calibrate import Calibration
 from .nn._load import ConvertedLinear
 from .nn._replace import Outcome, filtered, replace_modules
 from .nn.window_attention import (SparseWindowBlock, WindowAttention, convert_sparse_windows,
                                   convert_window_attention)
+from .registry import BY_CONVERSION
 
-# Format name -> (the converter of an nn.Linear, the arguments the name gives it).
-_CONVERTERS: Dict[str, Tuple[Callable[..., nn.Module], Dict[str, Any]]] = {
-    "csr": (SparseLinear.from_linear, {"format": "csr"}),
-    "bell": (SparseLinear.from_linear, {"format": "bell"}),
-    "fp8": (FP8Linear.from_linear, {}),
-    "int4": (Int4Linear.from_linear, {}),
-    "int8": (Int8Linear.from_linear, {}),
-    **{f"{n}:{m}": (SparseLinear.from_linear, {"format": f"{n}:{m}"}) for n, m in PATTERNS},
-}
 # Formats that swap whole modules rather than nn.Linear layers: the converter, what it
 # swaps (for messages), and the sparqle module it swaps them for.
 _MODULE_CONVERTERS = {
     "window_attention": (convert_window_attention, "Swin WindowAttention", WindowAttention),
     "sparse_windows": (convert_sparse_windows, "Swin block", SparseWindowBlock),
 }
-# The criteria (``method``) of the formats that calibrate (sparqle.calibrate): the first is
-# the default without ``calibrate``, the second with it.
-_METHODS = {"csr": SPARSE_METHODS, "bell": SPARSE_METHODS, "int4": INT4_METHODS, "int8": INT8_METHODS,
-            **{f"{n}:{m}": SPARSE_METHODS for n, m in PATTERNS}}
 _LINEAR = "nn.Linear"
 Setting = Union[None, str, Tuple[str, Mapping[str, Any]]]
 
 
-def _csr_refusal(linear: nn.Linear, options: Mapping[str, Any]) -> Optional[str]:
-    """CSR keeps int32 indices: a layer keeping more than 2^31 - 1 weights cannot be one."""
-    sparsity = options.get("sparsity")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        return None  # the converter says what is wrong with it
-    nnz = prune.kept(linear.weight.numel(), sparsity)
-    if nnz > INT32_MAX:
-        return (f"it keeps {nnz} weights at sparsity {sparsity}, past the {INT32_MAX} that CSR's "
-                f"int32 indices reach")
-    return None
-
-
-# Format -> why it cannot serve a layer (None when it can), from the layer's shape and the
-# options alone, before anything is converted. Every other format serves every shape: N:M
-# pads the input features to a multiple of m, Blocked-ELL both sizes to multiples of the
-# block, int4's last group may be partial, and every kernel masks its edge tiles.
-_REFUSALS: Dict[str, Callable[[nn.Linear, Mapping[str, Any]], Optional[str]]] = {"csr": _csr_refusal}
-
-
 def _refusal(fmt: str, linear: nn.Linear, options: Mapping[str, Any]) -> Optional[str]:
-    refuse = _REFUSALS.get(fmt)
+    refuse = BY_CONVERSION[fmt].refusal
     reason = refuse(linear, options) if refuse else None
     return None if reason is None else f"{fmt} cannot serve it: {reason}"
 
 
+def _converter(fmt: str) -> Tuple[Callable[..., nn.Module], Dict[str, Any]]:
+    """(the converter of an nn.Linear to format name ``fmt``, the options the name gives it)."""
+    entry = BY_CONVERSION[fmt]
+    return entry.module_class.from_linear, entry.converts[fmt]
+
+
 def _check_options(fmt: str, options: Mapping[str, Any], where: str) -> None:
     """Options that ``fmt``'s converter takes, or ValueError naming ``where`` they come from."""
-    fn, given = _CONVERTERS[fmt]
+    fn, given = _converter(fmt)
     signature = inspect.signature(fn)
     try:
         signature.bind(None, **given, **options)
@@ -82,10 +53,11 @@ def _check_options(fmt: str, options: Mapping[str, Any], where: str) -> None:
 
 def _convert_linear(fmt: str, options: Mapping[str, Any], linear: nn.Linear, name: str,
                     where: str, calibration: Optional[Calibration]) -> nn.Module:
-    fn, given = _CONVERTERS[fmt]
+    fn, given = _converter(fmt)
+    methods = BY_CONVERSION[fmt].methods
     try:
-        if calibration is not None and fmt in _METHODS:
-            return calibration.convert(fn, _METHODS[fmt], name, linear, {**given, **options})
+        if calibration is not None and methods is not None:
+            return calibration.convert(fn, methods, name, linear, {**given, **options})
         return fn(linear, **given, **options)
     except (ValueError, TypeError) as error:
         raise type(error)(f"convert: {where}, layer {name!r}: {error}") from error
@@ -123,8 +95,8 @@ def _rules(mapping: Mapping[str, Setting], shared: Mapping[str, Any]) -> List[_R
         if fmt in _MODULE_CONVERTERS:
             raise ValueError(f"pattern {pattern!r}: {fmt!r} swaps whole {_MODULE_CONVERTERS[fmt][1]} "
                              f"modules, not nn.Linear layers: call convert(model, {fmt!r}) on its own")
-        if fmt is not None and fmt not in _CONVERTERS:
-            raise ValueError(f"pattern {pattern!r}: format must be one of {sorted(_CONVERTERS)} or None "
+        if fmt is not None and fmt not in BY_CONVERSION:
+            raise ValueError(f"pattern {pattern!r}: format must be one of {sorted(BY_CONVERSION)} or None "
                              f"(skip), got {fmt!r}")
         if fmt is not None:
             options = {**shared, **options}
@@ -293,8 +265,9 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     calibration = None
     if calibrate is not None:
-        if not (isinstance(fmt, Mapping) or (isinstance(fmt, str) and fmt in _METHODS)):
-            raise ValueError(f"calibrate applies to the formats {sorted(_METHODS)} (or a mapping "
+        calibrated = sorted(name for name, entry in BY_CONVERSION.items() if entry.methods is not None)
+        if not (isinstance(fmt, Mapping) or fmt in calibrated):
+            raise ValueError(f"calibrate applies to the formats {calibrated} (or a mapping "
                              f"with them), not {fmt!r}")
         calibration = Calibration(model, filter, calibrate)
     if isinstance(fmt, Mapping):
@@ -323,7 +296,7 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
     elif isinstance(fmt, str) and fmt in _MODULE_CONVERTERS:
         convert_modules, kind, converted_type = _MODULE_CONVERTERS[fmt]
         summary = _summary(convert_modules(model, filter=filter, **options), lambda o: fmt)
-    elif isinstance(fmt, str) and fmt in _CONVERTERS:
+    elif isinstance(fmt, str) and fmt in BY_CONVERSION:
         _check_options(fmt, options, f"fmt {fmt!r}")
         outcomes = replace_modules(
             model, _is_linear, filtered(filter, fmt, lambda linear: _refusal(fmt, linear, options)),
@@ -333,7 +306,7 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
         summary = _summary(outcomes, lambda o: fmt)
         kind, converted_type = _LINEAR, ConvertedLinear
     else:
-        raise ValueError(f"fmt must be one of {sorted([*_CONVERTERS, *_MODULE_CONVERTERS])} or a mapping "
+        raise ValueError(f"fmt must be one of {sorted([*BY_CONVERSION, *_MODULE_CONVERTERS])} or a mapping "
                          f"from patterns of module names to settings, got {fmt!r}")
     _warn_if_nothing_converted(model, summary, kind, converted_type)
     if verbose:

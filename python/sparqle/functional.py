@@ -1,5 +1,6 @@
 """The ops users call: ``spmm`` (sparse x dense) and ``linear`` (x @ W^T + bias), each
-dispatching on the weight format. Arguments are checked here, with errors that name them."""
+dispatching on the weight format to its op in sparqle.registry. Arguments are checked here,
+with errors that name them."""
 from typing import Optional
 
 import torch
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 from sparqle.bindings.fp8_linear import FP8TrainingLinear
 from sparqle.kernels._capture import check_values
 
-from .formats import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
+from . import registry
+from .formats import FP8Weight, Int8Weight
 from .formats.fp8 import fp8_dtype
 
 
@@ -42,51 +44,18 @@ def _check_static_scale(static_scale, x: torch.Tensor) -> None:
                  "static_scale must be finite and > 0 (in fp32)")
 
 
-def _csr_spmm(a: CSR, b: torch.Tensor) -> torch.Tensor:
-    needs_transpose = torch.is_grad_enabled() and b.requires_grad
-    t_crow, t_col, t_perm, t_row_order = (
-        a.transposed_structure() if needs_transpose else (None,) * 4)
-    return torch.ops.sparqle.spmm_csr(a.crow_indices, a.col_indices, a.values, a.row_order,
-                                      t_crow, t_col, t_perm, t_row_order, b)
-
-
-def _bell_times_transposed(x: torch.Tensor, a: BlockedELL) -> torch.Tensor:
-    """x [n, k] @ a^T -> [n, m]."""
-    t_ell_cols, t_slots = (a.transposed_structure()
-                           if torch.is_grad_enabled() and x.requires_grad else (None, None))
-    return torch.ops.sparqle.spmm_bell(a.ell_cols, a.values, t_ell_cols, t_slots, x, a.shape[0])
-
-
-def _bell_spmm(a: BlockedELL, b: torch.Tensor) -> torch.Tensor:
-    # a @ b = (b^T @ a^T)^T: the kernel reads b^T through strides, without a copy.
-    return _bell_times_transposed(b.t(), a).t().contiguous()
-
-
-def _nm_linear(x2d: torch.Tensor, w: SemiStructured, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # The kernel adds the bias in its epilogue. Values that get a gradient are being trained.
-    training = torch.is_grad_enabled() and w.values.requires_grad
-    return torch.ops.sparqle.nm_linear(x2d, w.values, w.meta, bias, w.n, w.m, training)
-
-
-_SPMM = {CSR: _csr_spmm, BlockedELL: _bell_spmm,
-         # a @ b = (b^T @ a^T)^T: the kernel reads b^T through strides, without a copy.
-         SemiStructured: lambda a, b: _nm_linear(b.t(), a, None).t().contiguous()}
-
-
 def spmm(a, b: torch.Tensor) -> torch.Tensor:
     """C [m, n] = a @ b for a sparse weight format ``a`` [m, k] and dense ``b`` [k, n].
 
-    Differentiable in ``b`` and in the format's values (its pattern is fixed).
+    Differentiable in ``b`` and in the format's values (its pattern is fixed). Computed as
+    (b^T @ a^T)^T by the format's linear op, which reads b^T through strides.
     """
-    impl = _SPMM.get(type(a))
-    if impl is None:
-        raise TypeError(f"a must be one of the formats {[f.__name__ for f in _SPMM]}, "
-                        f"got {type(a).__name__}")
+    entry = registry.weight_op(a, "a", sparse_only=True)
     _check_tensor("b", b, dims=2)
     if b.shape[0] != a.shape[1]:
         raise ValueError(f"b must have a.shape[1] = {a.shape[1]} rows, got shape {tuple(b.shape)}")
     _check_matches("b", b, "a", a)
-    return impl(a, b)
+    return entry.linear(b.t(), a, None).t().contiguous()
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -101,20 +70,6 @@ def _unrows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _plus(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return y if bias is None else y + bias
-
-
-def _csr_linear(x2d: torch.Tensor, w: CSR, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # y^T = W @ x^T: the sparse operand on the left, the batch along the dense columns.
-    return _plus(_csr_spmm(w, x2d.t().contiguous()).t().contiguous(), bias)
-
-
-def _int4_linear(x2d: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # The kernel adds the bias in its epilogue.
-    return torch.ops.sparqle.int4_linear(x2d, w.packed, w.scales, w.zeros, bias, w.group_width)
-
-
 def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
     """(q int8 [M, K], scale [M] fp32, fp64 for fp64 x): x [M, K] quantized per row,
     symmetric, to int8: scale = max|x[m]| / 127 (or ``static_scale``),
@@ -124,24 +79,6 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
         raise TypeError(f"x must be floating point, got {x.dtype}")
     _check_static_scale(static_scale, x)
     return torch.ops.sparqle.int8_quantize_rows(x, static_scale)
-
-
-def _int8_linear(x2d: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor],
-                 activation: Optional[str] = "dynamic") -> torch.Tensor:
-    return torch.ops.sparqle.int8_linear(x2d, w.qweight, w.scales, bias, activation == "dynamic")
-
-
-def _fp8_linear(x2d: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.ops.sparqle.fp8_linear(x2d, w.qweight, w.scales.reshape(-1), bias)
-
-
-# Each takes x as [rows, in] and arguments linear() has checked.
-_LINEAR = {CSR: _csr_linear,
-           BlockedELL: lambda x2d, w, bias: _plus(_bell_times_transposed(x2d, w), bias),
-           Int4Weight: _int4_linear,
-           Int8Weight: _int8_linear,
-           SemiStructured: _nm_linear,
-           FP8Weight: _fp8_linear}
 
 
 def _check_linear(x: torch.Tensor, w, bias: Optional[torch.Tensor]) -> None:
@@ -166,12 +103,12 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
     _check_tensor("x", x)
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    impl = _LINEAR.get(type(w))
-    if impl is None:
+    entry = registry.BY_FORMAT.get(type(w))
+    if entry is None:
         raise TypeError(f"w must be a torch.Tensor or one of the formats "
-                        f"{[f.__name__ for f in _LINEAR]}, got {type(w).__name__}")
+                        f"{[f.__name__ for f in registry.BY_FORMAT]}, got {type(w).__name__}")
     _check_linear(x, w, bias)
-    return _unrows(impl(_rows(x, w.shape[1]), w, bias), x)
+    return _unrows(entry.linear(_rows(x, w.shape[1]), w, bias), x)
 
 
 def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor] = None,
@@ -185,7 +122,8 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor] = N
     if activation not in ("dynamic", None):
         raise ValueError(f"activation must be 'dynamic' or None, got {activation!r}")
     _check_linear(x, w, bias)
-    return _unrows(_int8_linear(_rows(x, w.shape[1]), w, bias, activation), x)
+    return _unrows(torch.ops.sparqle.int8_linear(_rows(x, w.shape[1]), w.qweight, w.scales, bias,
+                                                 activation == "dynamic"), x)
 
 
 def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -197,7 +135,7 @@ def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor] = Non
     if not isinstance(w, FP8Weight):
         raise TypeError(f"w must be a sparqle.FP8Weight, got {type(w).__name__}")
     _check_linear(x, w, bias)
-    return _unrows(_fp8_linear(_rows(x, w.shape[1]), w, bias), x)
+    return _unrows(registry.BY_FORMAT[FP8Weight].linear(_rows(x, w.shape[1]), w, bias), x)
 
 
 def fp8_quantize_rows(x: torch.Tensor, dtype="e4m3", static_scale: Optional[torch.Tensor] = None):

@@ -1,0 +1,167 @@
+"""The registry of sparqle's weight ops: one :class:`WeightOp` entry per op, and everything
+that lists ops reads it: ``sparqle.linear`` and ``sparqle.spmm`` (functional.py),
+``sparqle.convert`` and checkpoints (the format names, the nn module each builds, the
+calibration criteria), ``sparqle bench`` (the benchmark of each op), the kernel compile test
+(the dtypes of each Triton kernel) and the contract test (tests/test_contract.py, from each
+entry's examples). Adding an op is adding an entry: docs/adding-an-op.md.
+
+Every weight op has one contract, ``torch.ops.sparqle.<name>(x, *tensors(W), bias,
+*static(W)) -> y = x @ W^T + bias``: x [M, K] (any strides), W [N, K] in the op's format,
+bias [N] or None (fused into the kernel on every backend), y [M, N] in x's dtype. ``spmm``
+of a sparse format is derived from it: a @ b = (b^T @ a^T)^T = linear(b^T, a)^T.
+"""
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from .calibrate import INT4_METHODS, INT8_METHODS, SPARSE_METHODS
+from .formats import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
+from .formats._checks import INT32_MAX
+from .formats.nm import PATTERNS
+from .prune import kept
+
+# A conversion of an nn.Linear: (format name for sparqle.convert, its options).
+Conversion = Tuple[str, Dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class WeightOp:
+    """One weight op, declared once.
+
+    name: the op in every layer: ``torch.ops.sparqle.<name>``, ``bindings/<kernels>.py``,
+        ``kernels/<backend>/<kernels>.py``, ``tests/test_<kernels>.py``,
+        ``bench/bench_<bench>.py``.
+    format: the weight format class (sparqle.formats).
+    tensors, static: the op's arguments from a weight of that format: the tensors between x
+        and bias, and the plain values after bias.
+    sparse: the weight is sparse: ``sparqle.spmm`` takes it, and its stored values train.
+    converts: the names ``sparqle.convert`` takes for it, each with the options the name
+        gives the module's ``from_linear``.
+    module: the class in ``sparqle.nn`` that holds a converted layer.
+    methods: the calibration criteria its converter takes (sparqle.calibrate), or None.
+    refusal: why it cannot serve an nn.Linear with the given options (None when it can),
+        decided before anything is converted; None: it serves every shape.
+    dense: W as a dense float tensor [N, K] (the oracle's weight).
+    bench: the benchmark module's name (``sparqle bench --op <bench>``).
+    examples: conversions the contract test runs, by label: (format name, options).
+    """
+    name: str
+    kernels: str
+    format: type
+    tensors: Callable[[Any], Tuple[torch.Tensor, ...]]
+    static: Callable[[Any], Tuple[Any, ...]]
+    sparse: bool
+    converts: Mapping[str, Dict[str, Any]]
+    module: str
+    methods: Optional[Tuple[str, ...]]
+    dense: Callable[[Any], torch.Tensor]
+    bench: str
+    examples: Mapping[str, Conversion] = field(default_factory=dict)
+    refusal: Optional[Callable[[torch.nn.Linear, Mapping[str, Any]], Optional[str]]] = None
+
+    @property
+    def op(self):
+        """``torch.ops.sparqle.<name>``."""
+        return getattr(torch.ops.sparqle, self.name)
+
+    @property
+    def module_class(self) -> type:
+        """The sparqle.nn class of a converted layer (imported when first asked: sparqle.nn
+        itself calls ``sparqle.linear``, which reads this registry)."""
+        return getattr(importlib.import_module("sparqle.nn"), self.module)
+
+    def linear(self, x2d: torch.Tensor, w, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """y [M, N] = x2d [M, K] @ W^T + bias through the op, the arguments checked."""
+        return self.op(x2d, *self.tensors(w), bias, *self.static(w))
+
+
+def _csr_refusal(linear: torch.nn.Linear, options: Mapping[str, Any]) -> Optional[str]:
+    """CSR keeps int32 indices: a layer keeping more than 2^31 - 1 weights cannot be one."""
+    sparsity = options.get("sparsity")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        return None  # the converter says what is wrong with it
+    nnz = kept(linear.weight.numel(), sparsity)
+    if nnz > INT32_MAX:
+        return (f"it keeps {nnz} weights at sparsity {sparsity}, past the {INT32_MAX} that CSR's "
+                f"int32 indices reach")
+    return None
+
+
+_NM_FORMATS = {f"{n}:{m}": {"format": f"{n}:{m}"} for n, m in PATTERNS}
+
+OPS: Tuple[WeightOp, ...] = (
+    WeightOp(
+        name="csr_linear", kernels="spmm_csr", format=CSR,
+        tensors=lambda w: (w.crow_indices, w.col_indices, w.values, w.row_order),
+        static=lambda w: (), sparse=True,
+        converts={"csr": {"format": "csr"}}, module="SparseLinear", methods=SPARSE_METHODS,
+        dense=lambda w: w.to_dense(), bench="spmm_csr",
+        examples={"csr": ("csr", {"sparsity": 0.5})}, refusal=_csr_refusal),
+    WeightOp(
+        name="bell_linear", kernels="spmm_bell", format=BlockedELL,
+        tensors=lambda w: (w.ell_cols, w.values),
+        static=lambda w: (w.shape[0],), sparse=True,
+        converts={"bell": {"format": "bell"}}, module="SparseLinear", methods=SPARSE_METHODS,
+        dense=lambda w: w.to_dense(), bench="spmm_bell",
+        examples={"bell": ("bell", {"sparsity": 0.5, "block_size": 16})}),
+    WeightOp(
+        name="nm_linear", kernels="nm_linear", format=SemiStructured,
+        tensors=lambda w: (w.values, w.meta), static=lambda w: (w.n, w.m), sparse=True,
+        converts=_NM_FORMATS, module="SparseLinear", methods=SPARSE_METHODS,
+        dense=lambda w: w.to_dense(), bench="nm",
+        examples={"2:4": ("2:4", {}), "4:8": ("4:8", {})}),
+    WeightOp(
+        name="int4_linear", kernels="int4_linear", format=Int4Weight,
+        tensors=lambda w: (w.packed, w.scales, w.zeros), static=lambda w: (w.group_width,),
+        sparse=False, converts={"int4": {}}, module="Int4Linear", methods=INT4_METHODS,
+        dense=lambda w: w.dequantize(), bench="int4",
+        examples={"int4": ("int4", {"group_size": 32}),
+                  "int4-symmetric": ("int4", {"group_size": 32, "symmetric": True})}),
+    WeightOp(
+        name="int8_linear", kernels="int8_linear", format=Int8Weight,
+        tensors=lambda w: (w.qweight, w.scales), static=lambda w: (True,),  # W8A8
+        sparse=False, converts={"int8": {}}, module="Int8Linear", methods=INT8_METHODS,
+        dense=lambda w: w.dequantize(), bench="int8",
+        examples={"int8": ("int8", {}), "int8-w16": ("int8", {"activation": None})}),
+    WeightOp(
+        name="fp8_linear", kernels="fp8_linear", format=FP8Weight,
+        tensors=lambda w: (w.qweight, w.scales.reshape(-1)), static=lambda w: (),
+        sparse=False, converts={"fp8": {}}, module="FP8Linear", methods=None,
+        dense=lambda w: w.dequantize(), bench="fp8",
+        examples={"fp8": ("fp8", {}), "fp8-e5m2-tensor": ("fp8", {"dtype": "e5m2", "granularity": "tensor"})}),
+)
+
+# The ops that are not weight ops, with their benchmarks: (op name, kernels, benchmarks).
+OTHER_OPS = (("window_attention", "window_attention", ("window_attention", "sparse_windows")),)
+
+BY_FORMAT: Dict[type, WeightOp] = {entry.format: entry for entry in OPS}
+BY_CONVERSION: Dict[str, WeightOp] = {name: entry for entry in OPS for name in entry.converts}
+SPARSE_FORMATS = tuple(entry.format for entry in OPS if entry.sparse)
+BENCHMARKS = tuple(entry.bench for entry in OPS) + tuple(b for *_, benches in OTHER_OPS for b in benches)
+KERNEL_MODULES = tuple(dict.fromkeys([entry.kernels for entry in OPS] + [k for _, k, _ in OTHER_OPS]))
+
+
+def _register_ops() -> None:
+    """Import the binding of every op (bindings/<kernels>.py), which registers its
+    ``torch.ops.sparqle.*``."""
+    for kernels in KERNEL_MODULES:
+        importlib.import_module(f"sparqle.bindings.{kernels}")
+
+
+_register_ops()
+
+
+def weight_op(w, argument: str = "w", sparse_only: bool = False) -> WeightOp:
+    """The entry of weight format ``w`` (TypeError naming ``argument`` if it is none)."""
+    entry = BY_FORMAT.get(type(w))
+    if entry is None or (sparse_only and not entry.sparse):
+        formats = [f.__name__ for f in (SPARSE_FORMATS if sparse_only else BY_FORMAT)]
+        raise TypeError(f"{argument} must be one of the formats {formats}, got {type(w).__name__}")
+    return entry
+
+
+def dense(w) -> torch.Tensor:
+    """Weight format ``w`` as a dense float tensor [N, K]."""
+    return weight_op(w).dense(w)

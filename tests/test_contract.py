@@ -1,0 +1,212 @@
+"""The weight-op contract, for every op of sparqle.registry and every conversion its entry
+lists as an example: ``y = x @ W^T + bias`` against float64 dense math of the converted
+weight, with x strided, 3-D, a single row or empty; the gradients of x, bias and (sparse
+formats) the stored values; gradcheck in float64; ``torch.library.opcheck`` of the op;
+``torch.compile(fullgraph=True)`` forward and backward; a state_dict round trip; and
+``sparqle.spmm`` of the sparse formats. What is specific to one op (its format's rules, its
+other ops, its dispatch) stays in that op's own test file.
+
+A new registry entry is tested here by what it declares: no test to copy.
+"""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sparqle
+from sparqle import registry
+
+from ._oracle import RTOL, assert_close, fp8_rows_rule, int8_rows_rule
+from .conftest import device_backends
+
+EXAMPLES = [pytest.param(entry, label, conversion, id=label)
+            for entry in registry.OPS for label, conversion in entry.examples.items()]
+IN_FEATURES, OUT_FEATURES = 40, 24
+FP8_WEIGHT_ONLY_MAX_M = 16
+# opcheck's test_schema compares inputs with torch.allclose, which has no FP8 kernel on the
+# CPU: ops with FP8 tensors run the other checks (test_fp8_linear checks they mutate nothing).
+NO_SCHEMA = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
+             "test_aot_dispatch_dynamic")
+
+
+def converted(conversion, dtype=torch.float32, device="cpu", seed=0) -> nn.Module:
+    """An nn.Linear(IN_FEATURES, OUT_FEATURES) with random weights (a tenth of them zero, so
+    that pruning meets ties and empty rows are possible) converted with ``conversion``,
+    then moved to ``dtype`` and ``device``."""
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(IN_FEATURES, OUT_FEATURES)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(OUT_FEATURES, IN_FEATURES, generator=generator))
+        linear.weight[torch.rand(linear.weight.shape, generator=generator) < 0.1] = 0
+        linear.bias.copy_(torch.randn(OUT_FEATURES, generator=generator))
+    fmt, options = conversion
+    model = sparqle.convert(nn.Sequential(linear), fmt, **options)
+    return model[0].to(device=device, dtype=dtype)
+
+
+def weight_of(module: nn.Module, dtype: torch.dtype):
+    """The module's weight in its format, for x of ``dtype``."""
+    return module.quantized_weight(dtype) if isinstance(module, sparqle.nn.FP8Linear) else module.weight
+
+
+def quantizes_input(entry, module, rows: int) -> bool:
+    """Whether the op quantizes x per row before multiplying (int8 W8A8, and FP8 above the
+    rows it runs weight-only): y is then not linear in x, and dx is straight through."""
+    if entry.name == "int8_linear":
+        return module.activation == "dynamic"
+    return entry.name == "fp8_linear" and rows > FP8_WEIGHT_ONLY_MAX_M
+
+
+def input_as_multiplied(entry, module, x2d: torch.Tensor) -> torch.Tensor:
+    """x [M, K] in float64 as the op multiplies it: dequantized from its per-row codes where
+    the op quantizes it, else x itself."""
+    if quantizes_input(entry, module, x2d.shape[0]):
+        q, scale = (int8_rows_rule(x2d) if entry.name == "int8_linear"
+                    else fp8_rows_rule(x2d, torch.float8_e4m3fn))
+        return q.double() * scale.double()[:, None]
+    return x2d.detach().cpu().double()
+
+
+def oracle(entry, module, x: torch.Tensor, dtype: torch.dtype):
+    """(y, scale) in float64: y = x @ W^T + bias for the module's own weight, and the sum
+    |x| |W|^T + |bias| that bounds its rounding."""
+    w64 = entry.dense(weight_of(module, dtype)).double().cpu()
+    x64 = input_as_multiplied(entry, module, x.reshape(-1, x.shape[-1]))
+    bias64 = module.bias.detach().double().cpu()
+    y = (x64 @ w64.T + bias64).reshape(*x.shape[:-1], OUT_FEATURES)
+    scale = (x64.abs() @ w64.abs().T + bias64.abs()).reshape(*x.shape[:-1], OUT_FEATURES)
+    return y, scale
+
+
+def _x(rows, dtype, device, layout="strided"):
+    """x [rows, K]: a column slice of a wider tensor (row stride K + 3), or 3-D [1, rows, K]."""
+    wide = torch.randn(rows, IN_FEATURES + 3, dtype=torch.float32).to(device=device, dtype=dtype)
+    x = wide[:, 2:2 + IN_FEATURES]
+    return x.unsqueeze(0) if layout == "3-D" else x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
+def test_forward_matches_oracle(device_backend, entry, label, conversion, dtype):
+    """Rows 1 and 5 (the small-M paths), 33 (tiled), 0; x strided and 3-D; the bias fused."""
+    device, backend = device_backend
+    module = converted(conversion, dtype, device)
+    assert isinstance(weight_of(module, dtype), entry.format), label
+    for rows, layout in ((1, "strided"), (5, "3-D"), (33, "strided"), (0, "strided")):
+        x = _x(rows, dtype, device, layout)
+        with sparqle.use_backend(backend):
+            y = module(x)
+        expected, scale = oracle(entry, module, x, dtype)
+        assert_close(y, expected, scale, dtype, f"{label} {backend} rows={rows} {layout}")
+
+
+@pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
+def test_gradients_match_oracle(device_backend, entry, label, conversion):
+    """dx = dy @ W, dbias = sum of dy, and for sparse formats d(values) = (dy^T @ x) at the
+    stored positions: float64 autograd through a float64 copy of the module's dense weight."""
+    device, backend = device_backend
+    module = converted(conversion, torch.float32, device)
+    x = _x(9, torch.float32, device).requires_grad_(True)
+    dy = torch.randn(9, OUT_FEATURES, device=device)
+    with sparqle.use_backend(backend):
+        module(x).backward(dy)
+    ref = copy.deepcopy(module).cpu().double()
+    w64 = entry.dense(weight_of(ref, torch.float64)).double()
+    x64 = input_as_multiplied(entry, module, x).requires_grad_(True)
+    dy64 = dy.double().cpu()
+    (x64 @ w64.T + ref.bias).backward(dy64)
+    assert_close(x.grad, x64.grad, dy64.abs() @ w64.detach().abs(), torch.float32, f"{label} dx")
+    assert_close(module.bias.grad, ref.bias.grad, dy64.abs().sum(0), torch.float32, f"{label} dbias")
+    if entry.sparse:
+        # The bound: the same gradient for |dy|, |x| and every stored value 1.
+        bound = copy.deepcopy(ref)
+        bound.values.data.fill_(1)
+        (x64.detach().abs() @ entry.dense(bound.weight).T).backward(dy64.abs())
+        assert_close(module.values.grad, ref.values.grad, bound.values.grad, torch.float32, f"{label} dvalues")
+
+
+@pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
+def test_gradcheck_float64(entry, label, conversion):
+    """On the torch path in float64 (Triton's quantized kernels take no fp64): linear in x
+    (unless the op quantizes x), in bias, and in the stored values of a sparse format."""
+    module = converted(conversion, torch.float64)
+    x = torch.randn(3, IN_FEATURES, dtype=torch.float64, requires_grad=not quantizes_input(entry, module, 3))
+    inputs = (x, module.bias) + ((module.values,) if entry.sparse else ())
+    with sparqle.use_backend("torch"):
+        assert torch.autograd.gradcheck(lambda *args: module(args[0]), inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
+def test_opcheck(entry, label, conversion):
+    """torch.library.opcheck of the op with the arguments ``sparqle.linear`` passes it."""
+    module = converted(conversion)
+    weight = weight_of(module, torch.float32)
+    for rows in (3, 20):
+        x = torch.randn(rows, IN_FEATURES, requires_grad=True)
+        args = (x, *entry.tensors(weight), module.bias, *entry.static(weight))
+        fp8 = any(t.element_size() == 1 and t.is_floating_point() for t in args if isinstance(t, torch.Tensor))
+        torch.library.opcheck(entry.op.default, args, **({"test_utils": NO_SCHEMA} if fp8 else {}))
+
+
+@pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
+def test_compile_fullgraph_forward_and_backward(entry, label, conversion):
+    module = converted(conversion)
+    x = torch.randn(5, IN_FEATURES, requires_grad=True)
+    expected = module(x)
+    expected.sum().backward()
+    eager_grad, x.grad = x.grad, None
+    torch._dynamo.reset()
+    got = torch.compile(module, fullgraph=True)(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(x.grad, eager_grad)
+
+
+@pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
+def test_state_dict_round_trip(entry, label, conversion):
+    """A converted module loads into another one converted the same way from other float
+    weights (torch.save, weights_only) and then computes what the saved one does."""
+    saved, other = converted(conversion, seed=0), converted(conversion, seed=1)
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(4, IN_FEATURES)
+    torch.testing.assert_close(other(x), saved(x), rtol=0, atol=0)
+    rebuilt = type(saved).from_state_dict(copy.deepcopy(saved.state_dict()))
+    torch.testing.assert_close(rebuilt(x), saved(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("entry, label, conversion", [p for p in EXAMPLES if p.values[0].sparse])
+def test_spmm_is_the_transposed_linear(device_backend, entry, label, conversion):
+    """sparqle.spmm(a, b) = a @ b for b [K, n] (and b a transposed view), against float64."""
+    device, backend = device_backend
+    a = converted(conversion, device=device).weight
+    a64 = entry.dense(a).double().cpu()
+    for b in (torch.randn(IN_FEATURES, 7, device=device), torch.randn(7, IN_FEATURES, device=device).t()):
+        with sparqle.use_backend(backend):
+            c = sparqle.spmm(a, b)
+        b64 = b.double().cpu()
+        assert_close(c, a64 @ b64, a64.abs() @ b64.abs(), torch.float32, f"{label} spmm")
+        assert c.is_contiguous()
+
+
+def test_every_op_has_examples_and_a_unique_name():
+    assert all(entry.examples for entry in registry.OPS)
+    names = [entry.name for entry in registry.OPS]
+    assert len(set(names)) == len(names)
+    for entry in registry.OPS:
+        assert hasattr(torch.ops.sparqle, entry.name), entry.name
+        assert entry.module_class.from_linear, entry.name
+    assert set(RTOL) >= {torch.float32, torch.bfloat16}
+
+
+@pytest.mark.parametrize("device", sorted({d for d, _ in device_backends()}))
+def test_registry_answers_by_format(device):
+    """weight_op names the argument and the formats when given something else."""
+    with pytest.raises(TypeError, match=r"^a must be one of the formats \['CSR', 'BlockedELL', 'SemiStructured'\]"):
+        sparqle.spmm(sparqle.Int8Weight.from_float(torch.randn(4, 4, device=device)), torch.randn(4, 2, device=device))
+    with pytest.raises(TypeError, match="^w must be a torch.Tensor or one of the formats"):
+        sparqle.linear(torch.randn(2, 4, device=device), object())
