@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparqle
+from sparqle import registry
 from sparqle.bench import swin_reference as swin
 from sparqle.nn import FP8Linear, Int4Linear, Int8Linear, SparseLinear, WindowAttention
 
@@ -36,25 +37,22 @@ def _window() -> nn.Module:
                                          index_persistent=True))
 
 
-# kind -> (the converted model, from a fresh random model; an input)
+def _converted(fmt, options):
+    return lambda: sparqle.convert(_linears(), fmt, **options)
+
+
+# kind -> the converted model, from a fresh random model: every example of sparqle.registry,
+# and the settings a load must tell from them.
 KINDS = {
-    "csr": lambda: sparqle.convert(_linears(), "csr", sparsity=0.5),
-    "bell": lambda: sparqle.convert(_linears(), "bell", sparsity=0.5, block_size=16),
-    "bell-32": lambda: sparqle.convert(_linears(), "bell", sparsity=0.5, block_size=32),
-    "2:4": lambda: sparqle.convert(_linears(), "2:4"),
-    "4:8": lambda: sparqle.convert(_linears(), "4:8"),
-    "int4": lambda: sparqle.convert(_linears(), "int4", group_size=32),
-    "int4-64": lambda: sparqle.convert(_linears(), "int4", group_size=64),
-    "int4-symmetric": lambda: sparqle.convert(_linears(), "int4", group_size=32, symmetric=True),
-    "int8": lambda: sparqle.convert(_linears(), "int8"),
-    "int8-w16": lambda: sparqle.convert(_linears(), "int8", activation=None),
-    "fp8": lambda: sparqle.convert(_linears(), "fp8"),
-    "fp8-e5m2-tensor": lambda: sparqle.convert(_linears(), "fp8", dtype="e5m2", granularity="tensor"),
-    "fp8-training": lambda: sparqle.convert(_linears(), "fp8", training=True),
+    **{label: _converted(*conversion) for entry in registry.OPS for label, conversion in entry.examples.items()},
+    "bell-32": _converted("bell", {"sparsity": 0.5, "block_size": 32}),
+    "int4-64": _converted("int4", {"group_size": 64}),
+    "fp8-training": _converted("fp8", {"training": True}),
     "window": _window,
 }
-FAMILIES = {"sparse": ["csr", "bell", "2:4", "4:8"],
-            "quantized": ["int4", "int4-symmetric", "int8", "int8-w16", "fp8", "fp8-e5m2-tensor", "fp8-training"],
+FAMILIES = {"sparse": [label for entry in registry.OPS if entry.sparse for label in entry.examples],
+            "quantized": [label for entry in registry.OPS if not entry.sparse for label in entry.examples]
+            + ["fp8-training"],
             "window": ["window"]}
 # (saved, loaded into): each pair differs in a setting
 MISMATCHED = [("csr", "bell"), ("bell", "bell-32"), ("2:4", "4:8"), ("int4", "int4-64"),
