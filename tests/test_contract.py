@@ -103,14 +103,15 @@ def test_forward_matches_oracle(device_backend, entry, label, conversion, dtype)
         assert_close(y, expected, scale, dtype, f"{label} {backend} rows={rows} {layout}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
-def test_gradients_match_oracle(device_backend, entry, label, conversion):
+def test_gradients_match_oracle(device_backend, entry, label, conversion, dtype):
     """dx = dy @ W, dbias = sum of dy, and for sparse formats d(values) = (dy^T @ x) at the
     stored positions: float64 autograd through a float64 copy of the module's dense weight."""
     device, backend = device_backend
-    module = converted(conversion, torch.float32, device)
-    x = _x(9, torch.float32, device).requires_grad_(True)
-    dy = torch.randn(9, OUT_FEATURES, device=device)
+    module = converted(conversion, dtype, device)
+    x = _x(9, dtype, device).requires_grad_(True)
+    dy = torch.randn(9, OUT_FEATURES).to(device=device, dtype=dtype)
     with sparqle.use_backend(backend):
         module(x).backward(dy)
     ref = copy.deepcopy(module).cpu().double()
@@ -118,14 +119,14 @@ def test_gradients_match_oracle(device_backend, entry, label, conversion):
     x64 = input_as_multiplied(entry, module, x).requires_grad_(True)
     dy64 = dy.double().cpu()
     (x64 @ w64.T + ref.bias).backward(dy64)
-    assert_close(x.grad, x64.grad, dy64.abs() @ w64.detach().abs(), torch.float32, f"{label} dx")
-    assert_close(module.bias.grad, ref.bias.grad, dy64.abs().sum(0), torch.float32, f"{label} dbias")
+    assert_close(x.grad, x64.grad, dy64.abs() @ w64.detach().abs(), dtype, f"{label} dx")
+    assert_close(module.bias.grad, ref.bias.grad, dy64.abs().sum(0), dtype, f"{label} dbias")
     if entry.sparse:
         # The bound: the same gradient for |dy|, |x| and every stored value 1.
         bound = copy.deepcopy(ref)
         bound.values.data.fill_(1)
         (x64.detach().abs() @ entry.dense(bound.weight).T).backward(dy64.abs())
-        assert_close(module.values.grad, ref.values.grad, bound.values.grad, torch.float32, f"{label} dvalues")
+        assert_close(module.values.grad, ref.values.grad, bound.values.grad, dtype, f"{label} dvalues")
 
 
 @pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
