@@ -81,12 +81,16 @@ def _scores(query_ptr, key_ptr, bias_ptr, mask_ptr, mask_index_ptr, b, h, row0, 
 @autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"])
 @triton.jit
 def _window_attention_fwd_kernel(
+    # pointers
     query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
+    # sizes and the softmax scale
     N, D, NW, scale,
+    # strides (window, head, token, dim) of q, k, v and out
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
+    # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -122,13 +126,17 @@ def _window_attention_fwd_kernel(
           reset_to_zero=["dkey_ptr", "dvalue_ptr"])
 @triton.jit
 def _window_attention_bwd_kernel(
+    # pointers
     query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
     dout_ptr, dquery_ptr, dkey_ptr, dvalue_ptr, dbias_ptr,
+    # sizes and the softmax scale
     NWIN, N, D, NW, RUN, scale,
+    # strides (window, head, token, dim) of q, k, v and out (dout and dq: out's)
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
+    # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr, SPLIT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -188,10 +196,14 @@ def _window_attention_bwd_kernel(
 @autotune(_COPY_CONFIGS, key=["N", "C", "HAS_INDEX", "MERGE"])
 @triton.jit
 def _window_copy_kernel(
+    # pointers
     x_ptr, windows_ptr, index_ptr,
+    # sizes: the image, the windows, the window shape and shift
     H, W, C, N, K, NWW, WH, WW, SH, SW,
+    # strides of x [B, H, W, C] and windows [B * K, N, C]
     stride_xb, stride_xh, stride_xw, stride_xc,
     stride_wr, stride_wn, stride_wc,
+    # meta-parameters
     HAS_INDEX: tl.constexpr, MERGE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
