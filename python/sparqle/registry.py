@@ -11,7 +11,7 @@ bias [N] or None (fused into the kernel on every backend), y [M, N] in x's dtype
 of a sparse format is derived from it: a @ b = (b^T @ a^T)^T = linear(b^T, a)^T.
 """
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -30,9 +30,9 @@ Conversion = Tuple[str, Dict[str, Any]]
 class WeightOp:
     """One weight op, declared once.
 
-    name: the op in every layer: ``torch.ops.sparqle.<name>``, ``bindings/<kernels>.py``,
-        ``kernels/<backend>/<kernels>.py``, ``tests/test_<kernels>.py``,
-        ``bench/bench_<bench>.py``.
+    name: the op, ``torch.ops.sparqle.<name>``.
+    kernels: the modules of its family in every layer: ``bindings/<kernels>.py`` (which
+        registers the op), ``kernels/<backend>/<kernels>.py``, ``tests/test_<kernels>.py``.
     format: the weight format class (sparqle.formats).
     tensors, static: the op's arguments from a weight of that format: the tensors between x
         and bias, and the plain values after bias.
@@ -42,9 +42,11 @@ class WeightOp:
     module: the class in ``sparqle.nn`` that holds a converted layer.
     methods: the calibration criteria its converter takes (sparqle.calibrate), or None.
     refusal: why it cannot serve an nn.Linear with the given options (None when it can),
-        decided before anything is converted; None: it serves every shape.
+        decided before anything is converted; None: it serves every shape (N:M pads the
+        input features to a multiple of m, Blocked-ELL both sizes to multiples of the block,
+        int4's last group may be partial, and every kernel masks its edge tiles).
     dense: W as a dense float tensor [N, K] (the oracle's weight).
-    bench: the benchmark module's name (``sparqle bench --op <bench>``).
+    bench: the benchmark (``sparqle bench --op <bench>``, ``bench/bench_<bench>.py``).
     examples: conversions the contract test runs, by label: (format name, options).
     """
     name: str
@@ -58,7 +60,7 @@ class WeightOp:
     methods: Optional[Tuple[str, ...]]
     dense: Callable[[Any], torch.Tensor]
     bench: str
-    examples: Mapping[str, Conversion] = field(default_factory=dict)
+    examples: Mapping[str, Conversion]
     refusal: Optional[Callable[[torch.nn.Linear, Mapping[str, Any]], Optional[str]]] = None
 
     @property
@@ -133,14 +135,26 @@ OPS: Tuple[WeightOp, ...] = (
         examples={"fp8": ("fp8", {}), "fp8-e5m2-tensor": ("fp8", {"dtype": "e5m2", "granularity": "tensor"})}),
 )
 
-# The ops that are not weight ops, with their benchmarks: (op name, kernels, benchmarks).
-OTHER_OPS = (("window_attention", "window_attention", ("window_attention", "sparse_windows")),)
+@dataclass(frozen=True)
+class Op:
+    """An op that is not a weight op: its name (``torch.ops.sparqle.<name>``), its kernel and
+    binding modules, and its benchmarks."""
+    name: str
+    kernels: str
+    benches: Tuple[str, ...]
+
+
+OTHER_OPS: Tuple[Op, ...] = (
+    # Swin window attention (sparqle.window_attention) and its layout ops; SparseViT's
+    # window pruning (sparqle.nn.SparseWindowBlock) runs on them.
+    Op(name="window_attention", kernels="window_attention", benches=("window_attention", "sparse_windows")),
+)
 
 BY_FORMAT: Dict[type, WeightOp] = {entry.format: entry for entry in OPS}
 BY_CONVERSION: Dict[str, WeightOp] = {name: entry for entry in OPS for name in entry.converts}
 SPARSE_FORMATS = tuple(entry.format for entry in OPS if entry.sparse)
-BENCHMARKS = tuple(entry.bench for entry in OPS) + tuple(b for *_, benches in OTHER_OPS for b in benches)
-KERNEL_MODULES = tuple(dict.fromkeys([entry.kernels for entry in OPS] + [k for _, k, _ in OTHER_OPS]))
+BENCHMARKS = tuple(entry.bench for entry in OPS) + tuple(bench for op in OTHER_OPS for bench in op.benches)
+KERNEL_MODULES = tuple(dict.fromkeys([entry.kernels for entry in OPS] + [op.kernels for op in OTHER_OPS]))
 
 
 def _register_ops() -> None:
