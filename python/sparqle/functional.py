@@ -42,24 +42,14 @@ def _check_static_scale(static_scale, x: torch.Tensor) -> None:
                  "static_scale must be finite and > 0 (in fp32)")
 
 
-def _csr_spmm(a: CSR, b: torch.Tensor) -> torch.Tensor:
-    needs_transpose = torch.is_grad_enabled() and b.requires_grad
-    t_crow, t_col, t_perm, t_row_order = (
-        a.transposed_structure() if needs_transpose else (None,) * 4)
-    return torch.ops.sparqle.spmm_csr(a.crow_indices, a.col_indices, a.values, a.row_order,
-                                      t_crow, t_col, t_perm, t_row_order, b)
+def _csr_linear(x2d: torch.Tensor, w: CSR, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # The kernel adds the bias in its epilogue.
+    return torch.ops.sparqle.csr_linear(x2d, w.crow_indices, w.col_indices, w.values, w.row_order, bias)
 
 
-def _bell_times_transposed(x: torch.Tensor, a: BlockedELL) -> torch.Tensor:
-    """x [n, k] @ a^T -> [n, m]."""
-    t_ell_cols, t_slots = (a.transposed_structure()
-                           if torch.is_grad_enabled() and x.requires_grad else (None, None))
-    return torch.ops.sparqle.spmm_bell(a.ell_cols, a.values, t_ell_cols, t_slots, x, a.shape[0])
-
-
-def _bell_spmm(a: BlockedELL, b: torch.Tensor) -> torch.Tensor:
-    # a @ b = (b^T @ a^T)^T: the kernel reads b^T through strides, without a copy.
-    return _bell_times_transposed(b.t(), a).t().contiguous()
+def _bell_linear(x2d: torch.Tensor, w: BlockedELL, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # The kernel adds the bias in its epilogue.
+    return torch.ops.sparqle.bell_linear(x2d, w.ell_cols, w.values, bias, w.shape[0])
 
 
 def _nm_linear(x2d: torch.Tensor, w: SemiStructured, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -68,8 +58,9 @@ def _nm_linear(x2d: torch.Tensor, w: SemiStructured, bias: Optional[torch.Tensor
     return torch.ops.sparqle.nm_linear(x2d, w.values, w.meta, bias, w.n, w.m, training)
 
 
-_SPMM = {CSR: _csr_spmm, BlockedELL: _bell_spmm,
-         # a @ b = (b^T @ a^T)^T: the kernel reads b^T through strides, without a copy.
+# a @ b = (b^T @ a^T)^T: the kernel reads b^T through strides, without a copy.
+_SPMM = {CSR: lambda a, b: _csr_linear(b.t(), a, None).t().contiguous(),
+         BlockedELL: lambda a, b: _bell_linear(b.t(), a, None).t().contiguous(),
          SemiStructured: lambda a, b: _nm_linear(b.t(), a, None).t().contiguous()}
 
 
@@ -101,15 +92,6 @@ def _unrows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _plus(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return y if bias is None else y + bias
-
-
-def _csr_linear(x2d: torch.Tensor, w: CSR, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # y^T = W @ x^T: the sparse operand on the left, the batch along the dense columns.
-    return _plus(_csr_spmm(w, x2d.t().contiguous()).t().contiguous(), bias)
-
-
 def _int4_linear(x2d: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # The kernel adds the bias in its epilogue.
     return torch.ops.sparqle.int4_linear(x2d, w.packed, w.scales, w.zeros, bias, w.group_width)
@@ -137,7 +119,7 @@ def _fp8_linear(x2d: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor]) -
 
 # Each takes x as [rows, in] and arguments linear() has checked.
 _LINEAR = {CSR: _csr_linear,
-           BlockedELL: lambda x2d, w, bias: _plus(_bell_times_transposed(x2d, w), bias),
+           BlockedELL: _bell_linear,
            Int4Weight: _int4_linear,
            Int8Weight: _int8_linear,
            SemiStructured: _nm_linear,
