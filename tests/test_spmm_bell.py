@@ -11,7 +11,6 @@ from sparqle.formats.bell import transposed_structure
 from sparqle.kernels import _derived
 
 from ._oracle import assert_close
-from ._weight_linear import BIAS_LAYOUTS, X_LAYOUTS, check_linear, laid_out_bias, laid_out_x
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -110,26 +109,6 @@ def _blocks_at(dense, ell_cols, b):
     padded = torch.nn.functional.pad(dense, (0, cols * b - k, 0, rows * b - m))
     blocks = padded.view(rows, b, cols, b).permute(0, 2, 1, 3)
     return blocks[torch.arange(rows)[:, None], ell_cols.clamp(min=0).long()]
-
-
-@pytest.mark.parametrize("x_layout", X_LAYOUTS)
-@pytest.mark.parametrize("bias_layout", BIAS_LAYOUTS)
-def test_linear_fused_bias_any_layout(device_backend, x_layout, bias_layout):
-    """One op call with the bias fused, x and bias read through their strides (expanded
-    included), y and every gradient against the oracle; an empty block-row in W."""
-    device, backend = device_backend
-    a, _ = _operands(37, 40, 16, 0.6, torch.float32, device)
-    x = laid_out_x(6, 40, x_layout, torch.float32, device)
-    check_linear(a, x, laid_out_bias(37, bias_layout, torch.float32, device), backend)
-
-
-@pytest.mark.parametrize("rows", [0, 1])
-@pytest.mark.parametrize("density", [0.0, 0.5])
-def test_linear_one_or_no_row_and_all_zero_weight(device_backend, rows, density):
-    device, backend = device_backend
-    a, _ = _operands(20, 35, 16, density, torch.float64, device)
-    check_linear(a, laid_out_x(rows, 35, "contiguous", torch.float64, device),
-                 laid_out_bias(20, "contiguous", torch.float64, device), backend)
 
 
 def test_gradcheck_float64(device_backend):

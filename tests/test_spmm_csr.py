@@ -9,7 +9,6 @@ from sparqle import CSR
 from sparqle.kernels import _derived
 
 from ._oracle import RTOL, assert_close, random_sparse
-from ._weight_linear import BIAS_LAYOUTS, X_LAYOUTS, check_linear, laid_out_bias, laid_out_x
 
 # (m, k, n, density): odd sizes off every block, one row, k or n of 1, all-zero, dense.
 SHAPES = [
@@ -136,26 +135,6 @@ def test_linear_gradients_match_oracle(device_backend, dtype, m, k, n, density):
     scale_dw = (dy64.abs().reshape(-1, m).T @ x64.abs().reshape(-1, k))[rows, cols]
     assert_close(w.values.grad, vals64.grad, scale_dw, dtype, "dvalues")
     assert_close(bias.grad, b64.grad, dy64.abs().sum((0, 1)), dtype, "dbias")
-
-
-@pytest.mark.parametrize("x_layout", X_LAYOUTS)
-@pytest.mark.parametrize("bias_layout", BIAS_LAYOUTS)
-def test_linear_fused_bias_any_layout(device_backend, x_layout, bias_layout):
-    """One op call with the bias fused, x and bias read through their strides (expanded
-    included), y and every gradient against the oracle; empty rows in W."""
-    device, backend = device_backend
-    w = CSR.from_dense(random_sparse(13, 11, 0.4, torch.float32, device, empty_rows=(0, 5, 12)))
-    x = laid_out_x(6, 11, x_layout, torch.float32, device)
-    check_linear(w, x, laid_out_bias(13, bias_layout, torch.float32, device), backend)
-
-
-@pytest.mark.parametrize("rows", [0, 1])
-@pytest.mark.parametrize("density", [0.0, 0.5])
-def test_linear_one_or_no_row_and_all_zero_weight(device_backend, rows, density):
-    device, backend = device_backend
-    w = CSR.from_dense(random_sparse(9, 7, density, torch.float64, device))
-    check_linear(w, laid_out_x(rows, 7, "contiguous", torch.float64, device),
-                 laid_out_bias(9, "contiguous", torch.float64, device), backend)
 
 
 def test_gradcheck_float64(device_backend):

@@ -82,7 +82,7 @@ def _bell_mm_kernel(
                 acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             else:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    offs_m = block_row * B + offs_b
+    offs_m = block_row.to(tl.int64) * B + offs_b
     mask_m = offs_m < M_OUT
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_m * stride_bias, mask=mask_m, other=0).to(ACC_DTYPE)[None, :]

@@ -1,13 +1,18 @@
-"""The checks the CSR and Blocked-ELL op tests share: ``sparqle.linear(x, w, bias)`` is
-x @ W^T + bias with the bias fused into the op, and its gradients in x, the stored values
-and the bias are float64 autograd's through the dense W, for x and bias in any layout."""
+"""sparqle::csr_linear and sparqle::bell_linear through ``sparqle.linear(x, w, bias)``: one
+op call, x @ W^T + bias with the bias fused, x and bias read through their strides
+(transposed, strided, expanded), one row or none, empty rows, an all-zero weight; y and
+the gradients in x, the stored values and the bias against float64 autograd through the
+dense W, on every (device, backend) that runs here (tests/test_cupy.py runs the same check
+on CuPy)."""
 import copy
 
+import pytest
 import torch
 
 import sparqle
+from sparqle import CSR, BlockedELL
 
-from ._oracle import assert_close
+from ._oracle import assert_close, random_sparse
 
 # How x [M, k] is laid out: its own rows, a transposed copy's view (x^T contiguous, as
 # sparqle.spmm passes b^T), every other column of a wider tensor, one row expanded.
@@ -73,3 +78,29 @@ def check_linear(w, x: torch.Tensor, bias, backend: str) -> None:
     assert_close(y, y64, scale_y, dtype, "y")
     for name, g, e, scale in zip(("dx", "dvalues", "dbias"), got, expected, scales):
         assert_close(g, e, scale, dtype, name)
+
+
+# format -> W [m, k] in it from a dense tensor (Blocked-ELL: 16 x 16 blocks, kept where any
+# entry is nonzero, so a random pattern keeps most blocks and zeros inside them).
+FORMATS = {"csr": CSR.from_dense, "bell": lambda dense: BlockedELL.from_dense(dense, 16)}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("x_layout", X_LAYOUTS)
+@pytest.mark.parametrize("bias_layout", BIAS_LAYOUTS)
+def test_linear_fused_bias_any_layout(device_backend, fmt, x_layout, bias_layout):
+    device, backend = device_backend
+    # rows 0-15 and 36 empty: empty CSR rows, an empty block-row
+    w = FORMATS[fmt](random_sparse(37, 40, 0.3, torch.float32, device, empty_rows=(*range(16), 36)))
+    x = laid_out_x(6, 40, x_layout, torch.float32, device)
+    check_linear(w, x, laid_out_bias(37, bias_layout, torch.float32, device), backend)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("rows", [0, 1])
+@pytest.mark.parametrize("density", [0.0, 0.5])
+def test_linear_one_or_no_row_and_all_zero_weight(device_backend, fmt, rows, density):
+    device, backend = device_backend
+    w = FORMATS[fmt](random_sparse(20, 35, density, torch.float64, device))
+    check_linear(w, laid_out_x(rows, 35, "contiguous", torch.float64, device),
+                 laid_out_bias(20, "contiguous", torch.float64, device), backend)
