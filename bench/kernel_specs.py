@@ -138,10 +138,10 @@ def int4_cases(x: torch.Tensor, n: int, bias: bool, group: int = 128, archs=(80,
     """int4_linear: x [M, K] @ dequant(W [n, K])^T, packed uint8 [n, ceil(K/2)], scales and
     zeros [n, ceil(K/group)] in x's dtype."""
     m, k = x.shape
-    groups = -(-k // group)
+    groups = cdiv(k, group)
     label = f"{_name(x.dtype)} M={m} N={n} K={k} group={group}{' bias' if bias else ''}"
     return [Case("int4_linear", label, lambda: int4_linear.int4_linear(
-        x, tensor(n, -(-k // 2), dtype=torch.uint8), tensor(n, groups, dtype=x.dtype),
+        x, tensor(n, cdiv(k, 2), dtype=torch.uint8), tensor(n, groups, dtype=x.dtype),
         tensor(n, groups, dtype=x.dtype), tensor(n, dtype=x.dtype) if bias else None, group), archs)]
 
 
@@ -166,9 +166,9 @@ def nm_cases(x: torch.Tensor, rows: int, keep: int, group: int, bias: bool, to_d
     """nm_linear: x [M, K] @ W^T for W [rows, K] in keep:group (values [rows, Kc], meta int32
     [rows, ceil(Kc / (32 / bits))]); with ``to_dense``, also nm_to_dense of W."""
     m, k = x.shape
-    kc = -(-k // group) * keep
+    kc = cdiv(k, group) * keep
     values = tensor(rows, kc, dtype=x.dtype)
-    meta = tensor(rows, -(-kc // (32 // index_bits(group))), dtype=torch.int32)
+    meta = tensor(rows, cdiv(kc, 32 // index_bits(group)), dtype=torch.int32)
     label = f"{keep}:{group} {_name(x.dtype)} M={m} N={rows} K={k}{' bias' if bias else ''}"
     cases = [Case("nm_linear", label, lambda: nm_linear.nm_linear(
         x, values, meta, tensor(rows, dtype=x.dtype) if bias else None, keep, group), archs)]
@@ -264,7 +264,7 @@ def window_copy_cases(batch: int, side: int, channels: int, window: int, shift: 
     """window_partition and window_merge of x [batch, side, side, channels] into windows of
     window x window tokens, rolled by ``shift``; the windows listed by an int64 index when
     ``index``."""
-    per_image = (-(-side // window)) ** 2
+    per_image = cdiv(side, window) ** 2
     windows = tensor(batch * per_image, window * window, channels, dtype=dtype)
     idx = tensor(batch, per_image, dtype=torch.int64) if index else None
     x = tensor(batch, side, side, channels, dtype=dtype)
@@ -439,7 +439,7 @@ def usage(kernel) -> Usage:
 
 
 def _round_up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
+    return cdiv(n, unit) * unit
 
 
 def ctas_per_sm(use: Usage, target: Target) -> Dict[str, int]:

@@ -18,7 +18,7 @@ def test_dense_round_trip(m, k, b, density, seed):
     dense = block_sparse(m, k, b, density)
     a = BlockedELL.from_dense(dense, block_size=b)
     assert torch.equal(a.to_dense(), dense)
-    rows, cols = -(-m // b), -(-k // b)
+    rows, cols = cdiv(m, b), cdiv(k, b)
     nonzero_blocks = (torch.nn.functional.pad(dense, (0, cols * b - k, 0, rows * b - m))
                       .view(rows, b, cols, b).ne(0).any(3).any(1))
     assert a.nnz_blocks == int(nonzero_blocks.sum())

@@ -8,7 +8,8 @@ int8 layers inside) and tied weights. The file holds no derived tensor (CSR's ro
 and no pickle; a file holding the transposed structure that earlier versions kept loads. A
 corrupted tensor, corrupted or missing metadata, a file from a newer sparqle, a missing or
 unexpected key, or a model of another architecture is a ValueError or TypeError naming the
-key or module, and leaves the model's modules as they were. Corrupted files are loaded in a fresh interpreter (tests._modules.run_isolated)."""
+key or module, and leaves the model's modules as they were. Corrupted files are loaded in a
+fresh interpreter (tests._modules.run_isolated)."""
 import json
 
 import pytest

@@ -260,7 +260,7 @@ def encode_24(w):
     the format's contract: per group of 4 the 2 kept positions (largest magnitudes, ties to the
     lower index), increasing, 2 bits each LSB first, 16 positions a word."""
     rows, k = w.shape
-    kp = -(-k // 4) * 4
+    kp = cdiv(k, 4) * 4
     padded = torch.zeros(rows, kp, dtype=w.dtype)
     padded[:, :k] = w
     groups = padded.view(rows, kp // 4, 4)
@@ -268,7 +268,7 @@ def encode_24(w):
     pos = torch.sort(order, dim=2).values                         # [N, G, 2] increasing
     values = torch.gather(groups, 2, pos).reshape(rows, kp // 2)
     flat = pos.reshape(rows, -1).long()                            # [N, Kc] 2-bit indices
-    words = -(-flat.shape[1] // 16)
+    words = cdiv(flat.shape[1], 16)
     meta = torch.zeros(rows, words, dtype=torch.int64)
     for j in range(flat.shape[1]):
         meta[:, j // 16] |= flat[:, j] << (2 * (j % 16))
@@ -289,7 +289,7 @@ def decode_24(values, meta, k):
 
 def random_24(rows, k, dtype):
     """A random 2:4-sparse [rows, k] matrix (k need not be a multiple of 4)."""
-    w = torch.randn(rows, -(-k // 4) * 4, dtype=torch.float64)
+    w = torch.randn(rows, cdiv(k, 4) * 4, dtype=torch.float64)
     keep = torch.rand(rows, w.shape[1] // 4, 4).argsort(dim=2)[:, :, :2]
     mask = torch.zeros(rows, w.shape[1] // 4, 4, dtype=torch.bool).scatter_(2, keep, True)
     return (w * mask.view_as(w))[:, :k].to(dtype)
@@ -355,8 +355,8 @@ def emulate_nm24_kernel(x, values, meta, bias):
         kept = (1 << (4 * groups)) - 1
         return (word & kept) | (0x44444444 & ~kept & 0xFFFFFFFF)
 
-    for bx in range(-(-rows // 64)):
-        for by in range(-(-tokens // 64)):
+    for bx in range(cdiv(rows, 64)):
+        for by in range(cdiv(tokens, 64)):
             for warp in range(4):
                 row_base, token_base = bx * 64 + (warp >> 1) * 32, by * 64 + (warp & 1) * 32
                 acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(4)] for _ in range(2)]

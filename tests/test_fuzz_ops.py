@@ -437,7 +437,7 @@ def window_slots(x, ws, shift, index):
     """[(image, row of the image's windows, token, y, x)] for every real token of the
     windows partition takes (all, or those ``index`` names), by the per-pixel map."""
     b, h, w, _ = x.shape
-    nw = -(-h // ws[0]) * -(-w // ws[1])
+    nw = cdiv(h, ws[0]) * cdiv(w, ws[1])
     slots = [index[i].tolist() if index is not None else list(range(nw)) for i in range(b)]
     return [(i, slots[i].index(win), t, y, xx) for (win, t), (y, xx) in pixel_map(h, w, ws, shift).items()
             for i in range(b) if win in slots[i]]
@@ -472,7 +472,7 @@ def test_window_partition_and_merge(device, backend, data):
                   draw(st.integers(0, 7), label="W"), draw(st.integers(0, 5), label="C"))
     ws = (draw(st.integers(1, 4), label="wh"), draw(st.integers(1, 4), label="ww"))
     shift = (draw(st.integers(0, ws[0] - 1), label="sh"), draw(st.integers(0, ws[1] - 1), label="sw"))
-    nw = -(-h // ws[0]) * -(-w // ws[1])
+    nw = cdiv(h, ws[0]) * cdiv(w, ws[1])
     per_image = draw(st.integers(0, nw), label="K") if draw(st.booleans(), label="index") else None
     index = (torch.stack([torch.randperm(nw)[:per_image] for _ in range(b)]) if b else
              torch.zeros(0, per_image, dtype=torch.long)) if per_image is not None else None

@@ -26,6 +26,7 @@ from typing import Optional
 import pytest
 import torch
 
+from sparqle.formats._checks import cdiv
 from sparqle.kernels import _alloc
 
 from ._oracle import assert_close
@@ -40,7 +41,7 @@ def far(data: torch.Tensor, dim: int) -> torch.Tensor:
     one step of that stride. Only the view's elements of its fresh storage are written."""
     size = data.shape[dim]
     inner = data.shape[:dim] + data.shape[dim + 1:]
-    step = -(-FAR // (size - 1)) if size > 1 else FAR
+    step = cdiv(FAR, size - 1) if size > 1 else FAR
     block = math.prod(inner)
     assert block <= step < FAR, f"far({tuple(data.shape)}, {dim}): needs >= 3 indices and a small rest"
     strides = [math.prod(inner[i + 1:]) for i in range(len(inner))]
@@ -405,7 +406,8 @@ def window_merge_far_channels():
 
 FAMILIES = {
     "spmm_csr": [functools.partial(csr_linear_far, 0), functools.partial(csr_linear_far, 1),
-                 csr_linear_nonzeros_up_to_2_31, functools.partial(csr_sddmm, 1, 0), functools.partial(csr_sddmm, 0, 1)],
+                 csr_linear_nonzeros_up_to_2_31,
+                 functools.partial(csr_sddmm, 1, 0), functools.partial(csr_sddmm, 0, 1)],
     "spmm_bell": [bell_linear_far_rows, bell_linear_far_columns, bell_matmul_far_columns,
                   functools.partial(bell_sddmm, 0, 1), functools.partial(bell_sddmm, 1, 0)],
     "int4": [int4_tiled_far_rows, int4_split_k_far_columns],

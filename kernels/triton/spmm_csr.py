@@ -53,13 +53,12 @@ def _acc_dtype(dtype: torch.dtype):
 def _csr_linear_kernel(
     # pointers
     crow_ptr, col_ptr, values_ptr, row_order_ptr, x_ptr, bias_ptr, y_ptr,
-    # sizes
-    X_ROWS,
+    # sizes: the rows of x, the mean nonzeros per row of A (a power of two: a tuning key)
+    X_ROWS, AVG_ROW_NNZ,
     # strides
     stride_xm, stride_xk,
     stride_ym, stride_yn,
     stride_bias,
-    AVG_ROW_NNZ,
     # meta-parameters
     HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_X_ROWS: tl.constexpr, BLOCK_NNZ: tl.constexpr,
@@ -130,11 +129,10 @@ def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
     with on_device_of(x):
         _csr_linear_kernel[grid](
             crow, col, values, row_order, x, y if bias is None else bias, y,
-            rows,
+            rows, triton.next_power_of_2(max(1, col.numel() // m)),
             x.stride(0), x.stride(1),
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),
-            triton.next_power_of_2(max(1, col.numel() // m)),
             HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x.dtype),
         )
     return y
