@@ -56,9 +56,9 @@ def _modules(linear: torch.nn.Linear) -> Dict[str, Tuple[torch.nn.Module, List[T
         "int8-w8a16": (Int8Linear.from_linear(linear, activation=None), [("int8_linear", "int8_linear")]),
         "fp8": (FP8Linear.from_linear(linear), [("fp8_linear", "scaled_mm")]),
         "2:4": (SparseLinear.from_linear(linear, format="2:4"), [("nm_linear", "nm_linear")]),
-        "csr": (SparseLinear.from_linear(linear, 0.9, format="csr"), [("spmm_csr", "spmm_csr")]),
+        "csr": (SparseLinear.from_linear(linear, 0.9, format="csr"), [("spmm_csr", "csr_linear")]),
         "bell": (SparseLinear.from_linear(linear, 0.5, format="bell", block_size=16 if w.shape[0] < 256 else 64),
-                 [("spmm_bell", "spmm_bell")]),
+                 [("spmm_bell", "bell_linear")]),
     }
 
 

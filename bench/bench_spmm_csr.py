@@ -3,7 +3,8 @@
 a GPU are present, also sparqle's CuPy kernel (``cupy``, the backend forced).
 
 A is a transformer weight [out, in] magnitude-pruned to the given sparsity, B holds the
-n tokens as columns (``sparqle.linear`` computes y^T = W @ x^T this way).
+n tokens as columns: sparqle.spmm runs the op of ``sparqle.linear`` (sparqle::csr_linear,
+x @ A^T) on x = B^T, read through its strides, and transposes the result back.
 FLOPs: 2 nnz n. Bytes: values and column indices, row pointers, B once, C once.
 """
 import importlib.util

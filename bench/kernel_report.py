@@ -45,18 +45,19 @@ def _dtype(params: Dict[str, object]) -> torch.dtype:
 
 
 def _csr(p) -> List[Case]:
-    """sparqle.spmm(A [m, k] CSR, b [k, n]): spmm_csr with m * k * (1 - sparsity) entries."""
+    """sparqle.spmm(A [m, k] CSR, b [k, n]): csr_linear of x = b^T (a transposed view) with
+    m * k * (1 - sparsity) entries."""
     nnz = round(p["out_features"] * p["in_features"] * (1 - p["sparsity"]))
-    return kernel_specs.csr_cases(p["out_features"], p["in_features"], p["tokens"], nnz, _dtype(p), sddmm=False,
-                                  archs=(ARCH,))
+    return kernel_specs.csr_cases(p["out_features"], p["in_features"], p["tokens"], nnz, _dtype(p),
+                                  transposed_x=True, sddmm=False, archs=(ARCH,))
 
 
 def _bell(p) -> List[Case]:
-    """sparqle.linear(x [n, k], A [m, k] Blocked-ELL): spmm_bell. The width (the most blocks
+    """sparqle.linear(x [n, k], A [m, k] Blocked-ELL): bell_linear. The width (the most blocks
     kept in a block-row) depends on the weights; the mean is taken: it only sets a loop count."""
     width = math.ceil((1 - p["sparsity"]) * p["in_features"] / p["block"])
     return kernel_specs.bell_cases(p["tokens"], p["out_features"], p["in_features"], p["block"], width, _dtype(p),
-                                   ("spmm",), (ARCH,))
+                                   ("linear",), archs=(ARCH,))
 
 
 def _nm(p) -> List[Case]:

@@ -40,6 +40,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from sparqle.formats._checks import cdiv
 from sparqle.kernels.torch.nm_linear import index_bits
 from sparqle.kernels.triton import (fp8_linear, int4_linear, int8_linear, nm_linear, spmm_bell, spmm_csr,
                                     window_attention)
@@ -95,15 +96,17 @@ def _name(dtype: torch.dtype) -> str:
 
 # --- launcher calls, one builder per op -------------------------------------------------
 
-def csr_cases(m: int, k: int, n: int, nnz: int, dtype: torch.dtype, transposed_b: bool = False,
-              sddmm: bool = True, archs=(80, 90)) -> List[Case]:
-    """spmm_csr: A [m, k] (nnz entries, int32 indices) @ b [k, n] (b a transposed view when
-    ``transposed_b``); sddmm_csr at the same pattern with x [m, n], y [k, n]."""
+def csr_cases(m: int, k: int, n: int, nnz: int, dtype: torch.dtype, transposed_x: bool = False,
+              bias: bool = False, sddmm: bool = True, archs=(80, 90)) -> List[Case]:
+    """csr_linear: x [n, k] (a transposed view when ``transposed_x``, as sparqle.spmm passes
+    b^T) @ A^T (+ bias [m]) for A [m, k] with nnz entries, int32 indices; sddmm_csr at the
+    same pattern with x [m, n], y [k, n]."""
     crow, col, order = tensor(m + 1, dtype=torch.int32), tensor(nnz, dtype=torch.int32), tensor(m, dtype=torch.int32)
-    b = tensor(n, k, dtype=dtype).t() if transposed_b else tensor(k, n, dtype=dtype)
-    label = f"{_name(dtype)} m={m} k={k} n={n} nnz={nnz}" + (" b^T" if transposed_b else "")
-    cases = [Case("spmm_csr", "spmm " + label,
-                  lambda: spmm_csr.spmm_csr(crow, col, tensor(nnz, dtype=dtype), order, b), archs)]
+    x = tensor(k, n, dtype=dtype).t() if transposed_x else tensor(n, k, dtype=dtype)
+    label = f"{_name(dtype)} m={m} k={k} n={n} nnz={nnz}" + (" x^T" if transposed_x else "")
+    cases = [Case("spmm_csr", "linear " + label + (" bias" if bias else ""),
+                  lambda: spmm_csr.csr_linear(x, crow, col, tensor(nnz, dtype=dtype), order,
+                                              tensor(m, dtype=dtype) if bias else None), archs)]
     if sddmm:
         cases.append(Case("spmm_csr", "sddmm " + label,
                           lambda: spmm_csr.sddmm_csr(crow, col, tensor(m, n, dtype=dtype), tensor(k, n, dtype=dtype)),
@@ -112,32 +115,33 @@ def csr_cases(m: int, k: int, n: int, nnz: int, dtype: torch.dtype, transposed_b
 
 
 def bell_cases(n: int, m: int, k: int, block: int, width: int, dtype: torch.dtype,
-               directions=("spmm", "spmm_t", "sddmm"), archs=(80, 90)) -> List[Case]:
+               directions=("linear", "matmul", "sddmm"), bias: bool = False, archs=(80, 90)) -> List[Case]:
     """A [m, k] in Blocked-ELL (block x block blocks, ``width`` slots per block-row):
-    spmm_bell x [n, k] @ A^T, spmm_bell_t x [n, m] @ A, sddmm_bell dy [n, m]^T @ x [n, k]."""
-    rows, cols = -(-m // block), -(-k // block)
-    t_width = min(rows, width * 2)
+    bell_linear x [n, k] @ A^T (+ bias [m]), bell_matmul x [n, m] @ A over A^T's structure at
+    its bound width (the block-rows of A), sddmm_bell dy [n, m]^T @ x [n, k]."""
+    rows, cols = cdiv(m, block), cdiv(k, block)
     values = tensor(rows, width, block, block, dtype=dtype)
     ell_cols = tensor(rows, width, dtype=torch.int32)
     label = f"{_name(dtype)} n={n} m={m} k={k} block={block} width={width}"
     calls = {
-        "spmm": lambda: spmm_bell.spmm_bell(ell_cols, values, tensor(n, k, dtype=dtype), m),
-        "spmm_t": lambda: spmm_bell.spmm_bell_t(tensor(cols, t_width, dtype=torch.int32),
-                                              tensor(cols, t_width, dtype=torch.int32), values,
-                                              tensor(n, m, dtype=dtype), k),
+        "linear": lambda: spmm_bell.bell_linear(tensor(n, k, dtype=dtype), ell_cols, values,
+                                                tensor(m, dtype=dtype) if bias else None, m),
+        "matmul": lambda: spmm_bell.bell_matmul(tensor(n, m, dtype=dtype), tensor(cols, rows, dtype=torch.int32),
+                                                tensor(cols, rows, dtype=torch.int32), values, k),
         "sddmm": lambda: spmm_bell.sddmm_bell(ell_cols, tensor(n, m, dtype=dtype), tensor(n, k, dtype=dtype), block),
     }
-    return [Case("spmm_bell", f"{d} {label}", calls[d], archs) for d in directions]
+    return [Case("spmm_bell", f"{d} {label}" + (" bias" if bias and d == "linear" else ""), calls[d], archs)
+            for d in directions]
 
 
 def int4_cases(x: torch.Tensor, n: int, bias: bool, group: int = 128, archs=(80, 90)) -> List[Case]:
     """int4_linear: x [M, K] @ dequant(W [n, K])^T, packed uint8 [n, ceil(K/2)], scales and
     zeros [n, ceil(K/group)] in x's dtype."""
     m, k = x.shape
-    groups = -(-k // group)
+    groups = cdiv(k, group)
     label = f"{_name(x.dtype)} M={m} N={n} K={k} group={group}{' bias' if bias else ''}"
     return [Case("int4_linear", label, lambda: int4_linear.int4_linear(
-        x, tensor(n, -(-k // 2), dtype=torch.uint8), tensor(n, groups, dtype=x.dtype),
+        x, tensor(n, cdiv(k, 2), dtype=torch.uint8), tensor(n, groups, dtype=x.dtype),
         tensor(n, groups, dtype=x.dtype), tensor(n, dtype=x.dtype) if bias else None, group), archs)]
 
 
@@ -162,9 +166,9 @@ def nm_cases(x: torch.Tensor, rows: int, keep: int, group: int, bias: bool, to_d
     """nm_linear: x [M, K] @ W^T for W [rows, K] in keep:group (values [rows, Kc], meta int32
     [rows, ceil(Kc / (32 / bits))]); with ``to_dense``, also nm_to_dense of W."""
     m, k = x.shape
-    kc = -(-k // group) * keep
+    kc = cdiv(k, group) * keep
     values = tensor(rows, kc, dtype=x.dtype)
-    meta = tensor(rows, -(-kc // (32 // index_bits(group))), dtype=torch.int32)
+    meta = tensor(rows, cdiv(kc, 32 // index_bits(group)), dtype=torch.int32)
     label = f"{keep}:{group} {_name(x.dtype)} M={m} N={rows} K={k}{' bias' if bias else ''}"
     cases = [Case("nm_linear", label, lambda: nm_linear.nm_linear(
         x, values, meta, tensor(rows, dtype=x.dtype) if bias else None, keep, group), archs)]
@@ -260,7 +264,7 @@ def window_copy_cases(batch: int, side: int, channels: int, window: int, shift: 
     """window_partition and window_merge of x [batch, side, side, channels] into windows of
     window x window tokens, rolled by ``shift``; the windows listed by an int64 index when
     ``index``."""
-    per_image = (-(-side // window)) ** 2
+    per_image = cdiv(side, window) ** 2
     windows = tensor(batch * per_image, window * window, channels, dtype=dtype)
     idx = tensor(batch, per_image, dtype=torch.int64) if index else None
     x = tensor(batch, side, side, channels, dtype=dtype)
@@ -299,11 +303,11 @@ def test_cases() -> List[Case]:
     cases: List[Case] = []
     e4m3, e5m2 = FP8_DTYPES
     for dtype in FP64_TOO:
-        cases += csr_cases(64, 96, 32, 300, dtype)
-        cases += csr_cases(33, 40, 1, 40, dtype, transposed_b=True)   # n = 1, avg row nnz 1: constants
+        cases += csr_cases(64, 96, 32, 300, dtype, bias=True)
+        cases += csr_cases(33, 40, 1, 40, dtype, transposed_x=True)   # n = 1, avg row nnz 1: constants
         cases += csr_cases(5, 40, 17, 100, dtype, sddmm=False)        # avg row nnz 32: divisible
         for block in BELL_BLOCKS:
-            cases += bell_cases(48, 4 * block, 3 * block, block, 2, dtype)
+            cases += bell_cases(48, 4 * block, 3 * block, block, 2, dtype, bias=block == 16)
         cases += bell_cases(1, 40, 72, 16, 1, dtype)                  # n = 1, width 1, ragged blocks
         cases += nm_cases(tensor(1, 128, dtype=dtype), 64, 2, 4, False, to_dense=True)[1:]
     for dtype in FLOAT_DTYPES:
@@ -435,7 +439,7 @@ def usage(kernel) -> Usage:
 
 
 def _round_up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
+    return cdiv(n, unit) * unit
 
 
 def ctas_per_sm(use: Usage, target: Target) -> Dict[str, int]:

@@ -1,44 +1,55 @@
-"""sparqle::spmm_bell (x @ A^T for a Blocked-ELL A) and its backward ops
-sparqle::spmm_bell_t and sparqle::sddmm_bell.
+"""sparqle::bell_linear (x @ A^T + bias for a Blocked-ELL A) and its gradient ops
+sparqle::bell_matmul and sparqle::sddmm_bell.
 
-spmm_bell(ell_cols, values, t_ell_cols, t_slots, x, m) -> out [n, m] = x [n, k] @ A^T
-    ``t_*`` is A^T's block structure, needed only for the gradient of x: pass None when
-    x needs none.
-spmm_bell_t(t_ell_cols, t_slots, values, x, k) -> out [n, k] = x [n, m] @ A
+bell_linear(x, ell_cols, values, bias, out_features) -> y [n, m] = x [n, k] @ A^T + bias
+    for A [m = out_features, k], bias [m] or None, the bias added in the kernel's epilogue.
+bell_matmul(x, t_ell_cols, t_slots, values, k) -> y [n, k] = x [n, m] @ A, over A^T's
+    block structure (t_ell_cols, t_slots).
 sddmm_bell(ell_cols, dy, x, b) -> [R, W, b, b]: dy^T @ x at A's stored blocks
 
-Gradients of out = x @ A^T: dx = dout @ A (spmm_bell_t); dvalues = sddmm_bell(dout, x).
-spmm_bell_t and sddmm_bell have no derivative: a second derivative raises.
+Gradients of y = x @ A^T + bias: dx = dy @ A (bell_matmul); dvalues = sddmm_bell(dy, x);
+dbias = dy.sum(0). A^T's block structure is not an argument: the backward derives it from
+ell_cols with the format's codec (sparqle.formats.bell.transposed_structure), kept while
+ell_cols lives and is unchanged (sparqle.kernels._derived). Its width is exact where a
+host sync is allowed (eager, no CUDA graph being captured) and the static bound (the
+block-rows of A, unused slots skipped by the kernel) where none is (torch.compile's
+tracing, CUDA-graph capture).
+bell_matmul and sddmm_bell have no derivative: a second derivative raises.
 The ops trust their inputs: sparqle.spmm and sparqle.linear check them first.
 """
 from typing import Optional
 
 import torch
 
+from sparqle.formats._checks import cdiv
+from sparqle.formats.bell import transposed_structure
+from sparqle.kernels._capture import host_reads_allowed
+from sparqle.kernels._derived import derived
+
 from ._backend import FLOATS, launch, register_autograd
 
 _DTYPES = {"triton": FLOATS, "torch": FLOATS}
 
 
-@torch.library.custom_op("sparqle::spmm_bell", mutates_args=())
-def spmm_bell(ell_cols: torch.Tensor, values: torch.Tensor, t_ell_cols: Optional[torch.Tensor],
-              t_slots: Optional[torch.Tensor], x: torch.Tensor, m: int) -> torch.Tensor:
-    return launch("spmm_bell", "spmm_bell", _DTYPES, x, ell_cols, values, x, m)
+@torch.library.custom_op("sparqle::bell_linear", mutates_args=())
+def bell_linear(x: torch.Tensor, ell_cols: torch.Tensor, values: torch.Tensor,
+                bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+    return launch("spmm_bell", "bell_linear", _DTYPES, x, x, ell_cols, values, bias, out_features)
 
 
-@spmm_bell.register_fake
-def _(ell_cols, values, t_ell_cols, t_slots, x, m):
-    return x.new_empty((x.shape[0], m))
+@bell_linear.register_fake
+def _(x, ell_cols, values, bias, out_features):
+    return x.new_empty((x.shape[0], out_features))
 
 
-@torch.library.custom_op("sparqle::spmm_bell_t", mutates_args=())
-def spmm_bell_t(t_ell_cols: torch.Tensor, t_slots: torch.Tensor, values: torch.Tensor,
-                x: torch.Tensor, k: int) -> torch.Tensor:
-    return launch("spmm_bell", "spmm_bell_t", _DTYPES, x, t_ell_cols, t_slots, values, x, k)
+@torch.library.custom_op("sparqle::bell_matmul", mutates_args=())
+def bell_matmul(x: torch.Tensor, t_ell_cols: torch.Tensor, t_slots: torch.Tensor,
+                values: torch.Tensor, k: int) -> torch.Tensor:
+    return launch("spmm_bell", "bell_matmul", _DTYPES, x, x, t_ell_cols, t_slots, values, k)
 
 
-@spmm_bell_t.register_fake
-def _(t_ell_cols, t_slots, values, x, k):
+@bell_matmul.register_fake
+def _(x, t_ell_cols, t_slots, values, k):
     return x.new_empty((x.shape[0], k))
 
 
@@ -55,30 +66,38 @@ def _(ell_cols, dy, x, b):
 def _second_derivative(ctx, *grads):
     raise NotImplementedError(
         "sparqle: second derivatives (double backward) through a Blocked-ELL weight are not "
-        "supported: sparqle::spmm_bell_t and sparqle::sddmm_bell, the gradient ops, have no "
+        "supported: sparqle::bell_matmul and sparqle::sddmm_bell, the gradient ops, have no "
         "derivative. Use the dense weight (w.to_dense()) where a second derivative is needed.")
 
 
-for _op in (spmm_bell_t, sddmm_bell):
+for _op in (bell_matmul, sddmm_bell):
     register_autograd(_op, _second_derivative, lambda ctx, inputs, output: None)
 
 
+def _transposed(ell_cols: torch.Tensor, k: int, b: int):
+    """A^T's block structure (t_ell_cols, t_slots): the exact width where the host may read
+    it, else the static bound (see sparqle.formats.bell.transposed_structure)."""
+    exact = host_reads_allowed()
+    return derived("bell_transposed_exact" if exact else "bell_transposed_bound",
+                   lambda: transposed_structure(ell_cols, cdiv(k, b), exact), ell_cols)
+
+
 def _setup_context(ctx, inputs, output):
-    ell_cols, values, t_ell_cols, t_slots, x, m = inputs
-    ctx.save_for_backward(ell_cols, values, t_ell_cols, t_slots, x)
+    x, ell_cols, values, bias, out_features = inputs
+    ctx.save_for_backward(x, ell_cols, values)
 
 
 def _backward(ctx, grad):
-    ell_cols, values, t_ell_cols, t_slots, x = ctx.saved_tensors
-    grad_values = grad_x = None
-    if ctx.needs_input_grad[1]:
-        grad_values = torch.ops.sparqle.sddmm_bell(ell_cols, grad, x, values.shape[-1])
-    if ctx.needs_input_grad[4]:
-        if t_ell_cols is None:
-            raise RuntimeError("sparqle::spmm_bell: the gradient of x needs A^T's block structure "
-                               "(t_ell_cols, t_slots), which was not passed")
-        grad_x = torch.ops.sparqle.spmm_bell_t(t_ell_cols, t_slots, values, grad, x.shape[1])
-    return None, grad_values, None, None, grad_x, None
+    x, ell_cols, values = ctx.saved_tensors
+    k, b = x.shape[1], values.shape[-1]
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.sparqle.bell_matmul(grad, *_transposed(ell_cols, k, b), values, k)
+    if ctx.needs_input_grad[2]:
+        grad_values = torch.ops.sparqle.sddmm_bell(ell_cols, grad, x, b)
+    if ctx.needs_input_grad[3]:
+        grad_bias = grad.sum(0)
+    return grad_x, None, grad_values, grad_bias, None
 
 
-register_autograd(spmm_bell, _backward, _setup_context)
+register_autograd(bell_linear, _backward, _setup_context)

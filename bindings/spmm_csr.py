@@ -1,20 +1,27 @@
-"""sparqle::spmm_csr (CSR x dense) and its backward op sparqle::sddmm_csr.
+"""sparqle::csr_linear (x @ A^T + bias for a CSR A) and its gradient op sparqle::sddmm_csr.
 
-spmm_csr(crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b) -> C [m, n]
-    C = A @ b for A [m, k] in CSR and dense b [k, n]. ``t_*`` is the CSR structure of
-    A^T (its values are ``values[t_perm]``), needed only for the gradient of b: pass
-    None when b needs none.
+csr_linear(x, crow, col, values, row_order, bias) -> y [M, m]
+    y = x [M, k] @ A^T + bias for A [m, k] in CSR (crow [m+1], col [nnz], values [nnz],
+    row_order [m]) and bias [m] or None, the bias added in the kernel's epilogue.
 sddmm_csr(crow, col, x, y) -> out [nnz]
     out[i] = x[row_i] . y[col_i]: the values of x @ y^T at A's pattern.
 
-Gradients of C = A @ b: dvalues = sddmm_csr(dC, b) at A's pattern; db = A^T @ dC, whose
-own gradient (a second derivative in b) is A @ ..., with A's structure passed as that of
-(A^T)^T. sddmm_csr has no derivative: a second derivative through the values raises.
+Gradients of y = x @ A^T + bias: dx = dy @ A = csr_linear(dy, A^T's structure,
+values[t_perm], None); dvalues = sddmm_csr(crow, col, dy^T, x^T) (transposed views, no
+copy); dbias = dy.sum(0). A^T's structure is not an argument: the backward derives it from
+(crow, col) with the format's codec (sparqle.formats.csr.transposed_structure), kept while
+crow and col live and are unchanged (sparqle.kernels._derived), so an eager training loop
+builds it once; it needs no host sync (torch.compile traces it, CUDA graphs capture it).
+dx is csr_linear again, so second derivatives in x work; sddmm_csr has no derivative: a
+second derivative through the values raises.
 The ops trust their inputs: sparqle.spmm and sparqle.linear check them first.
 """
 from typing import Optional
 
 import torch
+
+from sparqle.formats.csr import transposed_structure
+from sparqle.kernels._derived import derived
 
 from ._backend import FLOATS, launch, register_autograd
 
@@ -24,19 +31,17 @@ _DTYPES = {"triton": FLOATS, "torch": FLOATS,
            "cupy": frozenset({torch.float32, torch.float16, torch.bfloat16})}
 
 
-@torch.library.custom_op("sparqle::spmm_csr", mutates_args=())
-def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-             row_order: torch.Tensor, t_crow: Optional[torch.Tensor],
-             t_col: Optional[torch.Tensor], t_perm: Optional[torch.Tensor],
-             t_row_order: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
-    # Every backend reads the CSR arrays at unit stride.
+@torch.library.custom_op("sparqle::csr_linear", mutates_args=())
+def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+               row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # Every backend reads the CSR arrays at unit stride; x and bias go through their strides.
     crow, col, values, row_order = (t.contiguous() for t in (crow, col, values, row_order))
-    return launch("spmm_csr", "spmm_csr", _DTYPES, b, crow, col, values, row_order, b)
+    return launch("spmm_csr", "csr_linear", _DTYPES, x, x, crow, col, values, row_order, bias)
 
 
-@spmm_csr.register_fake
-def _(crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b):
-    return b.new_empty((crow.shape[0] - 1, b.shape[1]))
+@csr_linear.register_fake
+def _(x, crow, col, values, row_order, bias):
+    return x.new_empty((x.shape[0], crow.shape[0] - 1))
 
 
 @torch.library.custom_op("sparqle::sddmm_csr", mutates_args=())
@@ -61,33 +66,23 @@ def _sddmm_backward(ctx, grad):
 register_autograd(sddmm_csr, _sddmm_backward, lambda ctx, inputs, output: None)
 
 
-def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    """The permutation that undoes ``perm``: (values[perm])[_inverse(perm)] == values."""
-    inverse = torch.empty_like(perm)
-    inverse[perm.long()] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
-    return inverse
-
-
 def _setup_context(ctx, inputs, output):
-    crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b = inputs
-    ctx.save_for_backward(crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b)
+    x, crow, col, values, row_order, bias = inputs
+    ctx.save_for_backward(x, crow, col, values)
 
 
 def _backward(ctx, grad):
-    crow, col, values, row_order, t_crow, t_col, t_perm, t_row_order, b = ctx.saved_tensors
-    # dC arrives transposed from sparqle.linear; both ops stream rows of it.
-    grad = grad.contiguous()
-    grad_values = grad_b = None
-    if ctx.needs_input_grad[2]:
-        grad_values = torch.ops.sparqle.sddmm_csr(crow, col, grad, b)
-    if ctx.needs_input_grad[8]:
-        if t_crow is None:
-            raise RuntimeError("sparqle::spmm_csr: the gradient of b needs A^T's structure "
-                               "(t_crow, t_col, t_perm, t_row_order), which was not passed")
-        # With create_graph, db = A^T @ dC is differentiated again: pass A's structure as A^T's.
-        again = (crow, col, _inverse(t_perm), row_order) if torch.is_grad_enabled() else (None,) * 4
-        grad_b = torch.ops.sparqle.spmm_csr(t_crow, t_col, values[t_perm], t_row_order, *again, grad)
-    return None, None, grad_values, None, None, None, None, None, grad_b
+    x, crow, col, values = ctx.saved_tensors
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        t_crow, t_col, t_perm, t_row_order = derived(
+            "csr_transposed", lambda: transposed_structure(crow, col, x.shape[1]), col, crow)
+        grad_x = torch.ops.sparqle.csr_linear(grad, t_crow, t_col, values[t_perm], t_row_order, None)
+    if ctx.needs_input_grad[3]:
+        grad_values = torch.ops.sparqle.sddmm_csr(crow, col, grad.t(), x.t())
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad.sum(0)
+    return grad_x, None, None, grad_values, None, grad_bias
 
 
-register_autograd(spmm_csr, _backward, _setup_context)
+register_autograd(csr_linear, _backward, _setup_context)

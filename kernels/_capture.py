@@ -11,6 +11,18 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def tracing() -> bool:
+    """True while torch.compile, AOTAutograd or make_fx traces with fake tensors: tensors
+    hold no values to read, and what is made belongs to the traced graph."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+
+
+def host_reads_allowed() -> bool:
+    """Whether a device tensor's values may be read on the host now: not while tracing
+    (fake tensors hold none) nor while a CUDA graph is captured (a sync breaks capture)."""
+    return not (tracing() or capturing())
+
+
 def check_values(holds: Callable[[], torch.Tensor], message: str) -> None:
     """ValueError(message) unless ``holds()`` (a bool tensor) is true: read on the host (a
     device sync) eagerly; while a CUDA graph is captured, where nothing may be read, asserted

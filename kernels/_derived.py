@@ -1,36 +1,40 @@
-"""Tensors derived from others (a narrowed index copy, a vendor-compressed weight), made on
-first use and kept while their sources live and are not modified in place.
+"""Tensors derived from others (a narrowed index copy, a vendor-compressed weight, the
+transposed structure of a sparse weight), made on first use and kept while their sources
+live and are not modified in place.
 
 A source is recognised by identity and its version counter. Inference tensors keep no
 version counter, so what is derived from one is made again on every call. What is made
 during CUDA-graph capture is not kept (it holds its values only once the graph replays, and
 the graph's memory pool may hand its memory to another graph); what was kept before is used.
+While torch.compile or AOTAutograd traces (fake tensors) it is made into the graph, never kept.
 """
 import weakref
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Tuple, TypeVar
 
 import torch
 
 from . import _capture
 
-# (id(first source), name) -> (weak references to the sources, their versions, the tensor)
-_kept: Dict[Tuple[int, str], Tuple[tuple, tuple, torch.Tensor]] = {}
+T = TypeVar("T")  # a tensor or a tuple of tensors
+
+# (id(first source), name) -> (weak references to the sources, their versions, what was made)
+_kept: Dict[Tuple[int, str], Tuple[tuple, tuple, object]] = {}
 
 
-def derived(name: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
+def derived(name: str, make: Callable[[], T], *sources: torch.Tensor) -> T:
     """``make()``, kept per (``sources[0]``, ``name``) and made again when any source is
     replaced or modified in place; dropped when ``sources[0]`` is freed."""
-    if any(s.is_inference() for s in sources):
+    if _capture.tracing() or any(s.is_inference() for s in sources):
         return make()
     key = (id(sources[0]), name)
     versions = tuple(s._version for s in sources)
     hit = _kept.get(key)
     if hit is not None and hit[1] == versions and all(r() is s for r, s in zip(hit[0], sources)):
         return hit[2]
-    tensor = make()
+    made = make()
     if _capture.capturing():
-        return tensor
+        return made
     if hit is None or hit[0][0]() is not sources[0]:
         weakref.finalize(sources[0], _kept.pop, key, None)
-    _kept[key] = (tuple(weakref.ref(s) for s in sources), versions, tensor)
-    return tensor
+    _kept[key] = (tuple(weakref.ref(s) for s in sources), versions, made)
+    return made

@@ -39,9 +39,9 @@ def test_unknown_backend_names(monkeypatch):
 def test_forced_cupy_says_why(monkeypatch):
     monkeypatch.setenv("SPARQLE_BACKEND", "cupy")
     a = sparqle.BlockedELL.from_dense(torch.eye(16), block_size=16)
-    with pytest.raises(ValueError, match="backend 'cupy' has no kernel for sparqle::spmm_bell"):
+    with pytest.raises(ValueError, match="backend 'cupy' has no kernel for sparqle::bell_linear"):
         sparqle.spmm(a, torch.randn(16, 2))
-    with pytest.raises(ValueError, match=r"backend 'cupy' cannot run sparqle::spmm_csr: "):
+    with pytest.raises(ValueError, match=r"backend 'cupy' cannot run sparqle::csr_linear: "):
         _spmm()
 
 
@@ -93,7 +93,7 @@ def test_backward_runs_on_the_forward_backend_in_another_thread(monkeypatch):
     thread.start()
     thread.join()
     assert a.values.grad is not None
-    assert chosen == ["triton", "triton"]  # spmm_csr forward, sddmm_csr backward
+    assert chosen == ["triton", "triton"]  # csr_linear forward, sddmm_csr backward
 
 
 class TestFastest:

@@ -4,11 +4,12 @@ A round trip (save, then load into a float model of the same architecture built 
 random weights, on the CPU or the meta device, or into one converted from other weights)
 gives the saved model's outputs on every backend, for every format and setting of
 tests/test_state_dict.py (a layer with a bias and one without), Swin's window modules (with
-int8 layers inside) and tied weights. The file holds no derived tensor (CSR's transposed
-structure) and no pickle. A corrupted tensor, corrupted or missing metadata, a file from a
-newer sparqle, a missing or unexpected key, or a model of another architecture is a
-ValueError or TypeError naming the key or module, and leaves the model's modules as they
-were. Corrupted files are loaded in a fresh interpreter (tests._modules.run_isolated)."""
+int8 layers inside) and tied weights. The file holds no derived tensor (CSR's row order)
+and no pickle; a file holding the transposed structure that earlier versions kept loads. A
+corrupted tensor, corrupted or missing metadata, a file from a newer sparqle, a missing or
+unexpected key, or a model of another architecture is a ValueError or TypeError naming the
+key or module, and leaves the model's modules as they were. Corrupted files are loaded in a
+fresh interpreter (tests._modules.run_isolated)."""
 import json
 
 import pytest
@@ -22,7 +23,8 @@ from sparqle.bench import swin_reference as swin
 from sparqle.nn import Int8Linear, SparseLinear
 
 from ._modules import run_isolated
-from .test_state_dict import FAMILIES, KINDS, _assert_same_outputs, _checked_keys, _corruptions, _input, _outputs
+from .test_state_dict import (FAMILIES, KINDS, LEGACY, _assert_same_outputs, _checked_keys, _corruptions, _input,
+                              _outputs, legacy_state_dict)
 
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="needs safetensors (the checkpoint extra)")
 
@@ -106,8 +108,8 @@ def test_the_file_holds_no_derived_tensor_and_no_settings(tmp_path):
 
 def test_a_csr_checkpoint_at_half_density_is_no_larger_than_the_dense_one(tmp_path):
     """Per weight kept, CSR saves a value and a column index (4 + 4 bytes for 2 dense
-    entries of 4 at 50% sparsity): the bytes of the dense weight. The transposed structure
-    (as many bytes again) is rebuilt at load, not saved."""
+    entries of 4 at 50% sparsity): the bytes of the dense weight. The row order is rebuilt
+    at load, not saved."""
     model = nn.Sequential(nn.Linear(384, 256), nn.ReLU(), nn.Linear(256, 384))
     safetensors_torch.save_file(model.state_dict(), str(tmp_path / "dense.safetensors"))
     sparqle.save(sparqle.convert(model, "csr", sparsity=0.5), tmp_path / "csr.safetensors")
@@ -116,18 +118,34 @@ def test_a_csr_checkpoint_at_half_density_is_no_larger_than_the_dense_one(tmp_pa
 
 
 def test_a_file_holding_derived_tensors_has_them_checked(tmp_path):
-    """A file written with the transposed structure (not by sparqle.save) loads when it is
-    the one the pattern gives, and is refused, naming the key, when it is not."""
+    """A file written with the derived buffers (not by sparqle.save) loads when they are the
+    ones the pattern gives, and is refused, naming the key, when they are not."""
     model, x = _converted("csr"), _input("csr")
     path = tmp_path / "model.safetensors"
     sparqle.save(model, path)
     derived = {f"2.{name}": getattr(model[2], name) for name in model[2].derived()}
+    assert set(derived) == {"2.row_order"}
     _rewrite(path, lambda t: {**t, **derived})
     _assert_same_outputs(_outputs(sparqle.load(_float(), path), x), _outputs(model, x), "with derived tensors")
-    derived["2.t_perm"] = derived["2.t_perm"].flip(0)
+    derived["2.row_order"] = derived["2.row_order"].flip(0)
     _rewrite(path, lambda t: {**t, **derived})
-    with pytest.raises(ValueError, match=r"'2\.t_perm'.*derived"):
+    with pytest.raises(ValueError, match=r"'2\.row_order'.*derived"):
         sparqle.load(_float(), path)
+
+
+@pytest.mark.parametrize("kind", ["csr", "bell"])
+def test_a_file_holding_the_old_transposed_structure_loads(kind, tmp_path):
+    """A file holding A^T's structure under the keys SparseLinear kept it in before the
+    backward derived it: sparqle.load accepts them and drops them."""
+    model, x = _converted(kind), _input(kind)
+    path = tmp_path / "model.safetensors"
+    sparqle.save(model, path)
+    old = {key: t for key, t in legacy_state_dict(model).items() if key.rpartition(".")[2] in LEGACY[kind]}
+    assert len(old) == 2 * len(LEGACY[kind])
+    _rewrite(path, lambda t: {**t, **old})
+    loaded = sparqle.load(_float(), path)
+    assert not any(key in loaded.state_dict() for key in old)
+    _assert_same_outputs(_outputs(loaded, x), _outputs(model, x), "with the old transposed structure")
 
 
 def _swin(fmt: str, **options) -> nn.Module:

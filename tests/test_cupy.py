@@ -15,11 +15,13 @@ import torch
 import sparqle
 from sparqle import CSR
 from sparqle.backends import cupy_status
+from sparqle.formats._checks import cdiv
 from sparqle.kernels.cupy import _module
 from sparqle.kernels.cupy import nm_linear as cupy_nm
 from sparqle.kernels.cupy import spmm_csr as cupy_csr
 
 from ._oracle import assert_close, random_sparse
+from .test_csr_bell_linear import BIAS_LAYOUTS, X_LAYOUTS, check_linear, laid_out_bias, laid_out_x
 from .test_spmm_csr import SHAPES
 
 CU_FILES = sorted(p.name for p in _module.DIR.glob("*.cu"))
@@ -83,25 +85,31 @@ def recorded(monkeypatch):
 @needs_nvcc
 @pytest.mark.parametrize("dtype", CSR_DTYPES)
 def test_csr_launchers_ask_for_existing_kernels(recorded, dtype):
-    """Every (dtype, n, k, alignment) reaches a kernel the .cu defines, with a grid that covers
-    every row and column and 128-thread blocks."""
+    """Every (dtype, rows of x, k, layout of x, bias) reaches a kernel the .cu defines, with
+    a grid that covers every row of A and of x and 128-thread blocks; x^T is staged
+    contiguously, so the vector kernels run wherever the rows of x are a multiple of the
+    vector width; the bias goes as its address (null for none) and its stride."""
     entries = _entry_points("spmm_csr.cu")
-    for k, n, aligned in [(9, 1, True), (9, 5, True), (70000, 16, True), (9, 19, True),
-                          (9, 64, True), (9, 300, True), (9, 64, False)]:
+    for k, n, transposed, with_bias in [(9, 1, False, True), (9, 5, False, False), (70000, 16, False, True),
+                                        (9, 19, False, False), (9, 64, False, True), (9, 300, False, False),
+                                        (9, 64, True, True)]:
         a = CSR.from_dense(random_sparse(7, k, 0.001 if k > 100 else 0.5, dtype))
-        b = torch.randn(k, n, dtype=dtype) if aligned else torch.randn(n, k, dtype=dtype).T
+        x = torch.randn(k, n, dtype=dtype).T if transposed else torch.randn(n, k, dtype=dtype)
+        bias = torch.randn(7, dtype=dtype) if with_bias else None
         recorded.calls.clear()
-        cupy_csr.spmm_csr(a.crow_indices, a.col_indices, a.values, a.row_order, b)
-        cupy_csr.sddmm_csr(a.crow_indices, a.col_indices, torch.randn(7, n, dtype=dtype), b)
+        cupy_csr.csr_linear(x, a.crow_indices, a.col_indices, a.values, a.row_order, bias)
+        cupy_csr.sddmm_csr(a.crow_indices, a.col_indices, torch.randn(7, n, dtype=dtype), x.T)
         for file, name, grid, block, _ in recorded.calls:
             assert file == "spmm_csr.cu" and name in entries, name
             assert block[0] * block[1] == 128
-        (_, spmm_name, grid, block, _), (_, sddmm_name, sgrid, _, _) = recorded.calls
-        subwarp = int(re.search(r"_s(\d+)_", spmm_name).group(1))
-        width = 16 // dtype.itemsize if spmm_name.endswith("_vec") else 1
+        (_, linear_name, grid, block, args), (_, sddmm_name, sgrid, _, _) = recorded.calls
+        subwarp = int(re.search(r"_s(\d+)_", linear_name).group(1))
+        width = 16 // dtype.itemsize if linear_name.endswith("_vec") else 1
         assert block[0] == subwarp and grid[0] * block[1] >= 7 and grid[1] * subwarp * width >= n
-        assert ("_u16_" in spmm_name) == (dtype != torch.float32 and k <= 65536)
-        assert spmm_name.endswith("_vec") == (aligned and n % (16 // dtype.itemsize) == 0)
+        assert ("_u16_" in linear_name) == (dtype != torch.float32 and k <= 65536)
+        assert linear_name.endswith("_vec") == (n % (16 // dtype.itemsize) == 0)
+        assert (int(args[5]) == 0) == (bias is None)
+        assert [int(v) for v in args[-3:]] == [1, 7, 1 if with_bias else 0]  # y^T's strides, the bias's
         assert sgrid[0] * block[1] >= a.nnz
 
 
@@ -156,19 +164,20 @@ def test_forced_cupy_says_why_it_cannot_run(monkeypatch, how):
 
 # ---- CSR: spmm_csr.cu's schedule emulated on the CPU -------------------------------------------
 
-def emulate_spmm_kernel(crow, col, values, row_order, b, subwarp, vec, sparse_vec):
-    """C [m, n] and how often each element was written, computed as spmm_csr.cu's kernel does:
-    blocks of 128 // subwarp rows taken in row_order, column tiles of subwarp * vec, the
-    reverse-offset chunk sweep with per-lane loads of sparse_vec nonzeros (none past nnz), the
-    broadcast that skips the previous and the next row's entries, and the guarded stores."""
+def emulate_linear_kernel(crow, col, values, row_order, b, bias, subwarp, vec, sparse_vec):
+    """C [m, n] = A @ b + bias[:, None] (y^T) and how often each element was written, computed
+    as spmm_csr.cu's csr_linear does: blocks of 128 // subwarp rows taken in row_order, column
+    tiles of subwarp * vec, the reverse-offset chunk sweep with per-lane loads of sparse_vec
+    nonzeros (none past nnz), the broadcast that skips the previous and the next row's
+    entries, and the epilogue's bias and guarded stores."""
     crow, col, row_order = crow.tolist(), col.tolist(), row_order.tolist()
     values, bl = values.tolist(), b.tolist()
     m, nnz, (_, n) = len(crow) - 1, len(col), b.shape
     c = torch.full((m, n), float("nan"), dtype=torch.float64)
     writes = torch.zeros(m, n, dtype=torch.int64)
     rows_per_block = 128 // subwarp
-    for bx in range(-(-m // rows_per_block)):
-        for by in range(-(-n // (subwarp * vec))):
+    for bx in range(cdiv(m, rows_per_block)):
+        for by in range(cdiv(n, subwarp * vec)):
             for ty in range(rows_per_block):
                 slot = bx * rows_per_block + ty
                 if slot >= m:
@@ -198,11 +207,12 @@ def emulate_spmm_kernel(crow, col, values, row_order, b, subwarp, vec, sparse_ve
                                 for q in range(vec):
                                     if col0 + q < n:
                                         acc[lane][q] += a * bl[kk][col0 + q]
+                bias_row = 0.0 if bias is None else float(bias[row])
                 for lane in range(subwarp):
                     col0 = (by * subwarp + lane) * vec
                     for q in range(vec):
                         if col0 + q < n:
-                            c[row, col0 + q] = acc[lane][q]
+                            c[row, col0 + q] = acc[lane][q] + bias_row
                             writes[row, col0 + q] += 1
     return c, writes
 
@@ -220,19 +230,20 @@ def emulate_sddmm_rows(crow, nnz):
 
 
 @pytest.mark.parametrize("subwarp,vec,sparse_vec", [(4, 4, 4), (8, 8, 4), (16, 4, 4), (32, 8, 4), (32, 1, 1)])
-def test_spmm_schedule_emulated(subwarp, vec, sparse_vec):
-    """Every element of C is written once with the right sum: rows starting at every offset
-    modulo the vector width, rows spanning several chunks, empty rows, the last chunk at nnz."""
+def test_linear_schedule_emulated(subwarp, vec, sparse_vec):
+    """Every element of C = y^T is written once with the right sum and the bias: rows starting
+    at every offset modulo the vector width, rows spanning several chunks, empty rows, the
+    last chunk at nnz."""
     w = random_sparse(23, 90, 0.15, empty_rows=(0, 5, 22))
     w[7] = torch.randn(90)  # one long row: several chunks
     w[9, :3] = torch.tensor([1.0, -2.0, 0.5])
     a = CSR.from_dense(w)
-    b = torch.randn(90, 19, dtype=torch.float64)
-    c, writes = emulate_spmm_kernel(a.crow_indices, a.col_indices, a.values, a.row_order, b,
-                                    subwarp, vec, sparse_vec)
+    b, bias = torch.randn(90, 19, dtype=torch.float64), torch.randn(23, dtype=torch.float64)
+    c, writes = emulate_linear_kernel(a.crow_indices, a.col_indices, a.values, a.row_order, b, bias,
+                                      subwarp, vec, sparse_vec)
     assert (writes == 1).all()
     assert set((a.crow_indices[:-1] % 4).tolist()) == {0, 1, 2, 3}
-    torch.testing.assert_close(c, w @ b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c, w @ b + bias[:, None], rtol=1e-12, atol=1e-12)
 
 
 def test_sddmm_binary_search_finds_every_row():
@@ -249,7 +260,7 @@ def encode_24(w):
     the format's contract: per group of 4 the 2 kept positions (largest magnitudes, ties to the
     lower index), increasing, 2 bits each LSB first, 16 positions a word."""
     rows, k = w.shape
-    kp = -(-k // 4) * 4
+    kp = cdiv(k, 4) * 4
     padded = torch.zeros(rows, kp, dtype=w.dtype)
     padded[:, :k] = w
     groups = padded.view(rows, kp // 4, 4)
@@ -257,7 +268,7 @@ def encode_24(w):
     pos = torch.sort(order, dim=2).values                         # [N, G, 2] increasing
     values = torch.gather(groups, 2, pos).reshape(rows, kp // 2)
     flat = pos.reshape(rows, -1).long()                            # [N, Kc] 2-bit indices
-    words = -(-flat.shape[1] // 16)
+    words = cdiv(flat.shape[1], 16)
     meta = torch.zeros(rows, words, dtype=torch.int64)
     for j in range(flat.shape[1]):
         meta[:, j // 16] |= flat[:, j] << (2 * (j % 16))
@@ -278,7 +289,7 @@ def decode_24(values, meta, k):
 
 def random_24(rows, k, dtype):
     """A random 2:4-sparse [rows, k] matrix (k need not be a multiple of 4)."""
-    w = torch.randn(rows, -(-k // 4) * 4, dtype=torch.float64)
+    w = torch.randn(rows, cdiv(k, 4) * 4, dtype=torch.float64)
     keep = torch.rand(rows, w.shape[1] // 4, 4).argsort(dim=2)[:, :, :2]
     mask = torch.zeros(rows, w.shape[1] // 4, 4, dtype=torch.bool).scatter_(2, keep, True)
     return (w * mask.view_as(w))[:, :k].to(dtype)
@@ -344,8 +355,8 @@ def emulate_nm24_kernel(x, values, meta, bias):
         kept = (1 << (4 * groups)) - 1
         return (word & kept) | (0x44444444 & ~kept & 0xFFFFFFFF)
 
-    for bx in range(-(-rows // 64)):
-        for by in range(-(-tokens // 64)):
+    for bx in range(cdiv(rows, 64)):
+        for by in range(cdiv(tokens, 64)):
             for warp in range(4):
                 row_base, token_base = bx * 64 + (warp >> 1) * 32, by * 64 + (warp & 1) * 32
                 acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(4)] for _ in range(2)]
@@ -503,38 +514,25 @@ def test_cupy_sddmm_matches_oracle(m, k, n, density, dtype):
 
 @pytest.mark.cupy
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,k,n,density", [(1, 5, 1, 1.0), (23, 17, 11, 0.3), (40, 9, 30, 0.5)])
-def test_cupy_linear_gradients_match_oracle(monkeypatch, dtype, m, k, n, density):
-    """Through the binding: the backward's SDDMM and transposed SpMM run on CuPy too
-    (SPARQLE_BACKEND reaches the autograd engine's device thread; use_backend would not)."""
-    monkeypatch.setenv("SPARQLE_BACKEND", "cupy")
-    w64 = random_sparse(m, k, density, empty_rows=(1,))
-    w = CSR.from_dense(w64.to(dtype).cuda())
-    w.values.requires_grad_(True)
-    x = torch.randn(2, n, k, dtype=dtype, device="cuda", requires_grad=True)
-    bias = torch.randn(m, dtype=dtype, device="cuda", requires_grad=True)
-    dy = torch.randn(2, n, m, dtype=dtype, device="cuda")
-    sparqle.linear(x, w, bias).backward(dy)
-
-    rows, cols = (w64.to(dtype) != 0).nonzero(as_tuple=True)
-    vals64 = w.values.detach().double().cpu().requires_grad_(True)
-    w_dense = torch.zeros(m, k, dtype=torch.float64).index_put((rows, cols), vals64)
-    x64 = x.detach().double().cpu().requires_grad_(True)
-    dy64 = dy.double().cpu()
-    (x64 @ w_dense.T).backward(dy64)
-    assert_close(x.grad, x64.grad, dy64.abs() @ w_dense.abs(), dtype, "dx")
-    scale_dw = (dy64.abs().reshape(-1, m).T @ x64.abs().reshape(-1, k))[rows, cols]
-    assert_close(w.values.grad, vals64.grad, scale_dw, dtype, "dvalues")
+@pytest.mark.parametrize("m,k,n,density", [(1, 5, 1, 1.0), (23, 17, 11, 0.3), (40, 9, 32, 0.5)])
+@pytest.mark.parametrize("x_layout", X_LAYOUTS)
+@pytest.mark.parametrize("bias_layout", BIAS_LAYOUTS)
+def test_cupy_linear_and_gradients_match_oracle(dtype, m, k, n, density, x_layout, bias_layout):
+    """Through the binding, the bias fused in the .cu epilogue, x and bias in every layout;
+    the backward's SDDMM and the linear of dy over A^T run on CuPy too."""
+    w = CSR.from_dense(random_sparse(m, k, density, dtype, "cuda", empty_rows=(1,)))
+    check_linear(w, laid_out_x(n, k, x_layout, dtype, "cuda"), laid_out_bias(m, bias_layout, dtype, "cuda"), "cupy")
 
 
 @pytest.mark.cupy
 def test_cupy_opcheck(monkeypatch):
     monkeypatch.setenv("SPARQLE_BACKEND", "cupy")
     a = CSR.from_dense(random_sparse(13, 11, 0.4, torch.float32, "cuda"))
-    b = torch.randn(11, 6, device="cuda", requires_grad=True)
+    x = torch.randn(6, 11, device="cuda", requires_grad=True)
     values = a.values.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.sparqle.spmm_csr.default,
-                          (a.crow_indices, a.col_indices, values, a.row_order, *a.transposed_structure(), b))
+    for bias in (None, torch.randn(13, device="cuda", requires_grad=True)):
+        torch.library.opcheck(torch.ops.sparqle.csr_linear.default,
+                              (x, a.crow_indices, a.col_indices, values, a.row_order, bias))
     x, y = torch.randn(13, 5, device="cuda"), torch.randn(11, 5, device="cuda")
     torch.library.opcheck(torch.ops.sparqle.sddmm_csr.default, (a.crow_indices, a.col_indices, x, y))
 

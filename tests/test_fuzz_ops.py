@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import sparqle
 from sparqle import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
 from sparqle.bindings.fp8_linear import FP8TrainingLinear
+from sparqle.formats._checks import cdiv
 from sparqle.formats.nm import PATTERNS
 
 from ._oracle import assert_close, fp8_rows_rule, int8_rows_rule, random_sparse
@@ -299,38 +300,38 @@ def csr_dense(crow, col, values, shape):
 @BACKENDS
 @FUZZ
 @given(data=st.data())
-def test_spmm_csr_and_sddmm(device, backend, data):
+def test_csr_linear_and_sddmm(device, backend, data):
     seeded(data)
-    mm, n, k = sizes(data)
+    rows, mm, k = sizes(data)
     a = CSR.from_dense(random_sparse(mm, k, 0.3, F32, empty_rows=(0,)))
-    t_crow, t_col, t_perm, t_order = a.transposed_structure()
     args = with_grad(draw_layouts(data, {
-        "crow": a.crow_indices, "col": a.col_indices, "values": a.values, "row_order": a.row_order,
-        "t_crow": t_crow, "t_col": t_col, "t_perm": t_perm, "t_row_order": t_order, "b": torch.randn(k, n)},
-        dict.fromkeys(["crow", "col", "row_order", "t_crow", "t_col", "t_perm", "t_row_order"], STRUCTURE)),
-        ["values", "b"])
+        "x": torch.randn(rows, k), "crow": a.crow_indices, "col": a.col_indices, "values": a.values,
+        "row_order": a.row_order, "bias": maybe_bias(data, mm)},
+        dict.fromkeys(["crow", "col", "row_order"], STRUCTURE)), ["x", "values", "bias"])
     with sparqle.use_backend(backend):
-        c = torch.ops.sparqle.spmm_csr(*args.values())
-        g = draw_layouts(data, {"g": torch.randn(mm, n)}, {})["g"]
-        dvalues, db = run_grads(c, g, [args["values"], args["b"]])
-    a64, rows = csr_dense(args["crow"], args["col"], args["values"], (mm, k))
-    b64, g64 = d64(args["b"]), d64(g)
-    assert_close(c, a64 @ b64, a64.abs() @ b64.abs(), F32, "C")
+        y = torch.ops.sparqle.csr_linear(*args.values())
+        g = draw_layouts(data, {"g": torch.randn(rows, mm)}, {})["g"]
+        dx, dvalues, db = run_grads(y, g, [args["x"], args["values"], args["bias"]])
+    a64, a_rows = csr_dense(args["crow"], args["col"], args["values"], (mm, k))
+    x64, g64 = d64(args["x"]), d64(g)
+    assert_close(y, *linear_oracle(x64, a64, args["bias"]), F32, "y")
+    assert_close(dx, g64 @ a64, g64.abs() @ a64.abs(), F32, "dx")
     cols = args["col"].long().cpu()
-    assert_close(dvalues, (g64[rows] * b64[cols]).sum(1), (g64[rows].abs() * b64[cols].abs()).sum(1), F32,
-                 "dvalues")
-    assert_close(db, a64.T @ g64, a64.abs().T @ g64.abs(), F32, "db")
-    s = draw_layouts(data, {"crow": a.crow_indices, "col": a.col_indices, "x": torch.randn(mm, n),
-                            "y": torch.randn(k, n)}, {"crow": STRUCTURE, "col": STRUCTURE})
+    assert_close(dvalues, (g64.T[a_rows] * x64.T[cols]).sum(1), (g64.T[a_rows].abs() * x64.T[cols].abs()).sum(1),
+                 F32, "dvalues")
+    if db is not None:
+        assert_close(db, g64.sum(0), g64.abs().sum(0), F32, "dbias")
+    s = draw_layouts(data, {"crow": a.crow_indices, "col": a.col_indices, "x": torch.randn(mm, rows),
+                            "y": torch.randn(k, rows)}, {"crow": STRUCTURE, "col": STRUCTURE})
     with sparqle.use_backend(backend):
         out = torch.ops.sparqle.sddmm_csr(*s.values())
-    x64, y64 = d64(s["x"])[rows], d64(s["y"])[cols]
-    assert_close(out, (x64 * y64).sum(1), (x64.abs() * y64.abs()).sum(1), F32, "sddmm")
+    sx64, sy64 = d64(s["x"])[a_rows], d64(s["y"])[cols]
+    assert_close(out, (sx64 * sy64).sum(1), (sx64.abs() * sy64.abs()).sum(1), F32, "sddmm")
 
 
 def bell_dense(ell_cols, values, shape):
     rows, width, b = values.shape[0], values.shape[1], values.shape[-1]
-    cols = -(-shape[1] // b)
+    cols = cdiv(shape[1], b)
     dense = torch.zeros(rows, b, cols + 1, b, dtype=torch.float64)  # column `cols`: unused slots
     c = ell_cols.long().cpu()
     c = torch.where(c >= 0, c, cols)
@@ -341,23 +342,24 @@ def bell_dense(ell_cols, values, shape):
 @BACKENDS
 @FUZZ
 @given(data=st.data())
-def test_spmm_bell_and_backward_ops(device, backend, data):
+def test_bell_linear_and_backward_ops(device, backend, data):
     seeded(data)
     n, mm, k = sizes(data)
     b = 16
     w = BlockedELL.from_dense(random_sparse(mm, k, 0.5, F32), b)
-    t_cols, t_slots = w.transposed_structure()
-    args = with_grad(draw_layouts(data, {"ell_cols": w.ell_cols, "values": w.values, "t_ell_cols": t_cols,
-                                         "t_slots": t_slots, "x": torch.randn(n, k)},
-                                  dict.fromkeys(["ell_cols", "t_ell_cols", "t_slots"], STRUCTURE)),
-                     ["values", "x"])
+    args = with_grad(draw_layouts(data, {"x": torch.randn(n, k), "ell_cols": w.ell_cols, "values": w.values,
+                                         "bias": maybe_bias(data, mm)},
+                                  {"ell_cols": STRUCTURE}),
+                     ["x", "values", "bias"])
     with sparqle.use_backend(backend):
-        y = torch.ops.sparqle.spmm_bell(*args.values(), mm)
+        y = torch.ops.sparqle.bell_linear(*args.values(), mm)
         g = draw_layouts(data, {"g": torch.randn(n, mm)}, {})["g"]
-        dvalues, dx = run_grads(y, g, [args["values"], args["x"]])
+        dx, dvalues, db = run_grads(y, g, [args["x"], args["values"], args["bias"]])
     a64, x64, g64 = bell_dense(args["ell_cols"], args["values"], (mm, k)), d64(args["x"]), d64(g)
-    assert_close(y, x64 @ a64.T, x64.abs() @ a64.abs().T, F32, "y")
+    assert_close(y, *linear_oracle(x64, a64, args["bias"]), F32, "y")
     assert_close(dx, g64 @ a64, g64.abs() @ a64.abs(), F32, "dx")
+    if db is not None:
+        assert_close(db, g64.sum(0), g64.abs().sum(0), F32, "dbias")
     cols = args["ell_cols"].long().cpu()
 
     def at_slots(dense):  # the b x b blocks of dense [mm, k] at the stored slots, 0 at unused ones
@@ -366,6 +368,11 @@ def test_spmm_bell_and_backward_ops(device, backend, data):
         return blocks[torch.arange(cols.shape[0])[:, None], torch.where(cols >= 0, cols, -1)]
 
     assert_close(dvalues, at_slots(g64.T @ x64), at_slots(g64.abs().T @ x64.abs()), F32, "dvalues")
+    t = draw_layouts(data, dict(zip(("t_ell_cols", "t_slots"), w.transposed_structure())),
+                     {"t_ell_cols": STRUCTURE, "t_slots": STRUCTURE})
+    with sparqle.use_backend(backend):
+        out = torch.ops.sparqle.bell_matmul(g, t["t_ell_cols"], t["t_slots"], args["values"].detach(), k)
+    assert_close(out, g64 @ a64, g64.abs() @ a64.abs(), F32, "bell_matmul")
 
 
 # ---- window attention and layout ------------------------------------------------------------
@@ -430,7 +437,7 @@ def window_slots(x, ws, shift, index):
     """[(image, row of the image's windows, token, y, x)] for every real token of the
     windows partition takes (all, or those ``index`` names), by the per-pixel map."""
     b, h, w, _ = x.shape
-    nw = -(-h // ws[0]) * -(-w // ws[1])
+    nw = cdiv(h, ws[0]) * cdiv(w, ws[1])
     slots = [index[i].tolist() if index is not None else list(range(nw)) for i in range(b)]
     return [(i, slots[i].index(win), t, y, xx) for (win, t), (y, xx) in pixel_map(h, w, ws, shift).items()
             for i in range(b) if win in slots[i]]
@@ -465,7 +472,7 @@ def test_window_partition_and_merge(device, backend, data):
                   draw(st.integers(0, 7), label="W"), draw(st.integers(0, 5), label="C"))
     ws = (draw(st.integers(1, 4), label="wh"), draw(st.integers(1, 4), label="ww"))
     shift = (draw(st.integers(0, ws[0] - 1), label="sh"), draw(st.integers(0, ws[1] - 1), label="sw"))
-    nw = -(-h // ws[0]) * -(-w // ws[1])
+    nw = cdiv(h, ws[0]) * cdiv(w, ws[1])
     per_image = draw(st.integers(0, nw), label="K") if draw(st.booleans(), label="index") else None
     index = (torch.stack([torch.randperm(nw)[:per_image] for _ in range(b)]) if b else
              torch.zeros(0, per_image, dtype=torch.long)) if per_image is not None else None

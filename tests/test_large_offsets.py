@@ -26,6 +26,7 @@ from typing import Optional
 import pytest
 import torch
 
+from sparqle.formats._checks import cdiv
 from sparqle.kernels import _alloc
 
 from ._oracle import assert_close
@@ -40,7 +41,7 @@ def far(data: torch.Tensor, dim: int) -> torch.Tensor:
     one step of that stride. Only the view's elements of its fresh storage are written."""
     size = data.shape[dim]
     inner = data.shape[:dim] + data.shape[dim + 1:]
-    step = -(-FAR // (size - 1)) if size > 1 else FAR
+    step = cdiv(FAR, size - 1) if size > 1 else FAR
     block = math.prod(inner)
     assert block <= step < FAR, f"far({tuple(data.shape)}, {dim}): needs >= 3 indices and a small rest"
     strides = [math.prod(inner[i + 1:]) for i in range(len(inner))]
@@ -104,42 +105,47 @@ def assert_linear(y, x, w64, what, col_scale=None, row_scale=None):
 
 
 def _csr():
-    """A 5 x 6 fp16 CSR with its dense form, and a dense b [6, 3]."""
+    """A 5 x 6 fp16 CSR with its dense form, an x [3, 6] and a bias [5]."""
     from sparqle import CSR
 
     from ._oracle import random_sparse
     dense = random_sparse(5, 6, 0.6, F16)
-    return CSR.from_dense(dense), dense, torch.randn(6, 3, dtype=F16)
+    return CSR.from_dense(dense), dense, torch.randn(3, 6, dtype=F16), torch.randn(5, dtype=F16)
 
 
-def csr_spmm_far_b_columns():
-    from sparqle.kernels.triton.spmm_csr import spmm_csr
-    a, dense, b = _csr()
-    with far_outputs(((5, 3), F16, 0)) as placed:  # C's rows past 2^31
-        c = spmm_csr(a.crow_indices, a.col_indices, a.values, a.row_order, far(b, 1))
-    assert_is(c, placed[0], "spmm_csr")
-    assert_linear(c, dense, b.double().T, "spmm_csr: columns of b and rows of C past 2^31")
+def csr_linear_far(dim):
+    """x, y (through y^T's strides) and the bias with their index ``dim`` (the rows of x and
+    y, or the columns of x and y and the bias's entries) past 2^31."""
+    from sparqle.kernels.triton.spmm_csr import csr_linear
+    a, dense, x, bias = _csr()
+    with far_outputs(((3, 5), F16, dim)) as placed:
+        y = csr_linear(far(x, dim), a.crow_indices, a.col_indices, a.values, a.row_order,
+                       far(bias, 0) if dim else bias)
+    assert_is(y, placed[0], "csr_linear")
+    x64 = x.double()
+    assert_close(y, x64 @ dense.double().T + bias.double(), x64.abs() @ dense.double().abs().T + bias.double().abs(),
+                 F16, f"csr_linear: dim {dim} of x and y past 2^31")
 
 
-def csr_spmm_nonzeros_up_to_2_31():
+def csr_linear_nonzeros_up_to_2_31():
     """The last row of a CSR with nnz = 2^31 - 1: its last chunk of nonzeros ends past 2^31
     (the kernel reads only crow[row] and crow[row + 1], so the other rows are left out)."""
-    from sparqle.kernels.triton.spmm_csr import spmm_csr
-    _, _, b = _csr()
+    from sparqle.kernels.triton.spmm_csr import csr_linear
+    _, _, x, _ = _csr()
     nnz = FAR - 1
     col, values = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=F16)
     col[-4:] = torch.tensor([0, 2, 3, 5], dtype=torch.int32)
     values[-4:] = torch.randn(4, dtype=F16)
     crow = torch.tensor([nnz - 4, nnz], dtype=torch.int32)
-    c = spmm_csr(crow, col, values, torch.zeros(1, dtype=torch.int32), b)
+    y = csr_linear(x, crow, col, values, torch.zeros(1, dtype=torch.int32), None)
     row = torch.zeros(1, 6, dtype=F16)
     row[0, col[-4:].long()] = values[-4:]
-    assert_linear(c, row, b.double().T, "spmm_csr: nonzeros up to index 2^31 - 1")
+    assert_linear(y, x, row.double(), "csr_linear: nonzeros up to index 2^31 - 1")
 
 
 def csr_sddmm(x_dim, y_dim):
     from sparqle.kernels.triton.spmm_csr import sddmm_csr
-    a, _, _ = _csr()
+    a, _, _, _ = _csr()
     x, y = torch.randn(5, 3, dtype=F16), torch.randn(6, 3, dtype=F16)
     rows = torch.repeat_interleave(torch.arange(5), a.crow_indices.diff().long())
     x_rows, y_rows = x.double()[rows], y.double()[a.col_indices.long()]
@@ -158,27 +164,34 @@ def _bell():
     return a, a.to_dense().double(), torch.randn(3, 32, dtype=F16)
 
 
-def bell_mm_far_rows():
-    from sparqle.kernels.triton.spmm_bell import spmm_bell
+def bell_linear_far_rows():
+    from sparqle.kernels.triton.spmm_bell import bell_linear
     a, w64, x = _bell()
     with far_outputs(((3, 32), F16, 0)) as placed:
-        out = spmm_bell(a.ell_cols, a.values, far(x, 0), 32)
-    assert_is(out, placed[0], "spmm_bell")
-    assert_linear(out, x, w64, "spmm_bell: rows of x and out past 2^31")
+        out = bell_linear(far(x, 0), a.ell_cols, a.values, None, 32)
+    assert_is(out, placed[0], "bell_linear")
+    assert_linear(out, x, w64, "bell_linear: rows of x and y past 2^31")
 
 
-def bell_mm_far_columns():
-    from sparqle.kernels.triton.spmm_bell import spmm_bell
+def bell_linear_far_columns():
+    """The columns of x, of y and the entries of the bias past 2^31."""
+    from sparqle.kernels.triton.spmm_bell import bell_linear
     a, w64, x = _bell()
-    assert_linear(spmm_bell(a.ell_cols, a.values, far(x, 1), 32), x, w64, "spmm_bell: columns of x past 2^31")
+    bias = torch.randn(32, dtype=F16)
+    with far_outputs(((3, 32), F16, 1)) as placed:
+        out = bell_linear(far(x, 1), a.ell_cols, a.values, far(bias, 0), 32)
+    assert_is(out, placed[0], "bell_linear")
+    x64, b64 = x.double(), bias.double()
+    assert_close(out, x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), F16,
+                 "bell_linear: columns of x and y and the bias past 2^31")
 
 
-def bell_mm_t_far_columns():
-    from sparqle.kernels.triton.spmm_bell import spmm_bell_t
+def bell_matmul_far_columns():
+    from sparqle.kernels.triton.spmm_bell import bell_matmul
     a, w64, x = _bell()
     t_cols, t_slots = a.transposed_structure()
-    assert_linear(spmm_bell_t(t_cols, t_slots, a.values, far(x, 1), 32), x, w64.T,
-                  "spmm_bell_t: columns of x past 2^31")
+    assert_linear(bell_matmul(far(x, 1), t_cols, t_slots, a.values, 32), x, w64.T,
+                  "bell_matmul: columns of x past 2^31")
 
 
 def bell_sddmm(dy_dim, x_dim):
@@ -392,9 +405,10 @@ def window_merge_far_channels():
 
 
 FAMILIES = {
-    "spmm_csr": [csr_spmm_far_b_columns, csr_spmm_nonzeros_up_to_2_31,
+    "spmm_csr": [functools.partial(csr_linear_far, 0), functools.partial(csr_linear_far, 1),
+                 csr_linear_nonzeros_up_to_2_31,
                  functools.partial(csr_sddmm, 1, 0), functools.partial(csr_sddmm, 0, 1)],
-    "spmm_bell": [bell_mm_far_rows, bell_mm_far_columns, bell_mm_t_far_columns,
+    "spmm_bell": [bell_linear_far_rows, bell_linear_far_columns, bell_matmul_far_columns,
                   functools.partial(bell_sddmm, 0, 1), functools.partial(bell_sddmm, 1, 0)],
     "int4": [int4_tiled_far_rows, int4_split_k_far_columns],
     "int8": [int8_quantize_rows, int8_w8a16_far_rows, int8_w8a16_far_columns, int8_w8a8_far_rows],

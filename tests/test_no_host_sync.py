@@ -132,6 +132,17 @@ def _spmm_case(make):
     return case
 
 
+def _training_case(make):
+    """linear(x, W, bias) for W = make(dense weight [24, 48]), with gradients in x, W's
+    values and bias (the backward derives W^T's structure, during the capture)."""
+    def case(dtype):
+        w, x = make(torch.randn(24, 48, dtype=dtype)), _x(20, 48, dtype)
+        w.values.requires_grad_(True)
+        bias = torch.randn(24, dtype=dtype, requires_grad=True)
+        return (lambda: sparqle.linear(x, w, bias)), [x, w.values, bias]
+    return case
+
+
 def _module_case(make):
     """module(x) for module = make(nn.Linear(48, 24)) in dtype."""
     def case(dtype):
@@ -225,8 +236,10 @@ TORCH_ON_CUDA = {
 CASES = {
     **TORCH_ON_CUDA,
     "csr.linear": _weight_case(_csr),
+    "csr.linear.training": _training_case(_csr),
     "csr.spmm": _spmm_case(_csr),
     "bell.linear": _weight_case(_bell),
+    "bell.linear.training": _training_case(_bell),
     "bell.spmm": _spmm_case(_bell),
     "SparseLinear.csr": _module_case(lambda lin: SparseLinear.from_linear(lin, 0.7)),
     "SparseLinear.bell": _module_case(lambda lin: SparseLinear.from_linear(lin, 0.5, format="bell", block_size=16)),
@@ -268,18 +281,19 @@ def test_bad_indices_fail_on_the_device_during_capture(no_host_reads):
 
 def test_nothing_made_during_capture_is_kept(no_host_reads):
     """A tensor made during capture holds its values only once the graph replays: the CSR
-    transposed structure, SparseWindowBlock's shift mask and derived tensors made then are
-    not kept; one kept before capture is used."""
-    from sparqle.kernels._derived import derived
-    a = _csr(torch.randn(24, 48))
+    transposed structure the backward derives, SparseWindowBlock's shift mask and derived
+    tensors made then are not kept; one kept before capture is used."""
+    from sparqle.kernels._derived import _kept, derived
+    a, x = _csr(torch.randn(24, 48)), _x(3, 48, torch.float32)
     block = SparseWindowBlock.from_block(reference_block(7, 8, 3, 1), 0.5)
     source = torch.randn(4)
     with no_host_reads():
-        t_crow = a.transposed_structure()[0]
+        sparqle.linear(x, a).sum().backward()
         block._mask(7, 8, source)
         derived("t", lambda: source + 1, source)
-    assert a._transposed is None and block._masks == {}
-    assert torch.equal(t_crow, a.transposed_structure()[0])  # the same structure, now kept
+    assert (id(a.col_indices), "csr_transposed") not in _kept and block._masks == {}
+    sparqle.linear(x, a).sum().backward()
+    assert (id(a.col_indices), "csr_transposed") in _kept  # built eagerly: kept
     kept = derived("t", lambda: source + 1, source)
     with no_host_reads():
-        assert a.transposed_structure() is a._transposed and derived("t", lambda: source + 2, source) is kept
+        assert derived("t", lambda: source + 2, source) is kept

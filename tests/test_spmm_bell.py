@@ -5,6 +5,10 @@ import torch
 
 import sparqle
 from sparqle import BlockedELL
+from sparqle.formats._checks import cdiv
+
+from sparqle.formats.bell import transposed_structure
+from sparqle.kernels import _derived
 
 from ._oracle import assert_close
 
@@ -25,7 +29,7 @@ SHAPES = [
 def block_sparse(m, k, b, density, dtype=torch.float64, device="cpu", empty_block_rows=(0,)):
     """A dense [m, k] tensor whose b x b blocks are nonzero with probability ``density``,
     with the block-rows in ``empty_block_rows`` all zero."""
-    rows, cols = -(-m // b), -(-k // b)
+    rows, cols = cdiv(m, b), cdiv(k, b)
     keep = torch.rand(rows, cols) < density
     for r in empty_block_rows:
         if rows > 2:
@@ -101,7 +105,7 @@ def test_linear_gradients_match_oracle(device_backend, dtype, m, k, n, b, densit
 def _blocks_at(dense, ell_cols, b):
     """The b x b blocks of ``dense`` at the slots of ``ell_cols`` ([R, W, b, b], zero-padded)."""
     m, k = dense.shape
-    rows, cols = -(-m // b), -(-k // b)
+    rows, cols = cdiv(m, b), cdiv(k, b)
     padded = torch.nn.functional.pad(dense, (0, cols * b - k, 0, rows * b - m))
     blocks = padded.view(rows, b, cols, b).permute(0, 2, 1, 3)
     return blocks[torch.arange(rows)[:, None], ell_cols.clamp(min=0).long()]
@@ -113,14 +117,49 @@ def test_gradcheck_float64(device_backend):
     device, backend = device_backend
     a, _ = _operands(20, 35, 16, 0.6, torch.float64, device)
     x = torch.randn(3, 35, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(20, dtype=torch.float64, device=device, requires_grad=True)
     values = a.values.clone().requires_grad_(True)
-    t = a.transposed_structure()
 
-    def f(values, x):
-        return sparqle.linear(x, BlockedELL._trusted(a.ell_cols, values, a.shape, t))
+    def f(values, x, bias):
+        return sparqle.linear(x, BlockedELL._trusted(a.ell_cols, values, a.shape), bias)
 
     with sparqle.use_backend(backend):
-        assert torch.autograd.gradcheck(f, (values, x), fast_mode=True)
+        assert torch.autograd.gradcheck(f, (values, x, bias), fast_mode=True)
+
+
+def test_transposed_structure_exact_when_eager_and_kept(device_backend):
+    """Eager, the backward builds A^T's structure at its exact width once and keeps it (the
+    format's transposed_structure()); the bound width, used where no host sync is allowed,
+    holds the same slots first and unused ones after."""
+    device, backend = device_backend
+    a, _ = _operands(70, 40, 16, 0.4, torch.float32, device)
+    x = torch.randn(3, 40, device=device, requires_grad=True)
+    key = (id(a.ell_cols), "bell_transposed_exact")
+    with sparqle.use_backend(backend):
+        sparqle.linear(x, a).sum().backward()
+        first = _derived._kept[key][2]
+        sparqle.linear(x, a).sum().backward()
+    assert _derived._kept[key][2] is first
+    exact = a.transposed_structure()
+    bound = transposed_structure(a.ell_cols, 3, exact=False)
+    width = exact[0].shape[1]
+    assert width < a.ell_cols.shape[0] and all(t.shape == (3, a.ell_cols.shape[0]) for t in bound)
+    for kept, e, b in zip(first, exact, bound):
+        assert torch.equal(kept, e) and torch.equal(b[:, :width], e) and (b[:, width:] == -1).all()
+
+
+def test_bound_width_gives_the_same_gradient(device_backend):
+    """bell_matmul over the bound-width structure (as compiled or captured code gets it)
+    equals the exact one's: the unused slots are skipped."""
+    device, backend = device_backend
+    a, w64 = _operands(70, 40, 16, 0.4, torch.float64, device)
+    dy = torch.randn(5, 70, dtype=torch.float64, device=device)
+    with sparqle.use_backend(backend):
+        exact, bound = (torch.ops.sparqle.bell_matmul(dy, *transposed_structure(a.ell_cols, 3, e), a.values, 40)
+                        for e in (True, False))
+    torch.testing.assert_close(bound, exact, rtol=0, atol=0)
+    dy64 = dy.double().cpu()
+    assert_close(exact, dy64 @ w64, dy64.abs() @ w64.abs(), torch.float64, "dy @ A")
 
 
 def test_unused_slots_are_skipped_whatever_they_hold(device_backend):
@@ -141,28 +180,31 @@ def test_opcheck():
     t_cols, t_slots = a.transposed_structure()
     x = torch.randn(6, 50, dtype=torch.float64, requires_grad=True)
     values = a.values.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.sparqle.spmm_bell.default, (a.ell_cols, values, t_cols, t_slots, x, 37))
+    for bias in (None, torch.randn(37, dtype=torch.float64, requires_grad=True)):
+        torch.library.opcheck(torch.ops.sparqle.bell_linear.default, (x, a.ell_cols, values, bias, 37))
     dy = torch.randn(6, 37, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.sparqle.spmm_bell_t.default, (t_cols, t_slots, a.values, dy, 50))
+    torch.library.opcheck(torch.ops.sparqle.bell_matmul.default, (dy, t_cols, t_slots, a.values, 50))
     torch.library.opcheck(torch.ops.sparqle.sddmm_bell.default, (a.ell_cols, dy, x.detach(), 16))
 
 
 def test_compile_fullgraph_linear_forward_and_backward():
+    """x, values and bias gradients through the compiled graph, A^T's structure built in it
+    at the bound width (no host sync while tracing)."""
     a, _ = _operands(40, 36, 16, 0.6, torch.float32, "cpu")
     a.values.requires_grad_(True)
-    a.transposed_structure()
+    bias = torch.randn(40, requires_grad=True)
 
     def f(x):
-        return torch.nn.functional.gelu(sparqle.linear(x, a)).sum()
+        return torch.nn.functional.gelu(sparqle.linear(x, a, bias)).sum()
 
     x = torch.randn(3, 36, requires_grad=True)
     expected = f(x)
-    (dx_expected,) = torch.autograd.grad(expected, x)
+    grads_expected = torch.autograd.grad(expected, (x, a.values, bias))
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True)(x)
-    (dx_got,) = torch.autograd.grad(got, x)
+    grads_got = torch.autograd.grad(got, (x, a.values, bias))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx_got, dx_expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads_got, grads_expected, rtol=1e-5, atol=1e-5)
 
 
 def test_tf32_only_when_asked():

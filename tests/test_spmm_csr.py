@@ -6,6 +6,8 @@ import torch
 import sparqle
 from sparqle import CSR
 
+from sparqle.kernels import _derived
+
 from ._oracle import RTOL, assert_close, random_sparse
 
 # (m, k, n, density): odd sizes off every block, one row, k or n of 1, all-zero, dense.
@@ -136,45 +138,62 @@ def test_linear_gradients_match_oracle(device_backend, dtype, m, k, n, density):
 
 
 def test_gradcheck_float64(device_backend):
+    """linear in x, values and bias, and spmm in b and values."""
     device, backend = device_backend
     w = random_sparse(7, 6, 0.5, device=device, empty_rows=(2,))
     a = CSR.from_dense(w)
+    x = torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True)
     b = torch.randn(6, 4, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, device=device, requires_grad=True)
     values = a.values.clone().requires_grad_(True)
 
-    def f(values, b):
-        return sparqle.spmm(CSR._trusted(a.crow_indices, a.col_indices, values, a.shape,
-                                         a.row_order), b)
+    def weight(values):
+        return CSR._trusted(a.crow_indices, a.col_indices, values, a.shape, a.row_order)
 
     with sparqle.use_backend(backend):
-        assert torch.autograd.gradcheck(f, (values, b))
+        assert torch.autograd.gradcheck(lambda x, v, bias: sparqle.linear(x, weight(v), bias), (x, values, bias))
+        assert torch.autograd.gradcheck(lambda v, b: sparqle.spmm(weight(v), b), (values, b))
 
 
-def test_values_gradient_only_needs_no_transpose(device_backend):
-    """A frozen dense operand: only dvalues is computed, A^T's structure is never built."""
+def _transposed_kept(a: CSR) -> bool:
+    """Whether the backward keeps A^T's structure for ``a``'s indices."""
+    return (id(a.col_indices), "csr_transposed") in _derived._kept
+
+
+def test_transposed_structure_built_for_dx_only_and_once(device_backend):
+    """Only dvalues asked for: A^T's structure is never built; dx asked for: it is built
+    on the first backward and kept for the next ones (an eager training loop builds it
+    once), and it is the format's transposed_structure()."""
     device, backend = device_backend
     a = _leaf_csr(random_sparse(9, 8, 0.5), device)
-    b = torch.randn(8, 3, dtype=torch.float64, device=device)
+    x = torch.randn(3, 8, dtype=torch.float64, device=device)
     with sparqle.use_backend(backend):
-        sparqle.spmm(a, b).sum().backward()
-    assert a._transposed is None and a.values.grad is not None
+        sparqle.linear(x, a).sum().backward()
+        assert not _transposed_kept(a) and a.values.grad is not None
+        x.requires_grad_(True)
+        sparqle.linear(x, a).sum().backward()
+        first = _derived._kept[(id(a.col_indices), "csr_transposed")][2]
+        sparqle.linear(x, a).sum().backward()
+    assert _derived._kept[(id(a.col_indices), "csr_transposed")][2] is first
+    for kept, built in zip(first, a.transposed_structure()):
+        assert torch.equal(kept, built)
 
 
 def test_opcheck():
     a = CSR.from_dense(random_sparse(13, 11, 0.4))
-    t = a.transposed_structure()
-    b = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
     values = a.values.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.sparqle.spmm_csr.default,
-                          (a.crow_indices, a.col_indices, values, a.row_order, *t, b))
+    for bias in (None, torch.randn(13, dtype=torch.float64, requires_grad=True)):
+        torch.library.opcheck(torch.ops.sparqle.csr_linear.default,
+                              (x, a.crow_indices, a.col_indices, values, a.row_order, bias))
     x, y = torch.randn(13, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
     torch.library.opcheck(torch.ops.sparqle.sddmm_csr.default, (a.crow_indices, a.col_indices, x, y))
 
 
 def test_compile_fullgraph_linear_forward_and_backward():
+    """x, values and bias gradients through the compiled graph, A^T's structure built in it."""
     w = CSR.from_dense(random_sparse(12, 10, 0.4, torch.float32))
     w.values.requires_grad_(True)
-    w.transposed_structure()
     bias = torch.randn(12, requires_grad=True)
 
     def f(x):
@@ -182,13 +201,13 @@ def test_compile_fullgraph_linear_forward_and_backward():
 
     x = torch.randn(3, 10, requires_grad=True)
     expected = f(x)
-    (dx_expected,) = torch.autograd.grad(expected, x)
+    grads_expected = torch.autograd.grad(expected, (x, w.values, bias))
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     got = compiled(x)
-    (dx_got,) = torch.autograd.grad(got, x)
+    grads_got = torch.autograd.grad(got, (x, w.values, bias))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx_got, dx_expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads_got, grads_expected, rtol=1e-5, atol=1e-5)
 
 
 class TestBadInput:

@@ -231,3 +231,41 @@ def test_an_optimizer_keeps_training_after_a_load_that_resizes(fmt, options):
     optimizer.step()
     assert not torch.equal(layer.values.detach(), loaded)
     assert torch.equal(layer.weight.to_dense() != 0, saved.weight.to_dense() != 0)
+
+
+# The buffers of A^T's structure a SparseLinear held before the backward derived it.
+LEGACY = {"csr": ("t_crow_indices", "t_col_indices", "t_perm", "t_row_order"), "bell": ("t_ell_cols", "t_slots")}
+
+
+def legacy_state_dict(model: nn.Module) -> dict:
+    """``model``'s state_dict as the previous version saved it: each SparseLinear's A^T
+    structure among its buffers, under the keys it had then."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear) and module.format in LEGACY:
+            tensors = module.weight.transposed_structure()
+            state.update({f"{name}.{key}": t for key, t in zip(LEGACY[module.format], tensors)})
+    return state
+
+
+@pytest.mark.parametrize("kind", ["csr", "bell"])
+def test_a_state_dict_of_the_old_layout_loads(kind, tmp_path):
+    """A^T's structure under its old keys: accepted and dropped (it is derived) by strict
+    and non-strict loads, through torch.save with weights_only, and by from_state_dict."""
+    torch.manual_seed(1)
+    model, x = KINDS[kind](), _input(kind)
+    old = legacy_state_dict(model)
+    assert all(f"0.{key}" in old for key in LEGACY[kind]) and not any(f"0.{key}" in model.state_dict()
+                                                                      for key in LEGACY[kind])
+    torch.save(old, tmp_path / "old.pt")
+    old = torch.load(tmp_path / "old.pt", weights_only=True)
+    for strict in (True, False):
+        torch.manual_seed(2)
+        other = KINDS[kind]()
+        result = other.load_state_dict(old, strict=strict)
+        assert not result.missing_keys and not result.unexpected_keys
+        assert set(other.state_dict()) == set(model.state_dict())
+        _assert_same_outputs(_outputs(other, x), _outputs(model, x), f"{kind}, strict={strict}")
+    layer = SparseLinear.from_state_dict({k[2:]: v for k, v in old.items() if k.startswith("0.")}, "0.")
+    assert set(layer.state_dict()) == {k[2:] for k in model.state_dict() if k.startswith("0.")}
+    _assert_same_outputs(_outputs(layer, x), _outputs(model[0], x), f"{kind}, from_state_dict")

@@ -1,7 +1,11 @@
-// CSR SpMM and SDDMM, Sputnik-style (Gale et al., "Sparse GPU Kernels for Deep Learning", 2020).
+// CSR linear and SDDMM, Sputnik-style (Gale et al., "Sparse GPU Kernels for Deep Learning", 2020).
 //
-// SpMM: C[m, n] = A[m, k] @ B[k, n], A in CSR (crow [m+1], col [nnz], values [nnz]),
-// B with strides (stride_bk, stride_bn) in elements, C contiguous [m, n].
+// Linear: y [M, m] = x [M, k] @ A^T + bias, A [m, k] in CSR (crow [m+1], col [nnz], values [nnz]),
+// computed as C = A @ B + bias[:, None] with B = x^T [k, n = M] (strides stride_bk, stride_bn in
+// elements; the launcher stages x^T contiguously for the vector loads) and C = y^T [m, n], written
+// through its strides (stride_cm, stride_cn): one scalar store per element, y's rows being
+// C's columns. The bias (stride_bias, 0 when expanded; null for none) is added in fp32 before
+// the one rounding to T.
 //   * 1-D tiling: a subwarp of SUBWARP threads owns one sparse row and SUBWARP * VEC
 //     consecutive output columns; each thread keeps VEC fp32 accumulators.
 //   * Subwarp tiling: a block of 128 threads holds 128 / SUBWARP subwarps, one row each, and
@@ -20,7 +24,7 @@
 // SDDMM: out[i] = sum_j X[row_i, j] * Y[col_i, j] over a CSR pattern, X [m, n], Y [k, n]:
 //   one subwarp per nonzero (every subwarp does the same work); it finds its row by binary
 //   search in crow, strides over j with VEC-wide loads and reduces with shuffles.
-// tests/test_cupy.py mirrors the SpMM schedule and the SDDMM row search in Python.
+// tests/test_cupy.py mirrors the linear's schedule and the SDDMM row search in Python.
 // Accumulation is in fp32 for every dtype. Only cuda_fp16.h and cuda_bf16.h are included:
 // NVRTC has them.
 #include <cuda_bf16.h>
@@ -64,10 +68,12 @@ __device__ __forceinline__ unsigned subwarp_mask() {
 // VEC > 1 needs stride_bn == 1, stride_bk and n multiples of VEC, and 16-byte aligned b;
 // SPARSE_VEC > 1 needs values and col aligned to SPARSE_VEC elements (the launcher checks).
 template <typename T, typename Index, int SUBWARP, int VEC, int SPARSE_VEC>
-__device__ __forceinline__ void spmm_csr(const int* __restrict__ crow, const Index* __restrict__ col,
-                                         const T* __restrict__ values, const int* __restrict__ row_order,
-                                         const T* __restrict__ b, T* __restrict__ c, int m, int n, int nnz,
-                                         long long stride_bk, long long stride_bn) {
+__device__ __forceinline__ void csr_linear(const int* __restrict__ crow, const Index* __restrict__ col,
+                                           const T* __restrict__ values, const int* __restrict__ row_order,
+                                           const T* __restrict__ b, const T* __restrict__ bias,
+                                           T* __restrict__ c, int m, int n, int nnz,
+                                           long long stride_bk, long long stride_bn,
+                                           long long stride_cm, long long stride_cn, long long stride_bias) {
   // 64-bit slot and nonzero indices: with m or nnz near 2^31 the last block's slots and the
   // last chunk's indices (chunk + 127) pass INT_MAX.
   const long long slot = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -124,17 +130,12 @@ __device__ __forceinline__ void spmm_csr(const int* __restrict__ crow, const Ind
     }
   }
 
-  T* crow_out = c + static_cast<long long>(row) * n;
-  if (VEC > 1 && col0 + VEC <= n) {
-    Vec<T, VEC> out;
+  // The epilogue: the bias, then C's row `row` (a column of y) through its strides.
+  const float bias_row = bias == nullptr ? 0.f : to_float(bias[static_cast<long long>(row) * stride_bias]);
+  T* c_row = c + static_cast<long long>(row) * stride_cm;
 #pragma unroll
-    for (int q = 0; q < VEC; ++q) out.v[q] = from_float<T>(acc[q]);
-    *reinterpret_cast<Vec<T, VEC>*>(crow_out + col0) = out;
-  } else {
-#pragma unroll
-    for (int q = 0; q < VEC; ++q)
-      if (col0 + q < n) crow_out[col0 + q] = from_float<T>(acc[q]);
-  }
+  for (int q = 0; q < VEC; ++q)
+    if (col0 + q < n) c_row[static_cast<long long>(col0 + q) * stride_cn] = from_float<T>(acc[q] + bias_row);
 }
 
 // blockDim = (SUBWARP, THREADS / SUBWARP); grid = (cdiv(nnz, THREADS / SUBWARP)).
@@ -178,29 +179,30 @@ __device__ __forceinline__ void sddmm_csr(const int* __restrict__ crow, const in
 
 }  // namespace
 
-// Entry points: spmm_csr_<dtype>_<index>_s<SUBWARP>_<vec|scalar>, sddmm_csr_<dtype>_s<SUBWARP>_<vec|scalar>.
+// Entry points: csr_linear_<dtype>_<index>_s<SUBWARP>_<vec|scalar>, sddmm_csr_<dtype>_s<SUBWARP>_<vec|scalar>.
 // "vec" loads 16 bytes of B (or X, Y) per thread and 4 nonzeros per thread; "scalar" takes any
 // strides and alignment.
-#define SPMM_ENTRY(NAME, T, INDEX, SUBWARP, VEC, SPARSE_VEC)                                           \
-  extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                          \
-      const int* crow, const INDEX* col, const T* values, const int* row_order, const T* b, T* c,     \
-      int m, int n, int nnz, long long stride_bk, long long stride_bn) {                                 \
-    spmm_csr<T, INDEX, SUBWARP, VEC, SPARSE_VEC>(crow, col, values, row_order, b, c, m, n, nnz,        \
-                                                 stride_bk, stride_bn);                                 \
+#define LINEAR_ENTRY(NAME, T, INDEX, SUBWARP, VEC, SPARSE_VEC)                                             \
+  extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                            \
+      const int* crow, const INDEX* col, const T* values, const int* row_order, const T* b,             \
+      const T* bias, T* c, int m, int n, int nnz, long long stride_bk, long long stride_bn,              \
+      long long stride_cm, long long stride_cn, long long stride_bias) {                                 \
+    csr_linear<T, INDEX, SUBWARP, VEC, SPARSE_VEC>(crow, col, values, row_order, b, bias, c, m, n, nnz,    \
+                                                 stride_bk, stride_bn, stride_cm, stride_cn, stride_bias); \
   }
 
-#define SPMM_SUBWARPS(DT, T, IX, INDEX, VEC)                            \
-  SPMM_ENTRY(spmm_csr_##DT##_##IX##_s4_vec, T, INDEX, 4, VEC, 4)        \
-  SPMM_ENTRY(spmm_csr_##DT##_##IX##_s8_vec, T, INDEX, 8, VEC, 4)        \
-  SPMM_ENTRY(spmm_csr_##DT##_##IX##_s16_vec, T, INDEX, 16, VEC, 4)      \
-  SPMM_ENTRY(spmm_csr_##DT##_##IX##_s32_vec, T, INDEX, 32, VEC, 4)      \
-  SPMM_ENTRY(spmm_csr_##DT##_##IX##_s32_scalar, T, INDEX, 32, 1, 1)
+#define LINEAR_SUBWARPS(DT, T, IX, INDEX, VEC)                            \
+  LINEAR_ENTRY(csr_linear_##DT##_##IX##_s4_vec, T, INDEX, 4, VEC, 4)        \
+  LINEAR_ENTRY(csr_linear_##DT##_##IX##_s8_vec, T, INDEX, 8, VEC, 4)        \
+  LINEAR_ENTRY(csr_linear_##DT##_##IX##_s16_vec, T, INDEX, 16, VEC, 4)      \
+  LINEAR_ENTRY(csr_linear_##DT##_##IX##_s32_vec, T, INDEX, 32, VEC, 4)      \
+  LINEAR_ENTRY(csr_linear_##DT##_##IX##_s32_scalar, T, INDEX, 32, 1, 1)
 
-SPMM_SUBWARPS(f32, float, i32, int, 4)
-SPMM_SUBWARPS(f16, __half, i32, int, 8)
-SPMM_SUBWARPS(f16, __half, u16, unsigned short, 8)
-SPMM_SUBWARPS(bf16, __nv_bfloat16, i32, int, 8)
-SPMM_SUBWARPS(bf16, __nv_bfloat16, u16, unsigned short, 8)
+LINEAR_SUBWARPS(f32, float, i32, int, 4)
+LINEAR_SUBWARPS(f16, __half, i32, int, 8)
+LINEAR_SUBWARPS(f16, __half, u16, unsigned short, 8)
+LINEAR_SUBWARPS(bf16, __nv_bfloat16, i32, int, 8)
+LINEAR_SUBWARPS(bf16, __nv_bfloat16, u16, unsigned short, 8)
 
 #define SDDMM_ENTRY(NAME, T, SUBWARP, VEC)                                                          \
   extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                       \

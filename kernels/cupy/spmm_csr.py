@@ -1,12 +1,18 @@
-"""CSR SpMM and SDDMM in CUDA C (spmm_csr.cu), Sputnik-style; see the .cu for the tiling.
+"""CSR linear and SDDMM in CUDA C (spmm_csr.cu), Sputnik-style; see the .cu for the tiling.
 
-SpMM: C [m, n] = A [m, k] @ B [k, n], A in CSR (crow [m+1], col [nnz], values [nnz]), rows
-taken in ``row_order``. SDDMM: out[i] = x[row_i] . y[col_i] for x [m, n], y [k, n].
-fp32, fp16 and bf16, accumulated in fp32. For fp16/bf16 with k <= 65536 the SpMM reads
+Linear: y [M, m] = x [M, k] @ A^T + bias, A [m, k] in CSR (crow [m+1], col [nnz], values
+[nnz]), rows of A taken in ``row_order``, the bias added in the kernel's epilogue.
+SDDMM: out[i] = x[row_i] . y[col_i] for x [m, n], y [k, n].
+fp32, fp16 and bf16, accumulated in fp32. For fp16/bf16 with k <= 65536 the linear reads
 16-bit column indices: a narrowed copy of ``col`` made on first use and kept while ``col``
 lives and is not modified in place.
 """
+from typing import Optional
+
+import numpy as np
 import torch
+
+from sparqle.formats._checks import cdiv
 
 from .. import _alloc
 from .._derived import derived
@@ -26,7 +32,7 @@ def _vec(dtype: torch.dtype) -> int:
 
 def _subwarp(n: int, vec: int) -> int:
     """Threads per row: enough to cover n columns with vec-wide loads, from 4 to 32."""
-    lanes = -(-n // vec)
+    lanes = cdiv(n, vec)
     return min(32, max(4, 1 << (lanes - 1).bit_length()))
 
 
@@ -45,28 +51,33 @@ def _u16_columns(col: torch.Tensor) -> torch.Tensor:
     return derived("u16", lambda: col.contiguous().view(torch.int16).view(-1, 2)[:, 0].contiguous(), col)
 
 
-def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-             row_order: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """C [m, n] = A @ b for A in CSR (m = crow.numel() - 1) and dense b [k, n]."""
-    m, (k, n), nnz = crow.numel() - 1, b.shape, col.numel()
-    c = _alloc.empty((m, n), b.dtype, b.device)
-    if m == 0 or n == 0:
-        return c
-    vec = _vec(b.dtype)
+def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+               row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y [M, m] = x [M, k] @ A^T + bias for A [m, k] in CSR (m = crow.numel() - 1), bias [m]
+    or None. The kernel computes y^T = A @ x^T: x^T is staged contiguously (one copy of x),
+    so that its rows take 16-byte vector loads; y^T is written through y's strides."""
+    (rows, k), m, nnz = x.shape, crow.numel() - 1, col.numel()
+    y = _alloc.empty((rows, m), x.dtype, x.device)
+    if m == 0 or rows == 0:
+        return y
+    b = x.t().contiguous()  # x^T [k, rows]
+    vec = _vec(x.dtype)
     index = "i32"
-    if b.dtype != torch.float32 and k <= _MAX_U16_K:
+    if x.dtype != torch.float32 and k <= _MAX_U16_K:
         col, index = _u16_columns(col), "u16"
-    if (n % vec == 0 and _rows_vectorizable(b, vec)
+    if (rows % vec == 0 and _rows_vectorizable(b, vec)
             and _aligned(values, _SPARSE_VEC) and _aligned(col, _SPARSE_VEC)):
-        subwarp, variant = _subwarp(n, vec), "vec"
+        subwarp, variant = _subwarp(rows, vec), "vec"
     else:
         subwarp, variant, vec = 32, "scalar", 1
-    rows = _THREADS // subwarp
-    launch(_FILE, f"spmm_csr_{_NAMES[b.dtype]}_{index}_s{subwarp}_{variant}",
-           (-(-m // rows), -(-n // (subwarp * vec))), (subwarp, rows),
-           (ptr(crow), ptr(col), ptr(values), ptr(row_order), ptr(b), ptr(c),
-            i32(m), i32(n), i32(nnz), i64(b.stride(0)), i64(b.stride(1))), b)
-    return c
+    per_block = _THREADS // subwarp
+    launch(_FILE, f"csr_linear_{_NAMES[x.dtype]}_{index}_s{subwarp}_{variant}",
+           (cdiv(m, per_block), cdiv(rows, subwarp * vec)), (subwarp, per_block),
+           (ptr(crow), ptr(col), ptr(values), ptr(row_order), ptr(b),
+            np.uint64(0) if bias is None else ptr(bias), ptr(y),
+            i32(m), i32(rows), i32(nnz), i64(b.stride(0)), i64(b.stride(1)),
+            i64(y.stride(1)), i64(y.stride(0)), i64(0 if bias is None else bias.stride(0))), x)
+    return y
 
 
 def sddmm_csr(crow: torch.Tensor, col: torch.Tensor,
@@ -83,7 +94,7 @@ def sddmm_csr(crow: torch.Tensor, col: torch.Tensor,
         subwarp, variant = 32, "scalar"
     rows = _THREADS // subwarp
     launch(_FILE, f"sddmm_csr_{_NAMES[x.dtype]}_s{subwarp}_{variant}",
-           (-(-nnz // rows),), (subwarp, rows),
+           (cdiv(nnz, rows),), (subwarp, rows),
            (ptr(crow), ptr(col), ptr(x), ptr(y), ptr(out), i32(m), i32(nnz), i32(n),
             i64(x.stride(0)), i64(x.stride(1)), i64(y.stride(0)), i64(y.stride(1))), x)
     return out

@@ -1,9 +1,13 @@
-"""CSR SpMM and SDDMM in plain PyTorch (see kernels/triton/spmm_csr.py for the maths).
+"""CSR linear and SDDMM in plain PyTorch (see kernels/triton/spmm_csr.py for the maths).
 
-SpMM goes through ``torch.sparse`` CSR (MKL on the CPU, cuSPARSE on CUDA); fp16 and
-bf16 are computed in fp32, as the Triton kernel accumulates. SDDMM gathers rows in
-chunks so that no [nnz, n] temporary exceeds a few million elements.
+csr_linear computes y^T = A @ x^T + bias[:, None] through ``torch.sparse`` CSR (MKL on the
+CPU, cuSPARSE on CUDA), as addmm does: the product and the bias in fp32 (fp64 for fp64;
+fp16 and bf16 are computed in fp32, as the Triton kernel accumulates), one rounding to x's
+dtype. SDDMM gathers rows in chunks so that no [nnz, n] temporary exceeds a few million
+elements.
 """
+from typing import Optional
+
 import torch
 
 from ._dtypes import compute_dtype
@@ -14,16 +18,20 @@ from .. import _alloc
 _SDDMM_CHUNK_ELEMENTS = 1 << 22
 
 
-def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-             row_order: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """C [m, n] = A @ b for A in CSR (m = crow.numel() - 1) and dense b [k, n]."""
+def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+               row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y [M, m] = x [M, k] @ A^T + bias for A [m, k] in CSR (m = crow.numel() - 1), bias [m]
+    or None."""
     del row_order  # the library kernel balances its own load
-    m, k, n = crow.numel() - 1, b.shape[0], b.shape[1]
-    if m == 0 or n == 0 or col.numel() == 0:
-        return torch.zeros((m, n), dtype=b.dtype, device=b.device)
-    cdt = compute_dtype(b.dtype)
-    a = csr_matrix(crow, col, values.to(cdt), (m, k))
-    return (a @ b.to(cdt)).to(b.dtype)
+    (rows, k), m = x.shape, crow.numel() - 1
+    cdt = compute_dtype(x.dtype)
+    if m == 0 or rows == 0 or col.numel() == 0:
+        y_t = torch.zeros((m, rows), dtype=cdt, device=x.device)
+    else:
+        y_t = csr_matrix(crow, col, values.to(cdt), (m, k)) @ x.to(cdt).t()
+    if bias is not None:
+        y_t += bias.to(cdt)[:, None]
+    return torch.empty((rows, m), dtype=x.dtype, device=x.device).copy_(y_t.t())
 
 
 def sddmm_csr(crow: torch.Tensor, col: torch.Tensor,

@@ -5,19 +5,23 @@ holding the block at block-column ``ell_cols[r, s]`` (-1: unused) with entries
 ``values[r, s]`` [b, b], row-major. m and k need not be multiples of b (blocks are padded
 with zeros; padded rows and columns are never read from x or written to out).
 
-spmm_bell:    out [n, m] = x [n, k] @ A^T            (sparqle.linear's y = x W^T)
-spmm_bell_t:  out [n, k] = x [n, m] @ A              (its input gradient, dy @ W), over
+bell_linear:  y [n, m] = x [n, k] @ A^T + bias      (sparqle.linear's y = x W^T + b)
+bell_matmul:  y [n, k] = x [n, m] @ A               (its input gradient, dy @ W), over
               A^T's block structure: block-row c of A^T lists the block-rows
               ``t_ell_cols[c, s]`` of A whose stored slot ``t_slots[c, s]`` (a flat index
-              into values) sits in block-column c.
+              into values) sits in block-column c (formats/bell.py builds it).
 sddmm_bell:   dvalues [R, W, b, b], dvalues[r, s] = dy[:, block r]^T @ x[:, block ell_cols[r, s]]
               (zero for unused slots): the gradient of the stored blocks.
 
-One program computes a [BLOCK_M, b] tile of out: for each slot of its block-row it loads
-a [BLOCK_M, b] tile of x and the b x b block and feeds ``tl.dot`` (fp32 accumulation;
-fp32 inputs use TF32 only when torch.get_float32_matmul_precision() allows it).
-x and out are addressed through strides, so transposed views cost no copy.
+One program computes a [BLOCK_X_ROWS, b] tile of y (BLOCK_X_ROWS rows of x, one block-row
+of the sparse operand): for each slot of its block-row it loads a [BLOCK_X_ROWS, b] tile of
+x and the b x b block and feeds ``tl.dot`` (fp32 accumulation; fp32 inputs use TF32 only
+when torch.get_float32_matmul_precision() allows it); unused slots are skipped. The bias
+is added to the fp32 accumulator before the one rounding to y's dtype. x, y and the bias
+are addressed through strides, so transposed views cost no copy.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -27,10 +31,10 @@ from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
 
 _MM_CONFIGS = Configs(
-    [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-     for bm, w, s in [(16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 4, 3),
+    [triton.Config({"BLOCK_X_ROWS": bx}, num_warps=w, num_stages=s)
+     for bx, w, s in [(16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 4, 3),
                       (128, 8, 3), (128, 8, 4)]],
-    triton.Config({"BLOCK_M": 16}),
+    triton.Config({"BLOCK_X_ROWS": 16}),
 )
 _SDDMM_CONFIGS = Configs(
     [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -41,20 +45,25 @@ _SDDMM_CONFIGS = Configs(
 
 @autotune(_MM_CONFIGS, key=["N", "WIDTH", "B"], bucket=["N"])
 @triton.jit
-def _spmm_bell_kernel(
-    cols_ptr, slots_ptr, values_ptr, x_ptr, out_ptr,
+def _bell_mm_kernel(
+    # pointers
+    cols_ptr, slots_ptr, values_ptr, x_ptr, bias_ptr, y_ptr,
+    # sizes: N rows of x, K_X its columns, M_OUT y's columns, WIDTH slots per block-row
     N, K_X, M_OUT, WIDTH,
+    # strides
     stride_xn, stride_xk,
-    stride_on, stride_om,
-    B: tl.constexpr, TRANSPOSED: tl.constexpr,
+    stride_yn, stride_ym,
+    stride_bias,
+    # meta-parameters
+    B: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_X_ROWS: tl.constexpr,
 ):
-    offs_n = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (tl.program_id(0) * BLOCK_X_ROWS + tl.arange(0, BLOCK_X_ROWS)).to(tl.int64)
     block_row = tl.program_id(1)
     offs_b = tl.arange(0, B)
     mask_n = offs_n < N
-    acc = tl.zeros([BLOCK_M, B], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_X_ROWS, B], dtype=ACC_DTYPE)
     for s in range(WIDTH):
         col = tl.load(cols_ptr + block_row * WIDTH + s)
         if col >= 0:
@@ -73,18 +82,25 @@ def _spmm_bell_kernel(
                 acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             else:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    offs_m = block_row * B + offs_b
-    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_m < M_OUT)[None, :])
+    offs_m = block_row.to(tl.int64) * B + offs_b
+    mask_m = offs_m < M_OUT
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_m * stride_bias, mask=mask_m, other=0).to(ACC_DTYPE)[None, :]
+    tl.store(y_ptr + offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
 @autotune(_SDDMM_CONFIGS, key=["N", "B"], bucket=["N"])
 @triton.jit
 def _sddmm_bell_kernel(
+    # pointers
     cols_ptr, dy_ptr, x_ptr, out_ptr,
+    # sizes
     N, M, K, WIDTH,
+    # strides
     stride_dyn, stride_dym,
     stride_xn, stride_xk,
+    # meta-parameters
     B: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -112,34 +128,37 @@ def _sddmm_bell_kernel(
              acc.to(out_ptr.dtype.element_ty))
 
 
-def _launch_mm(cols, slots, values, x, out_features, transposed):
+def _launch_mm(cols, slots, values, x, bias, out_features, transposed):
     n, b = x.shape[0], values.shape[-1]
     rows, width = cols.shape
-    out = _alloc.empty((n, out_features), x.dtype, x.device)
+    y = _alloc.empty((n, out_features), x.dtype, x.device)
     if n == 0 or out_features == 0:
-        return out
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), rows)  # noqa: E731
+        return y
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_X_ROWS"]), rows)  # noqa: E731
     with on_device_of(x):
-        _spmm_bell_kernel[grid](
-            cols.contiguous(), slots.contiguous(), values.contiguous(), x, out,
+        _bell_mm_kernel[grid](
+            cols.contiguous(), slots.contiguous(), values.contiguous(), x,
+            y if bias is None else bias, y,
             n, x.shape[1], out_features, width,
             x.stride(0), x.stride(1),
-            out.stride(0), out.stride(1),
-            B=b, TRANSPOSED=transposed, **dot_meta(x.dtype),
+            y.stride(0), y.stride(1),
+            0 if bias is None else bias.stride(0),
+            B=b, TRANSPOSED=transposed, HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )
-    return out
+    return y
 
 
-def spmm_bell(ell_cols: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
-              m: int) -> torch.Tensor:
-    """out [n, m] = x [n, k] @ A^T for A [m, k] in Blocked-ELL."""
-    return _launch_mm(ell_cols, ell_cols, values, x, m, transposed=False)
+def bell_linear(x: torch.Tensor, ell_cols: torch.Tensor, values: torch.Tensor,
+                bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+    """y [n, m] = x [n, k] @ A^T + bias for A [m, k] in Blocked-ELL (m = ``out_features``),
+    bias [m] or None."""
+    return _launch_mm(ell_cols, ell_cols, values, x, bias, out_features, transposed=False)
 
 
-def spmm_bell_t(t_ell_cols: torch.Tensor, t_slots: torch.Tensor, values: torch.Tensor,
-                x: torch.Tensor, k: int) -> torch.Tensor:
-    """out [n, k] = x [n, m] @ A for A [m, k] in Blocked-ELL, through A^T's structure."""
-    return _launch_mm(t_ell_cols, t_slots, values, x, k, transposed=True)
+def bell_matmul(x: torch.Tensor, t_ell_cols: torch.Tensor, t_slots: torch.Tensor,
+                values: torch.Tensor, k: int) -> torch.Tensor:
+    """y [n, k] = x [n, m] @ A for A [m, k] in Blocked-ELL, through A^T's structure."""
+    return _launch_mm(t_ell_cols, t_slots, values, x, None, k, transposed=True)
 
 
 def sddmm_bell(ell_cols: torch.Tensor, dy: torch.Tensor, x: torch.Tensor,

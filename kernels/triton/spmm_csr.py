@@ -1,16 +1,22 @@
-"""CSR sparse x dense (SpMM) and dense x dense sampled at a CSR pattern (SDDMM).
+"""CSR linear (x @ A^T + bias) and dense x dense sampled at a CSR pattern (SDDMM).
 
-SpMM: C[m, n] = A[m, k] @ B[k, n], A in CSR (crow [m+1], col [nnz], values [nnz]).
-Sputnik-style 1-D tiling: one program owns one sparse row and a tile of BLOCK_N dense
-columns, streams the row's nonzeros in chunks of BLOCK_NNZ, gathers the matching rows
-of B and accumulates in fp32 (fp64 for fp64 inputs) on the CUDA cores. Programs take
-rows in ``row_order`` (longest first), so long rows start early and short rows fill
-the tail: the row swizzle that balances load.
+csr_linear: y [M, m] = x [M, k] @ A^T + bias, A [m, k] in CSR (crow [m+1], col [nnz],
+values [nnz]), bias [m] or none. The kernel computes y^T = A @ x^T + bias[:, None], reading
+x^T and writing y^T through strides (no copy of either). Sputnik-style 1-D tiling: one
+program owns one sparse row of A (one output feature) and a tile of BLOCK_X_ROWS rows of x,
+streams the row's nonzeros in chunks of BLOCK_NNZ, gathers the matching columns of x and
+accumulates in fp32 (fp64 for fp64 inputs) on the CUDA cores; the bias is added in that
+precision before the one rounding to y's dtype. Programs take rows in ``row_order``
+(longest first), so long rows start early and short rows fill the tail: the row swizzle
+that balances load.
 
 SDDMM: out[i] = sum_n X[row_i, n] * Y[col_i, n] for every stored entry i of a CSR
-pattern, X [m, n], Y [k, n]: the values of (X @ Y^T) at the pattern. One program owns
-BLOCK_NNZ consecutive entries (in any rows), so every program does the same work.
+pattern, X [m, n], Y [k, n] (any strides): the values of (X @ Y^T) at the pattern. One
+program owns BLOCK_NNZ consecutive entries (in any rows), so every program does the same
+work.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -19,14 +25,14 @@ from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import on_device_of
 
-_SPMM_CONFIGS = Configs(
+_LINEAR_CONFIGS = Configs(
     [
-        triton.Config({"BLOCK_N": bn, "BLOCK_NNZ": bk}, num_warps=w)
-        # Narrow column tiles with long nonzero chunks for decode (n <= 16), wide ones for n in the hundreds.
-        for bn, bk, w in [(16, 64, 2), (16, 128, 4), (32, 16, 1), (64, 16, 2), (64, 32, 2),
+        triton.Config({"BLOCK_X_ROWS": bx, "BLOCK_NNZ": bk}, num_warps=w)
+        # Narrow x tiles with long nonzero chunks for decode (M <= 16), wide ones for M in the hundreds.
+        for bx, bk, w in [(16, 64, 2), (16, 128, 4), (32, 16, 1), (64, 16, 2), (64, 32, 2),
                           (128, 16, 4), (128, 32, 4), (256, 16, 4), (256, 32, 8)]
     ],
-    triton.Config({"BLOCK_N": 16, "BLOCK_NNZ": 8}),
+    triton.Config({"BLOCK_X_ROWS": 16, "BLOCK_NNZ": 8}),
 )
 
 _SDDMM_CONFIGS = Configs(
@@ -42,46 +48,56 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@autotune(_SPMM_CONFIGS, key=["N", "AVG_ROW_NNZ"], bucket=["N"])
+@autotune(_LINEAR_CONFIGS, key=["X_ROWS", "AVG_ROW_NNZ"], bucket=["X_ROWS"])
 @triton.jit
-def _spmm_csr_kernel(
-    crow_ptr, col_ptr, values_ptr, row_order_ptr, b_ptr, c_ptr,
-    N,
-    stride_bk, stride_bn,
-    stride_cm, stride_cn,
-    AVG_ROW_NNZ,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_NNZ: tl.constexpr,
+def _csr_linear_kernel(
+    # pointers
+    crow_ptr, col_ptr, values_ptr, row_order_ptr, x_ptr, bias_ptr, y_ptr,
+    # sizes: the rows of x, the mean nonzeros per row of A (a power of two: a tuning key)
+    X_ROWS, AVG_ROW_NNZ,
+    # strides
+    stride_xm, stride_xk,
+    stride_ym, stride_yn,
+    stride_bias,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_X_ROWS: tl.constexpr, BLOCK_NNZ: tl.constexpr,
 ):
     row = tl.load(row_order_ptr + tl.program_id(0)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_n = offs_n < N
+    offs_x = (tl.program_id(1) * BLOCK_X_ROWS + tl.arange(0, BLOCK_X_ROWS)).to(tl.int64)
+    mask_x = offs_x < X_ROWS
     # int64 bounds, counter and lanes: the last chunk's lanes pass 2^31 - 1 when nnz nears it
     # (the interpreter's counter is a Python int, hence the lanes' own cast).
     start = tl.load(crow_ptr + row).to(tl.int64)
     end = tl.load(crow_ptr + row + 1).to(tl.int64)
-    acc = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_X_ROWS], dtype=ACC_DTYPE)
     for chunk in range(start, end, BLOCK_NNZ):
         offs_nz = chunk + tl.arange(0, BLOCK_NNZ).to(tl.int64)
         mask_nz = offs_nz < end
         cols = tl.load(col_ptr + offs_nz, mask=mask_nz, other=0).to(tl.int64)
         vals = tl.load(values_ptr + offs_nz, mask=mask_nz, other=0).to(ACC_DTYPE)
-        b = tl.load(
-            b_ptr + cols[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=mask_nz[:, None] & mask_n[None, :], other=0,
+        x = tl.load(  # x^T [cols, offs_x]
+            x_ptr + cols[:, None] * stride_xk + offs_x[None, :] * stride_xm,
+            mask=mask_nz[:, None] & mask_x[None, :], other=0,
         ).to(ACC_DTYPE)
-        acc += tl.sum(vals[:, None] * b, axis=0)
-    tl.store(c_ptr + row * stride_cm + offs_n * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=mask_n)
+        acc += tl.sum(vals[:, None] * x, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + row * stride_bias).to(ACC_DTYPE)
+    tl.store(y_ptr + offs_x * stride_ym + row * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_x)
 
 
 @autotune(_SDDMM_CONFIGS, key=["N"], bucket=["N"])
 @triton.jit
 def _sddmm_csr_kernel(
+    # pointers
     row_ptr, col_ptr, x_ptr, y_ptr, out_ptr,
+    # sizes
     NNZ, N,
+    # strides
     stride_xm, stride_xn,
     stride_ym, stride_yn,
+    # meta-parameters
     ACC_DTYPE: tl.constexpr,
     BLOCK_NNZ: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -101,24 +117,25 @@ def _sddmm_csr_kernel(
     tl.store(out_ptr + offs_nz, acc.to(out_ptr.dtype.element_ty), mask=mask_nz)
 
 
-def spmm_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-             row_order: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """C [m, n] = A @ b for A in CSR (m = crow.numel() - 1) and dense b [k, n]."""
-    m, n = crow.numel() - 1, b.shape[1]
-    c = _alloc.empty((m, n), b.dtype, b.device)
-    if m == 0 or n == 0:
-        return c
-    grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    with on_device_of(b):
-        _spmm_csr_kernel[grid](
-            crow, col, values, row_order, b, c,
-            n,
-            b.stride(0), b.stride(1),
-            c.stride(0), c.stride(1),
-            triton.next_power_of_2(max(1, col.numel() // m)),
-            ACC_DTYPE=_acc_dtype(b.dtype),
+def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+               row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y [M, m] = x [M, k] @ A^T + bias for A [m, k] in CSR (m = crow.numel() - 1), bias [m]
+    or None; x and bias are read through their strides (an expanded bias has stride 0)."""
+    rows, m = x.shape[0], crow.numel() - 1
+    y = _alloc.empty((rows, m), x.dtype, x.device)
+    if m == 0 or rows == 0:
+        return y
+    grid = lambda meta: (m, triton.cdiv(rows, meta["BLOCK_X_ROWS"]))  # noqa: E731
+    with on_device_of(x):
+        _csr_linear_kernel[grid](
+            crow, col, values, row_order, x, y if bias is None else bias, y,
+            rows, triton.next_power_of_2(max(1, col.numel() // m)),
+            x.stride(0), x.stride(1),
+            y.stride(0), y.stride(1),
+            0 if bias is None else bias.stride(0),
+            HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x.dtype),
         )
-    return c
+    return y
 
 
 def sddmm_csr(crow: torch.Tensor, col: torch.Tensor,

@@ -294,6 +294,8 @@ def build_linears(model: nn.Module, modules: Dict[str, dict], state: Dict[str, o
             except (ValueError, TypeError) as error:
                 raise _named(prefix, local, error) from None
         state[prefix + "_extra_state"] = settings
+        for key in built.legacy_keys():  # saved by earlier versions, derived now
+            state.pop(prefix + key, None)
         for key in built.derived():
             state.setdefault(prefix + key, getattr(built, key))
     return new

@@ -29,6 +29,40 @@ def block_sums(t: torch.Tensor, b: int) -> torch.Tensor:
     return padded.view(cdiv(m, b), b, cdiv(k, b), b).sum((1, 3))
 
 
+def transposed_structure(ell_cols: torch.Tensor, block_cols: int,
+                         exact: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(t_ell_cols, t_slots) [block_cols, W_t], int32: A^T's block structure for A of block
+    structure ``ell_cols`` [R, W] with ``block_cols`` block-columns. Block-row c of A^T
+    lists, in order, the block-rows r of A with a stored block in block-column c
+    (``t_ell_cols[c, s] = r``) and that block's flat slot index ``r * W + s'`` in
+    ``values.view(-1, b, b)`` (``t_slots``); used slots come first, unused ones hold -1.
+
+    W_t, the most blocks in a block-column of A, is data-dependent: ``exact`` reads it on
+    the host (a device sync); otherwise W_t is its static bound R (a block-column has at
+    most one block per block-row), so that no value is read on the host, as torch.compile's
+    tracing and CUDA-graph capture require. The kernels skip unused slots (one index load
+    each), so the bound costs a loop over R slots per block-row of A^T instead of W_t: the
+    backward asks for the exact width wherever a sync is allowed."""
+    rows, width = ell_cols.shape
+    device = ell_cols.device
+    flat = ell_cols.flatten().long()
+    key = torch.where(flat >= 0, flat, block_cols)              # unused slots: a spill block-column
+    order = torch.argsort(key, stable=True)                      # by block-column, then slot
+    key = key[order]
+    counts = torch.zeros(block_cols + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, key, torch.ones_like(key))
+    position = torch.arange(key.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[key]
+    # Used slots land at [column, position] (position < R: no block-column twice in a
+    # block-row); unused ones all in one spill entry past the end, dropped.
+    target = torch.where(key < block_cols, key * rows + position, block_cols * rows)
+    t_ell_cols = torch.full((block_cols * rows + 1,), -1, dtype=torch.int32, device=device)
+    t_slots = torch.full_like(t_ell_cols, -1)
+    t_ell_cols[target] = (order // max(1, width)).to(torch.int32)
+    t_slots[target] = order.to(torch.int32)
+    t_width = (int(counts[:block_cols].max()) if block_cols else 0) if exact else rows
+    return tuple(t[:-1].view(block_cols, rows)[:, :t_width].contiguous() for t in (t_ell_cols, t_slots))
+
+
 class BlockedELL:
     """A sparse [m, k] matrix of b x b blocks in Blocked-ELL form.
 
@@ -65,18 +99,16 @@ class BlockedELL:
             ordered = ell_cols.sort(dim=1).values
             if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
                 raise ValueError("BlockedELL: ell_cols repeats a block-column within a block-row")
-        self._set(ell_cols.to(torch.int32), values, shape, None)
-        self.transposed_structure()  # here, where a host sync is allowed (see there)
+        self._set(ell_cols.to(torch.int32), values, shape)
 
-    def _set(self, ell_cols, values, shape, transposed):
+    def _set(self, ell_cols, values, shape):
         self.ell_cols, self.values, self.shape = ell_cols, values, torch.Size(shape)
-        self._transposed = transposed
 
     @classmethod
-    def _trusted(cls, ell_cols, values, shape, transposed=None) -> "BlockedELL":
+    def _trusted(cls, ell_cols, values, shape) -> "BlockedELL":
         """A BlockedELL from tensors already known to be valid (as nn modules hold them)."""
         bell = cls.__new__(cls)
-        bell._set(ell_cols, values, shape, transposed)
+        bell._set(ell_cols, values, shape)
         return bell
 
     @classmethod
@@ -136,43 +168,24 @@ class BlockedELL:
     def transposed_structure(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(t_ell_cols, t_slots) [ceil(k/b), W_t]: block-row c of A^T lists the block-rows of
         A with a stored block in block-column c, and the flat slot index of that block in
-        ``values.view(-1, b, b)`` (-1 for unused). Its width W_t is data-dependent (read on
-        the host), so it is built when the format is constructed, never in a forward pass,
-        where a CUDA graph may be being captured."""
-        if self._transposed is None:
-            rows, width = self.ell_cols.shape
-            cols = cdiv(self.shape[1], self.block_size)
-            flat = self.ell_cols.flatten()
-            slots = torch.nonzero(flat >= 0).flatten()
-            block_cols = flat[slots].long()
-            order = torch.argsort(block_cols, stable=True)               # by column, then row
-            slots, block_cols = slots[order], block_cols[order]
-            counts = torch.bincount(block_cols, minlength=cols)
-            t_width = int(counts.max()) if counts.numel() and slots.numel() else 0
-            starts = torch.cumsum(counts, 0) - counts
-            position = torch.arange(slots.numel(), device=self.device) - starts[block_cols]
-            t_ell_cols = torch.full((cols, t_width), -1, dtype=torch.int32, device=self.device)
-            t_slots = torch.full_like(t_ell_cols, -1)
-            t_ell_cols[block_cols, position] = (slots // max(1, width)).to(torch.int32)
-            t_slots[block_cols, position] = slots.to(torch.int32)
-            self._transposed = (t_ell_cols, t_slots)
-        return self._transposed
+        ``values.view(-1, b, b)`` (-1 for unused), W_t exact (read on the host; see
+        :func:`transposed_structure`). The gradient with respect to x of ``linear(x, self)``
+        reads it; the backward keeps it while ``ell_cols`` lives."""
+        return transposed_structure(self.ell_cols, cdiv(self.shape[1], self.block_size), exact=True)
 
     def index_tensors(self) -> Dict[str, torch.Tensor]:
-        """The integer tensors an nn module keeps as buffers (the transposed structure included)."""
-        t_ell_cols, t_slots = self.transposed_structure()
-        return {"ell_cols": self.ell_cols, "t_ell_cols": t_ell_cols, "t_slots": t_slots}
+        """The integer tensors an nn module keeps as buffers (A^T's structure is derived)."""
+        return {"ell_cols": self.ell_cols}
 
     @classmethod
     def from_index_tensors(cls, shape, values: torch.Tensor, t: Dict[str, torch.Tensor]) -> "BlockedELL":
         """The inverse of ``index_tensors``, over the same tensors (no copy, no checks)."""
-        return cls._trusted(t["ell_cols"], values, shape, (t["t_ell_cols"], t["t_slots"]))
+        return cls._trusted(t["ell_cols"], values, shape)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "BlockedELL":
         """A copy on ``device`` and/or with values of ``dtype``."""
-        transposed = None if self._transposed is None else tuple(t.to(device) for t in self._transposed)
         return BlockedELL._trusted(self.ell_cols.to(device), self.values.to(device=device, dtype=dtype),
-                                   self.shape, transposed)
+                                   self.shape)
 
     def __repr__(self) -> str:
         return (f"BlockedELL(shape={tuple(self.shape)}, block_size={self.block_size}, "

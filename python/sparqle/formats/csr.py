@@ -10,7 +10,6 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from sparqle.kernels import _capture
 from sparqle.kernels.torch._sparse import csr_matrix
 
 from ._checks import INT32_MAX, check_int32, check_shape, check_tensors, dense_and_mask
@@ -19,6 +18,22 @@ from ._checks import INT32_MAX, check_int32, check_shape, check_tensors, dense_a
 def _row_order(crow: torch.Tensor) -> torch.Tensor:
     counts = crow[1:] - crow[:-1]
     return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+
+
+def transposed_structure(crow: torch.Tensor, col: torch.Tensor, k: int) -> Tuple[torch.Tensor, ...]:
+    """(t_crow [k+1], t_col [nnz], t_perm [nnz], t_row_order [k]), int32: the CSR structure of
+    A^T [k, m] for A [m, k] of structure (crow, col), whose values are ``values[t_perm]``.
+    Entries of a column of A keep their order in A (by row). No host sync (CUDA-graph
+    capture and torch.compile's tracing allow none): nnz is ``col.numel()``, the rest is
+    computed on the device."""
+    m, nnz = crow.numel() - 1, col.numel()
+    rows = torch.repeat_interleave(torch.arange(m, dtype=torch.int32, device=col.device),
+                                   crow[1:] - crow[:-1], output_size=nnz)
+    perm = torch.argsort(col, stable=True)
+    # Row c of A^T starts at the count of columns < c: a search in the sorted columns.
+    t_crow = torch.searchsorted(col[perm], torch.arange(k + 1, dtype=col.dtype, device=col.device),
+                                out_int32=True)
+    return t_crow, rows[perm], perm.to(torch.int32), _row_order(t_crow)
 
 
 class CSR:
@@ -63,19 +78,17 @@ class CSR:
                                  f"[{lo}, {hi}]")
             check_int32("CSR", "col_indices", hi)
         crow = crow_indices.to(torch.int32)
-        self._set(crow, col_indices.to(torch.int32), values, shape, _row_order(crow), None)
+        self._set(crow, col_indices.to(torch.int32), values, shape, _row_order(crow))
 
-    def _set(self, crow, col, values, shape, row_order, transposed):
+    def _set(self, crow, col, values, shape, row_order):
         self.crow_indices, self.col_indices, self.values = crow, col, values
         self.shape, self.row_order = torch.Size(shape), row_order
-        self._transposed = transposed
 
     @classmethod
-    def _trusted(cls, crow, col, values, shape, row_order,
-                 transposed: Optional[Tuple[torch.Tensor, ...]] = None) -> "CSR":
+    def _trusted(cls, crow, col, values, shape, row_order) -> "CSR":
         """A CSR from tensors already known to be valid (as nn modules hold them)."""
         csr = cls.__new__(cls)
-        csr._set(crow, col, values, shape, row_order, transposed)
+        csr._set(crow, col, values, shape, row_order)
         return csr
 
     @classmethod
@@ -127,44 +140,25 @@ class CSR:
 
     def transposed_structure(self) -> Tuple[torch.Tensor, ...]:
         """(crow, col, perm, row_order) of A^T, whose values are ``values[perm]``: the
-        gradient with respect to the dense operand needs it. Built on first use without a
-        host sync (CUDA-graph capture allows none) and kept, unless built during capture."""
-        if self._transposed is not None:
-            return self._transposed
-        m, k = self.shape
-        rows = torch.repeat_interleave(
-            torch.arange(m, dtype=torch.int32, device=self.device),
-            self.crow_indices[1:] - self.crow_indices[:-1], output_size=self.nnz)
-        perm = torch.argsort(self.col_indices, stable=True)
-        # Row c of A^T starts at the count of columns < c: a search in the sorted columns.
-        t_crow = torch.searchsorted(self.col_indices[perm],
-                                    torch.arange(k + 1, dtype=torch.int32, device=self.device),
-                                    out_int32=True)
-        transposed = (t_crow, rows[perm], perm.to(torch.int32), _row_order(t_crow))
-        if not _capture.capturing():
-            self._transposed = transposed
-        return transposed
+        gradient with respect to x of ``linear(x, self)`` reads it (see
+        :func:`transposed_structure`; the backward keeps it while A's indices live)."""
+        return transposed_structure(self.crow_indices, self.col_indices, self.shape[1])
 
     def index_tensors(self) -> Dict[str, torch.Tensor]:
-        """The integer tensors an nn module keeps as buffers (the transposed structure included)."""
-        t_crow, t_col, t_perm, t_row_order = self.transposed_structure()
+        """The integer tensors an nn module keeps as buffers (A^T's structure is derived)."""
         return {"crow_indices": self.crow_indices, "col_indices": self.col_indices,
-                "row_order": self.row_order, "t_crow_indices": t_crow, "t_col_indices": t_col,
-                "t_perm": t_perm, "t_row_order": t_row_order}
+                "row_order": self.row_order}
 
     @classmethod
     def from_index_tensors(cls, shape, values: torch.Tensor, t: Dict[str, torch.Tensor]) -> "CSR":
         """The inverse of ``index_tensors``, over the same tensors (no copy, no checks)."""
-        return cls._trusted(t["crow_indices"], t["col_indices"], values, shape, t["row_order"],
-                            (t["t_crow_indices"], t["t_col_indices"], t["t_perm"], t["t_row_order"]))
+        return cls._trusted(t["crow_indices"], t["col_indices"], values, shape, t["row_order"])
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CSR":
         """A copy on ``device`` and/or with values of ``dtype`` (indices stay int32)."""
-        move = lambda t: t.to(device)  # noqa: E731
-        transposed = None if self._transposed is None else tuple(map(move, self._transposed))
-        return CSR._trusted(move(self.crow_indices), move(self.col_indices),
+        return CSR._trusted(self.crow_indices.to(device), self.col_indices.to(device),
                             self.values.to(device=device, dtype=dtype), self.shape,
-                            move(self.row_order), transposed)
+                            self.row_order.to(device))
 
     def __repr__(self) -> str:
         return (f"CSR(shape={tuple(self.shape)}, nnz={self.nnz}, density={self.density:.4f}, "

@@ -45,12 +45,19 @@ class CheckedLoad(nn.Module):
     def _resize(self, tensors: Dict[str, torch.Tensor]) -> None:
         """Make room for the tensors sized by the format whose size changes (SparseLinear)."""
 
+    def legacy_keys(self) -> Tuple[str, ...]:
+        """Keys that earlier versions of this module saved and this one derives instead: a
+        load accepts them and drops them unread."""
+        return ()
+
     def _check_extra_state(self, state_dict, prefix: str) -> None:
         """Check the extra state the load would set, before anything is copied."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         self._check_extra_state(state_dict, prefix)
+        for name in self.legacy_keys():
+            state_dict.pop(prefix + name, None)
         own = {name: t for name, t in [*self._parameters.items(), *self._buffers.items()]
                if t is not None and name not in self._non_persistent_buffers_set}
         incoming = {name: state_dict[prefix + name] for name in own if prefix + name in state_dict}

@@ -20,10 +20,15 @@ _FORMATS = {"csr": CSR.from_index_tensors, "bell": BlockedELL.from_index_tensors
                for n, m in PATTERNS}}
 
 
-# Format -> the index tensors that hold the pattern; a SparseLinear's other buffers (the
-# transposed structure, CSR's row order) are derived from them.
+# Format -> the index tensors that hold the pattern; a SparseLinear's other buffers (CSR's
+# row order) are derived from them.
 _PATTERN = {"csr": ("crow_indices", "col_indices"), "bell": ("ell_cols",),
             **{f"{n}:{m}": ("meta",) for n, m in PATTERNS}}
+
+# Format -> the buffers of A^T's structure that SparseLinear kept before the backward
+# derived it: a state_dict saved then holds them; a load accepts and drops them.
+_LEGACY = {"csr": ("t_crow_indices", "t_col_indices", "t_perm", "t_row_order"),
+           "bell": ("t_ell_cols", "t_slots")}
 
 
 def _checked_weight(format: str, shape, block_size: Optional[int], tensors):
@@ -55,11 +60,14 @@ class SparseLinear(ConvertedLinear):
     """A linear layer with a sparse weight (CSR, Blocked-ELL or N:M).
 
     The stored values are the Parameter ``values``; the format's index tensors (the
-    pattern, and the transposed structure the backward uses) are buffers, so
-    ``state_dict()`` round-trips and ``torch.save`` loads with weights_only; the format
-    (and Blocked-ELL's block size) travel in it as extra state. A load is checked as the
-    format's constructor checks its arguments, and the transposed structure must be the
-    one the pattern gives. Loading a state_dict whose pattern has other sizes (another
+    pattern, and CSR's row order) are buffers, so ``state_dict()`` round-trips and
+    ``torch.save`` loads with weights_only; the format (and Blocked-ELL's block size)
+    travel in it as extra state. A load is checked as the format's constructor checks its
+    arguments, and the row order must be the one the pattern gives. A^T's structure, which
+    the backward reads, is derived from the pattern there (and kept), not held: the keys
+    earlier versions saved for it (``t_crow_indices, t_col_indices, t_perm, t_row_order``
+    for CSR, ``t_ell_cols, t_slots`` for Blocked-ELL) are accepted by a load and dropped.
+    Loading a state_dict whose pattern has other sizes (another
     pruning of the same layer) resizes them; ``values`` stays the same Parameter, so an
     optimizer built before the load trains it (reset a stateful optimizer's state for it:
     its moments have the old size).
@@ -138,6 +146,9 @@ class SparseLinear(ConvertedLinear):
 
     def derived(self):
         return tuple(name for name in self._buffers if name not in _PATTERN[self.format])
+
+    def legacy_keys(self):
+        return _LEGACY.get(self.format, ())
 
     @classmethod
     def _from_state(cls, settings, tensors):
