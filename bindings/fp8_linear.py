@@ -25,8 +25,8 @@ import torch
 from sparqle.kernels.torch._dtypes import compute_dtype
 from sparqle.kernels.torch._linear import dequantize_rows
 
-from ._backend import (FLOATS, choose, forward_backend, kernels, register_autograd,
-                       remember_backend, requested_backend)
+from ._autograd import forward_backend, register_autograd, remember_backend
+from ._backend import FLOATS, choose, kernels, requested_backend
 
 _DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 SMALL_M = 16

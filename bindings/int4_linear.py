@@ -13,7 +13,8 @@ import torch
 
 from sparqle.kernels.torch.int4_linear import dequantize
 
-from ._backend import FLOATS, launch, register_autograd
+from ._autograd import register_autograd
+from ._backend import FLOATS, launch
 
 # Triton 3.6 cannot lower the fp64 dot of this kernel (ConvertTritonGPUToLLVM fails).
 _DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}

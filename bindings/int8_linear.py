@@ -15,7 +15,8 @@ import torch
 from sparqle.kernels.torch._dtypes import compute_dtype as scale_dtype
 from sparqle.kernels.torch._linear import dequantize_rows
 
-from ._backend import FLOATS, launch, register_autograd
+from ._autograd import register_autograd
+from ._backend import FLOATS, launch
 
 _DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 

@@ -28,7 +28,9 @@ import torch
 from sparqle.kernels._derived import derived
 from sparqle.kernels.torch.nm_linear import columns
 
-from ._backend import FLOATS, choose, fastest, kernels, launch, register_autograd, requested_backend
+from ._autograd import register_autograd
+from ._backend import FLOATS, choose, kernels, launch, requested_backend
+from ._fastest import fastest
 
 # Triton 3.6 cannot lower an fp64 tl.dot here. cupy (mma.sp on sparse tensor cores, 2:4
 # only) runs when forced: it joins auto's candidates once its tests have run on a GPU.

@@ -24,7 +24,8 @@ import torch
 
 from sparqle.kernels._capture import check_values
 
-from ._backend import FLOATS, launch, register_autograd
+from ._autograd import register_autograd
+from ._backend import FLOATS, launch
 
 _DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 _MODULE = "window_attention"

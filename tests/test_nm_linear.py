@@ -173,7 +173,7 @@ def test_cusparselt_linear_matches_oracle(dtype, rows, out, k, training):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_auto_on_cuda_measures_and_meets_the_oracle(dtype):
     """auto times its candidates once per (shape, M bucket) and runs the winner."""
-    from sparqle.bindings import _backend
+    from sparqle.bindings import _fastest
     w = _weight(64, 96, 2, 4, dtype, "cuda")
     w.values.requires_grad_(True)
     bias = torch.randn(64, dtype=dtype, device="cuda")
@@ -184,7 +184,7 @@ def test_auto_on_cuda_measures_and_meets_the_oracle(dtype):
                 y = sparqle.linear(x, w, bias)
             assert_close(y, *_oracle(x, w, bias), dtype, f"y (M={rows}, grad={grad})")
             key = ("nm_linear", x.device, dtype, 2, 4, 1 << (rows - 1).bit_length(), 64, 96, True, grad)
-            assert _backend._fastest[key] in ("cublas", "triton", "cusparselt")
+            assert _fastest._fastest[key] in ("cublas", "triton", "cusparselt")
 
 
 @pytest.mark.parametrize("device", sorted({d for d, _ in device_backends()}))
