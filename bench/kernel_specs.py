@@ -40,7 +40,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from sparqle.kernels.torch.nm_linear import index_bits
+from sparqle.formats._checks import cdiv
+from sparqle.formats.nm import index_bits
 from sparqle.kernels.triton import (fp8_linear, int4_linear, int8_linear, nm_linear, spmm_bell, spmm_csr,
                                     window_attention)
 from sparqle.kernels.triton._autotune import planning
@@ -115,7 +116,7 @@ def bell_cases(n: int, m: int, k: int, block: int, width: int, dtype: torch.dtyp
                directions=("spmm", "spmm_t", "sddmm"), archs=(80, 90)) -> List[Case]:
     """A [m, k] in Blocked-ELL (block x block blocks, ``width`` slots per block-row):
     spmm_bell x [n, k] @ A^T, spmm_bell_t x [n, m] @ A, sddmm_bell dy [n, m]^T @ x [n, k]."""
-    rows, cols = -(-m // block), -(-k // block)
+    rows, cols = cdiv(m, block), cdiv(k, block)
     t_width = min(rows, width * 2)
     values = tensor(rows, width, block, block, dtype=dtype)
     ell_cols = tensor(rows, width, dtype=torch.int32)
@@ -134,10 +135,10 @@ def int4_cases(x: torch.Tensor, n: int, bias: bool, group: int = 128, archs=(80,
     """int4_linear: x [M, K] @ dequant(W [n, K])^T, packed uint8 [n, ceil(K/2)], scales and
     zeros [n, ceil(K/group)] in x's dtype."""
     m, k = x.shape
-    groups = -(-k // group)
+    groups = cdiv(k, group)
     label = f"{_name(x.dtype)} M={m} N={n} K={k} group={group}{' bias' if bias else ''}"
     return [Case("int4_linear", label, lambda: int4_linear.int4_linear(
-        x, tensor(n, -(-k // 2), dtype=torch.uint8), tensor(n, groups, dtype=x.dtype),
+        x, tensor(n, cdiv(k, 2), dtype=torch.uint8), tensor(n, groups, dtype=x.dtype),
         tensor(n, groups, dtype=x.dtype), tensor(n, dtype=x.dtype) if bias else None, group), archs)]
 
 
@@ -157,20 +158,21 @@ def int8_quantize_cases(x: torch.Tensor, static: bool, archs=(80, 90)) -> List[C
         x, tensor(1, dtype=torch.float32) if static else None), archs)]
 
 
-def nm_cases(x: torch.Tensor, rows: int, keep: int, group: int, bias: bool, to_dense: bool = False,
+def nm_cases(x: torch.Tensor, rows: int, pattern_n: int, pattern_m: int, bias: bool, to_dense: bool = False,
              archs=(80, 90)) -> List[Case]:
-    """nm_linear: x [M, K] @ W^T for W [rows, K] in keep:group (values [rows, Kc], meta int32
-    [rows, ceil(Kc / (32 / bits))]); with ``to_dense``, also nm_to_dense of W."""
+    """nm_linear: x [M, K] @ W^T for W [rows, K] in pattern_n:pattern_m (values [rows, Kc],
+    meta int32 [rows, ceil(Kc / (32 / bits))]); with ``to_dense``, also nm_to_dense of W."""
     m, k = x.shape
-    kc = -(-k // group) * keep
+    kc = cdiv(k, pattern_m) * pattern_n
     values = tensor(rows, kc, dtype=x.dtype)
-    meta = tensor(rows, -(-kc // (32 // index_bits(group))), dtype=torch.int32)
-    label = f"{keep}:{group} {_name(x.dtype)} M={m} N={rows} K={k}{' bias' if bias else ''}"
+    meta = tensor(rows, cdiv(kc, 32 // index_bits(pattern_m)), dtype=torch.int32)
+    pattern = f"{pattern_n}:{pattern_m}"
+    label = f"{pattern} {_name(x.dtype)} M={m} N={rows} K={k}{' bias' if bias else ''}"
     cases = [Case("nm_linear", label, lambda: nm_linear.nm_linear(
-        x, values, meta, tensor(rows, dtype=x.dtype) if bias else None, keep, group), archs)]
+        x, values, meta, tensor(rows, dtype=x.dtype) if bias else None, pattern_n, pattern_m), archs)]
     if to_dense:
-        cases.append(Case("nm_linear", f"to_dense {keep}:{group} {_name(x.dtype)} N={rows} K={k}",
-                          lambda: nm_linear.to_dense(values, meta, keep, group, k), archs))
+        cases.append(Case("nm_linear", f"to_dense {pattern} {_name(x.dtype)} N={rows} K={k}",
+                          lambda: nm_linear.to_dense(values, meta, pattern_n, pattern_m, k), archs))
     return cases
 
 
@@ -260,7 +262,7 @@ def window_copy_cases(batch: int, side: int, channels: int, window: int, shift: 
     """window_partition and window_merge of x [batch, side, side, channels] into windows of
     window x window tokens, rolled by ``shift``; the windows listed by an int64 index when
     ``index``."""
-    per_image = (-(-side // window)) ** 2
+    per_image = cdiv(side, window) ** 2
     windows = tensor(batch * per_image, window * window, channels, dtype=dtype)
     idx = tensor(batch, per_image, dtype=torch.int64) if index else None
     x = tensor(batch, side, side, channels, dtype=dtype)
@@ -316,7 +318,7 @@ def test_cases() -> List[Case]:
     bf16 = torch.bfloat16
     for rows in (16, 48):
         x = tensor(rows, 128, dtype=bf16)
-        cases += [c for keep, group in NM_PATTERNS[1:] for c in nm_cases(x, 40, keep, group, False)]
+        cases += [c for n, m in NM_PATTERNS[1:] for c in nm_cases(x, 40, n, m, False)]
         cases += fp8_mm_cases(x, 40, e5m2, bf16, False) + fp8_redo_cases(x, 40, e5m2, False)
         cases += [c for a, b in itertools.product(FP8_DTYPES, repeat=2) if (a, b) != (e4m3, e4m3)
                   for c in fp8_mm_cases(tensor(rows, 128, dtype=a), 40, b, bf16, False)]
@@ -435,7 +437,7 @@ def usage(kernel) -> Usage:
 
 
 def _round_up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
+    return cdiv(n, unit) * unit
 
 
 def ctas_per_sm(use: Usage, target: Target) -> Dict[str, int]:

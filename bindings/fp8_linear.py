@@ -6,8 +6,9 @@ fp8_scaled_mm(a, a_scale, b, b_scale, bias, out_dtype) -> y [M, N]
     = (a @ b^T) * a_scale[m] * b_scale[n] + bias; a FP8 (a_scale [M] or [1]) or float
     (weight-only, a_scale None); b FP8 [N, K], b_scale [N] or [1].
 fp8_linear(x, qweight, scales, bias) -> y [M, N] = x @ (q_w * scale_w)^T + bias: for
-    M > SMALL_M, x quantized per token to e4m3 and FP8 x FP8 (W8A8); for M <= SMALL_M,
-    where the GEMM is bound by reading the weight, x stays in its float dtype (weight-only).
+    M > FP8_WEIGHT_ONLY_MAX_M (sparqle.kernels.dispatch), x quantized per token to e4m3 and
+    FP8 x FP8 (W8A8); for M <= FP8_WEIGHT_ONLY_MAX_M, where the GEMM is bound by reading
+    the weight, x stays in its float dtype (weight-only).
     Gradients (straight through): dx = dy @ (q_w * scale_w), dbias = sum of dy; the
     quantized weight is frozen.
 fp8_training_linear(x, weight, bias): x and the master weight quantized per row to e4m3
@@ -22,14 +23,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from sparqle.kernels.torch._dtypes import compute_dtype
+from sparqle.formats._checks import compute_dtype
+from sparqle.kernels.dispatch import FP8_WEIGHT_ONLY_MAX_M
 from sparqle.kernels.torch._linear import dequantize_rows
 
 from ._autograd import forward_backend, register_autograd, remember_backend
 from ._backend import FLOATS, choose, kernels, requested_backend
 
 _DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
-SMALL_M = 16
 E4M3, E5M2 = getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)
 
 
@@ -70,7 +71,7 @@ def _(a, a_scale, b, b_scale, bias, out_dtype):
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                bias: Optional[torch.Tensor]) -> torch.Tensor:
     k = _kernels("fp8_linear", x.device, x.dtype)
-    if x.shape[0] <= SMALL_M:
+    if x.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
         return k.scaled_mm(x, None, qweight, scales, bias, x.dtype)
     q, scale = k.quantize_rows(x, None, E4M3)
     return k.redo_rows(x, scale, qweight, scales, bias, k.scaled_mm(q, scale, qweight, scales, bias, x.dtype))

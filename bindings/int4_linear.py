@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from sparqle.kernels.torch.int4_linear import dequantize
+from sparqle.formats.int4 import dequantize
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, launch

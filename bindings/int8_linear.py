@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from sparqle.kernels.torch._dtypes import compute_dtype as scale_dtype
+from sparqle.formats._checks import compute_dtype
 from sparqle.kernels.torch._linear import dequantize_rows
 
 from ._autograd import register_autograd
@@ -39,7 +39,7 @@ def int8_quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) ->
 
 @int8_quantize_rows.register_fake
 def _(x, static_scale):
-    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=scale_dtype(x.dtype)))
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype)))
 
 
 def _setup_context(ctx, inputs, output):

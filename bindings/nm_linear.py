@@ -1,7 +1,7 @@
 """sparqle::nm_linear (N:M semi-structured sparse linear) and sparqle::nm_to_dense.
 
 nm_linear(x, values, meta, bias, n, m, training=False) -> y [M, N] = x @ W^T + bias for
-    W [N, K] in n:m (layout: sparqle.kernels.torch.nm_linear), K = x.shape[1]; ``training``
+    W [N, K] in n:m (layout: sparqle.formats.nm), K = x.shape[1]; ``training``
     says that ``values`` change between calls (they are being trained), which changes only
     how the dispatch below counts cuSPARSELt's cost.
 nm_to_dense(values, meta, n, m, k) -> W [N, k] in values' dtype: a format conversion, by
@@ -25,8 +25,9 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from sparqle.formats.nm import columns
 from sparqle.kernels._derived import derived
-from sparqle.kernels.torch.nm_linear import columns
+from sparqle.kernels.dispatch import NM_UNMEASURED_CUBLAS_FROM_M
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, choose, kernels, launch, requested_backend
@@ -37,9 +38,6 @@ from ._fastest import fastest
 _DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS,
            "cupy": frozenset({torch.float16, torch.bfloat16})}
 _TO_DENSE_DTYPES = dict.fromkeys(("triton", "torch", "cupy"), FLOATS)
-# While a CUDA graph is captured nothing can be timed: an unmeasured shape runs the Triton
-# kernel below this M and expands W for cuBLAS from it on (compute-bound there).
-_UNMEASURED_CUBLAS_FROM_M = 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +81,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             and choose("nm_linear", x.device, x.dtype, _DTYPES) == "triton"):
         key = ("nm_linear", x.device, x.dtype, n, m, 1 << (rows - 1).bit_length(), out, k,
                bias is not None, training)
-        default = "cublas" if rows >= _UNMEASURED_CUBLAS_FROM_M else "triton"
+        default = "cublas" if rows >= NM_UNMEASURED_CUBLAS_FROM_M else "triton"
         return fastest(key, _cuda_candidates(x, values, meta, bias, n, m, training), default, x.device)
     return launch("nm_linear", "nm_linear", _DTYPES, x, x, values, meta, bias, n, m)
 

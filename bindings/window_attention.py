@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from sparqle.formats._checks import cdiv, compute_dtype
 from sparqle.kernels._capture import check_values
 
 from ._autograd import register_autograd
@@ -40,7 +41,7 @@ def _check_index(index: Optional[torch.Tensor], x: torch.Tensor, wh: int, ww: in
     """index [B, K]: window ids of x's images, in range and distinct per image."""
     if index is None:
         return
-    _check_in_range("index", index, -(-x.shape[1] // wh) * -(-x.shape[2] // ww))
+    _check_in_range("index", index, cdiv(x.shape[1], wh) * cdiv(x.shape[2], ww))
     if index.shape[1] > 1:
         check_values(lambda: (index.sort(dim=1).values.diff(dim=1) != 0).all(),
                      "index names a window twice in one image")
@@ -55,13 +56,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     return launch(_MODULE, "window_attention", _DTYPES, q, q, k, v, bias, mask, mask_index, scale)
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 @window_attention.register_fake
 def _(q, k, v, bias, mask, mask_index, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("sparqle::window_attention_backward", mutates_args=())
@@ -97,7 +94,7 @@ register_autograd(window_attention, _attention_backward, _attention_setup)
 
 def _windows_shape(x: torch.Tensor, wh: int, ww: int, index: Optional[torch.Tensor]):
     b, h, w, c = x.shape
-    per_image = index.shape[1] if index is not None else -(-h // wh) * -(-w // ww)
+    per_image = index.shape[1] if index is not None else cdiv(h, wh) * cdiv(w, ww)
     return (b * per_image, wh * ww, c)
 
 

@@ -9,8 +9,8 @@ from torch import nn
 
 import sparqle
 from sparqle import SemiStructured
+from sparqle.formats import nm as codec
 from sparqle.formats.nm import PATTERNS
-from sparqle.kernels.torch import nm_linear as torch_nm
 from sparqle.nn import SparseLinear
 
 from ._modules import load_saved
@@ -90,7 +90,7 @@ def test_gradients_match_oracle(device_backend, dtype, n, m):
     assert_close(bias.grad, dy64.sum(0), dy64.abs().sum(0), dtype, "dbias")
     # d(values): the dense gradient dy^T x at the kept positions.
     dense_grad = torch.nn.functional.pad(dy64.T @ x64, (0, 2))  # 70 -> 72 columns
-    cols = sparqle.kernels.torch.nm_linear.columns(w.meta.cpu(), n, m, w.values.shape[1])
+    cols = codec.columns(w.meta.cpu(), n, m, w.values.shape[1])
     scale = torch.nn.functional.pad(dy64.abs().T @ x64.abs(), (0, 2))
     assert_close(w.values.grad, dense_grad.gather(1, cols), scale.gather(1, cols), dtype, "dvalues")
 
@@ -111,11 +111,11 @@ def test_spmm_matches_oracle(device_backend):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_small_m_and_tiled_paths(device):
-    """The Triton kernel on both sides of SMALL_M (split-K and tiled) meets the oracle."""
-    from sparqle.kernels.triton._linear import SMALL_M
+    """The Triton kernel on both sides of SPLIT_K_MAX_M (split-K and tiled) meets the oracle."""
+    from sparqle.kernels.dispatch import SPLIT_K_MAX_M
     w = _weight(24, 100, 2, 4, torch.float32, device)
     bias = torch.randn(24, device=device)
-    for rows in (1, SMALL_M, SMALL_M + 1, 57):
+    for rows in (1, SPLIT_K_MAX_M, SPLIT_K_MAX_M + 1, 57):
         x = torch.randn(rows, 100, device=device)
         with sparqle.use_backend("triton"):
             y = sparqle.linear(x, w, bias)
@@ -133,7 +133,7 @@ def test_triton_to_dense_is_exact(device, dtype, n, m):
         w = _weight(out, k, n, m, dtype, device)
         dense = triton_nm.to_dense(w.values, w.meta, n, m, k)
         assert dense.shape == (out, k) and dense.dtype == dtype
-        assert torch.equal(dense, torch_nm.to_dense(w.values, w.meta, n, m, k))
+        assert torch.equal(dense, codec.to_dense(w.values, w.meta, n, m, k))
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
