@@ -274,7 +274,7 @@ def test_nm_linear(device, backend, data):
     a = with_grad(draw_layouts(data, {"x": torch.randn(rows, k), "values": w.values, "meta": w.meta,
                                       "bias": bias}, {"meta": STRUCTURE}), ["x", "values", "bias"])
     with sparqle.use_backend(backend):
-        y = torch.ops.sparqle.nm_linear(a["x"], a["values"], a["meta"], a["bias"], n, m, False)
+        y = torch.ops.sparqle.nm_linear(a["x"], a["values"], a["meta"], a["bias"], n, m)
         dense = torch.ops.sparqle.nm_to_dense(a["values"], a["meta"], n, m, k)
     w64, cols = nm_dense(a["values"], a["meta"], n, m, k)
     assert_close(dense, w64, w64.abs(), F32, "to_dense")

@@ -63,9 +63,8 @@ def _bell_spmm(a: BlockedELL, b: torch.Tensor) -> torch.Tensor:
 
 
 def _nm_linear(x2d: torch.Tensor, w: SemiStructured, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # The kernel adds the bias in its epilogue. Values that get a gradient are being trained.
-    training = torch.is_grad_enabled() and w.values.requires_grad
-    return torch.ops.sparqle.nm_linear(x2d, w.values, w.meta, bias, w.n, w.m, training)
+    # The kernel adds the bias in its epilogue.
+    return torch.ops.sparqle.nm_linear(x2d, w.values, w.meta, bias, w.n, w.m)
 
 
 _SPMM = {CSR: _csr_spmm, BlockedELL: _bell_spmm,
