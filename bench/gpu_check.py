@@ -274,14 +274,14 @@ def plan(selected: Sequence[Point], cases: Sequence[harness.Case], dry_run: bool
     """Run sparqle's impl of every point once with every kernel launch skipped; the plan
     counts the compiles and autotune trials the real run will cause. Measurements a skipped
     launch would spoil (the N:M dispatch's timing) are forgotten afterwards."""
-    from sparqle.bindings import _backend
+    from sparqle.bindings import _fastest
     from sparqle.kernels.triton._autotune import planning
     with planning() as counted, warnings.catch_warnings(), _forced_triton(dry_run):
         warnings.simplefilter("ignore")
         for case in cases:
             if case is not None:
                 next(i for i in case.impls if i.name == "sparqle").make(0)()
-    _backend.forget_measurements()
+    _fastest.forget_measurements()
     return counted
 
 

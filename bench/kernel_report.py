@@ -81,11 +81,13 @@ def _int8(p) -> List[Case]:
 
 def _fp8(p) -> List[Case]:
     """sparqle.linear(x, FP8Weight e4m3) with row-wise and tensor-wise weight scales (the
-    ``sparqle`` and ``sparqle-tensor`` impls): above the binding's SMALL_M, x quantized per
-    row to e4m3 and FP8 x FP8; at or below it, weight-only."""
-    from sparqle.bindings.fp8_linear import E4M3, SMALL_M
+    ``sparqle`` and ``sparqle-tensor`` impls): above FP8_WEIGHT_ONLY_MAX_M
+    (sparqle.kernels.dispatch), x quantized per row to e4m3 and FP8 x FP8; at or below it,
+    weight-only."""
+    from sparqle.bindings.fp8_linear import E4M3
+    from sparqle.kernels.dispatch import FP8_WEIGHT_ONLY_MAX_M
     x = tensor(p["tokens"], p["in_features"], dtype=_dtype(p))
-    if p["tokens"] <= SMALL_M:
+    if p["tokens"] <= FP8_WEIGHT_ONLY_MAX_M:
         return [c for rows in (True, False)
                 for c in kernel_specs.fp8_mm_cases(x, p["out_features"], E4M3, x.dtype, False, rows)]
     q = tensor(p["tokens"], p["in_features"], dtype=E4M3)

@@ -41,7 +41,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from sparqle.formats._checks import cdiv
-from sparqle.kernels.torch.nm_linear import index_bits
+from sparqle.formats.nm import index_bits
 from sparqle.kernels.triton import (fp8_linear, int4_linear, int8_linear, nm_linear, spmm_bell, spmm_csr,
                                     window_attention)
 from sparqle.kernels.triton._autotune import planning
@@ -161,20 +161,21 @@ def int8_quantize_cases(x: torch.Tensor, static: bool, archs=(80, 90)) -> List[C
         x, tensor(1, dtype=torch.float32) if static else None), archs)]
 
 
-def nm_cases(x: torch.Tensor, rows: int, keep: int, group: int, bias: bool, to_dense: bool = False,
+def nm_cases(x: torch.Tensor, rows: int, pattern_n: int, pattern_m: int, bias: bool, to_dense: bool = False,
              archs=(80, 90)) -> List[Case]:
-    """nm_linear: x [M, K] @ W^T for W [rows, K] in keep:group (values [rows, Kc], meta int32
-    [rows, ceil(Kc / (32 / bits))]); with ``to_dense``, also nm_to_dense of W."""
+    """nm_linear: x [M, K] @ W^T for W [rows, K] in pattern_n:pattern_m (values [rows, Kc],
+    meta int32 [rows, ceil(Kc / (32 / bits))]); with ``to_dense``, also nm_to_dense of W."""
     m, k = x.shape
-    kc = cdiv(k, group) * keep
+    kc = cdiv(k, pattern_m) * pattern_n
     values = tensor(rows, kc, dtype=x.dtype)
-    meta = tensor(rows, cdiv(kc, 32 // index_bits(group)), dtype=torch.int32)
-    label = f"{keep}:{group} {_name(x.dtype)} M={m} N={rows} K={k}{' bias' if bias else ''}"
+    meta = tensor(rows, cdiv(kc, 32 // index_bits(pattern_m)), dtype=torch.int32)
+    pattern = f"{pattern_n}:{pattern_m}"
+    label = f"{pattern} {_name(x.dtype)} M={m} N={rows} K={k}{' bias' if bias else ''}"
     cases = [Case("nm_linear", label, lambda: nm_linear.nm_linear(
-        x, values, meta, tensor(rows, dtype=x.dtype) if bias else None, keep, group), archs)]
+        x, values, meta, tensor(rows, dtype=x.dtype) if bias else None, pattern_n, pattern_m), archs)]
     if to_dense:
-        cases.append(Case("nm_linear", f"to_dense {keep}:{group} {_name(x.dtype)} N={rows} K={k}",
-                          lambda: nm_linear.to_dense(values, meta, keep, group, k), archs))
+        cases.append(Case("nm_linear", f"to_dense {pattern} {_name(x.dtype)} N={rows} K={k}",
+                          lambda: nm_linear.to_dense(values, meta, pattern_n, pattern_m, k), archs))
     return cases
 
 
@@ -320,7 +321,7 @@ def test_cases() -> List[Case]:
     bf16 = torch.bfloat16
     for rows in (16, 48):
         x = tensor(rows, 128, dtype=bf16)
-        cases += [c for keep, group in NM_PATTERNS[1:] for c in nm_cases(x, 40, keep, group, False)]
+        cases += [c for n, m in NM_PATTERNS[1:] for c in nm_cases(x, 40, n, m, False)]
         cases += fp8_mm_cases(x, 40, e5m2, bf16, False) + fp8_redo_cases(x, 40, e5m2, False)
         cases += [c for a, b in itertools.product(FP8_DTYPES, repeat=2) if (a, b) != (e4m3, e4m3)
                   for c in fp8_mm_cases(tensor(rows, 128, dtype=a), 40, b, bf16, False)]

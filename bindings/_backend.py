@@ -3,22 +3,18 @@ by ``SPARQLE_BACKEND`` or :func:`use_backend`.
 
 ``auto`` picks Triton for CUDA tensors whose dtype the op's Triton kernel takes, and the
 torch path otherwise; an op with several ways to run on CUDA (N:M) times them on first use
-per shape and keeps the fastest (:func:`fastest`). A forced backend that cannot run raises
-ValueError saying why; it never falls back silently.
+per shape and keeps the fastest (bindings/_fastest.py). A forced backend that cannot run
+raises ValueError saying why; it never falls back silently. The backward runs on the
+forward's backend (bindings/_autograd.py).
 """
 import contextlib
 import contextvars
 import importlib.util
 import os
-import statistics
-import time
-import warnings
 from types import ModuleType
-from typing import Callable, Dict, Hashable, Iterator, Mapping, Optional, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
-
-from sparqle.kernels import _capture
 
 BACKENDS = ("auto", "triton", "cupy", "torch")
 FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -122,112 +118,3 @@ def launch(module: str, op: str, dtypes: Mapping[str, frozenset], like: torch.Te
     for ``like``'s device and dtype."""
     backend = choose(op, like.device, like.dtype, dtypes)
     return getattr(kernels(backend, module), op)(*args)
-
-
-# key -> the name of the candidate measured fastest for it
-_fastest: Dict[Hashable, str] = {}
-# A candidate agrees with the reference within this fraction of the reference's largest |y|:
-# rounding and summation order stay far below it, a mis-indexed kernel far above.
-_AGREEMENT = 1e-2
-
-
-def _seconds(run: Callable[[], torch.Tensor], device: torch.device) -> float:
-    """The median time of ``run()``: triton.testing.do_bench on CUDA (the L2 flushed between
-    runs, about 25 ms in all), the median of 5 wall-clock runs elsewhere."""
-    if device.type == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median") / 1e3
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _disagreement(y: torch.Tensor, reference: torch.Tensor) -> Optional[str]:
-    """Why ``y`` is not ``reference`` up to rounding, or None."""
-    scale = reference.abs().max().item() if reference.numel() else 0.0
-    try:
-        torch.testing.assert_close(y, reference, rtol=0, atol=_AGREEMENT * scale, equal_nan=True)
-    except AssertionError as error:
-        return str(error).splitlines()[0]
-    return None
-
-
-def fastest(key: Hashable, candidates: Mapping[str, Callable[[], torch.Tensor]],
-            default: str, device: torch.device) -> torch.Tensor:
-    """The result of the candidate measured fastest for ``key`` on ``device``.
-
-    ``candidates`` are interchangeable ways to compute one result; the first is the
-    reference. On the first call per key each runs, and is timed (:func:`_seconds`); one
-    that raises, or whose result differs from the reference's by more than 1% of its
-    largest magnitude, is dropped with a warning. Later calls run the winner only. While
-    a CUDA graph is being captured nothing can be timed: the winner runs if known, else
-    ``default``.
-    """
-    name = _fastest.get(key)
-    if name is not None:
-        return candidates[name]()
-    if _capture.capturing():
-        return candidates[default]()
-    results: Dict[str, Tuple[float, torch.Tensor]] = {}
-    reference = None
-    for name, run in candidates.items():
-        try:
-            y = run()
-        except Exception as error:  # e.g. a vendor library that does not run on this device
-            if reference is None:
-                raise
-            warnings.warn(f"sparqle: {name} is not used for {key}: it raised {error!r}", RuntimeWarning)
-            continue
-        reference = y if reference is None else reference
-        why = _disagreement(y, reference)
-        if why is not None:
-            warnings.warn(f"sparqle: {name} is not used for {key}: {why}", RuntimeWarning)
-            continue
-        results[name] = (_seconds(run, device), y)
-    name = min(results, key=lambda n: results[n][0])
-    _fastest[key] = name
-    return results[name][1]
-
-
-def forget_measurements() -> None:
-    """Drop every choice :func:`fastest` has measured (the next call per key measures again)."""
-    _fastest.clear()
-
-
-def remember_backend(ctx) -> None:
-    """Record on an autograd ``ctx`` the backend :func:`use_backend` forced for the forward."""
-    if not torch.compiler.is_compiling():  # Dynamo does not trace a ContextVar
-        ctx.forced_backend = _forced.get()
-
-
-@contextlib.contextmanager
-def forward_backend(ctx) -> Iterator[None]:
-    """Run a backward under the backend recorded by :func:`remember_backend`: the autograd
-    engine runs CUDA backwards on its own threads, which do not see the forward's context.
-    A compiled backward reads the backend when it runs: there only SPARQLE_BACKEND reaches
-    a CUDA backward."""
-    if torch.compiler.is_compiling():
-        yield
-        return
-    token = _forced.set(ctx.forced_backend)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
-
-
-def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
-    """``op.register_autograd(backward, setup_context=...)``, the backward run under the
-    backend forced for the forward (see :func:`forward_backend`)."""
-    def setup(ctx, inputs, output):
-        remember_backend(ctx)
-        setup_context(ctx, inputs, output)
-
-    def run_backward(ctx, *grads):
-        with forward_backend(ctx):
-            return backward(ctx, *grads)
-
-    op.register_autograd(run_backward, setup_context=setup)

@@ -1,4 +1,5 @@
-"""sparqle::fp8_quantize_rows, sparqle::fp8_scaled_mm, sparqle::fp8_linear, and FP8 training.
+"""sparqle::fp8_quantize_rows, sparqle::fp8_scaled_mm, sparqle::fp8_linear and
+sparqle::fp8_training_linear (FP8 training).
 
 fp8_quantize_rows(x, static_scale, dtype) -> (q [M, K] FP8 ``dtype``, scale [M] fp32, fp64
     for fp64 x)
@@ -6,14 +7,16 @@ fp8_scaled_mm(a, a_scale, b, b_scale, bias, out_dtype) -> y [M, N]
     = (a @ b^T) * a_scale[m] * b_scale[n] + bias; a FP8 (a_scale [M] or [1]) or float
     (weight-only, a_scale None); b FP8 [N, K], b_scale [N] or [1].
 fp8_linear(x, qweight, scales, bias) -> y [M, N] = x @ (q_w * scale_w)^T + bias: for
-    M > SMALL_M, x quantized per token to e4m3 and FP8 x FP8 (W8A8); for M <= SMALL_M,
-    where the GEMM is bound by reading the weight, x stays in its float dtype (weight-only).
+    M > FP8_WEIGHT_ONLY_MAX_M (sparqle.kernels.dispatch), x quantized per token to e4m3 and
+    FP8 x FP8 (W8A8); for M <= FP8_WEIGHT_ONLY_MAX_M, where the GEMM is bound by reading
+    the weight, x stays in its float dtype (weight-only).
     Gradients (straight through): dx = dy @ (q_w * scale_w), dbias = sum of dy; the
     quantized weight is frozen.
-fp8_training_linear(x, weight, bias): x and the master weight quantized per row to e4m3
-    each call; backward dgrad dx = dy @ W and wgrad dW = dy^T @ x with dy in e5m2, every
-    operand scaled per row along its non-reduced axis (see docs/fp8.md); y and dx in x's
-    dtype, dW in the weight's.
+fp8_training_linear(x, weight, bias) -> y [M, N] = x @ W^T + bias: x and the master
+    weight W [N, K] quantized per row to e4m3 each call; backward dgrad dx = dy @ W and
+    wgrad dW = dy^T @ x with dy in e5m2, every operand scaled per row along its non-reduced
+    axis (see docs/fp8.md); y and dx in x's dtype, dW in the weight's, dbias (the sum of
+    dy) in the bias's.
 
 Triton's FP8 kernels need compute capability >= 8.9 (the e4m3 type); ``auto`` runs older
 GPUs on the torch path, and a forced ``triton`` there is an error.
@@ -22,20 +25,20 @@ from typing import Optional, Tuple
 
 import torch
 
-from sparqle.kernels.torch._dtypes import compute_dtype
+from sparqle.formats._checks import compute_dtype
+from sparqle.kernels.dispatch import FP8_WEIGHT_ONLY_MAX_M
 from sparqle.kernels.torch._linear import dequantize_rows
 
-from ._backend import (FLOATS, choose, forward_backend, kernels, register_autograd,
-                       remember_backend, requested_backend)
+from ._autograd import register_autograd
+from ._backend import FLOATS, choose, kernels, requested_backend
 
-_DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
-SMALL_M = 16
+DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 E4M3, E5M2 = getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)
 
 
 def _kernels(op: str, device: torch.device, dtype: torch.dtype):
     """The kernel module that runs ``op`` for float ``dtype`` on ``device``."""
-    name = choose(op, device, dtype, _DTYPES)
+    name = choose(op, device, dtype, DTYPES)
     if name == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         if requested_backend() == "triton":
             raise ValueError(f"backend 'triton' cannot run sparqle::{op}: FP8 needs compute "
@@ -70,7 +73,7 @@ def _(a, a_scale, b, b_scale, bias, out_dtype):
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                bias: Optional[torch.Tensor]) -> torch.Tensor:
     k = _kernels("fp8_linear", x.device, x.dtype)
-    if x.shape[0] <= SMALL_M:
+    if x.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
         return k.scaled_mm(x, None, qweight, scales, bias, x.dtype)
     q, scale = k.quantize_rows(x, None, E4M3)
     return k.redo_rows(x, scale, qweight, scales, bias, k.scaled_mm(q, scale, qweight, scales, bias, x.dtype))
@@ -104,39 +107,43 @@ def _rows(t: torch.Tensor, dtype: torch.dtype):
     return torch.ops.sparqle.fp8_quantize_rows(t, None, dtype)
 
 
-class FP8TrainingLinear(torch.autograd.Function):
+@torch.library.custom_op("sparqle::fp8_training_linear", mutates_args=())
+def fp8_training_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W [N, K]^T + bias with every GEMM in FP8 (see the module doc):
-    forward (x row-wise e4m3) @ (W row-wise e4m3)^T, reduction over K;
-    dgrad dx = (dy row-wise e5m2) @ (W^T row-wise e4m3)^T, reduction over N;
-    wgrad dW = (dy^T row-wise e5m2) @ (x^T row-wise e4m3)^T, reduction over M."""
+    forward (x row-wise e4m3) @ (W row-wise e4m3)^T, reduction over K, y in x's dtype."""
+    q_x, s_x = _rows(x, E4M3)
+    q_w, s_w = _rows(weight, E4M3)
+    return torch.ops.sparqle.fp8_scaled_mm(q_x, s_x, q_w, s_w, bias, x.dtype)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        remember_backend(ctx)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        q_x, s_x = _rows(x, E4M3)
-        q_w, s_w = _rows(weight, E4M3)
-        return torch.ops.sparqle.fp8_scaled_mm(q_x, s_x, q_w, s_w, bias, x.dtype)
 
-    @staticmethod
-    def backward(ctx, grad):
-        with forward_backend(ctx):
-            return FP8TrainingLinear._backward(ctx, grad)
+@fp8_training_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
-    @staticmethod
-    def _backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            q_dy, s_dy = _rows(grad, E5M2)
-            q_wt, s_wt = _rows(weight.t(), E4M3)
-            grad_x = torch.ops.sparqle.fp8_scaled_mm(q_dy, s_dy, q_wt, s_wt, None, x.dtype)
-        if ctx.needs_input_grad[1]:
-            q_dyt, s_dyt = _rows(grad.t(), E5M2)
-            q_xt, s_xt = _rows(x.t(), E4M3)
-            grad_w = torch.ops.sparqle.fp8_scaled_mm(q_dyt, s_dyt, q_xt, s_xt, None, weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_bias
+
+def _training_setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _training_backward(ctx, grad):
+    """dgrad dx = (dy row-wise e5m2) @ (W^T row-wise e4m3)^T, reduction over N, in x's dtype;
+    wgrad dW = (dy^T row-wise e5m2) @ (x^T row-wise e4m3)^T, reduction over M, in W's dtype;
+    dbias = the sum of dy over M, in the bias's dtype."""
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        q_dy, s_dy = _rows(grad, E5M2)
+        q_wt, s_wt = _rows(weight.t(), E4M3)
+        grad_x = torch.ops.sparqle.fp8_scaled_mm(q_dy, s_dy, q_wt, s_wt, None, x.dtype)
+    if ctx.needs_input_grad[1]:
+        q_dyt, s_dyt = _rows(grad.t(), E5M2)
+        q_xt, s_xt = _rows(x.t(), E4M3)
+        grad_w = torch.ops.sparqle.fp8_scaled_mm(q_dyt, s_dyt, q_xt, s_xt, None, weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_bias = grad.sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_bias
+
+
+register_autograd(fp8_training_linear, _training_backward, _training_setup_context)

@@ -11,18 +11,19 @@ from typing import Optional
 
 import torch
 
-from sparqle.kernels.torch.int4_linear import dequantize
+from sparqle.formats.int4 import dequantize
 
-from ._backend import FLOATS, launch, register_autograd
+from ._autograd import register_autograd
+from ._backend import FLOATS, launch
 
 # Triton 3.6 cannot lower the fp64 dot of this kernel (ConvertTritonGPUToLLVM fails).
-_DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
+DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 
 
 @torch.library.custom_op("sparqle::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 bias: Optional[torch.Tensor], group_width: int) -> torch.Tensor:
-    return launch("int4_linear", "int4_linear", _DTYPES, x, x, packed, scales, zeros, bias, group_width)
+    return launch("int4_linear", "int4_linear", DTYPES, x, x, packed, scales, zeros, bias, group_width)
 
 
 @int4_linear.register_fake

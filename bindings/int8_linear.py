@@ -12,18 +12,19 @@ from typing import Optional, Tuple
 
 import torch
 
-from sparqle.kernels.torch._dtypes import compute_dtype as scale_dtype
+from sparqle.formats._checks import compute_dtype
 from sparqle.kernels.torch._linear import dequantize_rows
 
-from ._backend import FLOATS, launch, register_autograd
+from ._autograd import register_autograd
+from ._backend import FLOATS, launch
 
-_DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
+DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 
 
 @torch.library.custom_op("sparqle::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: Optional[torch.Tensor], quantize_activation: bool) -> torch.Tensor:
-    return launch("int8_linear", "int8_linear", _DTYPES, x, x, qweight, scales, bias, quantize_activation)
+    return launch("int8_linear", "int8_linear", DTYPES, x, x, qweight, scales, bias, quantize_activation)
 
 
 @int8_linear.register_fake
@@ -33,12 +34,12 @@ def _(x, qweight, scales, bias, quantize_activation):
 
 @torch.library.custom_op("sparqle::int8_quantize_rows", mutates_args=())
 def int8_quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    return launch("int8_linear", "quantize_rows", _DTYPES, x, x, static_scale)
+    return launch("int8_linear", "quantize_rows", DTYPES, x, x, static_scale)
 
 
 @int8_quantize_rows.register_fake
 def _(x, static_scale):
-    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=scale_dtype(x.dtype)))
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype)))
 
 
 def _setup_context(ctx, inputs, output):

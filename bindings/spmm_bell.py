@@ -26,15 +26,16 @@ from sparqle.formats.bell import transposed_structure
 from sparqle.kernels._capture import host_reads_allowed
 from sparqle.kernels._derived import derived
 
-from ._backend import FLOATS, launch, register_autograd
+from ._autograd import register_autograd
+from ._backend import FLOATS, launch
 
-_DTYPES = {"triton": FLOATS, "torch": FLOATS}
+DTYPES = {"triton": FLOATS, "torch": FLOATS}
 
 
 @torch.library.custom_op("sparqle::bell_linear", mutates_args=())
 def bell_linear(x: torch.Tensor, ell_cols: torch.Tensor, values: torch.Tensor,
                 bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
-    return launch("spmm_bell", "bell_linear", _DTYPES, x, x, ell_cols, values, bias, out_features)
+    return launch("spmm_bell", "bell_linear", DTYPES, x, x, ell_cols, values, bias, out_features)
 
 
 @bell_linear.register_fake
@@ -45,7 +46,7 @@ def _(x, ell_cols, values, bias, out_features):
 @torch.library.custom_op("sparqle::bell_matmul", mutates_args=())
 def bell_matmul(x: torch.Tensor, t_ell_cols: torch.Tensor, t_slots: torch.Tensor,
                 values: torch.Tensor, k: int) -> torch.Tensor:
-    return launch("spmm_bell", "bell_matmul", _DTYPES, x, x, t_ell_cols, t_slots, values, k)
+    return launch("spmm_bell", "bell_matmul", DTYPES, x, x, t_ell_cols, t_slots, values, k)
 
 
 @bell_matmul.register_fake
@@ -55,7 +56,7 @@ def _(x, t_ell_cols, t_slots, values, k):
 
 @torch.library.custom_op("sparqle::sddmm_bell", mutates_args=())
 def sddmm_bell(ell_cols: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, b: int) -> torch.Tensor:
-    return launch("spmm_bell", "sddmm_bell", _DTYPES, dy, ell_cols, dy, x, b)
+    return launch("spmm_bell", "sddmm_bell", DTYPES, dy, ell_cols, dy, x, b)
 
 
 @sddmm_bell.register_fake

@@ -23,11 +23,12 @@ import torch
 from sparqle.formats.csr import transposed_structure
 from sparqle.kernels._derived import derived
 
-from ._backend import FLOATS, launch, register_autograd
+from ._autograd import register_autograd
+from ._backend import FLOATS, launch
 
 # cupy (kernels/cupy/spmm_csr.py) runs only when forced: auto keeps Triton on CUDA until the
 # CuPy kernel is measured faster (bindings/_backend.choose is where that preference would go).
-_DTYPES = {"triton": FLOATS, "torch": FLOATS,
+DTYPES = {"triton": FLOATS, "torch": FLOATS,
            "cupy": frozenset({torch.float32, torch.float16, torch.bfloat16})}
 
 
@@ -36,7 +37,7 @@ def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
                row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # Every backend reads the CSR arrays at unit stride; x and bias go through their strides.
     crow, col, values, row_order = (t.contiguous() for t in (crow, col, values, row_order))
-    return launch("spmm_csr", "csr_linear", _DTYPES, x, x, crow, col, values, row_order, bias)
+    return launch("spmm_csr", "csr_linear", DTYPES, x, x, crow, col, values, row_order, bias)
 
 
 @csr_linear.register_fake
@@ -47,7 +48,7 @@ def _(x, crow, col, values, row_order, bias):
 @torch.library.custom_op("sparqle::sddmm_csr", mutates_args=())
 def sddmm_csr(crow: torch.Tensor, col: torch.Tensor, x: torch.Tensor,
               y: torch.Tensor) -> torch.Tensor:
-    return launch("spmm_csr", "sddmm_csr", _DTYPES, x, crow.contiguous(), col.contiguous(), x, y)
+    return launch("spmm_csr", "sddmm_csr", DTYPES, x, crow.contiguous(), col.contiguous(), x, y)
 
 
 @sddmm_csr.register_fake

@@ -22,11 +22,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from sparqle.formats._checks import cdiv, compute_dtype
 from sparqle.kernels._capture import check_values
 
-from ._backend import FLOATS, launch, register_autograd
+from ._autograd import register_autograd
+from ._backend import FLOATS, launch
 
-_DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
+DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 _MODULE = "window_attention"
 
 
@@ -39,7 +41,7 @@ def _check_index(index: Optional[torch.Tensor], x: torch.Tensor, wh: int, ww: in
     """index [B, K]: window ids of x's images, in range and distinct per image."""
     if index is None:
         return
-    _check_in_range("index", index, -(-x.shape[1] // wh) * -(-x.shape[2] // ww))
+    _check_in_range("index", index, cdiv(x.shape[1], wh) * cdiv(x.shape[2], ww))
     if index.shape[1] > 1:
         check_values(lambda: (index.sort(dim=1).values.diff(dim=1) != 0).all(),
                      "index names a window twice in one image")
@@ -51,16 +53,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     if mask is not None and mask_index is not None:
         _check_in_range("mask_index", mask_index, mask.shape[0])
-    return launch(_MODULE, "window_attention", _DTYPES, q, q, k, v, bias, mask, mask_index, scale)
-
-
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+    return launch(_MODULE, "window_attention", DTYPES, q, q, k, v, bias, mask, mask_index, scale)
 
 
 @window_attention.register_fake
 def _(q, k, v, bias, mask, mask_index, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("sparqle::window_attention_backward", mutates_args=())
@@ -68,7 +66,7 @@ def window_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
                               out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor],
                               mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
                               scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch(_MODULE, "window_attention_backward", _DTYPES, q,
+    return launch(_MODULE, "window_attention_backward", DTYPES, q,
                   dout, q, k, v, out, lse, bias, mask, mask_index, scale)
 
 
@@ -96,7 +94,7 @@ register_autograd(window_attention, _attention_backward, _attention_setup)
 
 def _windows_shape(x: torch.Tensor, wh: int, ww: int, index: Optional[torch.Tensor]):
     b, h, w, c = x.shape
-    per_image = index.shape[1] if index is not None else -(-h // wh) * -(-w // ww)
+    per_image = index.shape[1] if index is not None else cdiv(h, wh) * cdiv(w, ww)
     return (b * per_image, wh * ww, c)
 
 
@@ -104,7 +102,7 @@ def _windows_shape(x: torch.Tensor, wh: int, ww: int, index: Optional[torch.Tens
 def window_partition(x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
                      index: Optional[torch.Tensor]) -> torch.Tensor:
     _check_index(index, x, wh, ww)
-    return launch(_MODULE, "window_partition", _DTYPES, x, x, wh, ww, sh, sw, index)
+    return launch(_MODULE, "window_partition", DTYPES, x, x, wh, ww, sh, sw, index)
 
 
 @window_partition.register_fake
@@ -116,7 +114,7 @@ def _(x, wh, ww, sh, sw, index):
 def window_merge(windows: torch.Tensor, x: torch.Tensor, wh: int, ww: int, sh: int, sw: int,
                  index: Optional[torch.Tensor]) -> torch.Tensor:
     _check_index(index, x, wh, ww)
-    return launch(_MODULE, "window_merge", _DTYPES, x, windows, x, wh, ww, sh, sw, index)
+    return launch(_MODULE, "window_merge", DTYPES, x, windows, x, wh, ww, sh, sw, index)
 
 
 @window_merge.register_fake

@@ -97,12 +97,12 @@ def test_backward_runs_on_the_forward_backend_in_another_thread(monkeypatch):
 
 
 class TestFastest:
-    """bindings._backend.fastest: time every candidate once per key, keep the fastest, drop
+    """bindings._fastest.fastest: time every candidate once per key, keep the fastest, drop
     one that raises or disagrees with the reference (the first)."""
 
     def setup_method(self):
-        from sparqle.bindings import _backend
-        self.backend = _backend
+        from sparqle.bindings import _fastest
+        self.module = _fastest
         self.calls = []
 
     def _candidate(self, name, seconds, result):
@@ -113,18 +113,18 @@ class TestFastest:
         return run
 
     def test_keeps_the_fastest_and_runs_only_it_later(self, monkeypatch):
-        monkeypatch.setattr(self.backend, "_fastest", {})
+        monkeypatch.setattr(self.module, "_fastest", {})
         y = torch.randn(4, 3)
         candidates = {"slow": self._candidate("slow", 0.004, y),
                       "fast": self._candidate("fast", 0.0, y + 1e-4)}
-        torch.testing.assert_close(self.backend.fastest("k", candidates, "slow", torch.device("cpu")), y + 1e-4)
-        assert self.backend._fastest == {"k": "fast"}
+        torch.testing.assert_close(self.module.fastest("k", candidates, "slow", torch.device("cpu")), y + 1e-4)
+        assert self.module._fastest == {"k": "fast"}
         self.calls.clear()
-        self.backend.fastest("k", candidates, "slow", torch.device("cpu"))
+        self.module.fastest("k", candidates, "slow", torch.device("cpu"))
         assert self.calls == ["fast"]
 
     def test_drops_a_wrong_or_raising_candidate_with_a_warning(self, monkeypatch):
-        monkeypatch.setattr(self.backend, "_fastest", {})
+        monkeypatch.setattr(self.module, "_fastest", {})
         y = torch.randn(8, 5)
 
         def broken():
@@ -134,18 +134,18 @@ class TestFastest:
                       "wrong": self._candidate("wrong", 0.0, lambda: y.flip(0)),
                       "raises": broken}
         with pytest.warns(RuntimeWarning) as warned:
-            got = self.backend.fastest("k", candidates, "reference", torch.device("cpu"))
+            got = self.module.fastest("k", candidates, "reference", torch.device("cpu"))
         messages = " ".join(str(w.message) for w in warned)
         assert "wrong is not used for k" in messages and "raises is not used for k" in messages
         assert "no kernel for this device" in messages
-        assert torch.equal(got, y) and self.backend._fastest == {"k": "reference"}
+        assert torch.equal(got, y) and self.module._fastest == {"k": "reference"}
 
     def test_a_raising_reference_raises(self, monkeypatch):
-        monkeypatch.setattr(self.backend, "_fastest", {})
+        monkeypatch.setattr(self.module, "_fastest", {})
 
         def broken():
             raise RuntimeError("reference failed")
 
         with pytest.raises(RuntimeError, match="reference failed"):
-            self.backend.fastest("k", {"reference": broken}, "reference", torch.device("cpu"))
-        assert self.backend._fastest == {}
+            self.module.fastest("k", {"reference": broken}, "reference", torch.device("cpu"))
+        assert self.module._fastest == {}

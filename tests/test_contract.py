@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparqle
 from sparqle import registry
+from sparqle.kernels.dispatch import FP8_WEIGHT_ONLY_MAX_M
 
 from ._oracle import RTOL, assert_close, fp8_rows_rule, int8_rows_rule
 from .conftest import device_backends
@@ -25,7 +26,6 @@ from .conftest import device_backends
 EXAMPLES = [pytest.param(entry, label, conversion, id=label)
             for entry in registry.OPS for label, conversion in entry.examples.items()]
 IN_FEATURES, OUT_FEATURES = 40, 24
-FP8_WEIGHT_ONLY_MAX_M = 16
 # opcheck's test_schema compares inputs with torch.allclose, which has no FP8 kernel on the
 # CPU: ops with FP8 tensors run the other checks (test_fp8_linear checks they mutate nothing).
 NO_SCHEMA = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",

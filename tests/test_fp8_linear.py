@@ -1,8 +1,8 @@
 """FP8 linear layers: the quantization rules (checked bit for bit and against float64
 nearest rounding), the GEMM on every (device, backend) against the float64 oracle of its
 quantized operands, SQNR against the float layer, straight-through gradients, FP8
-training (its gradients against the oracle, and its loss curve against fp32 training),
-compile, opcheck, the module, convert, and bad input."""
+training (its gradients against the oracle, and its loss curve against fp32 training; its
+registered op's opcheck and compile), compile, opcheck, the module, convert, and bad input."""
 
 import pytest
 import torch
@@ -293,6 +293,43 @@ def test_opcheck_and_compile():
         assert x.grad is not None
         x.grad = None
     assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_training_op_opcheck_and_compile(with_bias):
+    """sparqle::fp8_training_linear is a registered op: opcheck (float inputs, so every
+    check runs, test_schema included), its fake impl, and torch.compile(fullgraph=True) of
+    functional.fp8_training_linear giving the eager y, dx and dW bit for bit (the FP8 ops are
+    opaque to it) and dbias up to summation order."""
+    x = torch.randn(5, 70, requires_grad=True)
+    w = torch.randn(20, 70, requires_grad=True)
+    bias = torch.randn(20, requires_grad=True) if with_bias else None
+    torch.library.opcheck(torch.ops.sparqle.fp8_training_linear.default, (x, w, bias))
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fake = torch.ops.sparqle.fp8_training_linear(torch.empty(5, 70, dtype=torch.bfloat16),
+                                                     torch.empty(20, 70), None)
+    assert fake.shape == (5, 20) and fake.dtype == torch.bfloat16
+    leaves = [x, w] + ([bias] if with_bias else [])
+    dy = torch.randn(5, 20)
+    expected = fp8_training_linear(x, w, bias)
+    expected_grads = torch.autograd.grad(expected, leaves, dy)
+    torch._dynamo.reset()
+    got = torch.compile(fp8_training_linear, fullgraph=True)(x, w, bias)
+    got_grads = torch.autograd.grad(got, leaves, dy)
+    assert torch.equal(got, expected)
+    assert torch.equal(got_grads[0], expected_grads[0]) and torch.equal(got_grads[1], expected_grads[1])
+    if with_bias:  # dy.sum(0), which Inductor sums in its own order
+        torch.testing.assert_close(got_grads[2], expected_grads[2])
+
+
+def test_training_op_takes_no_gradient_it_is_not_asked_for():
+    """Only the gradients asked for are computed: x alone, the weight alone."""
+    x, w = torch.randn(4, 33), torch.randn(6, 33)
+    for leaf in ("x", "weight"):
+        xi, wi = x.clone().requires_grad_(leaf == "x"), w.clone().requires_grad_(leaf == "weight")
+        y = torch.ops.sparqle.fp8_training_linear(xi, wi, None)
+        y.sum().backward()
+        assert (xi.grad is not None) == (leaf == "x") and (wi.grad is not None) == (leaf == "weight")
 
 
 def test_module_convert_and_state_dict():

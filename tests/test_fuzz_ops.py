@@ -1,4 +1,4 @@
-"""Every op (torch.ops.sparqle.*, and FP8 training) on every (device, backend) that runs
+"""Every op (torch.ops.sparqle.*) on every (device, backend) that runs
 here, with each tensor argument laid out contiguous, strided (every dimension stepping over
 poisoned gaps), transposed (stored in reversed dimension order) or expanded (stride 0 along
 one dimension, for arguments whose values may repeat), the gradient fed to the backward
@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 import sparqle
 from sparqle import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStructured
-from sparqle.bindings.fp8_linear import FP8TrainingLinear
 from sparqle.formats._checks import cdiv
 from sparqle.formats.nm import PATTERNS
 
@@ -236,7 +235,7 @@ def test_fp8_training_linear(device, backend, data):
     a = with_grad(draw_layouts(data, {"x": torch.randn(m, k), "weight": torch.randn(n, k), "bias": bias}, {}),
                   ["x", "weight", "bias"])
     with sparqle.use_backend(backend):
-        y = FP8TrainingLinear.apply(a["x"], a["weight"], a["bias"])
+        y = torch.ops.sparqle.fp8_training_linear(a["x"], a["weight"], a["bias"])
         g = draw_layouts(data, {"g": torch.randn(m, n)}, {})["g"]
         dx, dw, db = run_grads(y, g, [a["x"], a["weight"], a["bias"]])
     x64, w64 = fp8_deq(*fp8_rows_rule(a["x"], E4M3)), fp8_deq(*fp8_rows_rule(a["weight"], E4M3))
@@ -275,7 +274,7 @@ def test_nm_linear(device, backend, data):
     a = with_grad(draw_layouts(data, {"x": torch.randn(rows, k), "values": w.values, "meta": w.meta,
                                       "bias": bias}, {"meta": STRUCTURE}), ["x", "values", "bias"])
     with sparqle.use_backend(backend):
-        y = torch.ops.sparqle.nm_linear(a["x"], a["values"], a["meta"], a["bias"], n, m, False)
+        y = torch.ops.sparqle.nm_linear(a["x"], a["values"], a["meta"], a["bias"], n, m)
         dense = torch.ops.sparqle.nm_to_dense(a["values"], a["meta"], n, m, k)
     w64, cols = nm_dense(a["values"], a["meta"], n, m, k)
     assert_close(dense, w64, w64.abs(), F32, "to_dense")

@@ -171,11 +171,11 @@ class TestBadInput:
 def test_triton_dispatch_by_m(monkeypatch, device):
     """Each of the three paths (split-K small M, tiled, dequantize + matmul) meets the oracle."""
     import sparqle.kernels.triton.int4_linear as kernel
-    from sparqle.kernels.triton._linear import SMALL_M
-    monkeypatch.setattr(kernel, "DEQUANTIZE_FROM_M", 40)
+    from sparqle.kernels.dispatch import SPLIT_K_MAX_M
+    monkeypatch.setattr(kernel, "INT4_DEQUANTIZE_FROM_M", 40)
     qw = Int4Weight.from_float(torch.randn(24, 100, dtype=torch.float32), 32).to(device)
     bias = torch.randn(24, device=device)
-    for m in (3, SMALL_M, SMALL_M + 1, 39, 40, 57):
+    for m in (3, SPLIT_K_MAX_M, SPLIT_K_MAX_M + 1, 39, 40, 57):
         x = torch.randn(m, 100, device=device)
         with sparqle.use_backend("triton"):
             y = sparqle.linear(x, qw, bias)

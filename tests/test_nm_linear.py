@@ -9,8 +9,8 @@ from torch import nn
 
 import sparqle
 from sparqle import SemiStructured
+from sparqle.formats import nm as codec
 from sparqle.formats.nm import PATTERNS
-from sparqle.kernels.torch import nm_linear as torch_nm
 from sparqle.nn import SparseLinear
 
 from ._modules import load_saved
@@ -90,7 +90,7 @@ def test_gradients_match_oracle(device_backend, dtype, n, m):
     assert_close(bias.grad, dy64.sum(0), dy64.abs().sum(0), dtype, "dbias")
     # d(values): the dense gradient dy^T x at the kept positions.
     dense_grad = torch.nn.functional.pad(dy64.T @ x64, (0, 2))  # 70 -> 72 columns
-    cols = sparqle.kernels.torch.nm_linear.columns(w.meta.cpu(), n, m, w.values.shape[1])
+    cols = codec.columns(w.meta.cpu(), n, m, w.values.shape[1])
     scale = torch.nn.functional.pad(dy64.abs().T @ x64.abs(), (0, 2))
     assert_close(w.values.grad, dense_grad.gather(1, cols), scale.gather(1, cols), dtype, "dvalues")
 
@@ -111,11 +111,11 @@ def test_spmm_matches_oracle(device_backend):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_small_m_and_tiled_paths(device):
-    """The Triton kernel on both sides of SMALL_M (split-K and tiled) meets the oracle."""
-    from sparqle.kernels.triton._linear import SMALL_M
+    """The Triton kernel on both sides of SPLIT_K_MAX_M (split-K and tiled) meets the oracle."""
+    from sparqle.kernels.dispatch import SPLIT_K_MAX_M
     w = _weight(24, 100, 2, 4, torch.float32, device)
     bias = torch.randn(24, device=device)
-    for rows in (1, SMALL_M, SMALL_M + 1, 57):
+    for rows in (1, SPLIT_K_MAX_M, SPLIT_K_MAX_M + 1, 57):
         x = torch.randn(rows, 100, device=device)
         with sparqle.use_backend("triton"):
             y = sparqle.linear(x, w, bias)
@@ -133,7 +133,7 @@ def test_triton_to_dense_is_exact(device, dtype, n, m):
         w = _weight(out, k, n, m, dtype, device)
         dense = triton_nm.to_dense(w.values, w.meta, n, m, k)
         assert dense.shape == (out, k) and dense.dtype == dtype
-        assert torch.equal(dense, torch_nm.to_dense(w.values, w.meta, n, m, k))
+        assert torch.equal(dense, codec.to_dense(w.values, w.meta, n, m, k))
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -154,37 +154,114 @@ def test_expanded_linear_matches_oracle(device, dtype, n, m):
                     reason="needs cuSPARSELt on a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows,out,k", [(1, 24, 70), (5, 33, 64), (19, 48, 45), (200, 64, 256)], ids=str)
-@pytest.mark.parametrize("training", [False, True])
-def test_cusparselt_linear_matches_oracle(dtype, rows, out, k, training):
+@pytest.mark.parametrize("changed", [False, True])
+def test_cusparselt_linear_matches_oracle(dtype, rows, out, k, changed):
     """cuSPARSELt on sparse tensor cores, rows, columns and M not multiples of its tiles;
     the kept compression follows an in-place change of the values."""
     from sparqle.bindings.nm_linear import _cusparselt_linear
     w = _weight(out, k, 2, 4, dtype, "cuda")
     x, bias = torch.randn(rows, k, dtype=dtype, device="cuda"), torch.randn(out, dtype=dtype, device="cuda")
-    y = _cusparselt_linear(x, w.values, w.meta, bias, training)
+    y = _cusparselt_linear(x, w.values, w.meta, bias, changed)
     assert y.shape == (rows, out) and y.is_contiguous()
     assert_close(y, *_oracle(x, w, bias), dtype, "y")
     w.values.mul_(-2)
-    assert_close(_cusparselt_linear(x, w.values, w.meta, None, training), *_oracle(x, w, None),
+    assert_close(_cusparselt_linear(x, w.values, w.meta, None, changed), *_oracle(x, w, None),
                  dtype, "y after values changed")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_auto_on_cuda_measures_and_meets_the_oracle(dtype):
-    """auto times its candidates once per (shape, M bucket) and runs the winner."""
-    from sparqle.bindings import _backend
+    """auto times its candidates once per (shape, M bucket, values changed) and runs the
+    winner; values modified in place between calls (a training step) are timed under their
+    own key, and every result follows the new values."""
+    from sparqle.bindings import _fastest
     w = _weight(64, 96, 2, 4, dtype, "cuda")
-    w.values.requires_grad_(True)
     bias = torch.randn(64, dtype=dtype, device="cuda")
     for rows in (1, 16, 17, 300, 2048):
         x = torch.randn(rows, 96, dtype=dtype, device="cuda")
-        for grad in (False, True):
-            with torch.set_grad_enabled(grad):
-                y = sparqle.linear(x, w, bias)
-            assert_close(y, *_oracle(x, w, bias), dtype, f"y (M={rows}, grad={grad})")
-            key = ("nm_linear", x.device, dtype, 2, 4, 1 << (rows - 1).bit_length(), 64, 96, True, grad)
-            assert _backend._fastest[key] in ("cublas", "triton", "cusparselt")
+        for step, changed in ((0, False), (1, False), (2, True)):
+            if changed:
+                w.values.mul_(-0.5)
+            y = sparqle.linear(x, w, bias)
+            assert_close(y, *_oracle(x, w, bias), dtype, f"y (M={rows}, call {step})")
+            key = ("nm_linear", x.device, dtype, 2, 4, 1 << (rows - 1).bit_length(), 64, 96, True, changed)
+            assert _fastest._fastest[key] in ("cublas", "triton", "cusparselt")
+
+
+class TestValuesChanged:
+    """The N:M binding's cache policy on CUDA, its logic run here on CPU tensors: whether
+    values changed since their last call (the timing key's last field), and cuSPARSELt's
+    compressed copy kept while they do not, made on every call when they do."""
+
+    @pytest.fixture(autouse=True)
+    def _fresh(self, monkeypatch):
+        from sparqle.bindings import nm_linear as binding
+        monkeypatch.setattr(binding, "_last_versions", {})
+        self.binding = binding
+
+    def _changed(self, x, values, bias=None):
+        key, changed = self.binding._timing_key(x, values, bias, 2, 4)
+        assert key[-1] == changed
+        return changed
+
+    def test_in_place_updates_are_seen(self):
+        x, values = torch.randn(3, 8), torch.randn(5, 4)
+        assert not self._changed(x, values)  # the first call
+        assert not self._changed(x, values)
+        values.add_(1)  # an optimizer step
+        assert self._changed(x, values)
+        assert not self._changed(torch.randn(40, 8), values)  # another M: the same tensor
+        with torch.no_grad():
+            values.mul_(2)
+        assert self._changed(x, values, torch.randn(5))
+        assert not self._changed(x, values.clone())  # a new tensor: its first call
+
+    def test_layers_of_one_shape_are_tracked_apart(self):
+        """Two layers of one shape called in turn (a model's blocks) are unchanged; only the
+        one updated in place is changed."""
+        x, first, second = torch.randn(3, 8), torch.randn(5, 4), torch.randn(5, 4)
+        for _ in range(3):
+            assert not self._changed(x, first) and not self._changed(x, second)
+        second.sub_(1)
+        assert not self._changed(x, first) and self._changed(x, second)
+
+    def test_a_freed_tensor_is_forgotten(self):
+        values = torch.randn(5, 4)
+        self._changed(torch.randn(3, 8), values)
+        assert len(self.binding._last_versions) == 1
+        del values
+        assert self.binding._last_versions == {}
+
+    def test_inference_tensors_never_count_as_changed(self):
+        with torch.inference_mode():
+            x, values = torch.randn(3, 8), torch.randn(5, 4)
+            assert not self._changed(x, values)
+            values.add_(1)
+            assert not self._changed(x, values)
+
+    @pytest.mark.parametrize("changed,compressions", [(False, 1), (True, 3)])
+    def test_cusparselt_copy_is_kept_unless_values_changed(self, monkeypatch, changed, compressions):
+        """Three runs of the cuSPARSELt candidate (as timing runs it): one compression
+        while values are unchanged, one per run when they changed; an in-place update then
+        makes the kept copy again."""
+        from sparqle.bindings._backend import kernels
+        on_torch = kernels("torch", "nm_linear")
+        made = []
+        monkeypatch.setattr(self.binding, "_cusparselt_runs", lambda *args: True)
+        monkeypatch.setattr(on_torch, "cusparselt_compress", lambda dense: made.append(dense.clone()) or dense)
+        monkeypatch.setattr(on_torch, "cusparselt_linear",
+                            lambda x, dense, bias, out: torch.nn.functional.linear(x, dense, bias))
+        w = _weight(6, 16, 2, 4, torch.float32, "cpu")
+        x = torch.randn(3, 16)
+        candidates = self.binding._cuda_candidates(x, w.values, w.meta, None, 2, 4, changed)
+        assert list(candidates) == ["cublas", "triton", "cusparselt"]
+        for _ in range(3):
+            assert_close(candidates["cusparselt"](), *_oracle(x, w, None), torch.float32, "y")
+        assert len(made) == compressions
+        w.values.mul_(-1)
+        assert_close(candidates["cusparselt"](), *_oracle(x, w, None), torch.float32, "y after values changed")
+        assert len(made) == compressions + 1 and torch.equal(made[-1], w.to_dense())
 
 
 @pytest.mark.parametrize("device", sorted({d for d, _ in device_backends()}))
@@ -207,7 +284,7 @@ def test_opcheck_and_compile():
     x = torch.randn(5, 70, requires_grad=True)
     bias = torch.randn(20, requires_grad=True)
     values = w.values.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.sparqle.nm_linear.default, (x, values, w.meta, bias, 2, 4, True))
+    torch.library.opcheck(torch.ops.sparqle.nm_linear.default, (x, values, w.meta, bias, 2, 4))
     torch.library.opcheck(torch.ops.sparqle.nm_to_dense.default, (w.values, w.meta, 2, 4, 70))
     layer = SparseLinear(w, bias)
     expected = layer(x)

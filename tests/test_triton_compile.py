@@ -30,9 +30,9 @@ def test_cases_cover_every_dtype_of_every_triton_backend():
     labels = {}
     for case in kernel_specs.test_cases():
         labels.setdefault(case.op, []).append(case.label)
-    tables = [(kernels, importlib.import_module(f"sparqle.bindings.{kernels}")._DTYPES["triton"], "")
+    tables = [(kernels, importlib.import_module(f"sparqle.bindings.{kernels}").DTYPES["triton"], "")
               for kernels in registry.KERNEL_MODULES]
-    tables.append(("nm_linear", importlib.import_module("sparqle.bindings.nm_linear")._TO_DENSE_DTYPES["triton"],
+    tables.append(("nm_linear", importlib.import_module("sparqle.bindings.nm_linear").TO_DENSE_DTYPES["triton"],
                    "to_dense "))
     for op, dtypes, prefix in tables:
         for dtype in dtypes:

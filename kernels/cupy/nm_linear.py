@@ -10,8 +10,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from sparqle.formats._checks import cdiv
+# The launcher of sparqle::nm_to_dense is the codec's: no CUDA C of its own here.
+from sparqle.formats.nm import to_dense  # noqa: F401
+
 from .. import _alloc
-from ..torch import nm_linear as torch_nm
 from ._module import i32, launch, ptr
 
 _FILE = "nm_linear.cu"
@@ -38,13 +41,8 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     if values.data_ptr() % 4:  # the kernel reads values in aligned pairs
         values = values.clone()
     launch(_FILE, f"nm24_linear_{_NAMES[x.dtype]}",
-           (-(-rows // _BLOCK_ROWS), -(-tokens // _BLOCK_TOKENS)), (_THREADS,),
+           (cdiv(rows, _BLOCK_ROWS), cdiv(tokens, _BLOCK_TOKENS)), (_THREADS,),
            (ptr(x), ptr(values), ptr(meta), np.uint64(0) if bias is None else ptr(bias),
             ptr(y), i32(tokens), i32(rows), i32(k), i32(kc), i32(meta.shape[1])), x)
     return y
 
-
-def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
-    """W [N, k] from the compressed form: a format conversion with no CUDA C of its own
-    here, the torch path's."""
-    return torch_nm.to_dense(values, meta, n, m, k)

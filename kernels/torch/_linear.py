@@ -1,21 +1,14 @@
 """Weights decoded a block of rows at a time, shared by the torch paths of the weight
 formats (int4, int8, FP8, N:M): x @ W^T with each block multiplied while it is still in
 cache, which on a CPU beats decoding the whole weight first (measured in those modules),
-and W itself built block by block, so that decoding never holds more than W and one block."""
-from typing import Callable, Iterator, Optional, Tuple
+and W itself built block by block (sparqle.formats._row_blocks), so that decoding never
+holds more than W and one block."""
+from typing import Callable, Optional
 
 import torch
 
-from ._dtypes import compute_dtype
-
-_ROWS_ELEMENTS = 1 << 18
-
-
-def row_blocks(rows: int, k: int) -> Iterator[Tuple[int, int]]:
-    """(lo, hi) covering range(rows) in blocks of about _ROWS_ELEMENTS elements of K."""
-    step = max(1, _ROWS_ELEMENTS // max(1, k))
-    for lo in range(0, rows, step):
-        yield lo, min(rows, lo + step)
+from sparqle.formats._checks import compute_dtype
+from sparqle.formats._row_blocks import dense_by_row_blocks, row_blocks
 
 
 def linear_by_row_blocks(x: torch.Tensor, out_features: int,
@@ -32,16 +25,6 @@ def linear_by_row_blocks(x: torch.Tensor, out_features: int,
     if bias is not None:
         y += bias.to(cdt)
     return y.to(x.dtype)
-
-
-def dense_by_row_blocks(out_features: int, k: int, weight_rows: Callable[[int, int], torch.Tensor],
-                        dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """W [out_features, k] in ``dtype`` (contiguous) from ``weight_rows(lo, hi)``, one block
-    of rows at a time."""
-    w = torch.empty(out_features, k, dtype=dtype, device=device)
-    for lo, hi in row_blocks(out_features, k):
-        w[lo:hi] = weight_rows(lo, hi)
-    return w
 
 
 def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -5,8 +5,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from sparqle.formats._checks import compute_dtype
+
 from .. import _capture
-from ._dtypes import compute_dtype
 from ._linear import linear_by_row_blocks
 
 

@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._dtypes import compute_dtype
+from sparqle.formats._checks import compute_dtype
+
 from ._linear import linear_by_row_blocks
 from ._rows import redo_infinite_rows, scaled_rows
 

@@ -10,9 +10,8 @@ from typing import Optional
 
 import torch
 
-from sparqle.formats._checks import cdiv
+from sparqle.formats._checks import cdiv, compute_dtype
 
-from ._dtypes import compute_dtype
 from ._sparse import bsr_matrix
 
 _CHUNK_ELEMENTS = 1 << 23

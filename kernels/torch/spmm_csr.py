@@ -10,10 +10,10 @@ from typing import Optional
 
 import torch
 
-from ._dtypes import compute_dtype
-from ._sparse import csr_matrix
+from sparqle.formats._checks import compute_dtype
 
 from .. import _alloc
+from ._sparse import csr_matrix
 
 _SDDMM_CHUNK_ELEMENTS = 1 << 22
 

@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._dtypes import compute_dtype
+from sparqle.formats._checks import cdiv, compute_dtype
 
 
 def _scores(q, k, bias, mask, mask_index, scale, cdt):
@@ -87,7 +87,7 @@ def window_merge(windows: torch.Tensor, x: torch.Tensor, wh: int, ww: int, sh: i
     """out [B, H, W, C]: x with the windows written back where window_partition took them
     (the padding dropped, the roll undone)."""
     b, h, w, c = x.shape
-    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+    hp, wp = cdiv(h, wh) * wh, cdiv(w, ww) * ww
     per_image = index.shape[1] if index is not None else (hp // wh) * (wp // ww)
     grid = windows.reshape(b, per_image, wh * ww, c)
     if index is not None:

@@ -1,11 +1,11 @@
 """The launch shared by the weight-streaming linear kernels (int4, N:M): y [M, N] = x [M, K]
 @ W^T for a W the kernel decodes tile by tile, dispatched by M.
 
-- M <= SMALL_M: weight-bound. BLOCK_M = 16 covers every row, so the weight is streamed
-  once; SPLIT_K > 1 spreads K over more programs, each adding its fp32 partial tile
-  atomically into a zeroed workspace (then cast to x's dtype); a config with SPLIT_K == 1
-  writes y directly, one launch in all.
-- M > SMALL_M: the tiled configs, one pass over K per tile, y written in x's dtype.
+- M <= SPLIT_K_MAX_M (16, with its reason in sparqle.kernels.dispatch): weight-bound.
+  BLOCK_M = 16 covers every row, so the weight is streamed once; SPLIT_K > 1 spreads K
+  over more programs, each adding its fp32 partial tile atomically into a zeroed workspace
+  (then cast to x's dtype); a config with SPLIT_K == 1 writes y directly, one launch in all.
+- M > SPLIT_K_MAX_M: the tiled configs, one pass over K per tile, y written in x's dtype.
 
 A kernel launched here takes the grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K),
 accumulates each decoded tile with ``dot_tile`` and ends with ``store_tile``, which stores
@@ -18,10 +18,9 @@ import triton
 import triton.language as tl
 
 from .. import _alloc, _capture
+from ..dispatch import SPLIT_K_MAX_M
 from ._autotune import Configs
 from ._config import on_device_of
-
-SMALL_M = 16
 
 TILED_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
@@ -96,14 +95,14 @@ def _small_m_config(small_m, launch, grid, rows: int, out_features: int):
 def launch_by_m(tiled, small_m, x: torch.Tensor, out_features: int,
                 launch: Callable[[object, Callable, torch.Tensor], None]) -> torch.Tensor:
     """y [M, out_features] in x's dtype: ``launch(kernel, grid, y)`` runs ``tiled`` for
-    M > SMALL_M, else ``small_m``: one launch straight into y when the config it runs has
-    SPLIT_K == 1; into a zeroed fp32 workspace, then cast to x's dtype, when it splits K or
+    M > SPLIT_K_MAX_M, else ``small_m``: one launch straight into y when the config it runs
+    has SPLIT_K == 1; into a zeroed fp32 workspace, then cast to x's dtype, when it splits K or
     is not tuned yet. The call that tunes a key whose best config has SPLIT_K == 1 launches
     it once more straight into y (compiling that variant outside any CUDA-graph capture)."""
     rows = x.shape[0]
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(out_features, meta["BLOCK_N"]), meta["SPLIT_K"])
-    if rows > SMALL_M or rows == 0 or out_features == 0:
+    if rows > SPLIT_K_MAX_M or rows == 0 or out_features == 0:
         y = _alloc.empty((rows, out_features), x.dtype, x.device)
         if y.numel():
             with on_device_of(x):

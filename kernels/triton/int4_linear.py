@@ -7,30 +7,34 @@ loads x, the [BLOCK_N, BLOCK_K / 2] packed bytes (contiguous along K), unpacks t
 nibbles, dequantizes them in registers ((q - zero) * scale in fp32, rounded to x's dtype; x in
 fp16, bf16 or fp32) and feeds ``tl.dot`` with fp32 accumulation; the bias is added in the epilogue.
 
-Dispatch by M (thresholds not yet measured on a GPU): below DEQUANTIZE_FROM_M the
-split-K small-M and tiled launches of ``_linear.launch_by_m``; from it on, compute-bound,
-dequantize once and let cuBLAS multiply.
+Dispatch by M (thresholds and their reasons: sparqle.kernels.dispatch): below
+INT4_DEQUANTIZE_FROM_M the split-K small-M and tiled launches of ``_linear.launch_by_m``;
+from it on, compute-bound, dequantize once and let cuBLAS multiply.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ..torch.int4_linear import dequantize
+from sparqle.formats.int4 import dequantize
+
+from ..dispatch import INT4_DEQUANTIZE_FROM_M
 from ._autotune import autotune
 from ._config import dot_meta
 from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile
 
-DEQUANTIZE_FROM_M = 1024
-
 
 @triton.jit
 def _int4_linear_kernel(
+    # pointers
     x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
+    # sizes (GROUP: the input channels of one quantization group)
     M, N, K, GROUP,
+    # strides
     stride_xm, stride_xk,
     stride_pn, stride_sn,
     stride_ym, stride_yn,
     stride_bias,
+    # meta-parameters
     HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -73,7 +77,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     n = packed.shape[0]
     # The kernel reads bytes and groups along K at unit stride, zeros at scales' strides.
     packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()
-    if m >= DEQUANTIZE_FROM_M:
+    if m >= INT4_DEQUANTIZE_FROM_M:
         w = dequantize(packed, scales, zeros, group_width, k).to(x.dtype)
         return torch.nn.functional.linear(x, w, bias)
 

@@ -1,5 +1,5 @@
 """N:M semi-structured sparse linear: y [M, N] = x [M, K] @ W^T + bias, W [N, K] in N:M
-(see sparqle.kernels.torch.nm_linear for the layout of ``values`` and ``meta``).
+(see sparqle.formats.nm for the layout of ``values`` and ``meta``).
 
 One program computes a [BLOCK_M, BLOCK_N] tile of y over one of SPLIT_K slices of K. For
 each BLOCK_K step it loads x, the [BLOCK_N, BLOCK_K * N / M] compressed values and their
@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from sparqle.formats.nm import index_bits
+
 from .. import _alloc
-from ..torch.nm_linear import index_bits
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
 from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile
@@ -36,16 +37,17 @@ TO_DENSE_CONFIGS = Configs(
 
 
 @triton.jit
-def _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total,
-                   stride_vn, stride_vk, stride_metan, stride_metak,
-                   KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+def _expanded_tile(values_ptr, meta_ptr,  # pointers
+                   offs_n, mask_n, k0, kc_total,  # W's rows (int64) and their mask, K offset, Kc
+                   stride_vn, stride_vk, stride_metan, stride_metak,  # strides
+                   PATTERN_N: tl.constexpr, PATTERN_M: tl.constexpr, BITS: tl.constexpr,  # meta-parameters
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dense columns [k0, k0 + BLOCK_K) of W's rows offs_n (int64), in values' dtype (zero outside
     W). The compressed tile and its positions are loaded contiguously, then expanded in
-    registers: dense column k of group k // GROUP takes the kept value j whose position is
-    k % GROUP, else 0."""
+    registers: dense column k of group k // PATTERN_M takes the kept value j whose position is
+    k % PATTERN_M, else 0."""
     PER_WORD: tl.constexpr = 32 // BITS
-    offs_kc = k0 // GROUP * KEEP + tl.arange(0, BLOCK_K // GROUP * KEEP)
+    offs_kc = k0 // PATTERN_M * PATTERN_N + tl.arange(0, BLOCK_K // PATTERN_M * PATTERN_N)
     mask_w = mask_n[:, None] & (offs_kc < kc_total)[None, :]
     v = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_kc[None, :].to(tl.int64) * stride_vk,
                 mask=mask_w, other=0)
@@ -54,23 +56,28 @@ def _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total,
                    mask=mask_w, other=0)
     pos = (word >> ((offs_kc % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
     w = tl.zeros([BLOCK_N, BLOCK_K], dtype=v.dtype)
-    slot = tl.arange(0, BLOCK_K) % GROUP
-    for j in tl.static_range(KEEP):
-        source = tl.broadcast_to((tl.arange(0, BLOCK_K) // GROUP * KEEP + j)[None, :], (BLOCK_N, BLOCK_K))
+    slot = tl.arange(0, BLOCK_K) % PATTERN_M
+    for j in tl.static_range(PATTERN_N):
+        kept = tl.arange(0, BLOCK_K) // PATTERN_M * PATTERN_N + j
+        source = tl.broadcast_to(kept[None, :], (BLOCK_N, BLOCK_K))
         w = tl.where(tl.gather(pos, source, axis=1) == slot[None, :], tl.gather(v, source, axis=1), w)
     return w
 
 
 @triton.jit
 def _nm_linear_kernel(
+    # pointers
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
+    # sizes
     M, N, K,
+    # strides
     stride_xm, stride_xk,
     stride_vn, stride_vk,
     stride_metan, stride_metak,
     stride_ym, stride_yn,
     stride_bias,
-    KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    # meta-parameters: the pattern (PATTERN_N kept in every PATTERN_M), BITS per position
+    PATTERN_N: tl.constexpr, PATTERN_M: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -78,7 +85,7 @@ def _nm_linear_kernel(
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     split = tl.program_id(2)
     mask_m, mask_n = offs_m < M, offs_n < N
-    kc_total = tl.cdiv(K, GROUP) * KEEP
+    kc_total = tl.cdiv(K, PATTERN_M) * PATTERN_N
     k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for k0 in range(split * k_per_split, tl.minimum(K, (split + 1) * k_per_split), BLOCK_K):
@@ -86,38 +93,44 @@ def _nm_linear_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
         w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total, stride_vn, stride_vk,
-                           stride_metan, stride_metak, KEEP, GROUP, BITS, BLOCK_N, BLOCK_K).to(x.dtype)
+                           stride_metan, stride_metak,
+                           PATTERN_N, PATTERN_M, BITS, BLOCK_N, BLOCK_K).to(x.dtype)
         acc = dot_tile(x, w, acc, ACC_DTYPE, PRECISION, UPCAST)
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
                stride_bias, HAS_BIAS, ACC_DTYPE, SPLIT_K)
 
 
-_tiled = autotune(TILED_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"], bucket=["M"])(_nm_linear_kernel)
-_small_m = autotune(SMALL_M_CONFIGS, key=["M", "N", "K", "KEEP", "GROUP"], bucket=["M"],
-                           reset_to_zero=["y_ptr"])(_nm_linear_kernel)
+_KEY = ["M", "N", "K", "PATTERN_N", "PATTERN_M"]
+_tiled = autotune(TILED_CONFIGS, key=_KEY, bucket=["M"])(_nm_linear_kernel)
+_small_m = autotune(SMALL_M_CONFIGS, key=_KEY, bucket=["M"], reset_to_zero=["y_ptr"])(_nm_linear_kernel)
 
 
 @triton.jit
 def _to_dense_kernel(
+    # pointers
     values_ptr, meta_ptr, dense_ptr,
+    # sizes
     N, K,
+    # strides
     stride_vn, stride_vk,
     stride_metan, stride_metak,
     stride_dn, stride_dk,
-    KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+    # meta-parameters
+    PATTERN_N: tl.constexpr, PATTERN_M: tl.constexpr, BITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
-    w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, tl.cdiv(K, GROUP) * KEEP,
-                       stride_vn, stride_vk, stride_metan, stride_metak, KEEP, GROUP, BITS, BLOCK_N, BLOCK_K)
+    w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, tl.cdiv(K, PATTERN_M) * PATTERN_N,
+                       stride_vn, stride_vk, stride_metan, stride_metak,
+                       PATTERN_N, PATTERN_M, BITS, BLOCK_N, BLOCK_K)
     tl.store(dense_ptr + offs_n[:, None] * stride_dn + offs_k[None, :] * stride_dk, w,
              mask=mask_n[:, None] & (offs_k < K)[None, :])
 
 
-_to_dense = autotune(TO_DENSE_CONFIGS, key=["N", "K", "KEEP", "GROUP"])(_to_dense_kernel)
+_to_dense = autotune(TO_DENSE_CONFIGS, key=["N", "K", "PATTERN_N", "PATTERN_M"])(_to_dense_kernel)
 
 
 def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
@@ -133,7 +146,7 @@ def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -
             values, meta, dense, out, k,
             values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
             dense.stride(0), dense.stride(1),
-            KEEP=n, GROUP=m, BITS=index_bits(m),
+            PATTERN_N=n, PATTERN_M=m, BITS=index_bits(m),
         )
     return dense
 
@@ -160,7 +173,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             meta.stride(0), meta.stride(1),
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),
-            KEEP=n, GROUP=m, BITS=index_bits(m), HAS_BIAS=bias is not None, **dot_meta(x.dtype),
+            PATTERN_N=n, PATTERN_M=m, BITS=index_bits(m), HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )
 
     return launch_by_m(_tiled, _small_m, x, out, launch)

@@ -6,7 +6,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from sparqle.bindings.fp8_linear import FP8TrainingLinear
 from sparqle.kernels._capture import check_values
 
 from . import registry
@@ -172,5 +171,5 @@ def fp8_training_linear(x: torch.Tensor, weight: torch.Tensor,
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     fp8_dtype("e4m3", "fp8_training_linear")
-    return _unrows(FP8TrainingLinear.apply(_rows(x, weight.shape[1]), weight, bias), x)
+    return _unrows(torch.ops.sparqle.fp8_training_linear(_rows(x, weight.shape[1]), weight, bias), x)
 

@@ -69,6 +69,11 @@ class WeightOp:
         return getattr(torch.ops.sparqle, self.name)
 
     @property
+    def dtypes(self) -> Mapping[str, frozenset]:
+        """Backend -> the dtypes of x its kernel takes (the binding's ``DTYPES``)."""
+        return importlib.import_module(f"sparqle.bindings.{self.kernels}").DTYPES
+
+    @property
     def module_class(self) -> type:
         """The sparqle.nn class of a converted layer (imported when first asked: sparqle.nn
         itself calls ``sparqle.linear``, which reads this registry)."""

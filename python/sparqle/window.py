@@ -4,6 +4,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .formats._checks import cdiv
+
 MAX_TOKENS = 256
 MAX_HEAD_DIM = 128
 
@@ -101,7 +103,7 @@ def _pair(name: str, value: _Pair) -> Tuple[int, int]:
 def num_windows(h: int, w: int, window_size: _Pair) -> int:
     """Windows per image of an H x W map, padded to multiples of the window."""
     wh, ww = _pair("window_size", window_size)
-    return -(-h // wh) * -(-w // ww)
+    return cdiv(h, wh) * cdiv(w, ww)
 
 
 def _layout(x, window_size: _Pair, shift: _Pair, index) -> tuple:

@@ -1,5 +1,6 @@
-"""Helpers shared by the formats: constructor checks (errors name the format and the
-argument) and ceil division."""
+"""Helpers shared by the formats, and by the kernels and bindings that import them:
+constructor checks (errors name the format and the argument), ceil division and the
+dtype the decoding and the torch paths compute in."""
 import operator
 from typing import Dict, Tuple
 
@@ -9,7 +10,15 @@ INT32_MAX = 2**31 - 1
 
 
 def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, b > 0."""
     return -(-a // b)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in for ``dtype`` data: fp64 for fp64, else fp32 (fp16, bf16 and
+    fp32 inputs, as the Triton kernels accumulate; also the dtype of the per-row scales and
+    the log-sum-exp the ops return)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_shape(fmt: str, shape) -> Tuple[int, int]:

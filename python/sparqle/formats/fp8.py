@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_float_weight, check_scales
+from ._checks import check_float_weight, check_scales, compute_dtype
 
 GRANULARITIES = ("row", "tensor")
 _NAMES = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2",
@@ -44,10 +44,6 @@ def check_granularity(granularity, name: str = "granularity") -> str:
     if granularity not in GRANULARITIES:
         raise ValueError(f"{name} must be one of {GRANULARITIES}, got {granularity!r}")
     return granularity
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class FP8Weight:
@@ -103,7 +99,7 @@ class FP8Weight:
                              f"some {granularity}s (|w| up to {float(amax.max()):g}, down to "
                              f"{float(amax[amax > 0].min()):g}): the scales are fp32; rescale w")
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-        cdt = _compute_dtype(w.dtype)
+        cdt = compute_dtype(w.dtype)
         column = scales.to(cdt)[:, None] if granularity == "row" else scales.to(cdt)
         q = torch.clamp(w.to(cdt) / column, -fmax, fmax).to(target)
         return cls(q, scales, w.dtype)
@@ -122,7 +118,7 @@ class FP8Weight:
 
     def dequantize(self) -> torch.Tensor:
         """q * scale, [N, K] in ``dtype`` (computed in fp32, fp64 for fp64)."""
-        cdt = _compute_dtype(self.dtype)
+        cdt = compute_dtype(self.dtype)
         scales = self.scales.to(cdt)
         return (self.qweight.to(cdt) * (scales[:, None] if scales.dim() else scales)).to(self.dtype)
 

@@ -15,12 +15,19 @@ j of a row holding q[2j] in its low nibble and q[2j + 1] in its high nibble (an 
 padded with q = zero), so a kernel reads a row's K / 2 bytes contiguously; ``scales``
 (finite, > 0) and ``zeros`` (in [0, 15]; all 8 when symmetric) [N, ceil(K / group)] in the
 weight's float dtype.
+
+Decoding (the codec every kernel backend imports): ``dequantize_block`` gives rows of
+W = (q - zero) * scale, computed in fp32 (fp64 for fp64) and rounded to the dtype asked
+for, as the Triton kernel does; ``dequantize`` builds the whole W block by block
+(sparqle.formats._row_blocks): its transient is W and one block (unpacking the whole weight
+at once held about 16x the packed bytes).
 """
 from typing import Optional, Tuple
 
 import torch
 
-from ._checks import cdiv, check_float_weight, check_scales, check_shape
+from ._checks import cdiv, check_float_weight, check_scales, check_shape, compute_dtype
+from ._row_blocks import dense_by_row_blocks
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
 METHODS = ("minmax", "mse")
@@ -174,6 +181,28 @@ class Int4Weight:
     def __repr__(self) -> str:
         return (f"Int4Weight(shape={tuple(self.shape)}, group_size={self.group_size}, "
                 f"symmetric={self.symmetric}, dtype={self.dtype}, device={self.device})")
+
+
+def dequantize_block(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_width: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The rows of W = (q - zero) * scale that ``packed`` [R, ceil(k / 2)], ``scales`` and
+    ``zeros`` [R, G] hold, [R, k] in ``dtype``, computed in fp32 (fp64 for fp64)."""
+    rows, groups = scales.shape
+    cdt = compute_dtype(dtype)
+    q = torch.stack([packed & 15, packed >> 4], dim=-1).view(rows, 2 * packed.shape[1])[:, :k]
+    q = torch.nn.functional.pad(q, (0, groups * group_width - k)).view(rows, groups, group_width)
+    w = (q.to(cdt) - zeros.to(cdt)[..., None]) * scales.to(cdt)[..., None]
+    return w.view(rows, groups * group_width)[:, :k].to(dtype)
+
+
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               group_width: int, k: int) -> torch.Tensor:
+    """W [N, K] = (q - zero) * scale in the scales' dtype (contiguous), a block of rows at a
+    time."""
+    def rows(lo: int, hi: int) -> torch.Tensor:
+        return dequantize_block(packed[lo:hi], scales[lo:hi], zeros[lo:hi], group_width, k, scales.dtype)
+
+    return dense_by_row_blocks(packed.shape[0], k, rows, scales.dtype, packed.device)
 
 
 def check_group_size(group_size) -> int:

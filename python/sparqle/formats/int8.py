@@ -11,11 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_float_weight, check_scales
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._checks import check_float_weight, check_scales, compute_dtype
 
 
 class Int8Weight:
@@ -58,7 +54,7 @@ class Int8Weight:
     def from_float(cls, w: torch.Tensor) -> "Int8Weight":
         """Quantize a 2-D float weight [N, K] (see the module doc)."""
         check_float_weight(w)
-        wc = w.detach().to(_compute_dtype(w.dtype))
+        wc = w.detach().to(compute_dtype(w.dtype))
         amax = wc.abs().amax(dim=1) if w.shape[1] else wc.new_zeros(w.shape[0])
         scales = amax / 127
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
@@ -71,13 +67,13 @@ class Int8Weight:
 
     def dequantize(self) -> torch.Tensor:
         """q * scale, [N, K] in ``dtype`` (computed in fp32, fp64 for fp64)."""
-        cdt = _compute_dtype(self.dtype)
+        cdt = compute_dtype(self.dtype)
         return (self.qweight.to(cdt) * self.scales.to(cdt)[:, None]).to(self.dtype)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Int8Weight":
         """Moved to ``device``; ``dtype`` changes the layer's float dtype (the scales keep
         theirs: fp64 only for an fp64 layer)."""
-        scales = self.scales.to(device=device, dtype=_compute_dtype(dtype)) if dtype else self.scales.to(device)
+        scales = self.scales.to(device=device, dtype=compute_dtype(dtype)) if dtype else self.scales.to(device)
         return Int8Weight(self.qweight.to(device), scales, dtype or self.dtype)
 
     def __repr__(self) -> str:

@@ -1,21 +1,66 @@
 """N:M semi-structured sparsity: in every group of m consecutive weights along the input
-dimension, at most n are nonzero (2:4 is what sparse tensor cores accelerate).
+dimension, at most n are nonzero (2:4 is what sparse tensor cores accelerate), and its
+layout codec, which every kernel backend imports from here.
 
-For W [out, in]: ``values`` [out, Kc] holds n values per group (Kc = ceil(in / m) * n; the
-input dimension is padded with zeros to a multiple of m), and ``meta`` int32 the position
-of each value inside its group, packed BITS bits each (2 for m <= 4, 4 for m = 8), LSB
-first; for 2:4 a nibble per group of 4, eight groups a word, the encoding of sparse tensor
-cores. The layout in full: sparqle.kernels.torch.nm_linear.
+Layout. A weight W [N, K] (out, in) in n:m keeps, in each group of m consecutive input
+columns (K padded with zeros to Kp, a multiple of m), n values: ``values`` [N, Kc],
+Kc = Kp * n / m, the kept values of group g at columns [g*n, (g+1)*n) in increasing
+position. The position of kept value j inside its group (0..m-1) is stored in ``meta``
+int32 [N, ceil(Kc / P)], BITS = ``index_bits(m)`` bits each (2 for m <= 4, 4 for m = 8),
+P = 32 / BITS to a word, LSB first:
+position(j) = (meta[:, j // P] >> (BITS * (j % P))) & (2**BITS - 1).
+For 2:4 each group of 4 gets a nibble (its first position in the low 2 bits), eight
+groups (32 dense columns) a word: the per-row metadata encoding of sparse tensor cores.
+
+Codec: ``pack_positions`` / ``unpack_positions`` (positions <-> meta), ``columns`` (the
+dense column of every stored value) and ``to_dense`` (W from values and meta, in torch).
 """
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from sparqle.kernels.torch.nm_linear import pack_positions, unpack_positions
-
 from ._checks import cdiv, check_shape, check_tensors
 
 PATTERNS = ((1, 2), (2, 4), (1, 4), (2, 8), (4, 8))
+
+
+def index_bits(m: int) -> int:
+    """Bits per stored position for groups of ``m``."""
+    return 2 if m <= 4 else 4
+
+
+def pack_positions(positions: torch.Tensor, m: int) -> torch.Tensor:
+    """meta int32 [R, ceil(Kc / P)] from positions [R, Kc] (integers in [0, m))."""
+    bits = index_bits(m)
+    per_word = 32 // bits
+    rows, kc = positions.shape
+    words = cdiv(kc, per_word)
+    padded = torch.nn.functional.pad(positions.to(torch.int64), (0, words * per_word - kc))
+    shifts = bits * torch.arange(per_word, device=positions.device)
+    packed = (padded.view(rows, words, per_word) << shifts).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_positions(meta: torch.Tensor, m: int, kc: int) -> torch.Tensor:
+    """positions int32 [R, kc]: the inverse of pack_positions."""
+    bits = index_bits(m)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=meta.device)
+    fields = (meta[..., None] >> shifts) & (2**bits - 1)  # the mask drops the sign's copies
+    return fields.reshape(meta.shape[0], meta.shape[1] * shifts.numel())[:, :kc]
+
+
+def columns(meta: torch.Tensor, n: int, m: int, kc: int) -> torch.Tensor:
+    """The dense column (in [0, Kp)) of every stored value, int64 [R, kc]."""
+    group = torch.arange(kc, dtype=torch.int32, device=meta.device) // n
+    return (group * m + unpack_positions(meta, m, kc)).long()
+
+
+def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
+    """W [R, k] (contiguous, values' dtype) from the compressed form."""
+    rows, kc = values.shape
+    dense = values.new_zeros(rows, kc // n * m)
+    dense.scatter_(1, columns(meta, n, m, kc), values)
+    return dense[:, :k].contiguous()
 
 
 def check_pattern(n, m) -> Tuple[int, int]:
@@ -53,7 +98,7 @@ class SemiStructured:
             raise ValueError(f"SemiStructured: values must have shape {(rows, kc)} "
                              f"(out, ceil(in / m) * n) for shape {shape} and {n}:{m}, got "
                              f"{tuple(values.shape)}")
-        words = cdiv(kc * (2 if m <= 4 else 4), 32)
+        words = cdiv(kc * index_bits(m), 32)
         if meta.dtype != torch.int32 or tuple(meta.shape) != (rows, words):
             raise ValueError(f"SemiStructured: meta must be int32 of shape {(rows, words)}, got "
                              f"{meta.dtype} {tuple(meta.shape)}")

@@ -14,6 +14,8 @@ from torch import nn
 
 from sparqle.kernels import _capture
 
+from ..formats._checks import cdiv
+
 from ..window import MAX_HEAD_DIM, MAX_TOKENS, num_windows, window_attention, window_merge, window_partition
 from ._load import CheckedLoad
 from ._replace import Outcome, filtered, replace_modules
@@ -244,7 +246,7 @@ class SparseWindowBlock(nn.Module):
             self._masks.move_to_end(key)
             return mask
         (wh, ww) = self.window_size
-        mask = shift_mask(-(-h // wh) * wh, -(-w // ww) * ww, self.window_size,
+        mask = shift_mask(cdiv(h, wh) * wh, cdiv(w, ww) * ww, self.window_size,
                           self.shift_size, x.device, x.dtype)
         if not _capture.capturing():
             self._masks[key] = mask

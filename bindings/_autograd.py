@@ -1,0 +1,44 @@
+"""Autograd glue of the ops: a backward runs on the backend forced for its forward
+(bindings/_backend.py), also on the autograd engine's own threads."""
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
+from ._backend import _forced
+
+
+def remember_backend(ctx) -> None:
+    """Record on an autograd ``ctx`` the backend :func:`use_backend` forced for the forward."""
+    if not torch.compiler.is_compiling():  # Dynamo does not trace a ContextVar
+        ctx.forced_backend = _forced.get()
+
+
+@contextlib.contextmanager
+def forward_backend(ctx) -> Iterator[None]:
+    """Run a backward under the backend recorded by :func:`remember_backend`: the autograd
+    engine runs CUDA backwards on its own threads, which do not see the forward's context.
+    A compiled backward reads the backend when it runs: there only SPARQLE_BACKEND reaches
+    a CUDA backward."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    token = _forced.set(ctx.forced_backend)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd(backward, setup_context=...)``, the backward run under the
+    backend forced for the forward (see :func:`forward_backend`)."""
+    def setup(ctx, inputs, output):
+        remember_backend(ctx)
+        setup_context(ctx, inputs, output)
+
+    def run_backward(ctx, *grads):
+        with forward_backend(ctx):
+            return backward(ctx, *grads)
+
+    op.register_autograd(run_backward, setup_context=setup)
