@@ -20,16 +20,12 @@ import sparqle
 from sparqle import registry
 from sparqle.kernels.dispatch import FP8_WEIGHT_ONLY_MAX_M
 
-from ._oracle import RTOL, assert_close, fp8_rows_rule, int8_rows_rule
+from ._oracle import NO_SCHEMA, RTOL, assert_close, assert_no_mutation_or_alias, fp8_rows_rule, int8_rows_rule
 from .conftest import device_backends
 
 EXAMPLES = [pytest.param(entry, label, conversion, id=label)
             for entry in registry.OPS for label, conversion in entry.examples.items()]
 IN_FEATURES, OUT_FEATURES = 40, 24
-# opcheck's test_schema compares inputs with torch.allclose, which has no FP8 kernel on the
-# CPU: ops with FP8 tensors run the other checks (test_fp8_linear checks they mutate nothing).
-NO_SCHEMA = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
-             "test_aot_dispatch_dynamic")
 
 
 def converted(conversion, dtype=torch.float32, device="cpu", seed=0) -> nn.Module:
@@ -110,8 +106,8 @@ def test_gradients_match_oracle(device_backend, entry, label, conversion, dtype)
     stored positions: float64 autograd through a float64 copy of the module's dense weight."""
     device, backend = device_backend
     module = converted(conversion, dtype, device)
-    x = _x(9, dtype, device).requires_grad_(True)
-    dy = torch.randn(9, OUT_FEATURES).to(device=device, dtype=dtype)
+    x = _x(20, dtype, device).requires_grad_(True)  # past the small-M and weight-only paths
+    dy = torch.randn(20, OUT_FEATURES).to(device=device, dtype=dtype)
     with sparqle.use_backend(backend):
         module(x).backward(dy)
     ref = copy.deepcopy(module).cpu().double()
@@ -166,6 +162,8 @@ def test_opcheck(entry, label, conversion):
         args = (x, *recorder.calls[0][1:])
         fp8 = any(t.element_size() == 1 and t.is_floating_point() for t in args if isinstance(t, torch.Tensor))
         torch.library.opcheck(entry.op.default, args, **({"test_utils": NO_SCHEMA} if fp8 else {}))
+        if fp8:  # test_schema's check, on the bits
+            assert_no_mutation_or_alias(entry.op.default, args)
 
 
 @pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
