@@ -125,15 +125,25 @@ def test_gradients_match_oracle(device_backend, entry, label, conversion, dtype)
         assert_close(module.values.grad, ref.values.grad, bound.values.grad, dtype, f"{label} dvalues")
 
 
-@pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
-def test_gradcheck_float64(entry, label, conversion):
-    """On the torch path in float64 (Triton's quantized kernels take no fp64): linear in x
-    (unless the op quantizes x), in bias, and in the stored values of a sparse format."""
+FLOAT64_RUNS = [pytest.param(entry, label, conversion, backend, id=f"{label}-{backend}")
+                for entry in registry.OPS for label, conversion in entry.examples.items()
+                for _, backend in device_backends() if torch.float64 in entry.dtypes[backend]]
+
+
+@pytest.mark.parametrize("entry, label, conversion, backend", FLOAT64_RUNS)
+def test_gradcheck_float64(entry, label, conversion, backend):
+    """In float64 on every backend whose kernel takes it: linear in x (unless the op
+    quantizes x), in bias, and in the stored values of a sparse format; sparqle.spmm of a
+    sparse format in b and the values."""
     module = converted(conversion, torch.float64)
     x = torch.randn(3, IN_FEATURES, dtype=torch.float64, requires_grad=not quantizes_input(entry, module, 3))
     inputs = (x, module.bias) + ((module.values,) if entry.sparse else ())
-    with sparqle.use_backend("torch"):
+    with sparqle.use_backend(backend):
         assert torch.autograd.gradcheck(lambda *args: module(args[0]), inputs, fast_mode=True)
+        if entry.sparse:
+            b = torch.randn(IN_FEATURES, 4, dtype=torch.float64, requires_grad=True)
+            assert torch.autograd.gradcheck(lambda b, values: sparqle.spmm(module.weight, b),
+                                            (b, module.values), fast_mode=True)
 
 
 class _Recorder(TorchDispatchMode):
@@ -168,16 +178,23 @@ def test_opcheck(entry, label, conversion):
 
 @pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
 def test_compile_fullgraph_forward_and_backward(entry, label, conversion):
+    """torch.compile(fullgraph=True) of the module: y and the gradients of x and of every
+    parameter (bias, a sparse format's values: the backward's own tensors, such as A^T's
+    structure, built in the graph) as eager gives them."""
     module = converted(conversion)
     x = torch.randn(5, IN_FEATURES, requires_grad=True)
-    expected = module(x)
-    expected.sum().backward()
-    eager_grad, x.grad = x.grad, None
+    leaves = [x, *module.parameters()]
+
+    def f(x):
+        return torch.nn.functional.gelu(module(x)).sum()
+
+    expected = f(x)
+    expected_grads = torch.autograd.grad(expected, leaves)
     torch._dynamo.reset()
-    got = torch.compile(module, fullgraph=True)(x)
-    got.sum().backward()
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(x.grad, eager_grad)
+    got = torch.compile(f, fullgraph=True)(x)
+    got_grads = torch.autograd.grad(got, leaves)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grads, expected_grads, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("entry, label, conversion", EXAMPLES)

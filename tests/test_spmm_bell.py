@@ -1,12 +1,14 @@
 """sparqle.spmm / sparqle.linear on Blocked-ELL weights, and the ops behind them, on every
-(device, backend) that can run here, against float64 dense oracles."""
+(device, backend) that can run here, against float64 dense oracles: every block size at
+shapes off the block, gradients, A^T's structure (exact and bound), unused slots, the
+gradient ops' opcheck, TF32, bad input (the contract of bell_linear: gradcheck, opcheck,
+compile, state_dict: tests/test_contract.py)."""
 import pytest
 import torch
 
 import sparqle
 from sparqle import BlockedELL
 from sparqle.formats._checks import cdiv
-
 from sparqle.formats.bell import transposed_structure
 from sparqle.kernels import _derived
 
@@ -111,22 +113,6 @@ def _blocks_at(dense, ell_cols, b):
     return blocks[torch.arange(rows)[:, None], ell_cols.clamp(min=0).long()]
 
 
-def test_gradcheck_float64(device_backend):
-    """fast_mode (random projections of the Jacobian): the interpreter is too slow for one
-    forward per input element."""
-    device, backend = device_backend
-    a, _ = _operands(20, 35, 16, 0.6, torch.float64, device)
-    x = torch.randn(3, 35, dtype=torch.float64, device=device, requires_grad=True)
-    bias = torch.randn(20, dtype=torch.float64, device=device, requires_grad=True)
-    values = a.values.clone().requires_grad_(True)
-
-    def f(values, x, bias):
-        return sparqle.linear(x, BlockedELL._trusted(a.ell_cols, values, a.shape), bias)
-
-    with sparqle.use_backend(backend):
-        assert torch.autograd.gradcheck(f, (values, x, bias), fast_mode=True)
-
-
 def test_transposed_structure_exact_when_eager_and_kept(device_backend):
     """Eager, the backward builds A^T's structure at its exact width once and keeps it (the
     format's transposed_structure()); the bound width, used where no host sync is allowed,
@@ -175,36 +161,13 @@ def test_unused_slots_are_skipped_whatever_they_hold(device_backend):
     assert_close(y, x64 @ w64.T, x64.abs() @ w64.abs().T, torch.float32, "y")
 
 
-def test_opcheck():
+def test_opcheck_gradient_ops():
+    """(bell_linear itself: tests/test_contract.py, with every other contract check.)"""
     a, _ = _operands(37, 50, 16, 0.5, torch.float64, "cpu")
     t_cols, t_slots = a.transposed_structure()
-    x = torch.randn(6, 50, dtype=torch.float64, requires_grad=True)
-    values = a.values.clone().requires_grad_(True)
-    for bias in (None, torch.randn(37, dtype=torch.float64, requires_grad=True)):
-        torch.library.opcheck(torch.ops.sparqle.bell_linear.default, (x, a.ell_cols, values, bias, 37))
-    dy = torch.randn(6, 37, dtype=torch.float64)
+    x, dy = torch.randn(6, 50, dtype=torch.float64), torch.randn(6, 37, dtype=torch.float64)
     torch.library.opcheck(torch.ops.sparqle.bell_matmul.default, (dy, t_cols, t_slots, a.values, 50))
-    torch.library.opcheck(torch.ops.sparqle.sddmm_bell.default, (a.ell_cols, dy, x.detach(), 16))
-
-
-def test_compile_fullgraph_linear_forward_and_backward():
-    """x, values and bias gradients through the compiled graph, A^T's structure built in it
-    at the bound width (no host sync while tracing)."""
-    a, _ = _operands(40, 36, 16, 0.6, torch.float32, "cpu")
-    a.values.requires_grad_(True)
-    bias = torch.randn(40, requires_grad=True)
-
-    def f(x):
-        return torch.nn.functional.gelu(sparqle.linear(x, a, bias)).sum()
-
-    x = torch.randn(3, 36, requires_grad=True)
-    expected = f(x)
-    grads_expected = torch.autograd.grad(expected, (x, a.values, bias))
-    torch._dynamo.reset()
-    got = torch.compile(f, fullgraph=True)(x)
-    grads_got = torch.autograd.grad(got, (x, a.values, bias))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads_got, grads_expected, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.sparqle.sddmm_bell.default, (a.ell_cols, dy, x, 16))
 
 
 def test_tf32_only_when_asked():

@@ -1,11 +1,13 @@
 """sparqle.spmm / sparqle.linear on CSR weights, and the ops behind them, on every
-(device, backend) that can run here, against float64 dense oracles."""
+(device, backend) that can run here, against float64 dense oracles: shapes off every block,
+empty rows and dimensions, the row order, repeated columns, SDDMM, gradients, A^T's
+structure built once, bad input (the contract of csr_linear: gradcheck, opcheck, compile,
+state_dict: tests/test_contract.py)."""
 import pytest
 import torch
 
 import sparqle
 from sparqle import CSR
-
 from sparqle.kernels import _derived
 
 from ._oracle import RTOL, assert_close, random_sparse
@@ -137,24 +139,6 @@ def test_linear_gradients_match_oracle(device_backend, dtype, m, k, n, density):
     assert_close(bias.grad, b64.grad, dy64.abs().sum((0, 1)), dtype, "dbias")
 
 
-def test_gradcheck_float64(device_backend):
-    """linear in x, values and bias, and spmm in b and values."""
-    device, backend = device_backend
-    w = random_sparse(7, 6, 0.5, device=device, empty_rows=(2,))
-    a = CSR.from_dense(w)
-    x = torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True)
-    b = torch.randn(6, 4, dtype=torch.float64, device=device, requires_grad=True)
-    bias = torch.randn(7, dtype=torch.float64, device=device, requires_grad=True)
-    values = a.values.clone().requires_grad_(True)
-
-    def weight(values):
-        return CSR._trusted(a.crow_indices, a.col_indices, values, a.shape, a.row_order)
-
-    with sparqle.use_backend(backend):
-        assert torch.autograd.gradcheck(lambda x, v, bias: sparqle.linear(x, weight(v), bias), (x, values, bias))
-        assert torch.autograd.gradcheck(lambda v, b: sparqle.spmm(weight(v), b), (values, b))
-
-
 def _transposed_kept(a: CSR) -> bool:
     """Whether the backward keeps A^T's structure for ``a``'s indices."""
     return (id(a.col_indices), "csr_transposed") in _derived._kept
@@ -179,35 +163,11 @@ def test_transposed_structure_built_for_dx_only_and_once(device_backend):
         assert torch.equal(kept, built)
 
 
-def test_opcheck():
+def test_opcheck_sddmm():
+    """(csr_linear itself: tests/test_contract.py, with every other contract check.)"""
     a = CSR.from_dense(random_sparse(13, 11, 0.4))
-    x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
-    values = a.values.clone().requires_grad_(True)
-    for bias in (None, torch.randn(13, dtype=torch.float64, requires_grad=True)):
-        torch.library.opcheck(torch.ops.sparqle.csr_linear.default,
-                              (x, a.crow_indices, a.col_indices, values, a.row_order, bias))
     x, y = torch.randn(13, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
     torch.library.opcheck(torch.ops.sparqle.sddmm_csr.default, (a.crow_indices, a.col_indices, x, y))
-
-
-def test_compile_fullgraph_linear_forward_and_backward():
-    """x, values and bias gradients through the compiled graph, A^T's structure built in it."""
-    w = CSR.from_dense(random_sparse(12, 10, 0.4, torch.float32))
-    w.values.requires_grad_(True)
-    bias = torch.randn(12, requires_grad=True)
-
-    def f(x):
-        return torch.nn.functional.gelu(sparqle.linear(x, w, bias)).sum()
-
-    x = torch.randn(3, 10, requires_grad=True)
-    expected = f(x)
-    grads_expected = torch.autograd.grad(expected, (x, w.values, bias))
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    got = compiled(x)
-    grads_got = torch.autograd.grad(got, (x, w.values, bias))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads_got, grads_expected, rtol=1e-5, atol=1e-5)
 
 
 class TestBadInput:
