@@ -20,10 +20,14 @@ from ._backend import FLOATS, launch
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 
 
-@torch.library.custom_op("sparqle::int4_linear", mutates_args=())
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                bias: Optional[torch.Tensor], group_width: int) -> torch.Tensor:
+# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
+# directly where the dispatcher would add nothing (WeightOp.linear).
+def int4_linear_forward(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        bias: Optional[torch.Tensor], group_width: int) -> torch.Tensor:
     return launch("int4_linear", "int4_linear", DTYPES, x, x, packed, scales, zeros, bias, group_width)
+
+
+int4_linear = torch.library.custom_op("sparqle::int4_linear", mutates_args=())(int4_linear_forward)
 
 
 @int4_linear.register_fake

@@ -21,10 +21,14 @@ from ._backend import FLOATS, launch
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 
 
-@torch.library.custom_op("sparqle::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                bias: Optional[torch.Tensor], quantize_activation: bool) -> torch.Tensor:
+# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
+# directly where the dispatcher would add nothing (WeightOp.linear).
+def int8_linear_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        bias: Optional[torch.Tensor], quantize_activation: bool) -> torch.Tensor:
     return launch("int8_linear", "int8_linear", DTYPES, x, x, qweight, scales, bias, quantize_activation)
+
+
+int8_linear = torch.library.custom_op("sparqle::int8_linear", mutates_args=())(int8_linear_forward)
 
 
 @int8_linear.register_fake

@@ -45,7 +45,7 @@ from ._fastest import fastest
 # Triton 3.6 cannot lower an fp64 tl.dot here. cupy (mma.sp on sparse tensor cores, 2:4
 # only) runs when forced: it joins auto's candidates once its tests have run on a GPU.
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS,
-           "cupy": frozenset({torch.float16, torch.bfloat16})}
+          "cupy": frozenset({torch.float16, torch.bfloat16})}
 TO_DENSE_DTYPES = dict.fromkeys(("triton", "torch", "cupy"), FLOATS)
 # id(values) -> (a weak reference to values, their version counter at their last call)
 _last_versions: Dict[int, Tuple[weakref.ref, Optional[int]]] = {}
@@ -110,9 +110,10 @@ def _timing_key(x, values, bias, n, m) -> Tuple[Hashable, bool]:
             bias is not None, changed), changed
 
 
-@torch.library.custom_op("sparqle::nm_linear", mutates_args=())
-def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-              bias: Optional[torch.Tensor], n: int, m: int) -> torch.Tensor:
+# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
+# directly where the dispatcher would add nothing (WeightOp.linear).
+def nm_linear_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                      bias: Optional[torch.Tensor], n: int, m: int) -> torch.Tensor:
     rows, (out, k) = x.shape[0], (values.shape[0], x.shape[1])
     if (x.is_cuda and rows * out * k > 0 and requested_backend() == "auto"
             and choose("nm_linear", x.device, x.dtype, DTYPES) == "triton"):
@@ -120,6 +121,9 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         default = "cublas" if rows >= NM_UNMEASURED_CUBLAS_FROM_M else "triton"
         return fastest(key, _cuda_candidates(x, values, meta, bias, n, m, changed), default, x.device)
     return launch("nm_linear", "nm_linear", DTYPES, x, x, values, meta, bias, n, m)
+
+
+nm_linear = torch.library.custom_op("sparqle::nm_linear", mutates_args=())(nm_linear_forward)
 
 
 @nm_linear.register_fake

@@ -32,10 +32,14 @@ from ._backend import FLOATS, launch
 DTYPES = {"triton": FLOATS, "torch": FLOATS}
 
 
-@torch.library.custom_op("sparqle::bell_linear", mutates_args=())
-def bell_linear(x: torch.Tensor, ell_cols: torch.Tensor, values: torch.Tensor,
-                bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
+# directly where the dispatcher would add nothing (WeightOp.linear).
+def bell_linear_forward(x: torch.Tensor, ell_cols: torch.Tensor, values: torch.Tensor,
+                        bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
     return launch("spmm_bell", "bell_linear", DTYPES, x, x, ell_cols, values, bias, out_features)
+
+
+bell_linear = torch.library.custom_op("sparqle::bell_linear", mutates_args=())(bell_linear_forward)
 
 
 @bell_linear.register_fake

@@ -29,15 +29,19 @@ from ._backend import FLOATS, launch
 # cupy (kernels/cupy/spmm_csr.py) runs only when forced: auto keeps Triton on CUDA until the
 # CuPy kernel is measured faster (bindings/_backend.choose is where that preference would go).
 DTYPES = {"triton": FLOATS, "torch": FLOATS,
-           "cupy": frozenset({torch.float32, torch.float16, torch.bfloat16})}
+          "cupy": frozenset({torch.float32, torch.float16, torch.bfloat16})}
 
 
-@torch.library.custom_op("sparqle::csr_linear", mutates_args=())
-def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-               row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
+# directly where the dispatcher would add nothing (WeightOp.linear).
+def csr_linear_forward(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                       row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # Every backend reads the CSR arrays at unit stride; x and bias go through their strides.
     crow, col, values, row_order = (t.contiguous() for t in (crow, col, values, row_order))
     return launch("spmm_csr", "csr_linear", DTYPES, x, x, crow, col, values, row_order, bias)
+
+
+csr_linear = torch.library.custom_op("sparqle::csr_linear", mutates_args=())(csr_linear_forward)
 
 
 @csr_linear.register_fake

@@ -159,6 +159,17 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def recorded_args(entry, module, x: torch.Tensor) -> tuple:
+    """The arguments of the one call of the op that ``module(x)`` makes (x itself first),
+    recorded through the dispatcher (x made to require a gradient, so that the call goes
+    through it)."""
+    x = x if x.requires_grad else x.detach().requires_grad_(True)
+    with _Recorder(entry.op.default) as recorder:
+        module(x)
+    assert len(recorder.calls) == 1, f"{type(module).__name__} called {entry.name} {len(recorder.calls)} times"
+    return (x, *recorder.calls[0][1:])
+
+
 @pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
 def test_opcheck(entry, label, conversion):
     """torch.library.opcheck of the op with the arguments the converted module passes it
@@ -166,10 +177,7 @@ def test_opcheck(entry, label, conversion):
     module = converted(conversion)
     for rows in (3, 20):
         x = torch.randn(rows, IN_FEATURES, requires_grad=True)
-        with _Recorder(entry.op.default) as recorder:
-            module(x)
-        assert len(recorder.calls) == 1, f"{label}: the module called {entry.name} {len(recorder.calls)} times"
-        args = (x, *recorder.calls[0][1:])
+        args = recorded_args(entry, module, x)
         fp8 = any(t.element_size() == 1 and t.is_floating_point() for t in args if isinstance(t, torch.Tensor))
         torch.library.opcheck(entry.op.default, args, **({"test_utils": NO_SCHEMA} if fp8 else {}))
         if fp8:  # test_schema's check, on the bits
@@ -243,3 +251,48 @@ def test_registry_answers_by_format(device):
         sparqle.spmm(sparqle.Int8Weight.from_float(torch.randn(4, 4, device=device)), torch.randn(4, 2, device=device))
     with pytest.raises(TypeError, match="^w must be a torch.Tensor or one of the formats"):
         sparqle.linear(torch.randn(2, 4, device=device), object())
+
+
+@pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
+def test_the_forward_called_directly_gives_the_ops_result(entry, label, conversion):
+    """Where the dispatcher adds nothing (an eager call that records no gradient) the op's
+    forward runs without it: the same result, bit for bit."""
+    module = converted(conversion)
+    x = torch.randn(5, IN_FEATURES)
+    args = recorded_args(entry, module, x)
+    with torch.no_grad():
+        assert registry.dispatcher_adds_nothing(tuple(a for a in args if isinstance(a, torch.Tensor)))
+        direct = module(x)
+        through = entry.op.default(*args)
+    assert torch.equal(direct, through)
+
+
+def test_the_dispatcher_runs_where_it_adds_something():
+    """A gradient to record, a dispatch mode, a torch function mode, the profiler, a functorch
+    transform, a tensor subclass: the op goes through the dispatcher (its mode, profiler
+    event and autograd see it)."""
+    entry = registry.BY_FORMAT[sparqle.Int8Weight]
+    module = converted(entry.examples["int8"])
+    x = torch.randn(3, IN_FEATURES)
+    tensors = (x, *entry.tensors(module.weight), module.bias)
+    assert not registry.dispatcher_adds_nothing(tensors)  # the bias requires grad
+    with torch.no_grad():
+        assert registry.dispatcher_adds_nothing(tensors)
+        with _Recorder(entry.op.default) as recorder:
+            module(x)
+        assert len(recorder.calls) == 1
+        with torch.overrides.TorchFunctionMode():
+            assert not registry.dispatcher_adds_nothing(tensors)
+        with torch.profiler.profile() as profile:
+            module(x)
+        assert any(event.name == f"sparqle::{entry.name}" for event in profile.events())
+        subclass = torch.Tensor._make_subclass(type("Sub", (torch.Tensor,), {}), x)
+        assert not registry.dispatcher_adds_nothing((subclass,) + tensors[1:])
+        seen = []
+
+        def per_row(row):
+            seen.append(registry.dispatcher_adds_nothing((row,) + tensors[1:]))
+            return row
+
+        torch.func.vmap(per_row)(x)
+        assert seen == [False]
