@@ -100,6 +100,40 @@ def test_forward_matches_oracle(device_backend, entry, label, conversion, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def laid_out(shape, layout: str, dtype, device) -> torch.Tensor:
+    """A fresh random leaf tensor of ``shape`` (1-D or 2-D) that requires grad, seen through
+    ``layout``: ``transposed`` (2-D: a transposed copy's view), ``strided`` (every other
+    element of the last dimension), ``expanded`` (one row, or one element, expanded)."""
+    if layout == "transposed":
+        return torch.randn(*shape[::-1], dtype=dtype).to(device).requires_grad_(True).t()
+    if layout == "strided":
+        return torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype).to(device).requires_grad_(True)[..., ::2]
+    return torch.randn(*(1 for _ in shape), dtype=dtype).to(device).requires_grad_(True).expand(*shape)
+
+
+@pytest.mark.parametrize("x_layout, bias_layout", [("transposed", "strided"), ("strided", "expanded"),
+                                                    ("expanded", "strided")])
+@pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
+def test_any_layout_of_x_and_bias(device_backend, entry, label, conversion, x_layout, bias_layout):
+    """The op reads x and the bias through their strides: y, dx and dbias for x transposed,
+    strided or expanded and the bias strided or expanded, against float64 math."""
+    device, backend = device_backend
+    module = converted(conversion, device=device)
+    args = recorded_args(entry, module, torch.randn(20, IN_FEATURES, device=device))
+    n = len(entry.tensors(weight_of(module, torch.float32)))
+    x = laid_out((20, IN_FEATURES), x_layout, torch.float32, device)
+    bias = laid_out((OUT_FEATURES,), bias_layout, torch.float32, device)
+    with sparqle.use_backend(backend):
+        y = entry.op.default(x, *args[1:1 + n], bias, *args[2 + n:])
+        dy = torch.randn_like(y)
+        dx, dbias = torch.autograd.grad(y, (x, bias), dy)
+    w64 = entry.dense(weight_of(module, torch.float32)).double().cpu()
+    x64, bias64, dy64 = input_as_multiplied(entry, module, x), bias.detach().double().cpu(), dy.double().cpu()
+    assert_close(y, x64 @ w64.T + bias64, x64.abs() @ w64.abs().T + bias64.abs(), torch.float32, f"{label} y")
+    assert_close(dx, dy64 @ w64, dy64.abs() @ w64.abs(), torch.float32, f"{label} dx")
+    assert_close(dbias, dy64.sum(0), dy64.abs().sum(0), torch.float32, f"{label} dbias")
+
+
 @pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
 def test_gradients_match_oracle(device_backend, entry, label, conversion, dtype):
     """dx = dy @ W, dbias = sum of dy, and for sparse formats d(values) = (dy^T @ x) at the
