@@ -27,7 +27,7 @@ import torch
 
 from sparqle.formats._checks import compute_dtype
 from sparqle.kernels.dispatch import FP8_WEIGHT_ONLY_MAX_M
-from sparqle.kernels.torch._linear import dequantize_rows
+from sparqle.formats._row_blocks import dequantize_rows
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, choose, kernels, requested_backend

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from sparqle.formats._checks import compute_dtype
-from sparqle.kernels.torch._linear import dequantize_rows
+from sparqle.formats._row_blocks import dequantize_rows
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, launch

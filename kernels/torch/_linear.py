@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from sparqle.formats._checks import compute_dtype
-from sparqle.formats._row_blocks import dense_by_row_blocks, row_blocks
+from sparqle.formats._row_blocks import row_blocks
 
 
 def linear_by_row_blocks(x: torch.Tensor, out_features: int,
@@ -25,12 +25,3 @@ def linear_by_row_blocks(x: torch.Tensor, out_features: int,
     if bias is not None:
         y += bias.to(cdt)
     return y.to(x.dtype)
-
-
-def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W [N, K] = q * scale in ``dtype``, computed in fp32 (fp64 for fp64): q int8 or FP8
-    [N, K], scales [N] (per row) or [1] (per tensor)."""
-    n, k = q.shape
-    cdt = compute_dtype(dtype)
-    scales = scales.to(cdt).expand(n)
-    return dense_by_row_blocks(n, k, lambda lo, hi: q[lo:hi].to(cdt) * scales[lo:hi, None], dtype, q.device)

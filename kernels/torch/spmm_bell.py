@@ -12,7 +12,7 @@ import torch
 
 from sparqle.formats._checks import cdiv, compute_dtype
 
-from ._sparse import bsr_matrix
+from sparqle.formats._sparse import bsr_matrix
 
 _CHUNK_ELEMENTS = 1 << 23
 

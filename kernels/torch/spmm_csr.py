@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 
 from sparqle.formats._checks import compute_dtype
+from sparqle.formats._sparse import csr_matrix
 
 from .. import _alloc
-from ._sparse import csr_matrix
 
 _SDDMM_CHUNK_ELEMENTS = 1 << 22
 

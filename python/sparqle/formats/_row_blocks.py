@@ -5,6 +5,8 @@ from typing import Callable, Iterator, Tuple
 
 import torch
 
+from ._checks import compute_dtype
+
 _ROWS_ELEMENTS = 1 << 18
 
 
@@ -23,3 +25,12 @@ def dense_by_row_blocks(out_features: int, k: int, weight_rows: Callable[[int, i
     for lo, hi in row_blocks(out_features, k):
         w[lo:hi] = weight_rows(lo, hi)
     return w
+
+
+def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] = q * scale in ``dtype``, computed in fp32 (fp64 for fp64): q int8 or FP8
+    [N, K], scales [N] (per row) or [1] (per tensor)."""
+    n, k = q.shape
+    cdt = compute_dtype(dtype)
+    scales = scales.to(cdt).expand(n)
+    return dense_by_row_blocks(n, k, lambda lo, hi: q[lo:hi].to(cdt) * scales[lo:hi, None], dtype, q.device)

@@ -10,9 +10,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from sparqle.kernels.torch._sparse import csr_matrix
-
 from ._checks import INT32_MAX, check_int32, check_shape, check_tensors, dense_and_mask
+from ._sparse import csr_matrix
 
 
 def _row_order(crow: torch.Tensor) -> torch.Tensor:

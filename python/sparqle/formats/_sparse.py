@@ -1,5 +1,6 @@
-"""torch.sparse compressed matrices (CSR, BSR) for the torch path, built without torch's
-notice that sparse compressed tensors are in beta.
+"""torch.sparse compressed matrices (CSR, BSR) over a format's tensors (CSR.to_sparse_csr,
+and the torch path's products), built without torch's notice that sparse compressed tensors
+are in beta.
 
 Torch gives that notice once per process (TORCH_WARN_ONCE, one site for every compressed
 layout), when the first compressed tensor is built. The torch path builds them on every
