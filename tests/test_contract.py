@@ -99,7 +99,6 @@ def test_forward_matches_oracle(device_backend, entry, label, conversion, dtype)
         assert_close(y, expected, scale, dtype, f"{label} {backend} rows={rows} {layout}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def laid_out(shape, layout: str, dtype, device) -> torch.Tensor:
     """A fresh random leaf tensor of ``shape`` (1-D or 2-D) that requires grad, seen through
     ``layout``: ``transposed`` (2-D: a transposed copy's view), ``strided`` (every other
@@ -134,6 +133,7 @@ def test_any_layout_of_x_and_bias(device_backend, entry, label, conversion, x_la
     assert_close(dbias, dy64.sum(0), dy64.abs().sum(0), torch.float32, f"{label} dbias")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
 def test_gradients_match_oracle(device_backend, entry, label, conversion, dtype):
     """dx = dy @ W, dbias = sum of dy, and for sparse formats d(values) = (dy^T @ x) at the
