@@ -23,7 +23,9 @@ from sparqle.kernels.dispatch import FP8_WEIGHT_ONLY_MAX_M
 from ._oracle import NO_SCHEMA, RTOL, assert_close, assert_no_mutation_or_alias, fp8_rows_rule, int8_rows_rule
 from .conftest import device_backends
 
-EXAMPLES = [pytest.param(entry, label, conversion, id=label)
+# Named by op and example ("nm_linear-2:4"), so that pytest -k selects them by op name, as the
+# GPU check's families do.
+EXAMPLES = [pytest.param(entry, label, conversion, id=f"{entry.name}-{label}")
             for entry in registry.OPS for label, conversion in entry.examples.items()]
 IN_FEATURES, OUT_FEATURES = 40, 24
 
@@ -159,7 +161,7 @@ def test_gradients_match_oracle(device_backend, entry, label, conversion, dtype)
         assert_close(module.values.grad, ref.values.grad, bound.values.grad, dtype, f"{label} dvalues")
 
 
-FLOAT64_RUNS = [pytest.param(entry, label, conversion, backend, id=f"{label}-{backend}")
+FLOAT64_RUNS = [pytest.param(entry, label, conversion, backend, id=f"{entry.name}-{label}-{backend}")
                 for entry in registry.OPS for label, conversion in entry.examples.items()
                 for _, backend in device_backends() if torch.float64 in entry.dtypes[backend]]
 
