@@ -121,8 +121,8 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor] = N
     if activation not in ("dynamic", None):
         raise ValueError(f"activation must be 'dynamic' or None, got {activation!r}")
     _check_linear(x, w, bias)
-    return _unrows(torch.ops.sparqle.int8_linear(_rows(x, w.shape[1]), w.qweight, w.scales, bias,
-                                                 activation == "dynamic"), x)
+    return _unrows(registry.BY_FORMAT[Int8Weight].call(_rows(x, w.shape[1]), (w.qweight, w.scales), bias,
+                                                       (activation == "dynamic",)), x)
 
 
 def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -87,14 +87,18 @@ class WeightOp:
         return getattr(importlib.import_module("sparqle.nn"), self.module)
 
     def linear(self, x2d: torch.Tensor, w, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """y [M, N] = x2d [M, K] @ W^T + bias through the op, the arguments checked. Where
-        the dispatcher would add nothing (:func:`dispatcher_adds_nothing`: an eager call
-        that records no gradient, under no mode, on plain tensors) the op's forward is
-        called directly, saving the dispatcher's per-call cost; the result is the same."""
-        tensors = (x2d, *self.tensors(w), bias)
+        """y [M, N] = x2d [M, K] @ W^T + bias through the op, the arguments checked."""
+        return self.call(x2d, self.tensors(w), bias, self.static(w))
+
+    def call(self, x2d: torch.Tensor, tensors: Tuple[torch.Tensor, ...], bias: Optional[torch.Tensor],
+             static: Tuple[Any, ...]) -> torch.Tensor:
+        """The op on its arguments. Where the dispatcher would add nothing
+        (:func:`dispatcher_adds_nothing`: an eager call that records no gradient, under no
+        mode, on plain tensors) the op's forward is called directly, saving the dispatcher's
+        cost per call; the result is the same."""
         overload, forward = self._call
-        call = forward if dispatcher_adds_nothing(tensors) else overload
-        return call(*tensors, *self.static(w))
+        arguments = (x2d, *tensors, bias)
+        return (forward if dispatcher_adds_nothing(arguments) else overload)(*arguments, *static)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -108,13 +112,14 @@ def dispatcher_adds_nothing(tensors: Tuple[Optional[torch.Tensor], ...]) -> bool
     functorch transform (vmap, grad) active, the profiler off (it names the op), and
     plain tensors (no subclass whose ``__torch_function__`` or ``__torch_dispatch__`` would
     intercept it)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
+    recording = torch.is_grad_enabled()
+    for t in tensors:  # a loop, not any(): this runs on every call
+        if t is not None and (type(t) not in _PLAIN or (recording and t.requires_grad)):
+            return False
     return not (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
                 or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
                 or torch._C._functorch.peek_interpreter_stack() is not None
-                or torch.autograd.profiler._is_profiler_enabled
-                or any(t is not None and type(t) not in _PLAIN for t in tensors))
+                or torch.autograd.profiler._is_profiler_enabled)
 
 
 def _csr_refusal(linear: torch.nn.Linear, options: Mapping[str, Any]) -> Optional[str]:
