@@ -5,6 +5,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from sparqle.formats._row_blocks import dequantize_rows
+
 from ._backend import _forced
 
 
@@ -42,3 +44,21 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
             return backward(ctx, *grads)
 
     op.register_autograd(run_backward, setup_context=setup)
+
+
+def register_row_scaled_autograd(op) -> None:
+    """The autograd of a linear op ``op(x, qweight, scales, bias, *static)`` whose weight is
+    q_w [N, K] with a scale per row (or one per tensor), int8 or FP8: straight through the
+    dequantized weight, dx = dy @ (q_w * scale_w) and dbias = sum of dy; the quantized
+    weight, its scales and the static arguments are frozen (no gradient)."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], inputs[2])
+        ctx.static = len(inputs) - 4
+
+    def backward(ctx, grad):
+        qweight, scales = ctx.saved_tensors
+        grad_x = grad @ dequantize_rows(qweight, scales, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
+        return (grad_x, None, None, grad_bias) + (None,) * ctx.static
+
+    register_autograd(op, backward, setup_context)

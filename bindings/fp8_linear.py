@@ -27,9 +27,8 @@ import torch
 
 from sparqle.formats._checks import compute_dtype
 from sparqle.kernels.dispatch import FP8_WEIGHT_ONLY_MAX_M
-from sparqle.formats._row_blocks import dequantize_rows
 
-from ._autograd import register_autograd
+from ._autograd import register_autograd, register_row_scaled_autograd
 from ._backend import FLOATS, choose, kernels, requested_backend
 
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
@@ -88,22 +87,7 @@ def _(x, qweight, scales, bias):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
-def _setup_context(ctx, inputs, output):
-    x, qweight, scales, bias = inputs
-    ctx.save_for_backward(qweight, scales)
-
-
-def _backward(ctx, grad):
-    qweight, scales = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = grad @ dequantize_rows(qweight, scales, grad.dtype)
-    if ctx.needs_input_grad[3]:
-        grad_bias = grad.sum(0)
-    return grad_x, None, None, grad_bias
-
-
-register_autograd(fp8_linear, _backward, _setup_context)
+register_row_scaled_autograd(fp8_linear)
 
 
 def _rows(t: torch.Tensor, dtype: torch.dtype):

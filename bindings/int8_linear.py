@@ -13,9 +13,8 @@ from typing import Optional, Tuple
 import torch
 
 from sparqle.formats._checks import compute_dtype
-from sparqle.formats._row_blocks import dequantize_rows
 
-from ._autograd import register_autograd
+from ._autograd import register_row_scaled_autograd
 from ._backend import FLOATS, launch
 
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
@@ -46,19 +45,4 @@ def _(x, static_scale):
     return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype)))
 
 
-def _setup_context(ctx, inputs, output):
-    x, qweight, scales, bias, quantize_activation = inputs
-    ctx.save_for_backward(qweight, scales)
-
-
-def _backward(ctx, grad):
-    qweight, scales = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = grad @ dequantize_rows(qweight, scales, grad.dtype)
-    if ctx.needs_input_grad[3]:
-        grad_bias = grad.sum(0)
-    return grad_x, None, None, grad_bias, None
-
-
-register_autograd(int8_linear, _backward, _setup_context)
+register_row_scaled_autograd(int8_linear)
