@@ -26,8 +26,9 @@ def _module_and_weight(conversion):
     torch.manual_seed(0)
     fmt, options = conversion
     module = sparqle.convert(nn.Sequential(nn.Linear(40, 24)), fmt, **options)[0]
-    weight = module.quantized_weight(torch.float32) if isinstance(module, sparqle.nn.FP8Linear) else module.weight
-    return module, weight
+    if isinstance(module, sparqle.nn.FP8Linear):
+        return module, module.quantized_weight(torch.float32)
+    return module, module.weight
 
 
 @pytest.mark.parametrize("entry, conversion", EXAMPLES)

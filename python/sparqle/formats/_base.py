@@ -2,7 +2,7 @@
 and of its plain settings (as torchao's ``tensor_data_names`` / ``tensor_attribute_names``
 do), and the unchecked rebuild, ``device``, ``dtype``, ``tensors()``, ``settings()``, ``to``
 and ``__repr__`` are derived from them."""
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -36,7 +36,7 @@ class WeightFormat:
     setting_names: Tuple[str, ...] = ()
     dtype_follows: Mapping[str, Callable[[torch.dtype], torch.dtype]] = {}
     checked_to: bool = False
-    repr_names: Tuple[str, ...] = None
+    repr_names: Optional[Tuple[str, ...]] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
