@@ -153,7 +153,7 @@ def report(quick: bool, progress: bool = True) -> dict:
         for op, (module, launchers) in _modules(linear).items():
             weight = module.weight if not isinstance(module, FP8Linear) else module.quantized_weight(dtype)
             if isinstance(module, Int8Linear):
-                weight = sparqle.Int8Weight._trusted(module.qweight, module.scales, dtype)
+                weight = sparqle.Int8Weight._trusted(qweight=module.qweight, scales=module.scales, dtype=dtype)
             entries = {"module": lambda module=module: module(x),
                        "sparqle.linear": (lambda weight=weight, module=module: sparqle.functional.int8_linear(
                            x, weight, module.bias, module.activation)) if isinstance(module, Int8Linear)

@@ -455,7 +455,7 @@ def test_cupy_spmm_scalar_paths(dtype):
     a = CSR.from_dense(w64.to(dtype).cuda())
     shifted = torch.empty(a.nnz + 1, dtype=dtype, device="cuda")
     shifted[1:] = a.values
-    unaligned = CSR._trusted(a.crow_indices, a.col_indices, shifted[1:], a.shape, a.row_order)
+    unaligned = CSR._trusted(**{**a.tensors(), "values": shifted[1:]}, shape=a.shape)
     w = w64.to(dtype).double()
     for csr, b in [(a, torch.randn(24, 31, dtype=dtype, device="cuda").T),
                    (a, torch.randn(31, 19, dtype=dtype, device="cuda")),
@@ -478,8 +478,8 @@ def test_cupy_spmm_empty_dimensions(m, k, n):
 @pytest.mark.cupy
 def test_cupy_row_order_is_a_schedule_not_semantics():
     a, _, b = _csr_case(31, 17, 9, 0.4, torch.float32)
-    shuffled = CSR._trusted(a.crow_indices, a.col_indices, a.values, a.shape,
-                            torch.randperm(31).to(torch.int32).cuda())
+    shuffled = CSR._trusted(**{**a.tensors(), "row_order": torch.randperm(31).to(torch.int32).cuda()},
+                            shape=a.shape)
     with sparqle.use_backend("cupy"):
         torch.testing.assert_close(sparqle.spmm(shuffled, b), sparqle.spmm(a, b), rtol=0, atol=0)
 

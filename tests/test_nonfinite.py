@@ -51,7 +51,7 @@ def weight(fmt, w):
         q = CSR.from_dense(w)
         return q, w.double(), w != 0
     q = BlockedELL.from_dense(w, 16)
-    ones = BlockedELL._trusted(q.ell_cols, torch.ones_like(q.values), q.shape)
+    ones = BlockedELL._trusted(ell_cols=q.ell_cols, values=torch.ones_like(q.values), shape=q.shape)
     return q, q.to_dense().double(), ones.to_dense() != 0  # every entry of the stored blocks
 
 

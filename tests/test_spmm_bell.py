@@ -88,7 +88,7 @@ def test_linear_gradients_match_oracle(device_backend, dtype, m, k, n, b, densit
         y.backward(dy)
 
     values64 = a.values.detach().double().cpu().requires_grad_(True)
-    w64 = BlockedELL._trusted(a.ell_cols.cpu(), values64, a.shape).to_dense()
+    w64 = BlockedELL._trusted(ell_cols=a.ell_cols.cpu(), values=values64, shape=a.shape).to_dense()
     x64 = x.detach().double().cpu().requires_grad_(True)
     b64 = bias.detach().double().cpu().requires_grad_(True)
     y64 = x64 @ w64.T + b64
@@ -153,7 +153,7 @@ def test_unused_slots_are_skipped_whatever_they_hold(device_backend):
     a, w64 = _operands(40, 50, 16, 0.5, torch.float32, device)
     garbage = a.values.clone()
     garbage[a.ell_cols < 0] = float("nan")
-    poisoned = BlockedELL._trusted(a.ell_cols, garbage, a.shape)
+    poisoned = BlockedELL._trusted(ell_cols=a.ell_cols, values=garbage, shape=a.shape)
     x = torch.randn(5, 50, device=device)
     with sparqle.use_backend(backend):
         y = sparqle.linear(x, poisoned)

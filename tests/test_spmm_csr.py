@@ -65,8 +65,8 @@ def test_row_order_is_a_schedule_not_semantics(device_backend):
     """Any permutation of the rows gives the same C: every row is written exactly once."""
     device, backend = device_backend
     a, w64, b = _pair(31, 17, 9, 0.4, torch.float32, device)
-    shuffled = CSR._trusted(a.crow_indices, a.col_indices, a.values, a.shape,
-                            torch.randperm(31).to(torch.int32).to(device))
+    shuffled = CSR._trusted(**{**a.tensors(), "row_order": torch.randperm(31).to(torch.int32).to(device)},
+                            shape=a.shape)
     with sparqle.use_backend(backend):
         expected, got = sparqle.spmm(a, b), sparqle.spmm(shuffled, b)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

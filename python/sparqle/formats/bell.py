@@ -6,10 +6,11 @@ blocks in any block-row: slot s holds the block at block-column ``ell_cols[r, s]
 entries ``values[r, s]`` (row-major), or is unused (``ell_cols[r, s] = -1``, values ignored),
 as cuSPARSE's Blocked-ELL does. Used slots come first in a block-row, by block-column.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ._base import WeightFormat, layer_dtype
 from ._checks import cdiv, check_int32, check_shape, check_tensors, dense_and_mask
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -63,7 +64,7 @@ def transposed_structure(ell_cols: torch.Tensor, block_cols: int,
     return tuple(t[:-1].view(block_cols, rows)[:, :t_width].contiguous() for t in (t_ell_cols, t_slots))
 
 
-class BlockedELL:
+class BlockedELL(WeightFormat):
     """A sparse [m, k] matrix of b x b blocks in Blocked-ELL form.
 
     Args:
@@ -71,8 +72,14 @@ class BlockedELL:
             no block-column twice in one block-row.
         values: floating [ceil(m/b), W, b, b].
         shape: (m, k).
-    Attributes: ``block_size``, ``ell_cols`` (int32), ``values``, ``shape``.
+    Attributes: ``block_size``, ``ell_cols`` (int32), ``values``, ``shape``. ``to(dtype=)``
+    casts ``values`` (stored in the layer's float dtype); ``ell_cols`` stays int32.
     """
+
+    tensor_names = ("ell_cols", "values")
+    setting_names = ("shape",)
+    dtype_follows = {"values": layer_dtype}
+    repr_names = ("block_size", "width", "density")
 
     def __init__(self, ell_cols: torch.Tensor, values: torch.Tensor, shape: Sequence[int]):
         shape = check_shape("BlockedELL", shape)
@@ -99,17 +106,7 @@ class BlockedELL:
             ordered = ell_cols.sort(dim=1).values
             if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
                 raise ValueError("BlockedELL: ell_cols repeats a block-column within a block-row")
-        self._set(ell_cols.to(torch.int32), values, shape)
-
-    def _set(self, ell_cols, values, shape):
-        self.ell_cols, self.values, self.shape = ell_cols, values, torch.Size(shape)
-
-    @classmethod
-    def _trusted(cls, ell_cols, values, shape) -> "BlockedELL":
-        """A BlockedELL from tensors already known to be valid (as nn modules hold them)."""
-        bell = cls.__new__(cls)
-        bell._set(ell_cols, values, shape)
-        return bell
+        self._fill(ell_cols=ell_cols.to(torch.int32), values=values, shape=shape)
 
     @classmethod
     def from_dense(cls, t: torch.Tensor, block_size: int = 32,
@@ -148,6 +145,11 @@ class BlockedELL:
         return self.values.shape[-1]
 
     @property
+    def width(self) -> int:
+        """W, the slots of a block-row."""
+        return self.ell_cols.shape[1]
+
+    @property
     def nnz_blocks(self) -> int:
         return int((self.ell_cols >= 0).sum())
 
@@ -157,14 +159,6 @@ class BlockedELL:
         b = self.block_size
         return self.nnz_blocks / max(1, cdiv(self.shape[0], b) * cdiv(self.shape[1], b))
 
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
     def transposed_structure(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(t_ell_cols, t_slots) [ceil(k/b), W_t]: block-row c of A^T lists the block-rows of
         A with a stored block in block-column c, and the flat slot index of that block in
@@ -172,23 +166,3 @@ class BlockedELL:
         :func:`transposed_structure`). The gradient with respect to x of ``linear(x, self)``
         reads it; the backward keeps it while ``ell_cols`` lives."""
         return transposed_structure(self.ell_cols, cdiv(self.shape[1], self.block_size), exact=True)
-
-    def index_tensors(self) -> Dict[str, torch.Tensor]:
-        """The integer tensors an nn module keeps as buffers (A^T's structure is derived)."""
-        return {"ell_cols": self.ell_cols}
-
-    @classmethod
-    def from_index_tensors(cls, shape, values: torch.Tensor, t: Dict[str, torch.Tensor]) -> "BlockedELL":
-        """The inverse of ``index_tensors``, over the same tensors (no copy, no checks)."""
-        return cls._trusted(t["ell_cols"], values, shape)
-
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "BlockedELL":
-        """A copy on ``device`` and/or with values of ``dtype``."""
-        return BlockedELL._trusted(self.ell_cols.to(device), self.values.to(device=device, dtype=dtype),
-                                   self.shape)
-
-    def __repr__(self) -> str:
-        return (f"BlockedELL(shape={tuple(self.shape)}, block_size={self.block_size}, "
-                f"width={self.ell_cols.shape[1]}, density={self.density:.4f}, dtype={self.dtype}, "
-                f"device={self.device})")
-

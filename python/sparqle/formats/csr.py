@@ -6,10 +6,11 @@ repeated columns in a row add up. ``row_order`` lists the rows by nonzero count,
 longest first (ties in natural order): SpMM kernels take rows in that order so that
 the long rows start first and the short ones fill the tail.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ._base import WeightFormat, layer_dtype
 from ._checks import INT32_MAX, check_int32, check_shape, check_tensors, dense_and_mask
 from ._sparse import csr_matrix
 
@@ -35,7 +36,7 @@ def transposed_structure(crow: torch.Tensor, col: torch.Tensor, k: int) -> Tuple
     return t_crow, rows[perm], perm.to(torch.int32), _row_order(t_crow)
 
 
-class CSR:
+class CSR(WeightFormat):
     """A sparse [m, k] matrix in CSR form.
 
     Args:
@@ -44,8 +45,14 @@ class CSR:
         values: floating [nnz].
         shape: (m, k).
     Indices are stored as int32. Attributes: ``crow_indices``, ``col_indices``,
-    ``values``, ``shape``, ``row_order`` (int32 [m]).
+    ``values``, ``shape``, ``row_order`` (int32 [m]). ``to(dtype=)`` casts ``values`` (stored
+    in the layer's float dtype); the indices stay int32.
     """
+
+    tensor_names = ("crow_indices", "col_indices", "values", "row_order")
+    setting_names = ("shape",)
+    dtype_follows = {"values": layer_dtype}
+    repr_names = ("nnz", "density")
 
     def __init__(self, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                  values: torch.Tensor, shape: Sequence[int]):
@@ -77,18 +84,8 @@ class CSR:
                                  f"[{lo}, {hi}]")
             check_int32("CSR", "col_indices", hi)
         crow = crow_indices.to(torch.int32)
-        self._set(crow, col_indices.to(torch.int32), values, shape, _row_order(crow))
-
-    def _set(self, crow, col, values, shape, row_order):
-        self.crow_indices, self.col_indices, self.values = crow, col, values
-        self.shape, self.row_order = torch.Size(shape), row_order
-
-    @classmethod
-    def _trusted(cls, crow, col, values, shape, row_order) -> "CSR":
-        """A CSR from tensors already known to be valid (as nn modules hold them)."""
-        csr = cls.__new__(cls)
-        csr._set(crow, col, values, shape, row_order)
-        return csr
+        self._fill(crow_indices=crow, col_indices=col_indices.to(torch.int32), values=values,
+                   row_order=_row_order(crow), shape=shape)
 
     @classmethod
     def from_dense(cls, t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "CSR":
@@ -129,37 +126,8 @@ class CSR:
         """nnz / (m * k); 0 for an empty shape."""
         return self.nnz / max(1, self.shape[0] * self.shape[1])
 
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
     def transposed_structure(self) -> Tuple[torch.Tensor, ...]:
         """(crow, col, perm, row_order) of A^T, whose values are ``values[perm]``: the
         gradient with respect to x of ``linear(x, self)`` reads it (see
         :func:`transposed_structure`; the backward keeps it while A's indices live)."""
         return transposed_structure(self.crow_indices, self.col_indices, self.shape[1])
-
-    def index_tensors(self) -> Dict[str, torch.Tensor]:
-        """The integer tensors an nn module keeps as buffers (A^T's structure is derived)."""
-        return {"crow_indices": self.crow_indices, "col_indices": self.col_indices,
-                "row_order": self.row_order}
-
-    @classmethod
-    def from_index_tensors(cls, shape, values: torch.Tensor, t: Dict[str, torch.Tensor]) -> "CSR":
-        """The inverse of ``index_tensors``, over the same tensors (no copy, no checks)."""
-        return cls._trusted(t["crow_indices"], t["col_indices"], values, shape, t["row_order"])
-
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CSR":
-        """A copy on ``device`` and/or with values of ``dtype`` (indices stay int32)."""
-        return CSR._trusted(self.crow_indices.to(device), self.col_indices.to(device),
-                            self.values.to(device=device, dtype=dtype), self.shape,
-                            self.row_order.to(device))
-
-    def __repr__(self) -> str:
-        return (f"CSR(shape={tuple(self.shape)}, nnz={self.nnz}, density={self.density:.4f}, "
-                f"dtype={self.dtype}, device={self.device})")
-

@@ -9,10 +9,10 @@ cannot hold (an fp64 weight beyond fp32's range) is refused. q = fp8(clamp(W / s
 even; the clamp comes first because torch's cast of an out-of-range value to e4m3fn is NaN.
 W ~= q * scale.
 """
-from typing import Optional
 
 import torch
 
+from ._base import WeightFormat
 from ._checks import check_float_weight, check_scales, compute_dtype
 
 GRANULARITIES = ("row", "tensor")
@@ -46,11 +46,17 @@ def check_granularity(granularity, name: str = "granularity") -> str:
     return granularity
 
 
-class FP8Weight:
+class FP8Weight(WeightFormat):
     """A [N, K] weight in FP8 with fp32 scales (see the module doc).
     Attributes: ``qweight`` (float8_e4m3fn or float8_e5m2 [N, K]), ``scales`` (fp32 [N] for
     row-wise, 0-dim for tensor-wise), ``dtype`` (the float dtype of the layer: fp16, bf16,
-    fp32 or fp64), ``shape``, ``granularity``."""
+    fp32 or fp64), ``shape``, ``granularity``. ``to(dtype=)`` sets ``dtype`` only (checked:
+    one of those four); the FP8 values and the fp32 scales stay as they are."""
+
+    tensor_names = ("qweight", "scales")
+    setting_names = ("dtype",)
+    checked_to = True
+    repr_names = ("fp8_dtype", "granularity")
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
         for name, t in (("qweight", qweight), ("scales", scales)):
@@ -67,18 +73,7 @@ class FP8Weight:
         if qweight.device != scales.device:
             raise ValueError(f"FP8Weight: qweight is on {qweight.device} but scales is on {scales.device}")
         check_scales("FP8Weight", scales)
-        self._set(qweight, scales, dtype)
-
-    def _set(self, qweight, scales, dtype) -> None:
-        self.qweight, self.scales, self.dtype = qweight, scales, dtype
-        self.shape = torch.Size(qweight.shape)
-
-    @classmethod
-    def _trusted(cls, qweight, scales, dtype) -> "FP8Weight":
-        """An FP8Weight from tensors already known to be valid (as nn modules hold them)."""
-        w = cls.__new__(cls)
-        w._set(qweight, scales, dtype)
-        return w
+        self._fill(qweight=qweight, scales=scales, dtype=dtype)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype="e4m3", granularity: str = "row") -> "FP8Weight":
@@ -113,20 +108,11 @@ class FP8Weight:
         return self.qweight.dtype
 
     @property
-    def device(self) -> torch.device:
-        return self.scales.device
+    def shape(self) -> torch.Size:
+        return self.qweight.shape
 
     def dequantize(self) -> torch.Tensor:
         """q * scale, [N, K] in ``dtype`` (computed in fp32, fp64 for fp64)."""
         cdt = compute_dtype(self.dtype)
         scales = self.scales.to(cdt)
         return (self.qweight.to(cdt) * (scales[:, None] if scales.dim() else scales)).to(self.dtype)
-
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "FP8Weight":
-        """Moved to ``device``; ``dtype`` changes the layer's float dtype (the FP8 values and
-        fp32 scales stay as they are)."""
-        return FP8Weight(self.qweight.to(device), self.scales.to(device), dtype or self.dtype)
-
-    def __repr__(self) -> str:
-        return (f"FP8Weight(shape={tuple(self.shape)}, fp8_dtype={self.fp8_dtype}, "
-                f"granularity={self.granularity}, dtype={self.dtype}, device={self.device})")

@@ -22,10 +22,11 @@ for, as the Triton kernel does; ``dequantize`` builds the whole W block by block
 (sparqle.formats._row_blocks): its transient is W and one block (unpacking the whole weight
 at once held about 16x the packed bytes).
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
+from ._base import WeightFormat, layer_dtype
 from ._checks import cdiv, check_float_weight, check_scales, check_shape, compute_dtype
 from ._row_blocks import dense_by_row_blocks
 
@@ -54,13 +55,21 @@ def _params(groups: torch.Tensor, symmetric: bool, ratio: float, dtype: torch.dt
     return scale, zero
 
 
-class Int4Weight:
+class Int4Weight(WeightFormat):
     """A [N, K] weight in 4 bits with group-wise scales and zero points (see module doc).
 
     Attributes: ``packed`` (uint8 [N, ceil(K/2)]), ``scales``, ``zeros`` ([N, G], float),
     ``shape`` (N, K), ``group_size`` (as given, -1 for per channel), ``group_width``
     (the channels per group: K for -1), ``symmetric`` (every zero point is 8).
+    ``scales`` and ``zeros`` are stored in the layer's float dtype: ``to(dtype=)`` casts them
+    (through the checked constructor: a scale that underflows in ``dtype`` is refused);
+    ``packed`` stays uint8.
     """
+
+    tensor_names = ("packed", "scales", "zeros")
+    setting_names = ("shape", "group_size", "symmetric")
+    dtype_follows = {"scales": layer_dtype, "zeros": layer_dtype}
+    checked_to = True
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  shape, group_size: int, symmetric: bool = False):
@@ -93,18 +102,8 @@ class Int4Weight:
         if symmetric and zeros.numel() and not bool((zeros == 8).all()):
             raise ValueError("Int4Weight: symmetric=True needs every zero point at 8, but zeros "
                              "holds others")
-        self._set(packed, scales, zeros, (n, k), group_size, symmetric)
-
-    def _set(self, packed, scales, zeros, shape, group_size, symmetric) -> None:
-        self.packed, self.scales, self.zeros = packed, scales, zeros
-        self.shape, self.group_size, self.symmetric = torch.Size(shape), group_size, symmetric
-
-    @classmethod
-    def _trusted(cls, packed, scales, zeros, shape, group_size, symmetric) -> "Int4Weight":
-        """An Int4Weight from tensors already known to be valid (as nn modules hold them)."""
-        w = cls.__new__(cls)
-        w._set(packed, scales, zeros, shape, group_size, symmetric)
-        return w
+        self._fill(packed=packed, scales=scales, zeros=zeros, shape=(n, k), group_size=group_size,
+                   symmetric=symmetric)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 128, *, symmetric: bool = False,
@@ -154,14 +153,6 @@ class Int4Weight:
     def group_width(self) -> int:
         return self.shape[1] if self.group_size == -1 else self.group_size
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scales.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.scales.device
-
     def unpack(self) -> torch.Tensor:
         """q, uint8 [N, K] in [0, 15]."""
         q = torch.stack([self.packed & 15, self.packed >> 4], dim=-1)
@@ -172,15 +163,6 @@ class Int4Weight:
         return torch.ops.sparqle.int4_dequantize(self.packed, self.scales, self.zeros,
                                                  self.group_width, self.shape[1])
 
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Int4Weight":
-        """A copy on ``device`` and/or with scales and zeros of ``dtype``."""
-        return Int4Weight(self.packed.to(device), self.scales.to(device=device, dtype=dtype),
-                          self.zeros.to(device=device, dtype=dtype), self.shape, self.group_size,
-                          self.symmetric)
-
-    def __repr__(self) -> str:
-        return (f"Int4Weight(shape={tuple(self.shape)}, group_size={self.group_size}, "
-                f"symmetric={self.symmetric}, dtype={self.dtype}, device={self.device})")
 
 
 def dequantize_block(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

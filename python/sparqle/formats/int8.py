@@ -11,13 +11,22 @@ from typing import Optional
 
 import torch
 
+from ._base import WeightFormat
 from ._checks import check_float_weight, check_scales, compute_dtype
 
 
-class Int8Weight:
+class Int8Weight(WeightFormat):
     """A [N, K] weight in int8 with a scale per output channel (see the module doc).
     Attributes: ``qweight`` (int8 [N, K]), ``scales`` ([N], float), ``dtype`` (the float
-    dtype of the layer's x, bias and y; default the scales' dtype), ``shape``."""
+    dtype of the layer's x, bias and y; default the scales' dtype), ``shape``.
+    ``to(dtype=)`` sets ``dtype`` and casts ``scales`` to its compute dtype (fp32, fp64 for
+    fp64), through the checked constructor (a scale that fp32 cannot hold is refused);
+    ``qweight`` stays int8."""
+
+    tensor_names = ("qweight", "scales")
+    setting_names = ("dtype",)
+    dtype_follows = {"scales": compute_dtype}
+    checked_to = True
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: Optional[torch.dtype] = None):
         for name, t in (("qweight", qweight), ("scales", scales)):
@@ -37,18 +46,7 @@ class Int8Weight:
         check_scales("Int8Weight", scales)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"Int8Weight: dtype must be a floating-point torch.dtype, got {dtype!r}")
-        self._set(qweight, scales, scales.dtype if dtype is None else dtype)
-
-    def _set(self, qweight, scales, dtype) -> None:
-        self.qweight, self.scales, self.dtype = qweight, scales, dtype
-        self.shape = torch.Size(qweight.shape)
-
-    @classmethod
-    def _trusted(cls, qweight, scales, dtype: Optional[torch.dtype] = None) -> "Int8Weight":
-        """An Int8Weight from tensors already known to be valid (as nn modules hold them)."""
-        w = cls.__new__(cls)
-        w._set(qweight, scales, scales.dtype if dtype is None else dtype)
-        return w
+        self._fill(qweight=qweight, scales=scales, dtype=scales.dtype if dtype is None else dtype)
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Weight":
@@ -62,19 +60,10 @@ class Int8Weight:
         return cls(q.to(torch.int8), scales, w.dtype)
 
     @property
-    def device(self) -> torch.device:
-        return self.scales.device
+    def shape(self) -> torch.Size:
+        return self.qweight.shape
 
     def dequantize(self) -> torch.Tensor:
         """q * scale, [N, K] in ``dtype`` (computed in fp32, fp64 for fp64)."""
         cdt = compute_dtype(self.dtype)
         return (self.qweight.to(cdt) * self.scales.to(cdt)[:, None]).to(self.dtype)
-
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Int8Weight":
-        """Moved to ``device``; ``dtype`` changes the layer's float dtype (the scales keep
-        theirs: fp64 only for an fp64 layer)."""
-        scales = self.scales.to(device=device, dtype=compute_dtype(dtype)) if dtype else self.scales.to(device)
-        return Int8Weight(self.qweight.to(device), scales, dtype or self.dtype)
-
-    def __repr__(self) -> str:
-        return f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"

@@ -15,10 +15,11 @@ groups (32 dense columns) a word: the per-row metadata encoding of sparse tensor
 Codec: ``pack_positions`` / ``unpack_positions`` (positions <-> meta), ``columns`` (the
 dense column of every stored value) and ``to_dense`` (W from values and meta, in torch).
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
+from ._base import WeightFormat, layer_dtype
 from ._checks import cdiv, check_shape, check_tensors
 
 PATTERNS = ((1, 2), (2, 4), (1, 4), (2, 8), (4, 8))
@@ -82,10 +83,16 @@ def _grouped(t: torch.Tensor, m: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, cdiv(k, m) * m - k)).view(rows, cdiv(k, m), m)
 
 
-class SemiStructured:
+class SemiStructured(WeightFormat):
     """A [out, in] weight in n:m semi-structured form (see the module doc).
     Attributes: ``values`` [out, Kc], ``meta`` int32 [out, ceil(Kc * BITS / 32)], ``n``,
-    ``m``, ``shape``."""
+    ``m``, ``shape``. ``to(dtype=)`` casts ``values`` (stored in the layer's float dtype);
+    ``meta`` stays int32."""
+
+    tensor_names = ("values", "meta")
+    setting_names = ("shape", "n", "m")
+    dtype_follows = {"values": layer_dtype}
+    repr_names = ("pattern",)
 
     def __init__(self, values: torch.Tensor, meta: torch.Tensor, shape: Sequence[int],
                  n: int = 2, m: int = 4):
@@ -111,18 +118,7 @@ class SemiStructured:
         padding = (positions.view(rows, kc) + torch.arange(kc, device=meta.device) // n * m) >= k
         if bool((values[padding] != 0).any()):
             raise ValueError("SemiStructured: values at padded columns (>= in) must be zero")
-        self._set(values, meta, shape, n, m)
-
-    def _set(self, values, meta, shape, n, m) -> None:
-        self.values, self.meta, self.n, self.m = values, meta, n, m
-        self.shape = torch.Size(shape)
-
-    @classmethod
-    def _trusted(cls, values, meta, shape, n, m) -> "SemiStructured":
-        """A SemiStructured from tensors already known to be valid (as nn modules hold them)."""
-        w = cls.__new__(cls)
-        w._set(values, meta, shape, n, m)
-        return w
+        self._fill(values=values, meta=meta, shape=shape, n=n, m=m)
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, n: int = 2, m: int = 4) -> "SemiStructured":
@@ -162,16 +158,13 @@ class SemiStructured:
         positions = torch.sort(order, dim=-1).values
         values = _grouped(w.detach(), m).gather(-1, positions)
         values = torch.where(groups.gather(-1, positions), values, 0)
-        return cls._trusted(values.reshape(rows, kc).contiguous(),
-                            pack_positions(positions.reshape(rows, kc), m), w.shape, n, m)
+        return cls._trusted(values=values.reshape(rows, kc).contiguous(),
+                            meta=pack_positions(positions.reshape(rows, kc), m), shape=w.shape, n=n, m=m)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
+    def pattern(self) -> str:
+        """The pattern as "n:m"."""
+        return f"{self.n}:{self.m}"
 
     @property
     def density(self) -> float:
@@ -181,25 +174,6 @@ class SemiStructured:
     def to_dense(self) -> torch.Tensor:
         """W [out, in] in values' dtype."""
         return torch.ops.sparqle.nm_to_dense(self.values, self.meta, self.n, self.m, self.shape[1])
-
-    def index_tensors(self) -> Dict[str, torch.Tensor]:
-        """The integer tensors an nn module keeps as buffers."""
-        return {"meta": self.meta}
-
-    @classmethod
-    def from_index_tensors(cls, shape, values: torch.Tensor, t: Dict[str, torch.Tensor], *,
-                           n: int, m: int) -> "SemiStructured":
-        """The inverse of ``index_tensors``, over the same tensors (no copy, no checks)."""
-        return cls._trusted(values, t["meta"], shape, n, m)
-
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "SemiStructured":
-        """A copy on ``device`` and/or with values of ``dtype``."""
-        return SemiStructured._trusted(self.values.to(device=device, dtype=dtype),
-                                       self.meta.to(device), self.shape, self.n, self.m)
-
-    def __repr__(self) -> str:
-        return (f"SemiStructured(shape={tuple(self.shape)}, pattern={self.n}:{self.m}, "
-                f"dtype={self.dtype}, device={self.device})")
 
 
 def _check_weight(w) -> None:

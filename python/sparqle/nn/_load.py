@@ -101,6 +101,22 @@ class ConvertedLinear(CheckedLoad):
         """What this module computes with beyond its tensors' values."""
         raise NotImplementedError
 
+    def _held(self, names) -> Dict[str, torch.Tensor]:
+        """Name -> this module's own Parameter or buffer, for each of ``names`` (a format's
+        ``tensor_names``: what ``_trusted`` rebuilds the weight from)."""
+        parameters, buffers = self._parameters, self._buffers
+        return {name: parameters[name] if name in parameters else buffers[name] for name in names}
+
+    def _register_format_tensors(self, weight, parameter: Optional[str] = None) -> None:
+        """Hold each tensor of format ``weight`` (``weight.tensors()``) under its name: as a
+        buffer, but tensor ``parameter`` (a sparse format's stored values) as a trainable
+        Parameter, a copy."""
+        for name, tensor in weight.tensors().items():
+            if name == parameter:
+                setattr(self, name, nn.Parameter(tensor.detach().clone()))
+            else:
+                self.register_buffer(name, tensor)
+
     def derived(self) -> Tuple[str, ...]:
         """The buffers computed from the module's other tensors (a checkpoint leaves them
         out; ``from_state_dict`` rebuilds them)."""

@@ -46,8 +46,8 @@ class FP8Linear(ConvertedLinear):
                 raise TypeError(f"weight must be a sparqle.FP8Weight, got {type(weight).__name__}")
             self.out_features, self.in_features = weight.shape
             self.fp8_dtype, self.granularity = weight.fp8_dtype, weight.granularity
-            self.register_buffer("qweight", weight.qweight.view(torch.uint8))
-            self.register_buffer("scales", weight.scales)
+            self._register_format_tensors(weight)
+            self.qweight = self.qweight.view(torch.uint8)
         self.bias = bias_parameter(bias, self.out_features)
 
     @classmethod
@@ -69,7 +69,9 @@ class FP8Linear(ConvertedLinear):
     def quantized_weight(self, dtype: torch.dtype) -> FP8Weight:
         """The inference weight as an FP8Weight for activations of ``dtype`` (over this
         module's buffers: no copy, no checks, as they were checked when built or loaded)."""
-        return FP8Weight._trusted(self.qweight.view(self.fp8_dtype), self.scales, dtype)
+        tensors = self._held(FP8Weight.tensor_names)
+        tensors["qweight"] = tensors["qweight"].view(self.fp8_dtype)
+        return FP8Weight._trusted(**tensors, dtype=dtype)
 
     def settings(self):
         return {"format": "fp8", "training": self.fp8_training,

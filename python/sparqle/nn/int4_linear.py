@@ -27,9 +27,7 @@ class Int4Linear(ConvertedLinear):
             raise TypeError(f"weight must be a sparqle.Int4Weight, got {type(weight).__name__}")
         self.out_features, self.in_features = weight.shape
         self.group_size, self.symmetric = weight.group_size, weight.symmetric
-        self.register_buffer("packed", weight.packed)
-        self.register_buffer("scales", weight.scales)
-        self.register_buffer("zeros", weight.zeros)
+        self._register_format_tensors(weight)
         self.bias = bias_parameter(bias, self.out_features)
 
     @classmethod
@@ -53,8 +51,9 @@ class Int4Linear(ConvertedLinear):
     def weight(self) -> Int4Weight:
         """The weight over this module's buffers (no copy, no checks: they were checked when
         built or loaded)."""
-        return Int4Weight._trusted(self.packed, self.scales, self.zeros,
-                                   (self.out_features, self.in_features), self.group_size, self.symmetric)
+        return Int4Weight._trusted(**self._held(Int4Weight.tensor_names),
+                                   shape=(self.out_features, self.in_features),
+                                   group_size=self.group_size, symmetric=self.symmetric)
 
     def settings(self):
         return {"format": "int4", "group_size": self.group_size, "symmetric": self.symmetric,

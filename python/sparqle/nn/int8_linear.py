@@ -34,8 +34,7 @@ class Int8Linear(ConvertedLinear):
             raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
         self.out_features, self.in_features = weight.shape
         self.activation = activation
-        self.register_buffer("qweight", weight.qweight)
-        self.register_buffer("scales", weight.scales)
+        self._register_format_tensors(weight)
         self.bias = bias_parameter(bias, self.out_features)
 
     @classmethod
@@ -56,7 +55,7 @@ class Int8Linear(ConvertedLinear):
     def weight(self) -> Int8Weight:
         """The weight over this module's buffers (no copy, no checks: they were checked when
         built or loaded)."""
-        return Int8Weight._trusted(self.qweight, self.scales)
+        return self._weight(self.scales.dtype)
 
     def settings(self):
         return {"format": "int8", "activation": self.activation,
@@ -85,8 +84,12 @@ class Int8Linear(ConvertedLinear):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got "
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-        return int8_linear(x, Int8Weight._trusted(self.qweight, self.scales, x.dtype), self.bias,
-                           self.activation)
+        return int8_linear(x, self._weight(x.dtype), self.bias, self.activation)
+
+    def _weight(self, dtype: torch.dtype) -> Int8Weight:
+        """The weight over this module's buffers for layer float dtype ``dtype`` (no copy, no
+        checks: they were checked when built or loaded)."""
+        return Int8Weight._trusted(**self._held(Int8Weight.tensor_names), dtype=dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,6 +1,5 @@
 """SparseLinear: y = x @ W^T + b with W [out, in] sparse, its pattern fixed and its
 stored values trainable."""
-import functools
 from typing import Optional
 
 import torch
@@ -14,10 +13,9 @@ from ..formats.nm import PATTERNS
 from ..functional import linear
 from ._load import ConvertedLinear, bias_parameter
 
-# Format name -> builder of the weight from (shape, values, index tensors).
-_FORMATS = {"csr": CSR.from_index_tensors, "bell": BlockedELL.from_index_tensors,
-            **{f"{n}:{m}": functools.partial(SemiStructured.from_index_tensors, n=n, m=m)
-               for n, m in PATTERNS}}
+# Format name -> (its class, the settings the name gives besides the shape).
+_FORMATS = {"csr": (CSR, {}), "bell": (BlockedELL, {}),
+            **{f"{n}:{m}": (SemiStructured, {"n": n, "m": m}) for n, m in PATTERNS}}
 
 
 # Format -> the index tensors that hold the pattern; a SparseLinear's other buffers (CSR's
@@ -78,9 +76,7 @@ class SparseLinear(ConvertedLinear):
         self.format = _format_name(weight)
         self.out_features, self.in_features = weight.shape
         self.block_size = weight.block_size if isinstance(weight, BlockedELL) else None
-        for name, tensor in weight.index_tensors().items():
-            self.register_buffer(name, tensor)
-        self.values = nn.Parameter(weight.values.detach().clone())
+        self._register_format_tensors(weight, parameter="values")
         self.bias = bias_parameter(bias, self.out_features)
 
     @classmethod
@@ -135,7 +131,9 @@ class SparseLinear(ConvertedLinear):
     @property
     def weight(self):
         """The weight in its format, over this module's tensors (no copy)."""
-        return _FORMATS[self.format]((self.out_features, self.in_features), self.values, self._buffers)
+        cls, settings = _FORMATS[self.format]
+        return cls._trusted(**self._held(cls.tensor_names),
+                            shape=(self.out_features, self.in_features), **settings)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -160,8 +158,8 @@ class SparseLinear(ConvertedLinear):
 
     def _check_state(self, tensors):
         weight = _checked_weight(self.format, (self.out_features, self.in_features), self.block_size, tensors)
-        for name, derived in weight.index_tensors().items():
-            if not torch.equal(tensors[name], derived):
+        for name, derived in weight.tensors().items():
+            if name != "values" and not torch.equal(tensors[name], derived):
                 raise ValueError(f"{name} is not the one the pattern gives (it is derived from "
                                  f"the other index tensors): the state_dict is corrupt")
 
