@@ -35,8 +35,9 @@ class WeightOp:
     kernels: the modules of its family in every layer: ``bindings/<kernels>.py`` (which
         registers the op), ``kernels/<backend>/<kernels>.py``, ``tests/test_<kernels>.py``.
     format: the weight format class (sparqle.formats).
-    tensors, static: the op's arguments from a weight of that format: the tensors between x
-        and bias, and the plain values after bias.
+    static: the plain arguments of the op after bias, from a weight of that format (the
+        tensors between x and bias are the format's ``tensor_names``, in order, or
+        ``tensors_of(w)`` where the op takes them otherwise).
     sparse: the weight is sparse: ``sparqle.spmm`` takes it, and its stored values train.
     converts: the names ``sparqle.convert`` takes for it, each with the options the name
         gives the module's ``from_linear``.
@@ -53,7 +54,6 @@ class WeightOp:
     name: str
     kernels: str
     format: type
-    tensors: Callable[[Any], Tuple[torch.Tensor, ...]]
     static: Callable[[Any], Tuple[Any, ...]]
     sparse: bool
     converts: Mapping[str, Dict[str, Any]]
@@ -63,6 +63,14 @@ class WeightOp:
     bench: str
     examples: Mapping[str, Conversion]
     refusal: Optional[Callable[[torch.nn.Linear, Mapping[str, Any]], Optional[str]]] = None
+    tensors_of: Optional[Callable[[Any], Tuple[torch.Tensor, ...]]] = None
+
+    def tensors(self, w) -> Tuple[torch.Tensor, ...]:
+        """The op's tensor arguments (between x and bias) from weight ``w``: its format's
+        ``tensor_names`` in order, or ``tensors_of(w)``."""
+        if self.tensors_of is not None:
+            return self.tensors_of(w)
+        return tuple([getattr(w, name) for name in w.tensor_names])
 
     @property
     def op(self):
@@ -139,40 +147,38 @@ _NM_FORMATS = {f"{n}:{m}": {"format": f"{n}:{m}"} for n, m in PATTERNS}
 OPS: Tuple[WeightOp, ...] = (
     WeightOp(
         name="csr_linear", kernels="spmm_csr", format=CSR,
-        tensors=lambda w: (w.crow_indices, w.col_indices, w.values, w.row_order),
         static=lambda w: (), sparse=True,
         converts={"csr": {"format": "csr"}}, module="SparseLinear", methods=SPARSE_METHODS,
         dense=lambda w: w.to_dense(), bench="spmm_csr",
         examples={"csr": ("csr", {"sparsity": 0.5})}, refusal=_csr_refusal),
     WeightOp(
         name="bell_linear", kernels="spmm_bell", format=BlockedELL,
-        tensors=lambda w: (w.ell_cols, w.values),
         static=lambda w: (w.shape[0],), sparse=True,
         converts={"bell": {"format": "bell"}}, module="SparseLinear", methods=SPARSE_METHODS,
         dense=lambda w: w.to_dense(), bench="spmm_bell",
         examples={"bell": ("bell", {"sparsity": 0.5, "block_size": 16})}),
     WeightOp(
         name="nm_linear", kernels="nm_linear", format=SemiStructured,
-        tensors=lambda w: (w.values, w.meta), static=lambda w: (w.n, w.m), sparse=True,
+        static=lambda w: (w.n, w.m), sparse=True,
         converts=_NM_FORMATS, module="SparseLinear", methods=SPARSE_METHODS,
         dense=lambda w: w.to_dense(), bench="nm",
         examples={"2:4": ("2:4", {}), "4:8": ("4:8", {})}),
     WeightOp(
         name="int4_linear", kernels="int4_linear", format=Int4Weight,
-        tensors=lambda w: (w.packed, w.scales, w.zeros), static=lambda w: (w.group_width,),
+        static=lambda w: (w.group_width,),
         sparse=False, converts={"int4": {}}, module="Int4Linear", methods=INT4_METHODS,
         dense=lambda w: w.dequantize(), bench="int4",
         examples={"int4": ("int4", {"group_size": 32}),
                   "int4-symmetric": ("int4", {"group_size": 32, "symmetric": True})}),
     WeightOp(
         name="int8_linear", kernels="int8_linear", format=Int8Weight,
-        tensors=lambda w: (w.qweight, w.scales), static=lambda w: (True,),  # W8A8
+        static=lambda w: (True,),  # W8A8
         sparse=False, converts={"int8": {}}, module="Int8Linear", methods=INT8_METHODS,
         dense=lambda w: w.dequantize(), bench="int8",
         examples={"int8": ("int8", {}), "int8-w16": ("int8", {"activation": None})}),
     WeightOp(
         name="fp8_linear", kernels="fp8_linear", format=FP8Weight,
-        tensors=lambda w: (w.qweight, w.scales.reshape(-1)), static=lambda w: (),
+        static=lambda w: (), tensors_of=lambda w: (w.qweight, w.scales.reshape(-1)),  # [1], not 0-dim
         sparse=False, converts={"fp8": {}}, module="FP8Linear", methods=None,
         dense=lambda w: w.dequantize(), bench="fp8",
         examples={"fp8": ("fp8", {}), "fp8-e5m2-tensor": ("fp8", {"dtype": "e5m2", "granularity": "tensor"})}),
