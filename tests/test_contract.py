@@ -116,23 +116,32 @@ def laid_out(shape, layout: str, dtype, device) -> torch.Tensor:
                                                     ("expanded", "strided")])
 @pytest.mark.parametrize("entry, label, conversion", EXAMPLES)
 def test_any_layout_of_x_and_bias(device_backend, entry, label, conversion, x_layout, bias_layout):
-    """The op reads x and the bias through their strides: y, dx and dbias for x transposed,
-    strided or expanded and the bias strided or expanded, against float64 math."""
+    """The op reads x and the bias through their strides: y, dx, dbias and a sparse format's
+    d(values) for x transposed, strided or expanded and the bias strided or expanded,
+    against float64 math."""
     device, backend = device_backend
     module = converted(conversion, device=device)
     args = recorded_args(entry, module, torch.randn(20, IN_FEATURES, device=device))
     n = len(entry.tensors(weight_of(module, torch.float32)))
     x = laid_out((20, IN_FEATURES), x_layout, torch.float32, device)
     bias = laid_out((OUT_FEATURES,), bias_layout, torch.float32, device)
+    leaves = (x, bias) + ((module.values,) if entry.sparse else ())
     with sparqle.use_backend(backend):
         y = entry.op.default(x, *args[1:1 + n], bias, *args[2 + n:])
         dy = torch.randn_like(y)
-        dx, dbias = torch.autograd.grad(y, (x, bias), dy)
-    w64 = entry.dense(weight_of(module, torch.float32)).double().cpu()
+        grads = torch.autograd.grad(y, leaves, dy)
+    ref = copy.deepcopy(module).cpu().double()
+    w64 = entry.dense(weight_of(ref, torch.float64)).double()
     x64, bias64, dy64 = input_as_multiplied(entry, module, x), bias.detach().double().cpu(), dy.double().cpu()
     assert_close(y, x64 @ w64.T + bias64, x64.abs() @ w64.abs().T + bias64.abs(), torch.float32, f"{label} y")
-    assert_close(dx, dy64 @ w64, dy64.abs() @ w64.abs(), torch.float32, f"{label} dx")
-    assert_close(dbias, dy64.sum(0), dy64.abs().sum(0), torch.float32, f"{label} dbias")
+    assert_close(grads[0], dy64 @ w64, dy64.abs() @ w64.abs(), torch.float32, f"{label} dx")
+    assert_close(grads[1], dy64.sum(0), dy64.abs().sum(0), torch.float32, f"{label} dbias")
+    if entry.sparse:  # the values' gradient reads x through its strides too
+        (x64 @ w64.T).backward(dy64)
+        bound = copy.deepcopy(ref)
+        bound.values.data.fill_(1)
+        (x64.abs() @ entry.dense(bound.weight).T).backward(dy64.abs())
+        assert_close(grads[2], ref.values.grad, bound.values.grad, torch.float32, f"{label} dvalues")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
