@@ -47,12 +47,16 @@ def row_absmax(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
 @autotune(_REDO_CONFIGS, key=["N", "K"])
 @triton.jit
 def _redo_infinite_rows_kernel(
+    # pointers
     x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+    # sizes
     N, K,
+    # strides
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_ym, stride_yn,
     stride_ws, stride_bias,
+    # meta-parameters
     W_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):

@@ -61,10 +61,14 @@ def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
 @autotune(QUANT_CONFIGS, key=["K"])
 @triton.jit
 def _quantize_rows_kernel(
+    # pointers
     x_ptr, q_ptr, scale_ptr, static_ptr,
+    # sizes
     K,
+    # strides
     stride_xm, stride_xk,
     stride_qm,
+    # meta-parameters
     STATIC: tl.constexpr, Q_DTYPE: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
     FP8_MAX: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -94,12 +98,16 @@ def _quantize_rows_kernel(
 @autotune(_GEMM_CONFIGS, key=["M", "N", "K", "A_FP8"], bucket=["M"])
 @triton.jit
 def _fp8_scaled_mm_kernel(
+    # pointers
     a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, y_ptr,
+    # sizes
     M, N, K,
+    # strides
     stride_am, stride_ak,
     stride_bn, stride_bk,
     stride_ym, stride_yn,
     stride_as, stride_bs, stride_bias,
+    # meta-parameters
     A_FP8: tl.constexpr, A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,

@@ -41,10 +41,14 @@ _GEMM_CONFIGS = Configs(
 @autotune(QUANT_CONFIGS, key=["K"])
 @triton.jit
 def _quantize_rows_kernel(
+    # pointers
     x_ptr, q_ptr, scale_ptr, static_ptr,
+    # sizes
     K,
+    # strides
     stride_xm, stride_xk,
     stride_qm,
+    # meta-parameters
     STATIC: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -95,12 +99,16 @@ def _dot_k_range(x_ptr, w_ptr, acc, offs_m, offs_n, mask_m, mask_n, k_start, k_e
 @autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8", "CHUNKED"], bucket=["M"])
 @triton.jit
 def _int8_linear_kernel(
+    # pointers
     x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+    # sizes
     M, N, K,
+    # strides
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_ym, stride_yn,
     stride_bias,
+    # meta-parameters
     W8A8: tl.constexpr, CHUNKED: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
