@@ -24,7 +24,7 @@ import torch
 from sparqle.formats._checks import cdiv
 from sparqle.formats.bell import transposed_structure
 from sparqle.kernels._capture import host_reads_allowed
-from sparqle.kernels._derived import derived
+from sparqle.kernels._derived import derived, kept
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, launch
@@ -81,8 +81,13 @@ for _op in (bell_matmul, sddmm_bell):
 
 def _transposed(ell_cols: torch.Tensor, k: int, b: int):
     """A^T's block structure (t_ell_cols, t_slots): the exact width where the host may read
-    it, else the static bound (see sparqle.formats.bell.transposed_structure)."""
+    it, else the one kept from an eager call before (a CUDA graph captured after warm-up
+    replays it), else the static bound (see sparqle.formats.bell.transposed_structure)."""
     exact = host_reads_allowed()
+    if not exact:
+        warm = kept("bell_transposed_exact", ell_cols)
+        if warm is not None:
+            return warm
     return derived("bell_transposed_exact" if exact else "bell_transposed_bound",
                    lambda: transposed_structure(ell_cols, cdiv(k, b), exact), ell_cols)
 

@@ -26,15 +26,28 @@ def derived(name: str, make: Callable[[], T], *sources: torch.Tensor) -> T:
     replaced or modified in place; dropped when ``sources[0]`` is freed."""
     if _capture.tracing() or any(s.is_inference() for s in sources):
         return make()
-    key = (id(sources[0]), name)
-    versions = tuple(s._version for s in sources)
-    hit = _kept.get(key)
-    if hit is not None and hit[1] == versions and all(r() is s for r, s in zip(hit[0], sources)):
-        return hit[2]
+    found = kept(name, *sources)
+    if found is not None:
+        return found
     made = make()
     if _capture.capturing():
         return made
+    key = (id(sources[0]), name)
+    hit = _kept.get(key)
     if hit is None or hit[0][0]() is not sources[0]:
         weakref.finalize(sources[0], _kept.pop, key, None)
-    _kept[key] = (tuple(weakref.ref(s) for s in sources), versions, made)
+    _kept[key] = (tuple(weakref.ref(s) for s in sources), tuple(s._version for s in sources), made)
     return made
+
+
+def kept(name: str, *sources: torch.Tensor):
+    """What :func:`derived` keeps for (``sources[0]``, ``name``) if it is still valid (its
+    sources the same tensors, unmodified), else None; never makes anything. None while
+    tracing and for inference tensors, for which nothing is kept."""
+    if _capture.tracing() or any(s.is_inference() for s in sources):
+        return None
+    hit = _kept.get((id(sources[0]), name))
+    if (hit is not None and hit[1] == tuple(s._version for s in sources)
+            and all(r() is s for r, s in zip(hit[0], sources))):
+        return hit[2]
+    return None

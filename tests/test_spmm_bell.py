@@ -134,6 +134,22 @@ def test_transposed_structure_exact_when_eager_and_kept(device_backend):
         assert torch.equal(kept, e) and torch.equal(b[:, :width], e) and (b[:, width:] == -1).all()
 
 
+def test_captured_backward_takes_the_structure_kept_eagerly(monkeypatch):
+    """While a CUDA graph is captured (no host read allowed) the backward takes the exact
+    structure an eager call kept (a warm-up before capture), not a bound one rebuilt in the
+    graph; with none kept, the bound one. (Capture is simulated: this is the CPU.)"""
+    from sparqle.bindings.spmm_bell import _transposed
+    from sparqle.kernels import _capture
+    a, _ = _operands(70, 40, 16, 0.4, torch.float32, "cpu")
+    fresh, _ = _operands(70, 40, 16, 0.4, torch.float32, "cpu")
+    warm = _transposed(a.ell_cols, 40, 16)
+    monkeypatch.setattr(_capture, "capturing", lambda: True)
+    assert _transposed(a.ell_cols, 40, 16) is warm
+    bound = _transposed(fresh.ell_cols, 40, 16)
+    assert bound[0].shape == (3, fresh.ell_cols.shape[0])
+    assert (id(fresh.ell_cols), "bell_transposed_bound") not in _derived._kept  # made in capture: not kept
+
+
 def test_bound_width_gives_the_same_gradient(device_backend):
     """bell_matmul over the bound-width structure (as compiled or captured code gets it)
     equals the exact one's: the unused slots are skipped."""
