@@ -30,6 +30,7 @@ from sparqle.kernels.dispatch import FP8_WEIGHT_ONLY_MAX_M
 
 from ._autograd import register_autograd, register_row_scaled_autograd
 from ._backend import FLOATS, choose, kernels, requested_backend
+from ._weight_op import define_weight_op
 
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 E4M3, E5M2 = getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)
@@ -68,8 +69,6 @@ def _(a, a_scale, b, b_scale, bias, out_dtype):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
-# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
-# directly where the dispatcher would add nothing (WeightOp.linear).
 def fp8_linear_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                        bias: Optional[torch.Tensor]) -> torch.Tensor:
     k = _kernels("fp8_linear", x.device, x.dtype)
@@ -79,12 +78,7 @@ def fp8_linear_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     return k.redo_rows(x, scale, qweight, scales, bias, k.scaled_mm(q, scale, qweight, scales, bias, x.dtype))
 
 
-fp8_linear = torch.library.custom_op("sparqle::fp8_linear", mutates_args=())(fp8_linear_forward)
-
-
-@fp8_linear.register_fake
-def _(x, qweight, scales, bias):
-    return x.new_empty((x.shape[0], qweight.shape[0]))
+fp8_linear = define_weight_op(fp8_linear_forward, lambda qweight, *_: qweight.shape[0])
 
 
 register_row_scaled_autograd(fp8_linear)

@@ -15,24 +15,18 @@ from sparqle.formats.int4 import dequantize
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, launch
+from ._weight_op import define_weight_op
 
 # Triton 3.6 cannot lower the fp64 dot of this kernel (ConvertTritonGPUToLLVM fails).
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 
 
-# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
-# directly where the dispatcher would add nothing (WeightOp.linear).
 def int4_linear_forward(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         bias: Optional[torch.Tensor], group_width: int) -> torch.Tensor:
     return launch("int4_linear", "int4_linear", DTYPES, x, x, packed, scales, zeros, bias, group_width)
 
 
-int4_linear = torch.library.custom_op("sparqle::int4_linear", mutates_args=())(int4_linear_forward)
-
-
-@int4_linear.register_fake
-def _(x, packed, scales, zeros, bias, group_width):
-    return x.new_empty((x.shape[0], packed.shape[0]))
+int4_linear = define_weight_op(int4_linear_forward, lambda packed, *_: packed.shape[0])
 
 
 @torch.library.custom_op("sparqle::int4_dequantize", mutates_args=())

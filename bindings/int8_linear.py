@@ -16,23 +16,17 @@ from sparqle.formats._checks import compute_dtype
 
 from ._autograd import register_row_scaled_autograd
 from ._backend import FLOATS, launch
+from ._weight_op import define_weight_op
 
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 
 
-# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
-# directly where the dispatcher would add nothing (WeightOp.linear).
 def int8_linear_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                         bias: Optional[torch.Tensor], quantize_activation: bool) -> torch.Tensor:
     return launch("int8_linear", "int8_linear", DTYPES, x, x, qweight, scales, bias, quantize_activation)
 
 
-int8_linear = torch.library.custom_op("sparqle::int8_linear", mutates_args=())(int8_linear_forward)
-
-
-@int8_linear.register_fake
-def _(x, qweight, scales, bias, quantize_activation):
-    return x.new_empty((x.shape[0], qweight.shape[0]))
+int8_linear = define_weight_op(int8_linear_forward, lambda qweight, *_: qweight.shape[0])
 
 
 @torch.library.custom_op("sparqle::int8_quantize_rows", mutates_args=())

@@ -41,6 +41,7 @@ from sparqle.kernels.dispatch import NM_UNMEASURED_CUBLAS_FROM_M
 from ._autograd import register_autograd
 from ._backend import FLOATS, choose, kernels, launch, requested_backend
 from ._fastest import fastest
+from ._weight_op import define_weight_op
 
 # Triton 3.6 cannot lower an fp64 tl.dot here. cupy (mma.sp on sparse tensor cores, 2:4
 # only) runs when forced: it joins auto's candidates once its tests have run on a GPU.
@@ -110,8 +111,6 @@ def _timing_key(x, values, bias, n, m) -> Tuple[Hashable, bool]:
             bias is not None, changed), changed
 
 
-# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
-# directly where the dispatcher would add nothing (WeightOp.linear).
 def nm_linear_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                       bias: Optional[torch.Tensor], n: int, m: int) -> torch.Tensor:
     rows, (out, k) = x.shape[0], (values.shape[0], x.shape[1])
@@ -123,12 +122,7 @@ def nm_linear_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     return launch("nm_linear", "nm_linear", DTYPES, x, x, values, meta, bias, n, m)
 
 
-nm_linear = torch.library.custom_op("sparqle::nm_linear", mutates_args=())(nm_linear_forward)
-
-
-@nm_linear.register_fake
-def _(x, values, meta, bias, n, m):
-    return x.new_empty((x.shape[0], values.shape[0]))
+nm_linear = define_weight_op(nm_linear_forward, lambda values, *_: values.shape[0])
 
 
 @torch.library.custom_op("sparqle::nm_to_dense", mutates_args=())

@@ -28,23 +28,17 @@ from sparqle.kernels._derived import derived, kept
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, launch
+from ._weight_op import define_weight_op
 
 DTYPES = {"triton": FLOATS, "torch": FLOATS}
 
 
-# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
-# directly where the dispatcher would add nothing (WeightOp.linear).
 def bell_linear_forward(x: torch.Tensor, ell_cols: torch.Tensor, values: torch.Tensor,
                         bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
     return launch("spmm_bell", "bell_linear", DTYPES, x, x, ell_cols, values, bias, out_features)
 
 
-bell_linear = torch.library.custom_op("sparqle::bell_linear", mutates_args=())(bell_linear_forward)
-
-
-@bell_linear.register_fake
-def _(x, ell_cols, values, bias, out_features):
-    return x.new_empty((x.shape[0], out_features))
+bell_linear = define_weight_op(bell_linear_forward, lambda ell_cols, values, bias, out_features: out_features)
 
 
 @torch.library.custom_op("sparqle::bell_matmul", mutates_args=())

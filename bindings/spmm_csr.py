@@ -25,6 +25,7 @@ from sparqle.kernels._derived import derived
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, launch
+from ._weight_op import define_weight_op
 
 # cupy (kernels/cupy/spmm_csr.py) runs only when forced: auto keeps Triton on CUDA until the
 # CuPy kernel is measured faster (bindings/_backend.choose is where that preference would go).
@@ -32,8 +33,6 @@ DTYPES = {"triton": FLOATS, "torch": FLOATS,
           "cupy": frozenset({torch.float32, torch.float16, torch.bfloat16})}
 
 
-# The op's implementation: what the dispatcher runs, and what sparqle.registry calls
-# directly where the dispatcher would add nothing (WeightOp.linear).
 def csr_linear_forward(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                        row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # Every backend reads the CSR arrays at unit stride; x and bias go through their strides.
@@ -41,12 +40,7 @@ def csr_linear_forward(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, v
     return launch("spmm_csr", "csr_linear", DTYPES, x, x, crow, col, values, row_order, bias)
 
 
-csr_linear = torch.library.custom_op("sparqle::csr_linear", mutates_args=())(csr_linear_forward)
-
-
-@csr_linear.register_fake
-def _(x, crow, col, values, row_order, bias):
-    return x.new_empty((x.shape[0], crow.shape[0] - 1))
+csr_linear = define_weight_op(csr_linear_forward, lambda crow, *_: crow.shape[0] - 1)
 
 
 @torch.library.custom_op("sparqle::sddmm_csr", mutates_args=())
