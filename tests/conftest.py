@@ -9,6 +9,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["SPARQLE_POISON"] = "1"
 os.environ.pop("SPARQLE_BACKEND", None)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # pytest -n W: W processes share the cores; torch's default (one thread per core each)
+    # would oversubscribe them, and MKL's sparse kernels slow down 100x when oversubscribed.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import pytest  # noqa: E402
 
