@@ -215,6 +215,15 @@ class Row(NamedTuple):
     usage: Optional[kernel_specs.Usage] = None
     spills: Optional[Spills] = None
     sass: Optional[Sass] = None
+    in_flight: Optional[int] = None  # see wgmma_in_flight
+
+
+def wgmma_in_flight(ptx: str) -> Optional[int]:
+    """The most wgmma groups a ``wgmma.wait_group N`` of ``ptx`` leaves in flight (0: every
+    wgmma is waited for at once, so loads and MMAs do not overlap inside a warpgroup; 1:
+    one MMA runs while the next K step is issued), None without wgmma."""
+    waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
+    return max(waits) if waits else None
 
 
 def _config(config) -> str:
@@ -228,7 +237,7 @@ def analyse(spec: Spec) -> Row:
     except Exception as error:  # noqa: BLE001 - the report says so
         return Row(_config(spec.config), f"does not compile: {str(error).strip().splitlines()[0][:200]}")
     return Row(_config(spec.config), None, kernel_specs.usage(kernel), spills(kernel.asm["ptx"]),
-               sass(kernel.asm["cubin"]))
+               sass(kernel.asm["cubin"]), wgmma_in_flight(kernel.asm["ptx"]))
 
 
 # --- Markdown -----------------------------------------------------------------------------
@@ -246,7 +255,9 @@ for sm_90 at the specialisation the headline call makes):
   memory with 1 KB reserved per block, 64 warps and 32 blocks per SM (0: the config cannot
   launch); **warps/SM**: CTAs/SM x warps per CTA (of 64).
 - **MMA**: matrix instructions in the SASS: `wgmma` (HGMMA, QGMMA fp8, IGMMA int8: Hopper's
-  warpgroup MMA), `mma.sync` (HMMA, IMMA, DMMA: Ampere's warp MMA) or none, with counts.
+  warpgroup MMA), `mma.sync` (HMMA, IMMA, DMMA: Ampere's warp MMA) or none, with counts;
+  for wgmma, `N in flight`: the most wgmma groups the PTX's `wgmma.wait_group N` leaves
+  running (0: each is waited for at once; 1: asynchronous, an MMA overlaps the next step).
 - **cp.async / TMA**: global loads that go through the software pipeline: `LDGSTS`
   (cp.async, global to shared) and `UTMALDG`/`UBLKCP` (TMA) instructions.
 - **LDG 128/64/32/16/8**: plain global loads (to registers, not pipelined) by width in bits.
@@ -277,12 +288,13 @@ def _specialisation(launch) -> str:
     return "; ".join(parts)
 
 
-def _mma(s: Sass) -> str:
+def _mma(s: Sass, in_flight: Optional[int]) -> str:
     if not s.mma:
         return "none"
     kinds = sorted(s.mma.items())
     family = "wgmma" if any(op in WGMMA for op, _ in kinds) else "mma.sync"
-    return family + " " + " ".join(f"{op} x{n}" for op, n in kinds)
+    waits = "" if in_flight is None else f", {in_flight} in flight"
+    return family + " " + " ".join(f"{op} x{n}" for op, n in kinds) + waits
 
 
 def _streams(s: Sass) -> str:
@@ -303,7 +315,7 @@ def table(rows: List[Row]) -> List[str]:
         ldg = "/".join(str(row.sass.ldg.get(bits, 0)) for bits in (128, 64, 32, 16, 8))
         lines.append(f"| {row.config} | {row.usage.registers} | {row.spills.stores}/{row.spills.loads} "
                      f"| {row.usage.shared / 1024:.1f} | {resident} ({limit}) | {resident * row.usage.warps} "
-                     f"| {_mma(row.sass)} | {row.sass.cp_async} | {row.sass.tma} | {ldg} | {_streams(row.sass)} |")
+                     f"| {_mma(row.sass, row.in_flight)} | {row.sass.cp_async} | {row.sass.tma} | {ldg} | {_streams(row.sass)} |")
     return lines
 
 

@@ -16,7 +16,9 @@ sddmm_bell:   dvalues [R, W, b, b], dvalues[r, s] = dy[:, block r]^T @ x[:, bloc
 One program computes a [BLOCK_X_ROWS, b] tile of y (BLOCK_X_ROWS rows of x, one block-row
 of the sparse operand): for each slot of its block-row it loads a [BLOCK_X_ROWS, b] tile of
 x and the b x b block and feeds ``tl.dot`` (fp32 accumulation; fp32 inputs use TF32 only
-when torch.get_float32_matmul_precision() allows it); unused slots are skipped. The bias
+when torch.get_float32_matmul_precision() allows it). The loop has no branch, so its loads
+go through the software pipeline (cp.async, with wgmma kept in flight on sm_90): an unused
+slot's loads are masked off (nothing is read) and it adds a zero product. The bias
 is added to the fp32 accumulator before the one rounding to y's dtype. x, y and the bias
 are addressed through strides, so transposed views cost no copy.
 """
@@ -65,23 +67,25 @@ def _bell_mm_kernel(
     mask_n = offs_n < N
     acc = tl.zeros([BLOCK_X_ROWS, B], dtype=ACC_DTYPE)
     for s in range(WIDTH):
+        # Branchless, so that the loads can go through the software pipeline: an unused slot
+        # (col = -1) loads nothing (masked to zeros) and adds a zero product.
         col = tl.load(cols_ptr + block_row * WIDTH + s)
-        if col >= 0:
-            if TRANSPOSED:
-                slot = tl.load(slots_ptr + block_row * WIDTH + s).to(tl.int64)
-            else:
-                slot = (block_row * WIDTH + s).to(tl.int64)
-            offs_k = col.to(tl.int64) * B + offs_b
-            x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk,
-                        mask=mask_n[:, None] & (offs_k < K_X)[None, :], other=0)
-            w = tl.load(values_ptr + slot * B * B + offs_b[:, None] * B + offs_b[None, :])
-            if UPCAST:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            if TRANSPOSED:
-                acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            else:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        used = col >= 0
+        if TRANSPOSED:
+            slot = tl.load(slots_ptr + block_row * WIDTH + s, mask=used, other=0).to(tl.int64)
+        else:
+            slot = (block_row * WIDTH + s).to(tl.int64)
+        offs_k = tl.maximum(col, 0).to(tl.int64) * B + offs_b
+        x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk,
+                    mask=(mask_n[:, None] & (offs_k < K_X)[None, :]) & used, other=0)
+        w = tl.load(values_ptr + slot * B * B + offs_b[:, None] * B + offs_b[None, :], mask=used, other=0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if TRANSPOSED:
+            acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     offs_m = block_row.to(tl.int64) * B + offs_b
     mask_m = offs_m < M_OUT
     if HAS_BIAS:
