@@ -38,23 +38,35 @@ TO_DENSE_CONFIGS = Configs(
 
 @triton.jit
 def _expanded_tile(values_ptr, meta_ptr,  # pointers
-                   offs_n, mask_n, k0, kc_total,  # W's rows (int64) and their mask, K offset, Kc
+                   offs_n, mask_n, k0, KC,  # W's rows (int64) and their mask, K offset, Kc
                    stride_vn, stride_vk, stride_metan, stride_metak,  # strides
                    PATTERN_N: tl.constexpr, PATTERN_M: tl.constexpr, BITS: tl.constexpr,  # meta-parameters
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dense columns [k0, k0 + BLOCK_K) of W's rows offs_n (int64), in values' dtype (zero outside
-    W). The compressed tile and its positions are loaded contiguously, then expanded in
+    W); k0 a multiple of BLOCK_K. The compressed tile [BLOCK_N, BLOCK_KC] and its position words
+    are loaded contiguously (KC, the compressed width, is an argument rather than computed, so
+    that Triton sees its divisibility by 16 and loads 16 bytes at a time), then expanded in
     registers: dense column k of group k // PATTERN_M takes the kept value j whose position is
     k % PATTERN_M, else 0."""
     PER_WORD: tl.constexpr = 32 // BITS
-    offs_kc = k0 // PATTERN_M * PATTERN_N + tl.arange(0, BLOCK_K // PATTERN_M * PATTERN_N)
-    mask_w = mask_n[:, None] & (offs_kc < kc_total)[None, :]
+    BLOCK_KC: tl.constexpr = BLOCK_K // PATTERN_M * PATTERN_N
+    kc0 = k0 // PATTERN_M * PATTERN_N
+    offs_kc = kc0 + tl.arange(0, BLOCK_KC)
+    mask_w = mask_n[:, None] & (offs_kc < KC)[None, :]
     v = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_kc[None, :].to(tl.int64) * stride_vk,
                 mask=mask_w, other=0)
-    word = tl.load(meta_ptr + offs_n[:, None] * stride_metan
-                   + (offs_kc // PER_WORD)[None, :].to(tl.int64) * stride_metak,
-                   mask=mask_w, other=0)
-    pos = (word >> ((offs_kc % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
+    if BLOCK_KC % PER_WORD == 0:
+        # The tile's BLOCK_KC / PER_WORD whole words, each unpacked into PER_WORD positions.
+        offs_word = kc0 // PER_WORD + tl.arange(0, BLOCK_KC // PER_WORD)
+        word = tl.load(meta_ptr + offs_n[:, None] * stride_metan + offs_word[None, :].to(tl.int64) * stride_metak,
+                       mask=mask_n[:, None] & (offs_word < tl.cdiv(KC, PER_WORD))[None, :], other=0)
+        shifts = tl.arange(0, PER_WORD) * BITS
+        pos = tl.reshape((word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_KC))
+    else:  # a tile narrower than a word (small BLOCK_K, sparse patterns): each position's word
+        word = tl.load(meta_ptr + offs_n[:, None] * stride_metan
+                       + (offs_kc // PER_WORD)[None, :].to(tl.int64) * stride_metak,
+                       mask=mask_w, other=0)
+        pos = (word >> ((offs_kc % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
     w = tl.zeros([BLOCK_N, BLOCK_K], dtype=v.dtype)
     slot = tl.arange(0, BLOCK_K) % PATTERN_M
     for j in tl.static_range(PATTERN_N):
@@ -68,8 +80,8 @@ def _expanded_tile(values_ptr, meta_ptr,  # pointers
 def _nm_linear_kernel(
     # pointers
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
-    # sizes
-    M, N, K,
+    # sizes (KC: values' columns, ceil(K / PATTERN_M) * PATTERN_N)
+    M, N, K, KC,
     # strides
     stride_xm, stride_xk,
     stride_vn, stride_vk,
@@ -85,14 +97,13 @@ def _nm_linear_kernel(
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     split = tl.program_id(2)
     mask_m, mask_n = offs_m < M, offs_n < N
-    kc_total = tl.cdiv(K, PATTERN_M) * PATTERN_N
     k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for k0 in range(split * k_per_split, tl.minimum(K, (split + 1) * k_per_split), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
-        w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, kc_total, stride_vn, stride_vk,
+        w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, KC, stride_vn, stride_vk,
                            stride_metan, stride_metak,
                            PATTERN_N, PATTERN_M, BITS, BLOCK_N, BLOCK_K).to(x.dtype)
         acc = dot_tile(x, w, acc, ACC_DTYPE, PRECISION, UPCAST)
@@ -109,8 +120,8 @@ _small_m = autotune(SMALL_M_CONFIGS, key=_KEY, bucket=["M"], reset_to_zero=["y_p
 def _to_dense_kernel(
     # pointers
     values_ptr, meta_ptr, dense_ptr,
-    # sizes
-    N, K,
+    # sizes (KC: values' columns)
+    N, K, KC,
     # strides
     stride_vn, stride_vk,
     stride_metan, stride_metak,
@@ -123,7 +134,7 @@ def _to_dense_kernel(
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
-    w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, tl.cdiv(K, PATTERN_M) * PATTERN_N,
+    w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, KC,
                        stride_vn, stride_vk, stride_metan, stride_metak,
                        PATTERN_N, PATTERN_M, BITS, BLOCK_N, BLOCK_K)
     tl.store(dense_ptr + offs_n[:, None] * stride_dn + offs_k[None, :] * stride_dk, w,
@@ -143,7 +154,7 @@ def to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, k: int) -
     grid = lambda config: (triton.cdiv(out, config["BLOCK_N"]), triton.cdiv(k, config["BLOCK_K"]))  # noqa: E731
     with on_device_of(values):
         _to_dense[grid](
-            values, meta, dense, out, k,
+            values, meta, dense, out, k, values.shape[1],
             values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
             dense.stride(0), dense.stride(1),
             PATTERN_N=n, PATTERN_M=m, BITS=index_bits(m),
@@ -167,7 +178,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     def launch(kernel, grid, y):
         kernel[grid](
             x, values, meta, y if bias is None else bias, y,
-            rows, out, k,
+            rows, out, k, values.shape[1],
             x.stride(0), x.stride(1),
             values.stride(0), values.stride(1),
             meta.stride(0), meta.stride(1),
