@@ -5,6 +5,7 @@ structure built once, bad input (the contract of csr_linear: gradcheck, opcheck,
 state_dict: tests/test_contract.py)."""
 import pytest
 import torch
+import triton
 
 import sparqle
 from sparqle import CSR
@@ -50,6 +51,28 @@ def test_spmm_matches_oracle(device_backend, shape, dtype):
         c = sparqle.spmm(a, b)
     b64 = b.double().cpu()
     assert_close(c, w64 @ b64, w64.abs() @ b64.abs(), dtype, "C")
+
+
+@pytest.mark.parametrize("across", [True, False], ids=["nonzeros-across-threads", "rows-per-thread"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_both_ways_of_spreading_a_row_match_the_oracle(monkeypatch, across, dtype):
+    """The Triton CSR kernel's two configs families (kernels/triton/spmm_csr.py): the
+    nonzeros of a chunk across the threads, or each thread owning rows of x and walking the
+    nonzeros (Sputnik's); each pinned, on rows whose lengths are off the chunk (empty rows
+    included), x rows off the tile, through sparqle.linear (x row-major, bias) and
+    sparqle.spmm (x a transposed view)."""
+    from sparqle.kernels.triton import spmm_csr as kernels
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = triton.Config({"BLOCK_X_ROWS": 16, "BLOCK_NNZ": 8 if across else 4, "NNZ_ACROSS_THREADS": across})
+    monkeypatch.setattr(kernels, "_csr_linear_kernel", kernels._csr_linear_kernel.pinned(config))
+    a, w64, b = _pair(37, 29, 19, 0.4, dtype, device)
+    x, bias = b.T.contiguous(), torch.randn(37, dtype=dtype, device=device)
+    with sparqle.use_backend("triton"):
+        c, y = sparqle.spmm(a, b), sparqle.linear(x, a, bias)
+    b64 = b.double().cpu()
+    assert_close(c, w64 @ b64, w64.abs() @ b64.abs(), dtype, "C")
+    assert_close(y, b64.T @ w64.T + bias.double().cpu(), b64.T.abs() @ w64.T.abs() + bias.double().abs().cpu(),
+                 dtype, "y")
 
 
 @pytest.mark.parametrize("m,k,n", [(0, 4, 3), (4, 0, 3), (4, 5, 0), (0, 0, 0)])

@@ -2,13 +2,23 @@
 
 csr_linear: y [M, m] = x [M, k] @ A^T + bias, A [m, k] in CSR (crow [m+1], col [nnz],
 values [nnz]), bias [m] or none. The kernel computes y^T = A @ x^T + bias[:, None], reading
-x^T and writing y^T through strides (no copy of either). Sputnik-style 1-D tiling: one
-program owns one sparse row of A (one output feature) and a tile of BLOCK_X_ROWS rows of x,
-streams the row's nonzeros in chunks of BLOCK_NNZ, gathers the matching columns of x and
-accumulates in fp32 (fp64 for fp64 inputs) on the CUDA cores; the bias is added in that
-precision before the one rounding to y's dtype. Programs take rows in ``row_order``
-(longest first), so long rows start early and short rows fill the tail: the row swizzle
-that balances load.
+x^T and writing y^T through strides (no copy of either). Sputnik's 1-D tiling: one program
+owns one sparse row of A (one output feature) and a tile of BLOCK_X_ROWS rows of x, streams
+the row's nonzeros in chunks of BLOCK_NNZ, gathers the matching columns of x and accumulates
+in fp32 (fp64 for fp64 inputs) on the CUDA cores; the bias is added in that precision
+before the one rounding to y's dtype. Two ways to spread a chunk over the threads, a
+config's choice (``NNZ_ACROSS_THREADS``), so the tuner picks per shape:
+
+- across (decode, few rows of x): the chunk's nonzeros lie across the threads as a
+  [BLOCK_NNZ, BLOCK_X_ROWS] tile, summed over the nonzeros every chunk (a reduction across
+  threads: shuffles and, past one warp, a barrier per chunk);
+- Sputnik's (many rows of x): each thread owns its rows of x (output columns) and walks the
+  chunk's nonzeros one by one, unrolled BLOCK_NNZ times (the column and value of each a
+  broadcast load, the BLOCK_NNZ gathers of x independent, in flight together); nothing is
+  reduced across threads, so the main loop has no barrier.
+
+Programs take rows in ``row_order`` (longest first), so long rows start early and short rows
+fill the tail: the row swizzle that balances load.
 
 SDDMM: out[i] = sum_n X[row_i, n] * Y[col_i, n] for every stored entry i of a CSR
 pattern, X [m, n], Y [k, n] (any strides): the values of (X @ Y^T) at the pattern. One
@@ -27,12 +37,15 @@ from ._config import on_device_of
 
 _LINEAR_CONFIGS = Configs(
     [
-        triton.Config({"BLOCK_X_ROWS": bx, "BLOCK_NNZ": bk}, num_warps=w)
-        # Narrow x tiles with long nonzero chunks for decode (M <= 16), wide ones for M in the hundreds.
-        for bx, bk, w in [(16, 64, 2), (16, 128, 4), (32, 16, 1), (64, 16, 2), (64, 32, 2),
-                          (128, 16, 4), (128, 32, 4), (256, 16, 4), (256, 32, 8)]
+        triton.Config({"BLOCK_X_ROWS": bx, "BLOCK_NNZ": bk, "NNZ_ACROSS_THREADS": across}, num_warps=w)
+        # Narrow x tiles with long nonzero chunks across the threads for decode (M <= 16); wide
+        # ones, each thread owning rows of x (Sputnik's), for M in the hundreds.
+        for bx, bk, across, w in [(16, 64, True, 2), (16, 128, True, 4), (32, 16, True, 1),
+                                  (64, 16, True, 2), (64, 32, True, 2), (128, 16, True, 4),
+                                  (64, 8, False, 1), (128, 8, False, 2), (128, 4, False, 1),
+                                  (256, 8, False, 2), (256, 4, False, 4), (512, 4, False, 4)]
     ],
-    triton.Config({"BLOCK_X_ROWS": 16, "BLOCK_NNZ": 8}),
+    triton.Config({"BLOCK_X_ROWS": 16, "BLOCK_NNZ": 8, "NNZ_ACROSS_THREADS": True}),
 )
 
 _SDDMM_CONFIGS = Configs(
@@ -61,7 +74,7 @@ def _csr_linear_kernel(
     stride_bias,
     # meta-parameters
     HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_X_ROWS: tl.constexpr, BLOCK_NNZ: tl.constexpr,
+    BLOCK_X_ROWS: tl.constexpr, BLOCK_NNZ: tl.constexpr, NNZ_ACROSS_THREADS: tl.constexpr,
 ):
     row = tl.load(row_order_ptr + tl.program_id(0)).to(tl.int64)
     offs_x = (tl.program_id(1) * BLOCK_X_ROWS + tl.arange(0, BLOCK_X_ROWS)).to(tl.int64)
@@ -72,15 +85,24 @@ def _csr_linear_kernel(
     end = tl.load(crow_ptr + row + 1).to(tl.int64)
     acc = tl.zeros([BLOCK_X_ROWS], dtype=ACC_DTYPE)
     for chunk in range(start, end, BLOCK_NNZ):
-        offs_nz = chunk + tl.arange(0, BLOCK_NNZ).to(tl.int64)
-        mask_nz = offs_nz < end
-        cols = tl.load(col_ptr + offs_nz, mask=mask_nz, other=0).to(tl.int64)
-        vals = tl.load(values_ptr + offs_nz, mask=mask_nz, other=0).to(ACC_DTYPE)
-        x = tl.load(  # x^T [cols, offs_x]
-            x_ptr + cols[:, None] * stride_xk + offs_x[None, :] * stride_xm,
-            mask=mask_nz[:, None] & mask_x[None, :], other=0,
-        ).to(ACC_DTYPE)
-        acc += tl.sum(vals[:, None] * x, axis=0)
+        if NNZ_ACROSS_THREADS:
+            offs_nz = chunk + tl.arange(0, BLOCK_NNZ).to(tl.int64)
+            mask_nz = offs_nz < end
+            cols = tl.load(col_ptr + offs_nz, mask=mask_nz, other=0).to(tl.int64)
+            vals = tl.load(values_ptr + offs_nz, mask=mask_nz, other=0).to(ACC_DTYPE)
+            x = tl.load(  # x^T [cols, offs_x]
+                x_ptr + cols[:, None] * stride_xk + offs_x[None, :] * stride_xm,
+                mask=mask_nz[:, None] & mask_x[None, :], other=0,
+            ).to(ACC_DTYPE)
+            acc += tl.sum(vals[:, None] * x, axis=0)
+        else:
+            for j in tl.static_range(BLOCK_NNZ):
+                nz = chunk + j
+                in_row = nz < end
+                col = tl.load(col_ptr + nz, mask=in_row, other=0).to(tl.int64)
+                val = tl.load(values_ptr + nz, mask=in_row, other=0).to(ACC_DTYPE)
+                x = tl.load(x_ptr + col * stride_xk + offs_x * stride_xm, mask=mask_x & in_row, other=0)
+                acc += val * x.to(ACC_DTYPE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + row * stride_bias).to(ACC_DTYPE)
     tl.store(y_ptr + offs_x * stride_ym + row * stride_yn,
