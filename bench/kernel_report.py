@@ -167,6 +167,7 @@ class Sass(NamedTuple):
     ldg: Dict[int, int]                   # plain global loads: bits -> count
     cp_async: int                         # LDGSTS
     tma: int                              # UTMALDG, UBLKCP
+    barriers: int                         # BAR (bar.sync and its kin): CTA-wide barriers
     streams: Dict[str, Dict[str, int]]    # pointer -> {"cp.async 128b": count, "LDG 16b": ...}
 
 
@@ -176,7 +177,7 @@ def sass(cubin: bytes) -> Sass:
     text = kernel_specs.read_cubin("nvdisasm", cubin, "--print-line-info", "-c")
     mma, ldg = collections.Counter(), collections.Counter()
     streams: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    cp_async = tma = 0
+    cp_async = tma = barriers = 0
     where: Optional[Tuple[str, int]] = None
     for line in text.splitlines():
         located = _LINE.search(line)
@@ -187,6 +188,9 @@ def sass(cubin: bytes) -> Sass:
         if not found:
             continue
         op, suffixes = found.groups()
+        if op == "BAR":
+            barriers += 1
+            continue
         if op in WGMMA or op in MMA_SYNC:
             mma[op] += 1
             continue
@@ -205,7 +209,7 @@ def sass(cubin: bytes) -> Sass:
         if where is not None and os.path.exists(where[0]):
             stream = _load_streams(where[0]).get(where[1], OTHER)
         streams[stream][kind] += 1
-    return Sass(dict(mma), dict(ldg), cp_async, tma, {k: dict(v) for k, v in streams.items()})
+    return Sass(dict(mma), dict(ldg), cp_async, tma, barriers, {k: dict(v) for k, v in streams.items()})
 
 
 class Row(NamedTuple):
@@ -261,6 +265,8 @@ for sm_90 at the specialisation the headline call makes):
 - **cp.async / TMA**: global loads that go through the software pipeline: `LDGSTS`
   (cp.async, global to shared) and `UTMALDG`/`UBLKCP` (TMA) instructions.
 - **LDG 128/64/32/16/8**: plain global loads (to registers, not pipelined) by width in bits.
+- **BAR**: CTA-wide barriers in the SASS (`BAR.SYNC` and kin), wherever they sit: a
+  reduction across warps or a layout change through shared memory needs one each time.
 - **streams**: per `tl.load` (named by the pointer it reads), its loads in the SASS (by the
   source line `nvdisasm --print-line-info` gives each instruction): `cp.async 128b x2`
   means two 128-bit cp.async instructions. `(other)`: loads whose line info names a line
@@ -304,10 +310,10 @@ def _streams(s: Sass) -> str:
 
 def table(rows: List[Row]) -> List[str]:
     lines = ["| config | regs | spill st/ld | smem KB | CTAs/SM (limit) | warps/SM | MMA | cp.async | TMA "
-             "| LDG 128/64/32/16/8 | streams |", "|" + "---|" * 11]
+             "| LDG 128/64/32/16/8 | BAR | streams |", "|" + "---|" * 12]
     for row in rows:
         if row.problem is not None:
-            lines.append(f"| {row.config} | {row.problem} |" + " |" * 9)
+            lines.append(f"| {row.config} | {row.problem} |" + " |" * 10)
             continue
         occupancy = kernel_specs.ctas_per_sm(row.usage, TARGET)
         resident = occupancy["resident"]
@@ -315,7 +321,8 @@ def table(rows: List[Row]) -> List[str]:
         ldg = "/".join(str(row.sass.ldg.get(bits, 0)) for bits in (128, 64, 32, 16, 8))
         lines.append(f"| {row.config} | {row.usage.registers} | {row.spills.stores}/{row.spills.loads} "
                      f"| {row.usage.shared / 1024:.1f} | {resident} ({limit}) | {resident * row.usage.warps} "
-                     f"| {_mma(row.sass, row.in_flight)} | {row.sass.cp_async} | {row.sass.tma} | {ldg} | {_streams(row.sass)} |")
+                     f"| {_mma(row.sass, row.in_flight)} | {row.sass.cp_async} | {row.sass.tma} | {ldg} | {row.sass.barriers} "
+                     f"| {_streams(row.sass)} |")
     return lines
 
 

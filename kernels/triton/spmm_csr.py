@@ -42,8 +42,9 @@ _LINEAR_CONFIGS = Configs(
         # ones, each thread owning rows of x (Sputnik's), for M in the hundreds.
         for bx, bk, across, w in [(16, 64, True, 2), (16, 128, True, 4), (32, 16, True, 1),
                                   (64, 16, True, 2), (64, 32, True, 2), (128, 16, True, 4),
-                                  (64, 8, False, 1), (128, 8, False, 2), (128, 4, False, 1),
-                                  (256, 8, False, 2), (256, 4, False, 4), (512, 4, False, 4)]
+                                  # 8 rows of x per thread: 16-byte loads of x^T in half types
+                                  (64, 8, False, 1), (128, 8, False, 1), (256, 8, False, 1),
+                                  (256, 4, False, 1), (512, 8, False, 2), (512, 4, False, 2)]
     ],
     triton.Config({"BLOCK_X_ROWS": 16, "BLOCK_NNZ": 8, "NNZ_ACROSS_THREADS": True}),
 )
