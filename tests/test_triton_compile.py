@@ -88,7 +88,7 @@ def test_kernel_report_runs_on_one_family():
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| warps=")]
     assert len(rows) == 4 and "The same launch as in window_attention" in text
     for cells in rows:
-        assert len(cells) == 11 and all(cell.strip() for cell in cells[:10]), cells
+        assert len(cells) == 12 and all(cell.strip() for cell in cells[:11]), cells
         regs, spills, smem = int(cells[1]), cells[2].strip(), float(cells[3])
         assert 0 < regs <= 255 and 0 < smem <= 227 and spills.count("/") == 1
         assert cells[6].strip().startswith(("wgmma", "mma.sync")), cells[6]  # bf16 dots on tensor cores
