@@ -12,6 +12,7 @@ from sparqle import CSR
 from sparqle.kernels import _derived
 
 from ._oracle import RTOL, assert_close, random_sparse
+from .conftest import device_backends
 
 # (m, k, n, density): odd sizes off every block, one row, k or n of 1, all-zero, dense.
 SHAPES = [
@@ -55,14 +56,14 @@ def test_spmm_matches_oracle(device_backend, shape, dtype):
 
 @pytest.mark.parametrize("across", [True, False], ids=["nonzeros-across-threads", "rows-per-thread"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-def test_both_ways_of_spreading_a_row_match_the_oracle(monkeypatch, across, dtype):
+@pytest.mark.parametrize("device", [device for device, backend in device_backends() if backend == "triton"])
+def test_both_ways_of_spreading_a_row_match_the_oracle(monkeypatch, device, across, dtype):
     """The Triton CSR kernel's two configs families (kernels/triton/spmm_csr.py): the
     nonzeros of a chunk across the threads, or each thread owning rows of x and walking the
     nonzeros (Sputnik's); each pinned, on rows whose lengths are off the chunk (empty rows
     included), x rows off the tile, through sparqle.linear (x row-major, bias) and
     sparqle.spmm (x a transposed view)."""
     from sparqle.kernels.triton import spmm_csr as kernels
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     config = triton.Config({"BLOCK_X_ROWS": 16, "BLOCK_NNZ": 8 if across else 4, "NNZ_ACROSS_THREADS": across})
     monkeypatch.setattr(kernels, "_csr_linear_kernel", kernels._csr_linear_kernel.pinned(config))
     a, w64, b = _pair(37, 29, 19, 0.4, dtype, device)
