@@ -16,8 +16,9 @@ w ~= (q - zero) * scale with q in [0, 15]:
   grid gives up on, the rest (t = w - shrink(e) scale) it fits: zero = mean(q - t / scale)
   over the group (the least-squares zero point; asymmetric only, clamped to [0, 15] and
   not rounded: it is stored as a float), then scale = <t, q - zero> / |q - zero|^2, q
-  rounded again, beta *= HQQ_KAPPA. Each group keeps the iterate (min-max included) of
-  least squared error, so it is never worse than min-max.
+  rounded again, beta *= HQQ_KAPPA; it stops early when no group's error fell. Each group
+  keeps the iterate (min-max included) of least squared error, so it is never worse than
+  min-max.
 
 q = clamp(round(w / scale + zero), 0, 15) (an integer zero point gives round(w / scale) + zero). Layout: ``packed`` uint8 [N, ceil(K / 2)], byte
 j of a row holding q[2j] in its low nibble and q[2j + 1] in its high nibble (an odd K is
@@ -163,6 +164,8 @@ class Int4Weight(WeightFormat):
                 better = err < best[0]
                 best = tuple(torch.where(better, new, old)
                              for new, old in zip((err, q, scale, zero), best))
+                if method == "hqq" and not bool(better.any()):
+                    break  # HQQ's stopping rule: the error stopped falling
         _, q, scale, zero = best
         return cls.from_codes(q.view(n, g * width)[:, :k], scale.view(n, g).to(w.dtype),
                               zero.view(n, g).to(w.dtype), group_size, symmetric)
