@@ -153,5 +153,5 @@ def fold_scales(model: nn.Module, stats: Dict[int, InputStats], group_size: int 
     if left:
         warnings.warn(f"convert(method='awq'): no foldable input scale for {len(left)} layers "
                       f"(sparqle.awq.FOLDS); they are quantized by GPTQ: {', '.join(left)}",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)  # convert's caller
     return scaled
