@@ -470,6 +470,11 @@ def test_awq_bad_use():
         sparqle.convert(_mlp(), "2:4", calibrate=lambda m: m(torch.randn(4, 64)), method="awq")
     with pytest.raises(ValueError, match="method='awq' needs the layer's calibration statistics"):
         sparqle.convert(_mlp(), "int4", method="awq")
+    model = _mlp()
+    with pytest.raises(ValueError, match="rescales the whole model for one int4 conversion"):
+        sparqle.convert(model, {"*": ("int4", {"group_size": 32, "method": "awq"})},
+                        calibrate=lambda m: m(torch.randn(4, 64)))
+    assert all(type(m) is nn.Linear for m in (model[0], model[2], model[3])), "nothing replaced"
     with pytest.raises(ValueError, match="no abs_sum"):
         from sparqle import awq
         awq.search_scale([layer.weight], calibrate.InputStats(stats.xtx, stats.count), 32)
