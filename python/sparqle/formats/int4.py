@@ -49,7 +49,10 @@ HQQ_P, HQQ_BETA, HQQ_KAPPA, HQQ_ITERS = 0.7, 10.0, 1.01, 20
 
 
 def _quantize(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(groups / scale + zero), 0, 15)
+    """clamp(round(w / scale + zero), 0, 15), the integer part of zero added after rounding
+    (so an integer zero gives exactly round(w / scale) + zero, ties included)."""
+    whole = torch.round(zero)
+    return torch.clamp(torch.round(groups / scale + (zero - whole)) + whole, 0, 15)
 
 
 def _params(groups: torch.Tensor, symmetric: bool, ratio: float, dtype: torch.dtype):
