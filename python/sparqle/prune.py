@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .calibrate import DAMP, inverse_hessian_factor, obs_sweep
+from .calibrate import PRUNE_DAMP, inverse_hessian_factor, obs_sweep
 from .formats._checks import cdiv
 from .formats.bell import block_sums
 from .formats.nm import keep_top_n, check_pattern
@@ -69,7 +69,7 @@ def wanda(w: torch.Tensor, x_norm: torch.Tensor, sparsity: Optional[float] = Non
 
 def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = None, *,
               block: Optional[int] = None, n: Optional[int] = None, m: Optional[int] = None,
-              damp: float = DAMP) -> Tuple[torch.Tensor, torch.Tensor]:
+              damp: float = PRUNE_DAMP) -> Tuple[torch.Tensor, torch.Tensor]:
     """(w', mask): 2-D ``w`` [N, K] pruned with error compensation (SparseGPT) for the
     inputs whose X^T X is ``xtx`` [K, K], w' (w's dtype, zero outside ``mask``) and the bool
     mask it keeps; see the module doc and sparqle.calibrate for the maths.

@@ -9,8 +9,18 @@ w ~= (q - zero) * scale with q in [0, 15]:
 - symmetric: scale = max|w| / 7, zero = 8.
 - ``method="mse"``: lo and hi (or max|w|) are shrunk by the factor in CLIP_RATIOS that
   gives the group the least squared error; factor 1 is min-max, so it is never worse.
+- ``method="hqq"`` (half-quadratic quantization, Badri & Shaji 2023; no data): from the
+  min-max grid, HQQ_ITERS rounds of: the error e = w - (q - zero) scale, measured in steps
+  (e / scale), is split by the proximal operator of the l_p norm, p = HQQ_P < 1,
+  shrink(e) = sign(e) max(|e| - |e|^(p-1) / beta, 0): the errors it keeps are outliers the
+  grid gives up on, the rest (t = w - shrink(e) scale) it fits: zero = mean(q - t / scale)
+  over the group (the least-squares zero point; asymmetric only, clamped to [0, 15] and
+  not rounded: it is stored as a float), then scale = <t, q - zero> / |q - zero|^2, q
+  rounded again, beta *= HQQ_KAPPA; it stops early when no group's error fell. Each group
+  keeps the iterate (min-max included) of least squared error, so it is never worse than
+  min-max.
 
-q = clamp(round(w / scale) + zero, 0, 15). Layout: ``packed`` uint8 [N, ceil(K / 2)], byte
+q = clamp(round(w / scale + zero), 0, 15) (an integer zero point gives round(w / scale) + zero). Layout: ``packed`` uint8 [N, ceil(K / 2)], byte
 j of a row holding q[2j] in its low nibble and q[2j + 1] in its high nibble (an odd K is
 padded with q = zero), so a kernel reads a row's K / 2 bytes contiguously; ``scales``
 (finite, > 0) and ``zeros`` (in [0, 15]; all 8 when symmetric) [N, ceil(K / group)] in the
@@ -31,12 +41,18 @@ from ._checks import cdiv, check_float_weight, check_scales, check_shape, comput
 from ._row_blocks import dense_by_row_blocks
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
-METHODS = ("minmax", "mse")
+METHODS = ("minmax", "mse", "hqq")
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 26).tolist()
+# HQQ's l_p norm, its penalty's start and growth, and its rounds (the HQQ paper's 4-bit
+# settings; beta acts on errors measured in quantization steps, so it is scale-free).
+HQQ_P, HQQ_BETA, HQQ_KAPPA, HQQ_ITERS = 0.7, 10.0, 1.01, 20
 
 
 def _quantize(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(groups / scale) + zero, 0, 15)
+    """clamp(round(w / scale + zero), 0, 15), the integer part of zero added after rounding
+    (so an integer zero gives exactly round(w / scale) + zero, ties included)."""
+    whole = torch.round(zero)
+    return torch.clamp(torch.round(groups / scale + (zero - whole)) + whole, 0, 15)
 
 
 def _params(groups: torch.Tensor, symmetric: bool, ratio: float, dtype: torch.dtype):
@@ -53,6 +69,27 @@ def _params(groups: torch.Tensor, symmetric: bool, ratio: float, dtype: torch.dt
     if not symmetric:
         zero = torch.clamp(torch.round(-lo / scale), 0, 15)
     return scale, zero
+
+
+def _hqq(groups: torch.Tensor, symmetric: bool, dtype: torch.dtype):
+    """The (scale, zero) [N, G, 1] iterates of HQQ from the min-max grid (see the module
+    doc), each rounded to ``dtype`` as stored; the caller keeps each group's best."""
+    scale, zero = _params(groups, symmetric, 1.0, dtype)
+    yield scale, zero
+    beta = HQQ_BETA
+    for _ in range(HQQ_ITERS):
+        q = _quantize(groups, scale, zero)
+        steps = groups / scale - (q - zero)                 # the error in quantization steps
+        outliers = torch.sign(steps) * torch.relu(steps.abs() - steps.abs().pow(HQQ_P - 1) / beta)
+        target = groups - outliers * scale
+        if not symmetric:
+            zero = torch.clamp((q - target / scale).mean(-1, keepdim=True), 0, 15).to(dtype).float()
+        centred = q - zero
+        fitted = (target * centred).sum(-1, keepdim=True) / centred.pow(2).sum(-1, keepdim=True)
+        scale = torch.where(fitted > 0, fitted, scale).to(dtype).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        beta *= HQQ_KAPPA
+        yield scale, zero
 
 
 class Int4Weight(WeightFormat):
@@ -117,9 +154,11 @@ class Int4Weight(WeightFormat):
         width = max(1, k if group_size == -1 else group_size)
         g = cdiv(k, width)
         groups = torch.nn.functional.pad(w.detach().float(), (0, g * width - k)).view(n, g, width)
+        candidates = (_hqq(groups, symmetric, w.dtype) if method == "hqq" else
+                      (_params(groups, symmetric, ratio, w.dtype)
+                       for ratio in (CLIP_RATIOS if method == "mse" else [1.0])))
         best = None
-        for ratio in (CLIP_RATIOS if method == "mse" else [1.0]):
-            scale, zero = _params(groups, symmetric, ratio, w.dtype)
+        for scale, zero in candidates:
             q = _quantize(groups, scale, zero)
             err = ((q - zero) * scale - groups).pow(2).sum(-1, keepdim=True)
             if best is None:
@@ -128,6 +167,8 @@ class Int4Weight(WeightFormat):
                 better = err < best[0]
                 best = tuple(torch.where(better, new, old)
                              for new, old in zip((err, q, scale, zero), best))
+                if method == "hqq" and not bool(better.any()):
+                    break  # HQQ's stopping rule: the error stopped falling
         _, q, scale, zero = best
         return cls.from_codes(q.view(n, g * width)[:, :k], scale.view(n, g).to(w.dtype),
                               zero.view(n, g).to(w.dtype), group_size, symmetric)

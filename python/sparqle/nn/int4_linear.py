@@ -34,12 +34,17 @@ class Int4Linear(ConvertedLinear):
     def from_linear(cls, linear_: nn.Linear, group_size: int = 128, *, method: Optional[str] = None,
                     symmetric: bool = False, stats: Optional[InputStats] = None) -> "Int4Linear":
         """Quantize ``linear_``'s weight: ``method`` ``"minmax"`` (the default without
-        ``stats``) or ``"mse"`` as :meth:`sparqle.Int4Weight.from_float`; ``"gptq"`` (the
-        default with ``stats``, the layer's calibration inputs, see sparqle.calibrate) as
-        :func:`sparqle.quantize.gptq_int4`."""
+        ``stats``), ``"mse"`` or ``"hqq"`` as :meth:`sparqle.Int4Weight.from_float`; ``"gptq"``
+        (the default with ``stats``, the layer's calibration inputs, see sparqle.calibrate)
+        as :func:`sparqle.quantize.gptq_int4`. ``"awq"`` rescales the layers that feed this
+        one, so it is a whole model's: ``sparqle.convert(model, "int4", calibrate=run,
+        method="awq")`` (sparqle.awq)."""
         if not isinstance(linear_, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear_).__name__}")
         method = check_method(method, stats, INT4_METHODS, linear_)
+        if method == "awq":
+            raise ValueError("method='awq' folds its scales into the layers that feed this one: "
+                             "use sparqle.convert(model, 'int4', calibrate=run, method='awq')")
         w = linear_.weight.detach()
         if method == "gptq":
             weight = gptq_int4(w, stats.xtx, group_size, symmetric=symmetric)
