@@ -3,19 +3,21 @@
 window_attention: q, k, v [B_, heads, N, d] (B_ windows of N tokens) ->
     out [B_, heads, N, d] = softmax(S) v and lse [B_, heads, N] (fp32) = logsumexp of S's rows,
     S = q k^T * scale + bias[h] + mask[m(b)], m(b) = b % nW or mask_index[b]. One program per
-    (window, head, block of BLOCK_M query rows) walks the window's keys in blocks of BLOCK_N
-    with an online softmax (FlashAttention's: running row max and sum in fp32); d padded to
-    HEAD_DIM. For N <= 64 (Swin's 7x7 windows) one block of each holds the whole window.
+    (run of windows, head, block of BLOCK_M query rows) takes its windows one after another,
+    each over its keys in blocks of BLOCK_N with an online softmax (FlashAttention's: running
+    row max and sum in fp32); d padded to HEAD_DIM. For N <= 64 (Swin's 7x7 windows) one
+    block of each holds the whole window, and the loads of the next window are pipelined.
 window_attention_backward: P = exp(S - lse) recomputed block by block from the saved
     logsumexp, dS = P * (dO V^T - rowsum(dO * O)), in two kernels without atomics:
     - one program per (window, head, key block) owns its keys' dV = P^T dO and
-      dK = dS^T Q * scale, summed over the query blocks in registers;
-    - one program per (run of windows, head, query block) writes dQ = dS K * scale, summed
-      over the key blocks, and d(bias)[h] = sum over windows of dS: each program sums its
-      run into its rows of one fp32 partial [programs, heads, N, N] (in registers when the
-      window is one key block, else read and written back block by block), which the
-      launcher reduces with torch.sum: deterministic, no atomics contending on the same
-      N x N entries from every window, and the runs keep the partial buffer small.
+      dK = dS^T Q * scale, summed over the query blocks in registers (with runs of windows
+      too, as below, it spills at N = 49);
+    - one program per (run of windows, head, query block), taking them one after another,
+      writes dQ = dS K * scale, summed over the key blocks, and d(bias)[h] = sum over windows of dS: each program sums its run into
+      its rows of one fp32 partial [programs, heads, N, N] (in registers when the window is
+      one key block, else read and written back block by block), which the launcher reduces
+      with torch.sum: deterministic, no atomics contending on the same N x N entries from
+      every window, and the runs keep the partial buffer small.
 window_partition / window_merge: one index-mapping copy kernel in both directions. Window
     r of image i = r // K is window w = index[r] (or r % K) of the image rolled by
     (-sh, -sw) and zero-padded to multiples of the window; its token t sits at the rolled
@@ -32,8 +34,9 @@ from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, interpreting, on_device_of
 
-# num_stages > 1 pipelines the loads of the key-block loop (and of the backward's query-block
-# loop) through cp.async. Every config compiles without spills at N = 49, 144 and 256 (bf16,
+# num_stages > 1 pipelines the loads of the innermost loop through cp.async: over key blocks
+# (the backward's dK/dV kernel: query blocks), or, in the forward and dQ kernels, over
+# windows when a window is one block (N <= 64). Every config compiles without spills at N = 49, 144 and 256 (bf16,
 # d = 32), forward and backward (python -m sparqle.bench.kernel_report --op window_attention);
 # 4 warps spill at N = 49 (the forward and dQ kernels: 255 registers with the 64 x 64 score,
 # probability, bias and mask tiles live at once), as does the dQ kernel at N = 144 with
@@ -119,7 +122,7 @@ def _window_attention_fwd_kernel(
     # pointers
     query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
     # sizes and the softmax scale
-    N, D, NW, scale,
+    NWIN, N, D, NW, RUN, scale,
     # strides (window, head, token, dim) of q, k, v and out
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -127,42 +130,51 @@ def _window_attention_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Program (b, h, i): query rows [i * BLOCK_M, (i + 1) * BLOCK_M) of window b, head h,
-    over the window's keys in blocks of BLOCK_N with an online softmax (running row max m
-    and sum l in fp32: each block rescales the sum and the output accumulator by
-    exp(m_old - m_new))."""
-    b = tl.program_id(0).to(tl.int64)
+    """Program (r, h, i): query rows [i * BLOCK_M, (i + 1) * BLOCK_M) of windows
+    [r * RUN, r * RUN + RUN), head h, one window after another, each over its keys in blocks
+    of BLOCK_N with an online softmax (running row max m and sum l in fp32: each block
+    rescales the sum and the output accumulator by exp(m_old - m_new)). With ONE_BLOCK
+    (N <= BLOCK_M = BLOCK_N) the key loop has one step and the window loop is the innermost:
+    its loads of q, k and v are the ones num_stages pipelines."""
     h = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs, in_tile = _tile(offs_m, offs_d, N, D, stride_qn, stride_qd)
-    q = _operand(tl.load(query_ptr + b * stride_qb + h * stride_qh + offs, mask=in_tile, other=0), UPCAST)
-    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        offs, in_tile = _tile(offs_n, offs_d, N, D, stride_kn, stride_kd)
-        k = _operand(tl.load(key_ptr + b * stride_kb + h * stride_kh + offs, mask=in_tile, other=0), UPCAST)
-        offs, in_tile = _tile(offs_n, offs_d, N, D, stride_vn, stride_vd)
-        v = _operand(tl.load(value_ptr + b * stride_vb + h * stride_vh + offs, mask=in_tile, other=0), UPCAST)
-        s = _scores(q, k, bias_ptr, mask_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NW, scale,
-                    HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
-        new_max = tl.maximum(row_max, tl.max(s, axis=1))
-        # a row whose keys so far are all -inf (a user mask) keeps a finite reference: 0
-        reference = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(row_max - reference)
-        p = tl.exp(s - reference[:, None])
-        row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=tl.float32)
-        row_max = new_max
-    mask_m = offs_m < N
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-             (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_d < D)[None, :])
-    tl.store(lse_ptr + (b * tl.num_programs(1) + h) * N + offs_m, row_max + tl.log(row_sum), mask=mask_m)
+    if ONE_BLOCK:  # one step of the key loop, a constant: the window loop is the innermost
+        keys = BLOCK_N
+    else:
+        keys = N
+    start = tl.program_id(0).to(tl.int64) * RUN
+    for j in range(0, tl.minimum(RUN, NWIN - start)):
+        b = start + j
+        offs, in_tile = _tile(offs_m, offs_d, N, D, stride_qn, stride_qd)
+        q = _operand(tl.load(query_ptr + b * stride_qb + h * stride_qh + offs, mask=in_tile, other=0), UPCAST)
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for key0 in range(0, keys, BLOCK_N):
+            offs_n = key0 + tl.arange(0, BLOCK_N)
+            offs, in_tile = _tile(offs_n, offs_d, N, D, stride_kn, stride_kd)
+            k = _operand(tl.load(key_ptr + b * stride_kb + h * stride_kh + offs, mask=in_tile, other=0), UPCAST)
+            offs, in_tile = _tile(offs_n, offs_d, N, D, stride_vn, stride_vd)
+            v = _operand(tl.load(value_ptr + b * stride_vb + h * stride_vh + offs, mask=in_tile, other=0), UPCAST)
+            s = _scores(q, k, bias_ptr, mask_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NW, scale,
+                        HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
+            new_max = tl.maximum(row_max, tl.max(s, axis=1))
+            # a row whose keys so far are all -inf (a user mask) keeps a finite reference: 0
+            reference = tl.where(new_max == float("-inf"), 0.0, new_max)
+            rescale = tl.exp(row_max - reference)
+            p = tl.exp(s - reference[:, None])
+            row_sum = row_sum * rescale + tl.sum(p, axis=1)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION,
+                                                  out_dtype=tl.float32)
+            row_max = new_max
+        offs, in_tile = _tile(offs_m, offs_d, N, D, stride_on, stride_od)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs, (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=in_tile)
+        tl.store(lse_ptr + (b * tl.num_programs(1) + h) * N + offs_m, row_max + tl.log(row_sum), mask=offs_m < N)
 
 
 @autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"])
@@ -230,12 +242,12 @@ def _window_attention_bwd_dq_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
-    ONE_KEY_BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Program (r, h, i): query block i of windows [r * RUN, r * RUN + RUN), head h: dQ =
     dS K * scale over the key blocks, and the run's sum of dS, its rows of the d(bias) partial
-    [programs, heads, N, N]: kept in registers with ONE_KEY_BLOCK (N <= BLOCK_N), else added
+    [programs, heads, N, N]: kept in registers with ONE_BLOCK (N <= BLOCK_N), else added
     into the partial (zeroed) block by block, each program reading back only what it wrote."""
     h = tl.program_id(1).to(tl.int64)
     heads = tl.num_programs(1)
@@ -245,6 +257,10 @@ def _window_attention_bwd_dq_kernel(
     mask_md = mask_m[:, None] & (offs_d < D)[None, :]
     partial = (tl.program_id(0) * heads + h) * N * N
     dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if ONE_BLOCK:  # one step of the key loop, a constant: the window loop is the innermost
+        keys = BLOCK_N
+    else:
+        keys = N
     start = tl.program_id(0).to(tl.int64) * RUN
     for j in range(0, tl.minimum(RUN, NWIN - start)):
         b = start + j
@@ -254,7 +270,7 @@ def _window_attention_bwd_dq_kernel(
         do, lse, delta = _row_statistics(out_ptr, dout_ptr, lse_ptr, o_base, (b * heads + h) * N,
                                          offs_m, offs_d, N, D, stride_on, stride_od, UPCAST)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for key0 in range(0, N, BLOCK_N):
+        for key0 in range(0, keys, BLOCK_N):
             offs_n = key0 + tl.arange(0, BLOCK_N)
             offs, in_tile = _tile(offs_n, offs_d, N, D, stride_kn, stride_kd)
             k = _operand(tl.load(key_ptr + b * stride_kb + h * stride_kh + offs, mask=in_tile, other=0), UPCAST)
@@ -264,7 +280,7 @@ def _window_attention_bwd_dq_kernel(
                                           offs_m, offs_n, N, NW, scale, HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=tl.float32)
             if HAS_BIAS:
-                if ONE_KEY_BLOCK:
+                if ONE_BLOCK:
                     dbias += ds
                 else:
                     offs_mn = offs_m[:, None] * N + offs_n[None, :]
@@ -273,10 +289,10 @@ def _window_attention_bwd_dq_kernel(
                              mask=mask_mn)
         tl.store(dquery_ptr + o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
                  (dq * scale).to(dquery_ptr.dtype.element_ty), mask=mask_md)
-        if HAS_BIAS and not ONE_KEY_BLOCK:
+        if HAS_BIAS and not ONE_BLOCK:
             tl.debug_barrier()  # the next window's loads of the partial see this window's stores
     if HAS_BIAS:
-        if ONE_KEY_BLOCK:
+        if ONE_BLOCK:
             offs_n = tl.arange(0, BLOCK_N)
             tl.store(dbias_ptr + partial + offs_m[:, None] * N + offs_n[None, :], dbias,
                      mask=mask_m[:, None] & (offs_n < N)[None, :])
@@ -367,19 +383,22 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     if out.numel() == 0:
         return out, lse
     meta, blocks = dot_meta(q.dtype), _blocks(n, d, q.dtype)
+    query_blocks = triton.cdiv(n, blocks["BLOCK_M"])
+    run = _run_length(nb, heads, query_blocks)
     with on_device_of(q):
-        _window_attention_fwd_kernel[(nb, heads, triton.cdiv(n, blocks["BLOCK_M"]))](
+        _window_attention_fwd_kernel[(triton.cdiv(nb, run), heads, query_blocks)](
             q, k, v, q if bias is None else bias, q if mask is None else mask,
             q if mask_index is None else mask_index, out, lse,
-            n, d, 1 if mask is None else mask.shape[0], scale, *_strides(q, k, v, out),
+            nb, n, d, 1 if mask is None else mask.shape[0], run, scale, *_strides(q, k, v, out),
             HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_INDEX=mask_index is not None,
-            PRECISION=meta["PRECISION"], UPCAST=meta["UPCAST"], **blocks)
+            ONE_BLOCK=n <= blocks["BLOCK_N"], PRECISION=meta["PRECISION"], UPCAST=meta["UPCAST"], **blocks)
     return out, lse
 
 
 def _run_length(windows: int, heads: int, query_blocks: int) -> int:
-    """Windows per program of the dQ kernel: about 1024 programs (8 per SM of an H100), and
-    as few d(bias) partials; in the interpreter, which runs programs one after another, 3."""
+    """Windows per program of the forward and dQ kernels: about 1024 programs (8 per SM of an
+    H100), and as few d(bias) partials; in the interpreter, which runs programs one after
+    another, 3."""
     return 3 if interpreting() else max(1, min(16, windows * heads * query_blocks // 1024))
 
 
@@ -408,7 +427,7 @@ def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, s
                 *inputs, dk, dv, *sizes, scale, *_strides(q, k, v, out), **flags)
             _window_attention_bwd_dq_kernel[(programs, heads, query_blocks)](
                 *inputs, dq, partial, nb, *sizes, run, scale, *_strides(q, k, v, out),
-                ONE_KEY_BLOCK=n <= blocks["BLOCK_N"], **flags)
+                ONE_BLOCK=n <= blocks["BLOCK_N"], **flags)
     dbias = partial.sum(0).to(bias.dtype) if bias is not None else q.new_empty((0,))
     return dq, dk, dv, dbias
 
