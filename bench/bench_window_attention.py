@@ -1,6 +1,7 @@
 """Swin window attention, out = softmax(q k^T * scale + bias + mask) v on [B_, heads, N, d]
-windows, at the stage shapes of Swin-T (224 px, window 7: N = 49) and Swin-B (384 px,
-window 12: N = 144), head dim 32, with the shift mask where a stage has more than one
+windows, at the stage shapes of Swin-T (224 px, window 7: N = 49), Swin-B (384 px,
+window 12: N = 144) and SwinV2-B (256 px, window 16: N = 256; its first three stages, as
+the fourth's 8 x 8 map shrinks the window to 8), head dim 32, with the shift mask where a stage has more than one
 window; ``mode`` forward, or forward + backward (gradients of q, k, v and the bias).
 
 Baselines: Swin's eager attention (matmul, + bias, + mask, softmax, matmul), PyTorch's
@@ -32,7 +33,8 @@ IMPLS = ("sparqle", "eager", "sdpa") + (("flex",) if _ON_GPU else ())
 HEAD_DIM = 32
 # model: (window, stage grid sides, heads per stage)
 MODELS = {"swin-t": (7, (56, 28, 14, 7), (3, 6, 12, 24)),
-          "swin-b": (12, (96, 48, 24, 12), (4, 8, 16, 32))}
+          "swin-b": (12, (96, 48, 24, 12), (4, 8, 16, 32)),
+          "swinv2-b": (16, (64, 32, 16), (4, 8, 16))}
 
 
 def grid(quick: bool) -> Iterator[dict]:
@@ -44,6 +46,8 @@ def grid(quick: bool) -> Iterator[dict]:
     modes = ("fwd",) if quick and not _ON_GPU else ("fwd", "fwd+bwd")
     for model, stage, batch, dtype, mode in itertools.product(models, stages, batches, dtypes, modes):
         window, sides, heads = MODELS[model]
+        if stage >= len(sides):
+            continue
         yield {"model": model, "stage": stage + 1, "batch": batch, "heads": heads[stage],
                "n": window * window, "dtype": dtype, "mode": mode}
 

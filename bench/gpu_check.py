@@ -151,8 +151,9 @@ def _tiny(point: Point) -> Dict[str, object]:
         p.update(out_features=40, in_features=48, tokens=24)
     elif point.family == "spmm_bell":
         p.update(out_features=48, in_features=64, tokens=24, block=16, sparsity=0.5)
-    elif point.family == "window_attention":
-        p.update(stage=4, batch=1, heads=2)
+    elif point.family == "window_attention":  # the model's last stage: one window per image
+        from .bench_window_attention import MODELS
+        p.update(stage=len(MODELS[p["model"]][1]), batch=1, heads=2)
     elif point.family == "e2e":  # the tiny Llama, the reference Swin
         p.update(model="llama-tiny", layers=None) if "layers" in p else p.update(model="swin-reference", batch=2)
     return p

@@ -41,12 +41,13 @@ POINTS: List[Point] = [
     *[Point("fp8", _linear(s, s, s), {"dense": 1.6 if s == 8192 else None,
                                       "torch._scaled_mm-row": 0.9 if s == 8192 else None})
       for s in (4096, 8192)],
-    # Window attention, Swin-T stage 1 with bias and shift mask (issue 19): forward >= 2x eager
-    # and >= 1.3x SDPA with the mask; backward >= 1.5x eager.
-    Point("window_attention", {"model": "swin-t", "stage": 1, "batch": 32, "heads": 3, "n": 49,
-                               "dtype": "bfloat16", "mode": "fwd"}, {"eager": 2.0, "sdpa": 1.3}),
-    Point("window_attention", {"model": "swin-t", "stage": 1, "batch": 32, "heads": 3, "n": 49,
-                               "dtype": "bfloat16", "mode": "fwd+bwd"}, {"eager": 1.5, "sdpa": None}),
+    # Window attention with bias and shift mask (issue 19), Swin-T stage 1 (N = 49), Swin-B
+    # stage 3 (N = 144) and SwinV2-B stage 2 (N = 256): forward >= 2x eager and >= 1.3x SDPA
+    # with the mask; backward >= 1.5x eager.
+    *[Point("window_attention", {"model": model, "stage": stage, "batch": 32, "heads": heads, "n": n,
+                                 "dtype": "bfloat16", "mode": mode}, goals)
+      for model, stage, heads, n in (("swin-t", 1, 3, 49), ("swin-b", 3, 16, 144), ("swinv2-b", 2, 8, 256))
+      for mode, goals in (("fwd", {"eager": 2.0, "sdpa": 1.3}), ("fwd+bwd", {"eager": 1.5, "sdpa": None}))],
     # End to end (issue 16), bench_e2e.headline_rows: Llama-3-8B's shapes (4 of its 32 layers)
     # decoding under CUDA graphs at batch 1: int4 >= 2.5x bf16 tokens/s, int8 >= 1.6x, FP8
     # >= 1.5x, 2:4 >= 1.3x; at batch 16 none slower than bf16. Swin-T (timm) with window

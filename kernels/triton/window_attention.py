@@ -3,17 +3,21 @@
 window_attention: q, k, v [B_, heads, N, d] (B_ windows of N tokens) ->
     out [B_, heads, N, d] = softmax(S) v and lse [B_, heads, N] (fp32) = logsumexp of S's rows,
     S = q k^T * scale + bias[h] + mask[m(b)], m(b) = b % nW or mask_index[b]. One program per
-    (window, head, block of BLOCK_M query rows) holds all the window's keys: the N tokens
-    padded to BLOCK_T (a power of two >= 16, <= 256), d to HEAD_DIM; scores and softmax
-    statistics in fp32. For N <= 64 (Swin's 7x7 windows) one program holds the whole window.
-window_attention_backward: one program per (run of windows, head, query block) recomputes
-    P = exp(S - lse) and writes dQ = dS K * scale, with dS = P * (dO V^T - rowsum(dO * O)),
-    and dV = P^T dO, dK = dS^T Q * scale: stored directly when the window is one query block,
-    else added with fp32 atomics over the (at most 8) query blocks. d(bias)[h] = sum over
-    windows of dS: each program sums its run in registers and writes its rows of one fp32
-    partial [programs, heads, N, N], which the launcher reduces with torch.sum:
-    deterministic, no atomics contending on the same N x N entries from every window, and
-    the runs keep the partial buffer small.
+    (run of windows, head, block of BLOCK_M query rows) takes its windows one after another,
+    each over its keys in blocks of BLOCK_N with an online softmax (FlashAttention's: running
+    row max and sum in fp32); d padded to HEAD_DIM. For N <= 64 (Swin's 7x7 windows) one
+    block of each holds the whole window, and the loads of the next window are pipelined.
+window_attention_backward: P = exp(S - lse) recomputed block by block from the saved
+    logsumexp, dS = P * (dO V^T - rowsum(dO * O)), in two kernels without atomics:
+    - one program per (window, head, key block) owns its keys' dV = P^T dO and
+      dK = dS^T Q * scale, summed over the query blocks in registers (with runs of windows
+      too, as below, it spills at N = 49);
+    - one program per (run of windows, head, query block), taking them one after another,
+      writes dQ = dS K * scale, summed over the key blocks, and d(bias)[h] = sum over windows of dS: each program sums its run into
+      its rows of one fp32 partial [programs, heads, N, N] (in registers when the window is
+      one key block, else read and written back block by block), which the launcher reduces
+      with torch.sum: deterministic, no atomics contending on the same N x N entries from
+      every window, and the runs keep the partial buffer small.
 window_partition / window_merge: one index-mapping copy kernel in both directions. Window
     r of image i = r // K is window w = index[r] (or r % K) of the image rolled by
     (-sh, -sw) and zero-padded to multiples of the window; its token t sits at the rolled
@@ -30,9 +34,16 @@ from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, interpreting, on_device_of
 
+# num_stages > 1 pipelines the loads of the innermost loop through cp.async: over key blocks
+# (the backward's dK/dV kernel: query blocks), or, in the forward and dQ kernels, over
+# windows when a window is one block (N <= 64). Every config compiles without spills at N = 49, 144 and 256 (bf16,
+# d = 32), forward and backward (python -m sparqle.bench.kernel_report --op window_attention);
+# 4 warps spill at N = 49 (the forward and dQ kernels: 255 registers with the 64 x 64 score,
+# probability, bias and mask tiles live at once), as does the dQ kernel at N = 144 with
+# 3 stages, or 2 stages and 4 warps.
 _ATTENTION_CONFIGS = Configs(
-    [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)],
-    triton.Config({}),
+    [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)],
+    triton.Config({}, num_warps=8, num_stages=1),
 )
 _COPY_CONFIGS = Configs(
     [triton.Config({"BLOCK_T": t, "BLOCK_C": c}, num_warps=w)
@@ -42,40 +53,67 @@ _COPY_CONFIGS = Configs(
 
 
 @triton.jit
-def _scores(query_ptr, key_ptr, bias_ptr, mask_ptr, mask_index_ptr, b, h, row0, N, D, NW, scale,
-            stride_qb, stride_qh, stride_qn, stride_qd,
-            stride_kb, stride_kh, stride_kn, stride_kd,
-            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
-            PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """(q [BLOCK_M, HEAD_DIM] of query rows row0.., k [BLOCK_T, HEAD_DIM] of all keys, S
-    [BLOCK_M, BLOCK_T] fp32) of window b, head h (b, h int64: the window's base offset may
-    pass 2^31); S is -inf in the padded key columns. Token and feature offsets stay int32
-    (fewer registers): the launchers pass only strides whose products with them fit."""
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_m, mask_t, mask_d = offs_m < N, offs_t < N, offs_d < D
-    q = tl.load(query_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
-                + offs_d[None, :] * stride_qd, mask=mask_m[:, None] & mask_d[None, :], other=0)
-    k = tl.load(key_ptr + b * stride_kb + h * stride_kh + offs_t[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd, mask=mask_t[:, None] & mask_d[None, :], other=0)
+def _tile(offs_r, offs_d, R, D, stride_r, stride_d):
+    """(offsets, mask) of the [rows, HEAD_DIM] tile of rows offs_r < R, features offs_d < D.
+    Row and feature offsets stay int32 (fewer registers; the caller adds them to a pointer
+    already moved by the int64 window and head offset): the launchers pass only strides
+    whose products with them fit."""
+    return (offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
+            (offs_r < R)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _operand(tile, UPCAST: tl.constexpr):
+    """A loaded tile as a dot operand: in fp32 with UPCAST (the interpreter's bf16)."""
     if UPCAST:
-        q = q.to(tl.float32)
-        k = k.to(tl.float32)
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _scores(q, k, bias_ptr, mask_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NW, scale,
+            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """S [BLOCK_M, BLOCK_N] (fp32) of query rows offs_m and keys offs_n of window b, head h
+    (int64): q k^T * scale + bias[h] + mask[m(b)], -inf in the padded key columns."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * scale
-    mask_mt = mask_m[:, None] & mask_t[None, :]
-    offs_mt = offs_m[:, None] * N + offs_t[None, :]
+    mask_n = offs_n < N
+    mask_mn = (offs_m < N)[:, None] & mask_n[None, :]
+    offs_mn = offs_m[:, None] * N + offs_n[None, :]
     if HAS_BIAS:
-        s += tl.load(bias_ptr + h * N * N + offs_mt, mask=mask_mt, other=0).to(tl.float32)
+        s += tl.load(bias_ptr + h * N * N + offs_mn, mask=mask_mn, other=0).to(tl.float32)
     if HAS_MASK:
         if MASK_INDEX:
             w = tl.load(mask_index_ptr + b).to(tl.int64)
         else:
             w = b % NW
-        s += tl.load(mask_ptr + w * N * N + offs_mt, mask=mask_mt, other=0).to(tl.float32)
-    s = tl.where(mask_t[None, :], s, float("-inf"))
-    return q, k, s
+        s += tl.load(mask_ptr + w * N * N + offs_mn, mask=mask_mn, other=0).to(tl.float32)
+    return tl.where(mask_n[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _probabilities_and_ds(q, k, v, do, lse, delta, bias_ptr, mask_ptr, mask_index_ptr, b, h, offs_m, offs_n,
+                          N, NW, scale,
+                          HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """(P, dS) [BLOCK_M, BLOCK_N] fp32 of one query block and one key block, recomputed from
+    the row logsumexp: P = exp(S - lse) (0 in padded rows), dS = P * (dO V^T - delta)."""
+    s = _scores(q, k, bias_ptr, mask_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NW, scale,
+                HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
+    p = tl.where((offs_m < N)[:, None], tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _row_statistics(out_ptr, dout_ptr, lse_ptr, o_base, lse_base, offs_m, offs_d, N, D, stride_on, stride_od,
+                    UPCAST: tl.constexpr):
+    """(dO tile, lse, delta = rowsum(dO * O) in fp32) of query rows offs_m."""
+    offs, in_tile = _tile(offs_m, offs_d, N, D, stride_on, stride_od)
+    do = _operand(tl.load(dout_ptr + o_base + offs, mask=in_tile, other=0), UPCAST)
+    o = tl.load(out_ptr + o_base + offs, mask=in_tile, other=0)
+    lse = tl.load(lse_ptr + lse_base + offs_m, mask=offs_m < N, other=0)
+    return do, lse, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
 
 
 @autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"])
@@ -84,7 +122,7 @@ def _window_attention_fwd_kernel(
     # pointers
     query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
     # sizes and the softmax scale
-    N, D, NW, scale,
+    NWIN, N, D, NW, RUN, scale,
     # strides (window, head, token, dim) of q, k, v and out
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -92,43 +130,109 @@ def _window_attention_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Program (b, h, i): query rows [i * BLOCK_M, (i + 1) * BLOCK_M) of window b, head h."""
+    """Program (r, h, i): query rows [i * BLOCK_M, (i + 1) * BLOCK_M) of windows
+    [r * RUN, r * RUN + RUN), head h, one window after another, each over its keys in blocks
+    of BLOCK_N with an online softmax (running row max m and sum l in fp32: each block
+    rescales the sum and the output accumulator by exp(m_old - m_new)). With ONE_BLOCK
+    (N <= BLOCK_M = BLOCK_N) the key loop has one step and the window loop is the innermost:
+    its loads of q, k and v are the ones num_stages pipelines."""
+    h = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if ONE_BLOCK:  # one step of the key loop, a constant: the window loop is the innermost
+        keys = BLOCK_N
+    else:
+        keys = N
+    start = tl.program_id(0).to(tl.int64) * RUN
+    for j in range(0, tl.minimum(RUN, NWIN - start)):
+        b = start + j
+        offs, in_tile = _tile(offs_m, offs_d, N, D, stride_qn, stride_qd)
+        q = _operand(tl.load(query_ptr + b * stride_qb + h * stride_qh + offs, mask=in_tile, other=0), UPCAST)
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for key0 in range(0, keys, BLOCK_N):
+            offs_n = key0 + tl.arange(0, BLOCK_N)
+            offs, in_tile = _tile(offs_n, offs_d, N, D, stride_kn, stride_kd)
+            k = _operand(tl.load(key_ptr + b * stride_kb + h * stride_kh + offs, mask=in_tile, other=0), UPCAST)
+            offs, in_tile = _tile(offs_n, offs_d, N, D, stride_vn, stride_vd)
+            v = _operand(tl.load(value_ptr + b * stride_vb + h * stride_vh + offs, mask=in_tile, other=0), UPCAST)
+            s = _scores(q, k, bias_ptr, mask_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NW, scale,
+                        HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
+            new_max = tl.maximum(row_max, tl.max(s, axis=1))
+            # a row whose keys so far are all -inf (a user mask) keeps a finite reference: 0
+            reference = tl.where(new_max == float("-inf"), 0.0, new_max)
+            rescale = tl.exp(row_max - reference)
+            p = tl.exp(s - reference[:, None])
+            row_sum = row_sum * rescale + tl.sum(p, axis=1)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION,
+                                                  out_dtype=tl.float32)
+            row_max = new_max
+        offs, in_tile = _tile(offs_m, offs_d, N, D, stride_on, stride_od)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs, (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=in_tile)
+        tl.store(lse_ptr + (b * tl.num_programs(1) + h) * N + offs_m, row_max + tl.log(row_sum), mask=offs_m < N)
+
+
+@autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"])
+@triton.jit
+def _window_attention_bwd_dkdv_kernel(
+    # pointers
+    query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
+    dout_ptr, dkey_ptr, dvalue_ptr,
+    # sizes and the softmax scale
+    N, D, NW, scale,
+    # strides (window, head, token, dim) of q, k, v and out (dout, dk and dv: out's)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Program (b, h, j): keys [j * BLOCK_N, (j + 1) * BLOCK_N) of window b, head h own their
+    dV = P^T dO and dK = dS^T Q * scale, summed over the window's query blocks in registers
+    and stored once (no atomics)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    row0 = tl.program_id(2) * BLOCK_M
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    mask_m, mask_d = offs_m < N, offs_d < D
-    q, k, s = _scores(query_ptr, key_ptr, bias_ptr, mask_ptr, mask_index_ptr, b, h, row0, N, D, NW, scale,
-                      stride_qb, stride_qh, stride_qn, stride_qd,
-                      stride_kb, stride_kh, stride_kn, stride_kd,
-                      HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION, UPCAST, BLOCK_M, BLOCK_T, HEAD_DIM)
-    v = tl.load(value_ptr + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vn
-                + offs_d[None, :] * stride_vd, mask=(offs_t < N)[:, None] & mask_d[None, :], other=0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    m = tl.max(s, axis=1)
-    p = tl.exp(s - m[:, None])
-    total = tl.sum(p, axis=1)
-    out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=tl.float32) / total[:, None]
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
-             + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(lse_ptr + (b * tl.num_programs(1) + h) * N + offs_m, m + tl.log(total), mask=mask_m)
+    offs, in_tile = _tile(offs_n, offs_d, N, D, stride_kn, stride_kd)
+    k = _operand(tl.load(key_ptr + b * stride_kb + h * stride_kh + offs, mask=in_tile, other=0), UPCAST)
+    offs, in_tile = _tile(offs_n, offs_d, N, D, stride_vn, stride_vd)
+    v = _operand(tl.load(value_ptr + b * stride_vb + h * stride_vh + offs, mask=in_tile, other=0), UPCAST)
+    o_base = b * stride_ob + h * stride_oh
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for start in range(0, N, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        offs, in_tile = _tile(offs_m, offs_d, N, D, stride_qn, stride_qd)
+        q = _operand(tl.load(query_ptr + b * stride_qb + h * stride_qh + offs, mask=in_tile, other=0), UPCAST)
+        do, lse, delta = _row_statistics(out_ptr, dout_ptr, lse_ptr, o_base, (b * tl.num_programs(1) + h) * N,
+                                         offs_m, offs_d, N, D, stride_on, stride_od, UPCAST)
+        p, ds = _probabilities_and_ds(q, k, v, do, lse, delta, bias_ptr, mask_ptr, mask_index_ptr, b, h,
+                                      offs_m, offs_n, N, NW, scale, HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION, out_dtype=tl.float32)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION, out_dtype=tl.float32)
+    offs_nd = o_base + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od
+    mask_nd = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+    tl.store(dkey_ptr + offs_nd, (dk * scale).to(dkey_ptr.dtype.element_ty), mask=mask_nd)
+    tl.store(dvalue_ptr + offs_nd, dv.to(dvalue_ptr.dtype.element_ty), mask=mask_nd)
 
 
 @autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"],
-          # with SPLIT, dK and dV are fp32 sums of atomic adds: zeroed before each trial
-          reset_to_zero=["dkey_ptr", "dvalue_ptr"])
+          # over several key blocks, the d(bias) partials are sums read and written in place
+          reset_to_zero=["dbias_ptr"])
 @triton.jit
-def _window_attention_bwd_kernel(
+def _window_attention_bwd_dq_kernel(
     # pointers
     query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
-    dout_ptr, dquery_ptr, dkey_ptr, dvalue_ptr, dbias_ptr,
+    dout_ptr, dquery_ptr, dbias_ptr,
     # sizes and the softmax scale
     NWIN, N, D, NW, RUN, scale,
     # strides (window, head, token, dim) of q, k, v and out (dout and dq: out's)
@@ -137,60 +241,61 @@ def _window_attention_bwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Program (r, h, i): query rows block i of windows [r * RUN, r * RUN + RUN), head h.
-    dO and dQ share out's strides, as dK and dV do; with SPLIT (several query blocks) the
-    dK, dV parts are added with fp32 atomics into zeroed fp32 buffers."""
+    """Program (r, h, i): query block i of windows [r * RUN, r * RUN + RUN), head h: dQ =
+    dS K * scale over the key blocks, and the run's sum of dS, its rows of the d(bias) partial
+    [programs, heads, N, N]: kept in registers with ONE_BLOCK (N <= BLOCK_N), else added
+    into the partial (zeroed) block by block, each program reading back only what it wrote."""
     h = tl.program_id(1).to(tl.int64)
     heads = tl.num_programs(1)
-    row0 = tl.program_id(2) * BLOCK_M
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_t = tl.arange(0, BLOCK_T)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    mask_m, mask_t, mask_d = offs_m < N, offs_t < N, offs_d < D
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    mask_td = mask_t[:, None] & mask_d[None, :]
-    mask_mt = mask_m[:, None] & mask_t[None, :]
-    offs_md = offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    offs_td = offs_t[:, None] * stride_on + offs_d[None, :] * stride_od
-    dbias = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    mask_m = offs_m < N
+    mask_md = mask_m[:, None] & (offs_d < D)[None, :]
+    partial = (tl.program_id(0) * heads + h) * N * N
+    dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if ONE_BLOCK:  # one step of the key loop, a constant: the window loop is the innermost
+        keys = BLOCK_N
+    else:
+        keys = N
     start = tl.program_id(0).to(tl.int64) * RUN
     for j in range(0, tl.minimum(RUN, NWIN - start)):
         b = start + j
-        q, k, s = _scores(query_ptr, key_ptr, bias_ptr, mask_ptr, mask_index_ptr, b, h, row0, N, D, NW, scale,
-                          stride_qb, stride_qh, stride_qn, stride_qd,
-                          stride_kb, stride_kh, stride_kn, stride_kd,
-                          HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION, UPCAST, BLOCK_M, BLOCK_T, HEAD_DIM)
-        v = tl.load(value_ptr + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vn
-                    + offs_d[None, :] * stride_vd, mask=mask_td, other=0)
+        offs, in_tile = _tile(offs_m, offs_d, N, D, stride_qn, stride_qd)
+        q = _operand(tl.load(query_ptr + b * stride_qb + h * stride_qh + offs, mask=in_tile, other=0), UPCAST)
         o_base = b * stride_ob + h * stride_oh
-        o = tl.load(out_ptr + o_base + offs_md, mask=mask_md, other=0).to(tl.float32)
-        do = tl.load(dout_ptr + o_base + offs_md, mask=mask_md, other=0)
-        if UPCAST:
-            v = v.to(tl.float32)
-            do = do.to(tl.float32)
-        lse = tl.load(lse_ptr + (b * heads + h) * N + offs_m, mask=mask_m, other=0)
-        p = tl.where(mask_mt, tl.exp(s - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION, out_dtype=tl.float32)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
-        delta = tl.sum(do.to(tl.float32) * o, axis=1)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=tl.float32) * scale
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION, out_dtype=tl.float32) * scale
-        tl.store(dquery_ptr + o_base + offs_md, dq.to(dquery_ptr.dtype.element_ty), mask=mask_md)
-        if SPLIT:
-            tl.atomic_add(dkey_ptr + o_base + offs_td, dk, mask=mask_td)
-            tl.atomic_add(dvalue_ptr + o_base + offs_td, dv, mask=mask_td)
-        else:
-            tl.store(dkey_ptr + o_base + offs_td, dk.to(dkey_ptr.dtype.element_ty), mask=mask_td)
-            tl.store(dvalue_ptr + o_base + offs_td, dv.to(dvalue_ptr.dtype.element_ty), mask=mask_td)
-        dbias += ds
+        do, lse, delta = _row_statistics(out_ptr, dout_ptr, lse_ptr, o_base, (b * heads + h) * N,
+                                         offs_m, offs_d, N, D, stride_on, stride_od, UPCAST)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for key0 in range(0, keys, BLOCK_N):
+            offs_n = key0 + tl.arange(0, BLOCK_N)
+            offs, in_tile = _tile(offs_n, offs_d, N, D, stride_kn, stride_kd)
+            k = _operand(tl.load(key_ptr + b * stride_kb + h * stride_kh + offs, mask=in_tile, other=0), UPCAST)
+            offs, in_tile = _tile(offs_n, offs_d, N, D, stride_vn, stride_vd)
+            v = _operand(tl.load(value_ptr + b * stride_vb + h * stride_vh + offs, mask=in_tile, other=0), UPCAST)
+            p, ds = _probabilities_and_ds(q, k, v, do, lse, delta, bias_ptr, mask_ptr, mask_index_ptr, b, h,
+                                          offs_m, offs_n, N, NW, scale, HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=tl.float32)
+            if HAS_BIAS:
+                if ONE_BLOCK:
+                    dbias += ds
+                else:
+                    offs_mn = offs_m[:, None] * N + offs_n[None, :]
+                    mask_mn = mask_m[:, None] & (offs_n < N)[None, :]
+                    tl.store(dbias_ptr + partial + offs_mn, tl.load(dbias_ptr + partial + offs_mn, mask=mask_mn) + ds,
+                             mask=mask_mn)
+        tl.store(dquery_ptr + o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                 (dq * scale).to(dquery_ptr.dtype.element_ty), mask=mask_md)
+        if HAS_BIAS and not ONE_BLOCK:
+            tl.debug_barrier()  # the next window's loads of the partial see this window's stores
     if HAS_BIAS:
-        partial = (tl.program_id(0) * heads + h) * N * N
-        tl.store(dbias_ptr + partial + offs_m[:, None] * N + offs_t[None, :], dbias, mask=mask_mt)
+        if ONE_BLOCK:
+            offs_n = tl.arange(0, BLOCK_N)
+            tl.store(dbias_ptr + partial + offs_m[:, None] * N + offs_n[None, :], dbias,
+                     mask=mask_m[:, None] & (offs_n < N)[None, :])
 
 
 @autotune(_COPY_CONFIGS, key=["N", "C", "HAS_INDEX", "MERGE"])
@@ -235,18 +340,16 @@ def _window_copy_kernel(
 
 
 def _blocks(n: int, d: int, dtype: torch.dtype) -> dict:
-    """The tiles: all N keys padded to BLOCK_T (>= 16, a power of two), d to HEAD_DIM, and
-    query rows in blocks of BLOCK_M (the whole window up to 64 tokens; 64 rows up to 128,
-    32 up to 256, so that the [BLOCK_M, BLOCK_T] fp32 tiles and their shared-memory layout
-    conversions fit one SM; half that, 32 and 16, when fp32 operands have d > 64: their
-    backward at 64 rows and 128 keys needs 176 KB of shared memory on sm_80 and 241 KB on
-    sm_90, at 32 rows and 256 keys 184 KB on sm_80, over the 163 KB and 227 KB a block has)."""
-    block_t = max(16, triton.next_power_of_2(n))
+    """The tiles: d padded to HEAD_DIM; a window of up to 64 tokens is one block of
+    BLOCK_M = BLOCK_N query and key rows (N padded to a power of two >= 16); a larger one is
+    cut into blocks of 64 query rows and 64 keys (32 and 32 when fp32 operands have d > 64,
+    so that the pipelined tiles fit the 163 KB of shared memory a block has on sm_80)."""
     head_dim = max(16, triton.next_power_of_2(d))
-    rows = 64 if block_t <= 128 else 32
-    if dtype == torch.float32 and head_dim > 64 and block_t > 64:
-        rows //= 2
-    return {"BLOCK_M": min(block_t, rows), "BLOCK_T": block_t, "HEAD_DIM": head_dim}
+    if n <= 64:
+        rows = keys = max(16, triton.next_power_of_2(n))
+    else:
+        rows = keys = 32 if dtype == torch.float32 and head_dim > 64 else 64
+    return {"BLOCK_M": rows, "BLOCK_N": keys, "HEAD_DIM": head_dim}
 
 
 def _strides(*tensors):
@@ -280,48 +383,53 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     if out.numel() == 0:
         return out, lse
     meta, blocks = dot_meta(q.dtype), _blocks(n, d, q.dtype)
+    query_blocks = triton.cdiv(n, blocks["BLOCK_M"])
+    run = _run_length(nb, heads, query_blocks)
     with on_device_of(q):
-        _window_attention_fwd_kernel[(nb, heads, triton.cdiv(n, blocks["BLOCK_M"]))](
+        _window_attention_fwd_kernel[(triton.cdiv(nb, run), heads, query_blocks)](
             q, k, v, q if bias is None else bias, q if mask is None else mask,
             q if mask_index is None else mask_index, out, lse,
-            n, d, 1 if mask is None else mask.shape[0], scale, *_strides(q, k, v, out),
+            nb, n, d, 1 if mask is None else mask.shape[0], run, scale, *_strides(q, k, v, out),
             HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_INDEX=mask_index is not None,
-            PRECISION=meta["PRECISION"], UPCAST=meta["UPCAST"], **blocks)
+            ONE_BLOCK=n <= blocks["BLOCK_N"], PRECISION=meta["PRECISION"], UPCAST=meta["UPCAST"], **blocks)
     return out, lse
 
 
-def _run_length(windows: int) -> int:
-    """Windows per backward program: enough programs to fill a GPU (and few d(bias)
-    partials); in the interpreter, which runs programs one after another, 3 per program."""
-    return 3 if interpreting() else max(1, min(16, windows // 512))
+def _run_length(windows: int, heads: int, query_blocks: int) -> int:
+    """Windows per program of the forward and dQ kernels: about 1024 programs (8 per SM of an
+    H100), and as few d(bias) partials; in the interpreter, which runs programs one after
+    another, 3."""
+    return 3 if interpreting() else max(1, min(16, windows * heads * query_blocks // 1024))
 
 
 def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale):
     """(dq, dk, dv, dbias) for window_attention (dbias empty [0] without a bias); q, k, v
-    read through their strides, the other tensors made contiguous."""
+    read through their strides, the other tensors made contiguous. Two kernels, each
+    recomputing P: one per key block for dK and dV, one per query block for dQ and d(bias)."""
     nb, heads, n, d = q.shape
     q, k, v = _int32_tiles(q), _int32_tiles(k), _int32_tiles(v)
     dout, out, lse, bias, mask, mask_index = _contiguous(dout, out, lse, bias, mask, mask_index)
     meta, blocks = dot_meta(q.dtype), _blocks(n, d, q.dtype)
-    row_blocks = triton.cdiv(n, blocks["BLOCK_M"])
-    split = row_blocks > 1
-    dq = _alloc.empty((nb, heads, n, d), q.dtype, q.device)
-    dk, dv = ((torch.zeros((nb, heads, n, d), dtype=torch.float32, device=q.device) if split
-               else _alloc.empty((nb, heads, n, d), q.dtype, q.device)) for _ in range(2))
-    run = _run_length(nb)
+    dq, dk, dv = (_alloc.empty((nb, heads, n, d), q.dtype, q.device) for _ in range(3))
+    query_blocks = triton.cdiv(n, blocks["BLOCK_M"])
+    run = _run_length(nb, heads, query_blocks)
     programs = triton.cdiv(nb, run)
     partial = (torch.zeros((programs, heads, n, n), dtype=torch.float32, device=q.device)
                if bias is not None else dq)
     if dq.numel():
+        flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_INDEX=mask_index is not None,
+                     PRECISION=meta["PRECISION"], UPCAST=meta["UPCAST"], **blocks)
+        inputs = (q, k, v, q if bias is None else bias, q if mask is None else mask,
+                  q if mask_index is None else mask_index, out, lse, dout)
+        sizes = (n, d, 1 if mask is None else mask.shape[0])
         with on_device_of(q):
-            _window_attention_bwd_kernel[(programs, heads, row_blocks)](
-                q, k, v, q if bias is None else bias, q if mask is None else mask,
-                q if mask_index is None else mask_index, out, lse, dout, dq, dk, dv, partial,
-                nb, n, d, 1 if mask is None else mask.shape[0], run, scale, *_strides(q, k, v, out),
-                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_INDEX=mask_index is not None,
-                SPLIT=split, PRECISION=meta["PRECISION"], UPCAST=meta["UPCAST"], **blocks)
+            _window_attention_bwd_dkdv_kernel[(nb, heads, triton.cdiv(n, blocks["BLOCK_N"]))](
+                *inputs, dk, dv, *sizes, scale, *_strides(q, k, v, out), **flags)
+            _window_attention_bwd_dq_kernel[(programs, heads, query_blocks)](
+                *inputs, dq, partial, nb, *sizes, run, scale, *_strides(q, k, v, out),
+                ONE_BLOCK=n <= blocks["BLOCK_N"], **flags)
     dbias = partial.sum(0).to(bias.dtype) if bias is not None else q.new_empty((0,))
-    return dq, dk.to(q.dtype), dv.to(q.dtype), dbias
+    return dq, dk, dv, dbias
 
 
 def _copy(x, windows, wh, ww, sh, sw, index, merge):
