@@ -208,15 +208,16 @@ WIDE_STEP_CONFIGS = {
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("group", GROUP_SIZES)
 @pytest.mark.parametrize("k", [1, 77, 300])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_triton_reads_the_format_layout_at_every_group_and_k(monkeypatch, device, group, k, dtype):
     """The kernel reads Int4Weight's own tensors (packed [N, ceil(K / 2)], scales and zeros
     [N, ceil(K / group)]) at every group size, odd K and K off the group and the K step, with
     K steps inside one group, over several groups, and split-K slices: y matches the float64
     oracle of the dequantized weight."""
     import sparqle.kernels.triton.int4_linear as kernel
-    monkeypatch.setattr(kernel._small_m, "configs", [WIDE_STEP_CONFIGS["small_m"]])
-    monkeypatch.setattr(kernel._tiled, "configs", [WIDE_STEP_CONFIGS["tiled"]])
+    for small_m, tiled in ((kernel._small_m, kernel._tiled), (kernel._small_m_fp32, kernel._tiled_fp32)):
+        monkeypatch.setattr(small_m, "configs", [WIDE_STEP_CONFIGS["small_m"]])
+        monkeypatch.setattr(tiled, "configs", [WIDE_STEP_CONFIGS["tiled"]])
     g = torch.Generator().manual_seed(k * 7 + group)
     qw = Int4Weight.from_float(torch.randn(20, k, generator=g).to(dtype), group).to(device)
     w64 = qw.dequantize().double().cpu()

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import autotune
+from ._autotune import Configs, autotune
 from ._config import dot_meta, interpreting
 from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile
 
@@ -43,6 +43,8 @@ from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, stor
 # spacing (its ulp) is 1: p is the dtype's mantissa bits (10, 7, 23).
 MAGIC = {torch.float16: (tl.float16, 1024.0, 0x6400), torch.bfloat16: (tl.bfloat16, 128.0, 0x4300),
          torch.float32: (tl.float32, 8388608.0, 0x4B000000)}
+
+
 @triton.jit
 def _decode(q, scale, zero, DEQUANT_DTYPE: tl.constexpr, MAGIC_VALUE: tl.constexpr, MAGIC_BITS: tl.constexpr):
     """(q - zero) * scale in DEQUANT_DTYPE for integer codes q in [0, 15] (see the module
@@ -121,10 +123,25 @@ def _int4_linear_kernel(
                stride_bias, HAS_BIAS, ACC_DTYPE, SPLIT_K)
 
 
+# fp32 x: without TF32, Triton computes an fp32 tl.dot with FMAs in registers, and every
+# config of the shared spaces spills on sm_90 (hundreds to tens of thousands of bytes per
+# thread: the kernel report run over fp32); these, with BLOCK_K = 32, compile without spills.
+FP32_SMALL_M_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=3)
+     for bn, bk, sk in [(32, 32, 1), (64, 32, 1), (32, 64, 1), (128, 32, 1), (32, 32, 4), (64, 32, 2)]],
+    SMALL_M_CONFIGS.test,
+)
+FP32_TILED_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "SPLIT_K": 1}, num_warps=w, num_stages=3)
+     for bm, bn, w in [(32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 8)]],
+    TILED_CONFIGS.test,
+)
 _tiled = autotune(TILED_CONFIGS, key=["M", "N", "K"], bucket=["M"])(_int4_linear_kernel)
 _small_m = autotune(SMALL_M_CONFIGS, key=["M", "N", "K"], bucket=["M"],
                     reset_to_zero=["y_ptr"])(_int4_linear_kernel)
-
+_tiled_fp32 = autotune(FP32_TILED_CONFIGS, key=["M", "N", "K"], bucket=["M"])(_int4_linear_kernel)
+_small_m_fp32 = autotune(FP32_SMALL_M_CONFIGS, key=["M", "N", "K"], bucket=["M"],
+                         reset_to_zero=["y_ptr"])(_int4_linear_kernel)
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor, bias, group_width: int) -> torch.Tensor:
@@ -148,4 +165,6 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
             DEQUANT_DTYPE=dequant_dtype, MAGIC_VALUE=magic, MAGIC_BITS=bits, **dot_meta(x.dtype),
         )
 
+    if x.dtype == torch.float32:
+        return launch_by_m(_tiled_fp32, _small_m_fp32, x, n, launch)
     return launch_by_m(_tiled, _small_m, x, n, launch)
