@@ -28,7 +28,8 @@ BLOCK_M = 64 with 4 warps per 64 rows); the bias is added in the epilogue.
 
 Launched by ``_linear.launch_by_m`` for every M (thresholds and their reasons:
 sparqle.kernels.dispatch): the split-K small-M configs at M <= SPLIT_K_MAX_M, the tiled
-configs above it; the weight is dequantized inside the GEMM's main loop at every M.
+configs above it (fp32 x: spaces of its own, see FP32_TILED_CONFIGS); the weight is
+dequantized inside the GEMM's main loop at every M.
 """
 import torch
 import triton
