@@ -136,7 +136,7 @@ def bell_cases(n: int, m: int, k: int, block: int, width: int, dtype: torch.dtyp
 
 def int4_cases(x: torch.Tensor, n: int, bias: bool, group: int = 128, archs=(80, 90)) -> List[Case]:
     """int4_linear: x [M, K] @ dequant(W [n, K])^T, packed uint8 [n, ceil(K/2)], scales and
-    zeros [n, ceil(K/group)] in x's dtype."""
+    zeros [n, ceil(K/group)] in x's dtype (one group per row when group >= K)."""
     m, k = x.shape
     groups = cdiv(k, group)
     label = f"{_name(x.dtype)} M={m} N={n} K={k} group={group}{' bias' if bias else ''}"
@@ -326,6 +326,11 @@ def test_cases() -> List[Case]:
         cases += [c for a, b in itertools.product(FP8_DTYPES, repeat=2) if (a, b) != (e4m3, e4m3)
                   for c in fp8_mm_cases(tensor(rows, 128, dtype=a), 40, b, bf16, False)]
     cases += fp8_quantize_cases(tensor(16, 128, dtype=bf16), e5m2, False)
+    # int4 with several groups per row (the cases above have one, K = 128 = group): group 32,
+    # below every BLOCK_K in the spaces (each K step's groups broadcast), at every dtype, and 64.
+    for rows in (16, 48):
+        cases += [c for dtype in FLOAT_DTYPES for c in int4_cases(tensor(rows, 256, dtype=dtype), 40, False, 32)]
+        cases += int4_cases(tensor(rows, 256, dtype=bf16), 40, False, 64)
     for x in (tensor(1, 128, dtype=bf16), misaligned(7, 72, bf16), misaligned(33, 72, bf16)):
         cases += _linear_cases(x, False) + int8_quantize_cases(x, False) + fp8_quantize_cases(x, e4m3, False)
     cases += fp8_mm_cases(tensor(48, 128, dtype=e4m3), 40, e4m3, bf16, False, row_scales=False)  # stride 0

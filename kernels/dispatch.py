@@ -22,14 +22,21 @@ SPLIT_K_MAX_M = 16
 # Unmeasured on a GPU.
 FP8_WEIGHT_ONLY_MAX_M = 16
 
-# kernels/triton/int4_linear.py: M >= INT4_DEQUANTIZE_FROM_M dequantizes W once and lets
-# cuBLAS multiply; below it the Triton kernel dequantizes tile by tile in registers. At large
-# M the GEMM is compute-bound, the one dequantization is amortised over M rows, and cuBLAS
-# runs the dense GEMM faster than the in-register dequantizing kernel. Unmeasured on a GPU.
-INT4_DEQUANTIZE_FROM_M = 1024
+# kernels/triton/int4_linear.py has no threshold of its own: above SPLIT_K_MAX_M every M runs
+# the tiled configs, which dequantize each weight tile inside the GEMM's main loop on the
+# tensor cores (wgmma from BLOCK_M = 64), and the autotuner picks the tile per M bucket. The
+# dequantize-then-cuBLAS route it replaced (from M = 1024) moved over 12 bytes per weight
+# (eight torch ops reading and writing fp32 and bf16 temporaries) against the 0.5 the fused
+# kernel reads: at M = 1024, N = K = 8192 about 0.8 GB, some 0.16 ms at an H200's nominal
+# 4.8 TB/s, beside the GEMM's own 0.14 ms (137 GFLOP at its nominal 989 TFLOP/s bf16), so it
+# could not pass about half of bf16's speed there; the in-loop dequantization adds integer
+# and half-precision ALU work per weight tile instead, amortised over BLOCK_M rows. Arithmetic
+# from nominal figures, unmeasured on a GPU: if a measurement shows cuBLAS ahead from some M,
+# its threshold belongs here.
 
 # bindings/nm_linear.py: while a CUDA graph is captured nothing can be timed, so a shape
 # ``auto`` has not measured runs the Triton kernel below NM_UNMEASURED_CUBLAS_FROM_M and
 # cuBLAS on the expanded W from it on (compute-bound there, where N:M saves no math on dense
-# tensor cores). INT4_DEQUANTIZE_FROM_M's reasoning. Unmeasured on a GPU.
+# tensor cores: the one expansion is amortised over M rows and cuBLAS runs the dense GEMM
+# faster than the in-register expanding kernel). Unmeasured on a GPU.
 NM_UNMEASURED_CUBLAS_FROM_M = 1024

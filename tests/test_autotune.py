@@ -118,10 +118,10 @@ def test_planning_counts_trials_and_compiles_without_launching(monkeypatch):
 
 
 def _small_m_tuner(monkeypatch, fastest_split_k: int):
-    """int4's small-M kernel autotuned over its whole space (as on a GPU), the trials timed
-    by a table in which the first config with SPLIT_K == ``fastest_split_k`` wins; it
-    replaces the launcher's. Returns it, the trials and the SPLIT_K of each launch it makes
-    outside the trials."""
+    """int4's small-M kernel of fp16 and bf16 x autotuned over its whole space (as on a GPU),
+    the trials timed by a table in which the first config with SPLIT_K == ``fastest_split_k``
+    wins; it replaces the launcher's. Returns it, the trials and the SPLIT_K of each launch
+    it makes outside the trials."""
     from sparqle.kernels.triton import _linear, int4_linear
     with monkeypatch.context() as env:
         env.delenv("TRITON_INTERPRET")
@@ -180,11 +180,11 @@ def test_small_m_launches_once_into_y_unless_the_tuned_config_splits_k(monkeypat
 def test_planning_counts_a_pinned_config_as_one_compile_and_no_trials(monkeypatch):
     import sparqle
     tuner, trials, launches = _small_m_tuner(monkeypatch, 1)
-    qw = sparqle.Int4Weight.from_float(torch.randn(40, 72), group_size=32)
+    qw = sparqle.Int4Weight.from_float(torch.randn(40, 72, dtype=torch.float16), group_size=32)
     with sparqle.use_backend("triton"), torch.no_grad():
-        sparqle.linear(torch.randn(3, 72), qw)  # tunes
+        sparqle.linear(torch.randn(3, 72, dtype=torch.float16), qw)  # tunes
         del launches[:]
         with planning() as plan:
-            sparqle.linear(torch.randn(3, 72), qw)
+            sparqle.linear(torch.randn(3, 72, dtype=torch.float16), qw)
     assert launches == [] and plan.trials == {}
     assert [launch.config.kwargs["SPLIT_K"] for launch in plan.compiles.values()] == [1]

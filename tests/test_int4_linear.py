@@ -5,13 +5,14 @@ int4_linear: gradients, gradcheck, opcheck, compile, state_dict: tests/test_cont
 
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import sparqle
 from sparqle import Int4Weight
-from sparqle.formats.int4 import sqnr_db
+from sparqle.formats.int4 import GROUP_SIZES, sqnr_db
 from sparqle.nn import Int4Linear
 
 from ._oracle import assert_close
@@ -29,6 +30,16 @@ def test_pack_unpack_exact(n, k, group, seed):
     groups = -(-k // (k if group == -1 else group)) if k else 0
     w = Int4Weight(packed, torch.rand(n, groups), torch.randint(0, 16, (n, groups)).float(), (n, k), group)
     assert torch.equal(w.unpack(), q)
+
+
+@pytest.mark.parametrize("k", [8, 72, 256])
+def test_packed_rows_are_int32_words_of_eight_nibbles(k):
+    """The layout docs/int4.md describes: a row of ``packed`` read as little-endian int32 words
+    holds q[8i + j] in bits 4j .. 4j + 3 of word i (K a multiple of 8)."""
+    qw = Int4Weight.from_float(torch.randn(5, k), 32)
+    words = qw.packed.view(torch.int32)
+    nibbles = torch.stack([(words >> (4 * j)) & 15 for j in range(8)], dim=-1).view(5, k)
+    assert torch.equal(nibbles, qw.unpack().int())
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -167,18 +178,68 @@ class TestBadInput:
             Int4Linear.from_linear(nn.Conv1d(2, 2, 1))
 
 
-@pytest.mark.parametrize("device", [d for d, b in device_backends() if b == "triton"])
-def test_triton_dispatch_by_m(monkeypatch, device):
-    """Each of the three paths (split-K small M, tiled, dequantize + matmul) meets the oracle."""
-    import sparqle.kernels.triton.int4_linear as kernel
+TRITON_DEVICES = [d for d, b in device_backends() if b == "triton"]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_dispatch_by_m(device):
+    """Both paths (split-K small M, tiled) meet the oracle on each side of SPLIT_K_MAX_M and far
+    above it: the weight is dequantized inside the GEMM at every M (no cuBLAS round trip)."""
     from sparqle.kernels.dispatch import SPLIT_K_MAX_M
-    monkeypatch.setattr(kernel, "INT4_DEQUANTIZE_FROM_M", 40)
     qw = Int4Weight.from_float(torch.randn(24, 100, dtype=torch.float32), 32).to(device)
     bias = torch.randn(24, device=device)
-    for m in (3, SPLIT_K_MAX_M, SPLIT_K_MAX_M + 1, 39, 40, 57):
+    for m in (3, SPLIT_K_MAX_M, SPLIT_K_MAX_M + 1, 57, 130):
         x = torch.randn(m, 100, device=device)
         with sparqle.use_backend("triton"):
             y = sparqle.linear(x, qw, bias)
         w64, x64 = qw.dequantize().double().cpu(), x.double().cpu()
         assert_close(y, x64 @ w64.T + bias.double().cpu(),
                      x64.abs() @ w64.abs().T + bias.abs().double().cpu(), torch.float32, f"y (M={m})")
+
+
+# Configs whose K step spans several groups (BLOCK_K > GROUP: the scales of each group loaded
+# once and broadcast), and a split-K whose slices end inside a group and past K.
+WIDE_STEP_CONFIGS = {
+    "small_m": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 3}),
+    "tiled": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1}),
+}
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("group", GROUP_SIZES)
+@pytest.mark.parametrize("k", [1, 77, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_triton_reads_the_format_layout_at_every_group_and_k(monkeypatch, device, group, k, dtype):
+    """The kernel reads Int4Weight's own tensors (packed [N, ceil(K / 2)], scales and zeros
+    [N, ceil(K / group)]) at every group size, odd K and K off the group and the K step, with
+    K steps inside one group, over several groups, and split-K slices: y matches the float64
+    oracle of the dequantized weight."""
+    import sparqle.kernels.triton.int4_linear as kernel
+    for small_m, tiled in ((kernel._small_m, kernel._tiled), (kernel._small_m_fp32, kernel._tiled_fp32)):
+        monkeypatch.setattr(small_m, "configs", [WIDE_STEP_CONFIGS["small_m"]])
+        monkeypatch.setattr(tiled, "configs", [WIDE_STEP_CONFIGS["tiled"]])
+    g = torch.Generator().manual_seed(k * 7 + group)
+    qw = Int4Weight.from_float(torch.randn(20, k, generator=g).to(dtype), group).to(device)
+    w64 = qw.dequantize().double().cpu()
+    for m in (2, 19):
+        x = torch.randn(m, k, generator=g).to(dtype).to(device)
+        with sparqle.use_backend("triton"):
+            y = sparqle.linear(x, qw)
+        x64 = x.double().cpu()
+        assert_close(y, x64 @ w64.T, x64.abs() @ w64.abs().T, dtype, f"y (M={m})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_magic_number_decoding_is_exact(dtype):
+    """The kernel's int -> float trick: q | MAGIC_BITS read as ``dtype`` is MAGIC + q for every
+    code, and (MAGIC + q) - (MAGIC + zero) = q - zero exactly, so the only rounding left is the
+    product with the scale (the one sparqle.formats.int4.dequantize makes)."""
+    from sparqle.kernels.triton.int4_linear import MAGIC
+    _, magic, bits = MAGIC[dtype]
+    ints = torch.int16 if dtype.itemsize == 2 else torch.int32
+    q = torch.arange(16, dtype=ints)
+    decoded = (q | bits).view(dtype)
+    assert torch.equal(decoded, magic + q.to(dtype))
+    zeros = torch.arange(16).to(dtype)
+    assert torch.equal(decoded[:, None] - (zeros[None, :] + magic),
+                       (q[:, None] - zeros[None, :].to(ints)).to(dtype))

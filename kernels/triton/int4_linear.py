@@ -1,41 +1,100 @@
 """int4 weight-only linear (W4A16): y [M, N] = x [M, K] @ dequant(W)^T + bias.
 
-W is packed two 4-bit values a byte along K (see sparqle.formats.int4), with a scale and a
-zero point per group of GROUP consecutive input channels. One program computes a
-[BLOCK_M, BLOCK_N] tile of y over one of SPLIT_K slices of K: for each BLOCK_K step it
-loads x, the [BLOCK_N, BLOCK_K / 2] packed bytes (contiguous along K), unpacks the
-nibbles, dequantizes them in registers ((q - zero) * scale in fp32, rounded to x's dtype; x in
-fp16, bf16 or fp32) and feeds ``tl.dot`` with fp32 accumulation; the bias is added in the epilogue.
+W [N, K] is read in the format's own layout (sparqle.formats.int4, docs/int4.md): ``packed``
+uint8 [N, ceil(K / 2)], byte j of a row holding q[2j] (low nibble) and q[2j + 1] (high), a
+row's bytes contiguous along K; ``scales`` and ``zeros`` [N, ceil(K / GROUP)]. The kernel
+reads that layout as it is (no second copy of the weight): one program computes a
+[BLOCK_M, BLOCK_N] tile of y over one of SPLIT_K slices of K, and for each BLOCK_K step loads
 
-Dispatch by M (thresholds and their reasons: sparqle.kernels.dispatch): below
-INT4_DEQUANTIZE_FROM_M the split-K small-M and tiled launches of ``_linear.launch_by_m``;
-from it on, compute-bound, dequantize once and let cuBLAS multiply.
+- x [BLOCK_M, BLOCK_K] and the packed tile [BLOCK_N, BLOCK_K / 2]. Both are addressed from
+  the step index (``step * BLOCK_K``), so their offsets along K are known multiples of 16,
+  and masked at K and at the row's byte count, which Triton knows divisible by 16 when K is a
+  multiple of 32: then each thread's part of a row is one 16-byte load that the software
+  pipeline issues as cp.async (other K: narrower loads, the same results);
+- one scale and one zero point per column and group: a [BLOCK_N] column when the step lies
+  in one group (GROUP >= BLOCK_K, or one group per row: GROUP_PER_ROW, loaded once before
+  the loop), else [BLOCK_N, BLOCK_K / GROUP] broadcast over each group's GROUP channels.
+
+The nibbles are unpacked with a mask and a shift (``tl.join`` + ``reshape`` puts q[2j] and
+q[2j + 1] side by side) and turned into floats without an int -> float conversion: with
+``MAGIC`` = 2^p (1024 for fp16, 128 for bf16, 2^23 for fp32, see MAGIC below), the bits
+``q | bits(MAGIC)`` read as a float are exactly MAGIC + q (q fills the low mantissa bits), so
+w = (that - (MAGIC + zero)) * scale: the subtraction is exact (small integers), and the one
+rounding is the product's, to x's dtype: the same value as (q - zero) * scale computed in fp32
+and rounded to x's dtype, which sparqle.formats.int4.dequantize gives. fp16 and bf16 decode in
+their own dtype (bf16 under the interpreter, which has no bf16 arithmetic, in fp32: the same
+value). ``tl.dot`` accumulates in fp32 (tensor cores: mma.sync at BLOCK_M = 16, wgmma from
+BLOCK_M = 64 with 4 warps per 64 rows); the bias is added in the epilogue.
+
+Launched by ``_linear.launch_by_m`` for every M (thresholds and their reasons:
+sparqle.kernels.dispatch): the split-K small-M configs at M <= SPLIT_K_MAX_M, the tiled
+configs above it (fp32 x: spaces of its own, see FP32_TILED_CONFIGS); the weight is
+dequantized inside the GEMM's main loop at every M.
 """
 import torch
 import triton
 import triton.language as tl
 
-from sparqle.formats.int4 import dequantize
-
-from ..dispatch import INT4_DEQUANTIZE_FROM_M
-from ._autotune import autotune
-from ._config import dot_meta
+from ._autotune import Configs, autotune
+from ._config import dot_meta, interpreting
 from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile
+
+# x's dtype -> (the dtype the weight is decoded in, MAGIC, MAGIC's bits): q | bits read as
+# that dtype is MAGIC + q for q in [0, 15], since MAGIC = 2^p has a zero mantissa and its
+# spacing (its ulp) is 1: p is the dtype's mantissa bits (10, 7, 23).
+MAGIC = {torch.float16: (tl.float16, 1024.0, 0x6400), torch.bfloat16: (tl.bfloat16, 128.0, 0x4300),
+         torch.float32: (tl.float32, 8388608.0, 0x4B000000)}
+
+
+@triton.jit
+def _decode(q, scale, zero, DEQUANT_DTYPE: tl.constexpr, MAGIC_VALUE: tl.constexpr, MAGIC_BITS: tl.constexpr):
+    """(q - zero) * scale in DEQUANT_DTYPE for integer codes q in [0, 15] (see the module
+    doc: q | MAGIC_BITS read as a float is MAGIC_VALUE + q)."""
+    if DEQUANT_DTYPE.primitive_bitwidth == 16:
+        bits = q.to(tl.int16) | MAGIC_BITS
+    else:
+        bits = q.to(tl.int32) | MAGIC_BITS
+    return (bits.to(DEQUANT_DTYPE, bitcast=True) - (zero.to(DEQUANT_DTYPE) + MAGIC_VALUE)) \
+        * scale.to(DEQUANT_DTYPE)
+
+
+@triton.jit
+def _group_params(scales_ptr, zeros_ptr, offs_n, mask_n, step, K, stride_sn,
+                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The scales and zero points of columns offs_n at K step ``step``: [BLOCK_N, 1] when the
+    step lies in one group (GROUP >= BLOCK_K), else [BLOCK_N, BLOCK_K] with each of the
+    step's BLOCK_K / GROUP groups loaded once and broadcast over its GROUP channels."""
+    if GROUP >= BLOCK_K:
+        group = step * BLOCK_K // GROUP
+        scale = tl.load(scales_ptr + offs_n * stride_sn + group, mask=mask_n, other=0)[:, None]
+        zero = tl.load(zeros_ptr + offs_n * stride_sn + group, mask=mask_n, other=0)[:, None]
+    else:
+        PER_STEP: tl.constexpr = BLOCK_K // GROUP
+        group = step * PER_STEP + tl.arange(0, PER_STEP)
+        offs = offs_n[:, None] * stride_sn + group[None, :]
+        mask = mask_n[:, None] & (group * GROUP < K)[None, :]
+        scale = tl.load(scales_ptr + offs, mask=mask, other=0)
+        zero = tl.load(zeros_ptr + offs, mask=mask, other=0)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, PER_STEP, GROUP)), (BLOCK_N, BLOCK_K))
+        zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, PER_STEP, GROUP)), (BLOCK_N, BLOCK_K))
+    return scale, zero
 
 
 @triton.jit
 def _int4_linear_kernel(
     # pointers
     x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
-    # sizes (GROUP: the input channels of one quantization group)
-    M, N, K, GROUP,
+    # sizes (K_BYTES: the bytes of a packed row, ceil(K / 2))
+    M, N, K, K_BYTES,
     # strides
     stride_xm, stride_xk,
     stride_pn, stride_sn,
     stride_ym, stride_yn,
     stride_bias,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr,
+    # meta-parameters (GROUP: the input channels of a quantization group, a power of 2;
+    # GROUP_PER_ROW: one group per row, GROUP unused)
+    GROUP: tl.constexpr, GROUP_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DEQUANT_DTYPE: tl.constexpr, MAGIC_VALUE: tl.constexpr, MAGIC_BITS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -43,32 +102,47 @@ def _int4_linear_kernel(
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     split = tl.program_id(2)
     mask_m, mask_n = offs_m < M, offs_n < N
-    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    steps_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    if GROUP_PER_ROW:  # (K = 0: no group, nothing to read)
+        scale = tl.load(scales_ptr + offs_n * stride_sn, mask=mask_n & (K > 0), other=0)[:, None]
+        zero = tl.load(zeros_ptr + offs_n * stride_sn, mask=mask_n & (K > 0), other=0)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-    for k0 in range(split * k_per_split, tl.minimum(K, (split + 1) * k_per_split), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # int32 for the group division below
-        mask_k = offs_k < K
+    for step in range(split * steps_per_split, tl.minimum(tl.cdiv(K, BLOCK_K), (split + 1) * steps_per_split)):
+        offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0)
-        offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
+        offs_byte = step * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(packed_ptr + offs_n[:, None] * stride_pn + offs_byte[None, :],
-                         mask=mask_n[:, None] & (offs_byte < (K + 1) // 2)[None, :], other=0)
-        packed = packed.to(tl.int32)
-        q = tl.reshape(tl.join(packed & 15, (packed >> 4) & 15), (BLOCK_N, BLOCK_K))
-        group = offs_k // GROUP
-        mask_w = mask_n[:, None] & mask_k[None, :]
-        scale = tl.load(scales_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask_w, other=0)
-        zero = tl.load(zeros_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask_w, other=0)
-        w = ((q.to(ACC_DTYPE) - zero.to(ACC_DTYPE)) * scale.to(ACC_DTYPE)).to(x.dtype)
+                         mask=mask_n[:, None] & (offs_byte < K_BYTES)[None, :], other=0)
+        q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))
+        if not GROUP_PER_ROW:
+            scale, zero = _group_params(scales_ptr, zeros_ptr, offs_n, mask_n, step, K, stride_sn,
+                                        GROUP, BLOCK_N, BLOCK_K)
+        w = _decode(q, scale, zero, DEQUANT_DTYPE, MAGIC_VALUE, MAGIC_BITS)
         acc = dot_tile(x, w, acc, ACC_DTYPE, PRECISION, UPCAST)
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
                stride_bias, HAS_BIAS, ACC_DTYPE, SPLIT_K)
 
 
+# fp32 x: without TF32, Triton computes an fp32 tl.dot with FMAs in registers, and every
+# config of the shared spaces spills on sm_90 (hundreds to tens of thousands of bytes per
+# thread: the kernel report run over fp32); these, with BLOCK_K = 32, compile without spills.
+FP32_SMALL_M_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=3)
+     for bn, bk, sk in [(32, 32, 1), (64, 32, 1), (32, 64, 1), (128, 32, 1), (32, 32, 4), (64, 32, 2)]],
+    SMALL_M_CONFIGS.test,
+)
+FP32_TILED_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "SPLIT_K": 1}, num_warps=w, num_stages=3)
+     for bm, bn, w in [(32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 8)]],
+    TILED_CONFIGS.test,
+)
 _tiled = autotune(TILED_CONFIGS, key=["M", "N", "K"], bucket=["M"])(_int4_linear_kernel)
 _small_m = autotune(SMALL_M_CONFIGS, key=["M", "N", "K"], bucket=["M"],
-                           reset_to_zero=["y_ptr"])(_int4_linear_kernel)
-
+                    reset_to_zero=["y_ptr"])(_int4_linear_kernel)
+_tiled_fp32 = autotune(FP32_TILED_CONFIGS, key=["M", "N", "K"], bucket=["M"])(_int4_linear_kernel)
+_small_m_fp32 = autotune(FP32_SMALL_M_CONFIGS, key=["M", "N", "K"], bucket=["M"],
+                         reset_to_zero=["y_ptr"])(_int4_linear_kernel)
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor, bias, group_width: int) -> torch.Tensor:
@@ -77,19 +151,21 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     n = packed.shape[0]
     # The kernel reads bytes and groups along K at unit stride, zeros at scales' strides.
     packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()
-    if m >= INT4_DEQUANTIZE_FROM_M:
-        w = dequantize(packed, scales, zeros, group_width, k).to(x.dtype)
-        return torch.nn.functional.linear(x, w, bias)
+    per_row = group_width >= k
+    dequant_dtype, magic, bits = MAGIC[torch.float32 if x.dtype == torch.bfloat16 and interpreting() else x.dtype]
 
     def launch(kernel, grid, y):
         kernel[grid](
             x, packed, scales, zeros, y if bias is None else bias, y,
-            m, n, k, group_width,
+            m, n, k, packed.shape[1],
             x.stride(0), x.stride(1),
             packed.stride(0), scales.stride(0),
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),
-            HAS_BIAS=bias is not None, **dot_meta(x.dtype),
+            GROUP=1 if per_row else group_width, GROUP_PER_ROW=per_row, HAS_BIAS=bias is not None,
+            DEQUANT_DTYPE=dequant_dtype, MAGIC_VALUE=magic, MAGIC_BITS=bits, **dot_meta(x.dtype),
         )
 
+    if x.dtype == torch.float32:
+        return launch_by_m(_tiled_fp32, _small_m_fp32, x, n, launch)
     return launch_by_m(_tiled, _small_m, x, n, launch)

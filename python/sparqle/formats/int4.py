@@ -22,7 +22,8 @@ w ~= (q - zero) * scale with q in [0, 15]:
 
 q = clamp(round(w / scale + zero), 0, 15) (an integer zero point gives round(w / scale) + zero). Layout: ``packed`` uint8 [N, ceil(K / 2)], byte
 j of a row holding q[2j] in its low nibble and q[2j + 1] in its high nibble (an odd K is
-padded with q = zero), so a kernel reads a row's K / 2 bytes contiguously; ``scales``
+padded with q = zero), so a kernel reads a row's K / 2 bytes contiguously (the Triton kernel
+reads this layout as it is, with 16-byte loads when K is a multiple of 32: docs/int4.md); ``scales``
 (finite, > 0) and ``zeros`` (in [0, 15]; all 8 when symmetric) [N, ceil(K / group)] in the
 weight's float dtype.
 
