@@ -37,6 +37,15 @@ SMALL_M_CONFIGS = Configs(
 
 
 @triton.jit
+def tile_of_y(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The program's tile of y: its rows offs_m and columns offs_n (int64), their masks, and
+    its slice of K (program axis 2, 0 without split-K)."""
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return offs_m, offs_n, offs_m < M, offs_n < N, tl.program_id(2)
+
+
+@triton.jit
 def dot_tile(x, w, acc, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + x [BLOCK_M, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T, both upcast to fp32 first when
     UPCAST (see _config.dot_meta)."""

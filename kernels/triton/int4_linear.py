@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ._autotune import Configs, autotune
 from ._config import dot_meta, interpreting
-from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile
+from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile, tile_of_y
 
 # x's dtype -> (the dtype the weight is decoded in, MAGIC, MAGIC's bits): q | bits read as
 # that dtype is MAGIC + q for q in [0, 15], since MAGIC = 2^p has a zero mantissa and its
@@ -98,10 +98,7 @@ def _int4_linear_kernel(
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    split = tl.program_id(2)
-    mask_m, mask_n = offs_m < M, offs_n < N
+    offs_m, offs_n, mask_m, mask_n, split = tile_of_y(M, N, BLOCK_M, BLOCK_N)
     steps_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     if GROUP_PER_ROW:  # (K = 0: no group, nothing to read)
         scale = tl.load(scales_ptr + offs_n * stride_sn, mask=mask_n & (K > 0), other=0)[:, None]

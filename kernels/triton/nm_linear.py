@@ -27,7 +27,7 @@ from sparqle.formats.nm import index_bits
 from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
-from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile
+from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile, tile_of_y
 
 # to_dense is bound by memory: tiles of 2K to 8K dense elements.
 TO_DENSE_CONFIGS = Configs(
@@ -93,10 +93,7 @@ def _nm_linear_kernel(
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    split = tl.program_id(2)
-    mask_m, mask_n = offs_m < M, offs_n < N
+    offs_m, offs_n, mask_m, mask_n, split = tile_of_y(M, N, BLOCK_M, BLOCK_N)
     k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for k0 in range(split * k_per_split, tl.minimum(K, (split + 1) * k_per_split), BLOCK_K):
