@@ -32,6 +32,7 @@ from ._rows import (QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, pe
 # torch FP8 dtype name -> (Triton dtype, mantissa bits, smallest normal exponent)
 _FORMATS = {"float8_e4m3fn": (tl.float8e4nv, 3, -6), "float8_e5m2": (tl.float8e5, 2, -14)}
 
+# FP8 x FP8: a and b tiles of one byte an element.
 _GEMM_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
      for bm, bn, bk, w, s in [(16, 16, 512, 2, 4), (16, 32, 512, 4, 3),  # small M: more CTAs, more bytes in flight
@@ -39,6 +40,15 @@ _GEMM_CONFIGS = Configs(
                               (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4),
                               (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 2)]],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}),
+)
+# Weight-only: a is float (up to 4 bytes an element, and b is converted to a's dtype for the
+# dot), so its tiles take up to 4x the shared memory: the small-M tiles, which fit sm_90's
+# 227 KB in fp32 (the large ones took 256 KB and more).
+_WEIGHT_ONLY_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+     for bm, bn, bk, w, s in [(16, 16, 512, 2, 3), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3),
+                              (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3)]],
+    _GEMM_CONFIGS.test,
 )
 
 
@@ -162,6 +172,11 @@ def _fp8_scaled_mm_kernel(
                  out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# The same kernel with float a (A_FP8 False), tuned over the configs that fit its tiles.
+_weight_only_mm_kernel = autotune(_WEIGHT_ONLY_CONFIGS, key=["M", "N", "K", "A_FP8"], bucket=["M"])(
+    _fp8_scaled_mm_kernel.fn)
+
+
 def _fp8_operand(t: torch.Tensor) -> torch.Tensor:
     """An FP8 tensor as the kernels take it: itself on a GPU (native FP8 loads, which keep the
     GEMM's operands in shared memory for wgmma), its bits as uint8 under the interpreter,
@@ -202,7 +217,7 @@ def scaled_mm(a: torch.Tensor, a_scale: Optional[torch.Tensor], b: torch.Tensor,
     if not a_fp8:  # weight-only: the kernel never reads a_scale
         a_scale = b_scale
     with on_device_of(a):
-        _fp8_scaled_mm_kernel[persistent_grid(a.device, m, n)](
+        (_fp8_scaled_mm_kernel if a_fp8 else _weight_only_mm_kernel)[persistent_grid(a.device, m, n)](
             _fp8_operand(a) if a_fp8 else a, _fp8_operand(b), a_scale, b_scale,
             y if bias is None else bias, y,
             m, n, k,
