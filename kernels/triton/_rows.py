@@ -5,7 +5,7 @@ of the rows a quantized x cannot carry.
 
 One read of a row: a quantizer loads the row's first block x[row, :BLOCK_K] once and keeps it
 in registers for both the max and the quantization, so a row with K <= BLOCK_K (the common
-case: the space reaches BLOCK_K = 16384) is read from memory once; only the blocks after the
+case: the space reaches BLOCK_K = 8192) is read from memory once; only the blocks after the
 first are read twice (once for the max, once to quantize).
 
 NaN and Inf (the same on the torch path): a row of x holding a NaN gets scale NaN, and a
@@ -28,10 +28,10 @@ from ._config import on_device_of
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + magic - magic rounds |v| < 2**22 half to even
 
 # BLOCK_K >= K: the row is held in registers and read once (16 fp32 values a thread at 4096
-# over 8 warps and at 16384 over 32; 16384 over 16 warps spilled on sm_90).
+# over 8 warps and at 8192 over 16). BLOCK_K = 16384 spilled on sm_90 over 16 warps and
+# over 32 (64 registers a thread), so rows longer than 8192 take the two-pass loop.
 QUANT_CONFIGS = Configs(
-    [triton.Config({"BLOCK_K": bk}, num_warps=w)
-     for bk, w in [(1024, 4), (2048, 8), (4096, 8), (8192, 16), (16384, 32)]],
+    [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8), (8192, 16)]],
     triton.Config({"BLOCK_K": 1024}),  # the interpreter's cost is per step, not per element
 )
 _REDO_CONFIGS = Configs(
