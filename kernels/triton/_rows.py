@@ -1,7 +1,7 @@
 """Pieces shared by the per-row quantizers (int8, FP8) and their W8A8 GEMMs: the quantizers'
 autotune configs, the loads of a row and its max |x|, the fp32 magic number of
-round-half-to-even, the GEMMs' persistent grid and grouped tile order, and the recomputation
-of the rows a quantized x cannot carry.
+round-half-to-even, the GEMMs' grouped tile order and the FP8 GEMM's persistent grid, and the
+recomputation of the rows a quantized x cannot carry.
 
 One read of a row: a quantizer loads the row's first block x[row, :BLOCK_K] once and keeps it
 in registers for both the max and the quantization, so a row with K <= BLOCK_K (the common
@@ -75,8 +75,8 @@ def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return first_m + (tile % (GROUP_M * grid_n)) % rows, (tile % (GROUP_M * grid_n)) // rows
 
 
-# Programs per SM of the FP8 GEMM's persistent grid: tiles of 128 x 128 and more hold one program per SM
-# (registers: 8 warps at 140 to 230 registers in the sm_90 kernel report), smaller tiles two.
+# Programs per SM of the FP8 GEMM's persistent grid: tiles of 128 x 128 and more hold one
+# program per SM (8 warps at 169 to 255 registers in the sm_90 kernel report), smaller two.
 _BIG_TILE = 128 * 128
 # Stand-in for the SM count off a GPU (the interpreter): small, so that the tests' programs
 # loop over several tiles.

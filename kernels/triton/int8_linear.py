@@ -23,7 +23,7 @@ import triton.language as tl
 from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
-from ._rows import (QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, redo_infinite_rows, row_absmax)
+from ._rows import QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, redo_infinite_rows, row_absmax
 
 # The longest K whose int8 x int8 dot cannot overflow int32: 2**31 / (127 * 128) > 2**17.
 INT32_SAFE_K = tl.constexpr(1 << 17)
