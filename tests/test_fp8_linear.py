@@ -66,7 +66,7 @@ def test_weight_quantization_rules(fp8, granularity, dtype):
 
 @pytest.mark.parametrize("fp8", FP8, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m,k", [(1, 1), (7, 70), (3, 130)])
+@pytest.mark.parametrize("m,k", [(1, 1), (7, 70), (3, 130), (2, 1030)])  # 1030: past a block of 1024
 def test_quantize_rows_is_exact(device_backend, fp8, dtype, m, k):
     device, backend = device_backend
     x = (torch.randn(m, k, device=device) * 3).to(dtype)

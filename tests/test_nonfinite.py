@@ -150,6 +150,30 @@ def test_quantizers_flag_nonfinite_rows(quantizer, device, backend, data):
         assert torch.isfinite(q.float()).all()  # an infinity saturates
 
 
+@pytest.mark.parametrize("quantizer", ["int8", "e4m3"])
+@BACKENDS
+def test_quantizers_flag_nonfinite_past_the_first_block(quantizer, device, backend):
+    """Rows longer than the quantizer's block (K = 1100 > the interpreter's BLOCK_K = 1024):
+    the first block is held in registers, the later ones are read twice (for the max, then
+    to quantize); a NaN or an infinity in either gives the same scale and row as the rule."""
+    x = torch.randn(5, 1100) * 3
+    x[0, 1090], x[1, 1050], x[2, 3], x[2, 1080] = float("nan"), -float("inf"), float("inf"), float("nan")
+    x[3, 1099] = 1e4  # the row's max past the first block
+    for static in (None, torch.tensor([0.05])):
+        with sparqle.use_backend(backend):
+            if quantizer == "int8":
+                q, scale = sparqle.quantize_rows(x.to(device), None if static is None else static.to(device))
+                expected_q, expected_scale = int8_rows_rule(x, static)
+                assert torch.equal(q.cpu().float(), expected_q)
+            else:
+                q, scale = sparqle.fp8_quantize_rows(x.to(device), quantizer,
+                                                     None if static is None else static.to(device))
+                expected_q, expected_scale = fp8_rows_rule(x, q.dtype, static)
+                assert torch.equal(q.cpu().view(torch.uint8), expected_q.view(torch.uint8))
+        torch.testing.assert_close(scale.cpu(), expected_scale, rtol=0, atol=0, equal_nan=True)
+        assert scale[0].isnan() and scale[2].isnan() and (scale[1] == float("inf")) == (static is None)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_infinite_rows_found_without_host_reads_during_capture(fmt, monkeypatch):
     """While a CUDA graph is captured the torch path cannot look the rows up on the host:

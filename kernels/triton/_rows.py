@@ -1,6 +1,12 @@
 """Pieces shared by the per-row quantizers (int8, FP8) and their W8A8 GEMMs: the quantizers'
-autotune configs, the per-row max |x|, the fp32 magic number of round-half-to-even, and the
+autotune configs, the loads of a row and its max |x|, the fp32 magic number of
+round-half-to-even, the GEMMs' grouped tile order and the FP8 GEMM's persistent grid, and the
 recomputation of the rows a quantized x cannot carry.
+
+One read of a row: a quantizer loads the row's first block x[row, :BLOCK_K] once and keeps it
+in registers for both the max and the quantization, so a row with K <= BLOCK_K (the common
+case: the space reaches BLOCK_K = 8192) is read from memory once; only the blocks after the
+first are read twice (once for the max, once to quantize).
 
 NaN and Inf (the same on the torch path): a row of x holding a NaN gets scale NaN, and a
 row holding ±Inf (and no NaN) scale +Inf; x / scale is then NaN or 0 everywhere, and NaN
@@ -9,6 +15,7 @@ for the whole row: right for a NaN row (F.linear's row is NaN too), but F.linear
 ±Inf is ±Inf where the infinities meet nonzero weights of one sign, NaN elsewhere, so
 ``redo_infinite_rows`` recomputes the rows with scale +Inf from x itself.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -20,8 +27,11 @@ from ._config import on_device_of
 
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + magic - magic rounds |v| < 2**22 half to even
 
+# BLOCK_K >= K: the row is held in registers and read once (16 fp32 values a thread at 4096
+# over 8 warps and at 8192 over 16). BLOCK_K = 16384 spilled on sm_90 over 16 warps and
+# over 32 (64 registers a thread), so rows longer than 8192 take the two-pass loop.
 QUANT_CONFIGS = Configs(
-    [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8)]],
+    [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8), (8192, 16)]],
     triton.Config({"BLOCK_K": 1024}),  # the interpreter's cost is per step, not per element
 )
 _REDO_CONFIGS = Configs(
@@ -31,17 +41,64 @@ _REDO_CONFIGS = Configs(
 
 
 @triton.jit
-def row_absmax(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """max |x[row, k]| over k < K, in fp32 (0 for K = 0; NaN when the row holds a NaN);
+def load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """(x[row, k0:k0 + BLOCK_K] in fp32 with 0 past K, its offsets (int64), their mask < K);
     ``row`` int64."""
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    nans = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        x = tl.abs(tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0).to(tl.float32))
-        amax = tl.maximum(amax, x)
+    offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+    mask = offs < K
+    return tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=mask, other=0).to(tl.float32), offs, mask
+
+
+@triton.jit
+def row_absmax(x_ptr, row, first, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """max |x[row, k]| over k < K, in fp32 (0 for K = 0; NaN when the row holds a NaN), given
+    ``first``, the row's first block (``load_row_block`` at k0 = 0), held by the caller: only
+    the blocks after it are read, none when K <= BLOCK_K."""
+    amax = tl.abs(first)
+    nans = (first != first).to(tl.int32)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        x, _, _ = load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K)
+        amax = tl.maximum(amax, tl.abs(x))
         nans |= (x != x).to(tl.int32)
     return tl.where(tl.max(nans, axis=0) > 0, float("nan"), tl.max(amax, axis=0))
+
+
+@triton.jit
+def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile number ``tile`` in grouped order: tiles run down GROUP_M
+    row blocks before moving to the next column block, so that GROUP_M row blocks of a and a
+    few column blocks of b are reused from L2 while they are there."""
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = tile // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (tile % (GROUP_M * grid_n)) % rows, (tile % (GROUP_M * grid_n)) // rows
+
+
+# Programs per SM of the FP8 GEMM's persistent grid: tiles of 128 x 128 and more hold one
+# program per SM (8 warps at 169 to 255 registers in the sm_90 kernel report), smaller two.
+_BIG_TILE = 128 * 128
+# Stand-in for the SM count off a GPU (the interpreter): small, so that the tests' programs
+# loop over several tiles.
+_PROGRAMS_WITHOUT_SMS = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def persistent_grid(device: torch.device, m: int, n: int):
+    """The grid of a persistent GEMM over the [m, n] output (``grouped_tile`` order): one
+    program per output tile up to the programs the device keeps resident (1 or 2 per SM by
+    tile size; ``_PROGRAMS_WITHOUT_SMS`` off a GPU), each looping over the tiles
+    pid, pid + programs, ..."""
+    sms = _sm_count(device) if device.type == "cuda" else _PROGRAMS_WITHOUT_SMS
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        per_sm = 1 if meta["BLOCK_M"] * meta["BLOCK_N"] >= _BIG_TILE else 2
+        return (min(tiles, sms * per_sm),)
+    return grid
 
 
 @autotune(_REDO_CONFIGS, key=["N", "K"])
@@ -72,7 +129,7 @@ def _redo_infinite_rows_kernel(
             mask_k = offs_k < K
             x = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=mask_k, other=0).to(tl.float32)
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0)
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # 0.0: int 0 has no FP8 cast
             acc += tl.sum(w.to(W_DTYPE, bitcast=True).to(tl.float32) * x[None, :], axis=1)
         out = acc * tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=0).to(tl.float32)
         if HAS_BIAS:
@@ -84,7 +141,7 @@ def redo_infinite_rows(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, 
                        bias: Optional[torch.Tensor], y: torch.Tensor, w_dtype) -> torch.Tensor:
     """y [M, N] (modified in place, and returned) with each row m whose x_scale[m] is +Inf
     recomputed as x[m] @ (w * w_scale)^T + bias: x [M, K] float, w [N, K] (int8, or FP8
-    viewed as uint8, of Triton type ``w_dtype``), w_scale [N] or [1], bias [N] or None.
+    or, under the interpreter, FP8 viewed as uint8; of Triton type ``w_dtype``), w_scale [N] or [1], bias [N] or None.
     One launch over every row; rows with a finite scale end at once."""
     m, k = x.shape
     n = w.shape[0]

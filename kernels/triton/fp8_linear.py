@@ -13,8 +13,9 @@ scaled_mm: y [M, N] = (a @ b^T) * a_scale[m] * b_scale[n] + bias, out in fp16/bf
     a [M, K] FP8 (FP8 x FP8 on tensor cores, fp32 accumulation) or float (weight-only: the
     FP8 tile of b [N, K] is converted to a's dtype in registers; a_scale is unused); b FP8.
     A scale of one element is tensor-wise (read with stride 0). Epilogue (both scales,
-    bias, cast) fused. K need not be a multiple of 16: tiles are masked with zeros (FP8 is
-    loaded as uint8 and bitcast, which also avoids the interpreter's masked FP8 load).
+    bias, cast) fused. K need not be a multiple of 16: tiles are masked with zeros. FP8 is
+    loaded through FP8 pointers on a GPU, and as uint8 then bitcast under the interpreter
+    only (its masked FP8 loads fail). Persistent grid, grouped tile order (_rows.py).
 """
 from typing import Optional, Tuple
 
@@ -24,12 +25,14 @@ import triton.language as tl
 
 from .. import _alloc
 from ._autotune import Configs, autotune
-from ._config import dot_meta, on_device_of
-from ._rows import QUANT_CONFIGS, ROUND_MAGIC, redo_infinite_rows, row_absmax
+from ._config import dot_meta, interpreting, on_device_of
+from ._rows import (QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, persistent_grid, redo_infinite_rows,
+                    row_absmax)
 
 # torch FP8 dtype name -> (Triton dtype, mantissa bits, smallest normal exponent)
 _FORMATS = {"float8_e4m3fn": (tl.float8e4nv, 3, -6), "float8_e5m2": (tl.float8e5, 2, -14)}
 
+# FP8 x FP8: a and b tiles of one byte an element.
 _GEMM_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
      for bm, bn, bk, w, s in [(16, 16, 512, 2, 4), (16, 32, 512, 4, 3),  # small M: more CTAs, more bytes in flight
@@ -37,6 +40,15 @@ _GEMM_CONFIGS = Configs(
                               (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4),
                               (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 2)]],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}),
+)
+# Weight-only: a is float (up to 4 bytes an element, and b is converted to a's dtype for the
+# dot), so its tiles take up to 4x the shared memory: the small-M tiles, which fit sm_90's
+# 227 KB in fp32 (the large ones took 256 KB and more).
+_WEIGHT_ONLY_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+     for bm, bn, bk, w, s in [(16, 16, 512, 2, 3), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3),
+                              (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3)]],
+    _GEMM_CONFIGS.test,
 )
 
 
@@ -58,6 +70,21 @@ def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
     return tl.where(bits < 0, -r, r)
 
 
+@triton.jit
+def _quantize_block(x, offs, mask, scale, q_row_ptr, Q_DTYPE: tl.constexpr, MBITS: tl.constexpr,
+                    EMIN: tl.constexpr, FP8_MAX: tl.constexpr):
+    """q_row[offs] = fp8(clamp(x / scale, -FP8_MAX, FP8_MAX)) as its bits (uint8) where
+    ``mask``, NaN to 0."""
+    v = tl.div_rn(x, tl.zeros_like(x) + scale)
+    v = tl.where(v != v, 0.0, v)
+    v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+    q = _round_to_fp8(v, MBITS, EMIN).to(Q_DTYPE)  # exact: already on the grid
+    # The sign bit set from v's: the interpreter's cast drops the sign of -0 (a negative
+    # value over an infinite scale, or below the smallest subnormal), torch's keeps it.
+    sign = tl.where(v.to(tl.int32, bitcast=True) < 0, 0x80, 0).to(tl.uint8)
+    tl.store(q_row_ptr + offs, q.to(tl.uint8, bitcast=True) | sign, mask=mask)
+
+
 @autotune(QUANT_CONFIGS, key=["K"])
 @triton.jit
 def _quantize_rows_kernel(
@@ -72,26 +99,23 @@ def _quantize_rows_kernel(
     STATIC: tl.constexpr, Q_DTYPE: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
     FP8_MAX: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Program m quantizes row m; its first block stays in registers from the max to the
+    quantization (one read of x when K <= BLOCK_K, see _rows.py)."""
     row = tl.program_id(0).to(tl.int64)
+    first, offs, mask = load_row_block(x_ptr, row, 0, K, stride_xm, stride_xk, BLOCK_K)
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
     else:
-        top = row_absmax(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K)
+        top = row_absmax(x_ptr, row, first, K, stride_xm, stride_xk, BLOCK_K)
         scale = tl.div_rn(top, tl.zeros_like(top) + FP8_MAX)
         scale = tl.where(scale == 0, 1.0, scale)
-    nans = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
+    q_row_ptr = q_ptr + row * stride_qm
+    nans = (first != first).to(tl.int32)
+    _quantize_block(first, offs, mask, scale, q_row_ptr, Q_DTYPE, MBITS, EMIN, FP8_MAX)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        x, offs, mask = load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K)
         nans |= (x != x).to(tl.int32)
-        v = tl.div_rn(x, tl.zeros_like(x) + scale)
-        v = tl.where(v != v, 0.0, v)
-        v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-        q = _round_to_fp8(v, MBITS, EMIN).to(Q_DTYPE)  # exact: already on the grid
-        # The sign bit set from v's: the interpreter's cast drops the sign of -0 (a negative
-        # value over an infinite scale, or below the smallest subnormal), torch's keeps it.
-        sign = tl.where(v.to(tl.int32, bitcast=True) < 0, 0x80, 0).to(tl.uint8)
-        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.uint8, bitcast=True) | sign, mask=offs < K)
+        _quantize_block(x, offs, mask, scale, q_row_ptr, Q_DTYPE, MBITS, EMIN, FP8_MAX)
     tl.store(scale_ptr + row, tl.where(tl.max(nans, axis=0) > 0, float("nan"), scale))
 
 
@@ -112,42 +136,52 @@ def _fp8_scaled_mm_kernel(
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M row blocks share each column block of b while it is in L2.
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows
-    pid_n = (pid % (GROUP_M * grid_n)) // rows
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0).to(B_DTYPE, bitcast=True)
-        if A_FP8:
-            a = a.to(A_DTYPE, bitcast=True)
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
-        else:
-            if UPCAST:  # exact: every FP8 value is a bf16 and an fp32 value
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
+    """Persistent: program p computes the output tiles p, p + programs, ... in grouped order
+    (``_rows.grouped_tile``). a and b are FP8 (or a float, weight-only) on a GPU and uint8
+    under the interpreter, bitcast to A_DTYPE and B_DTYPE (a no-op on FP8 pointers)."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_k = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # 0.0: int 0 has no FP8 cast
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(B_DTYPE, bitcast=True)
+            if A_FP8:
+                a = a.to(A_DTYPE, bitcast=True)
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
             else:
-                b = b.to(a.dtype)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    out = acc * tl.load(b_scale_ptr + offs_n * stride_bs, mask=mask_n, other=0)[None, :]
-    if A_FP8:
-        out = out * tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0)[:, None]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                if UPCAST:  # exact: every FP8 value is a bf16 and an fp32 value
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                else:
+                    b = b.to(a.dtype)
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        out = acc * tl.load(b_scale_ptr + offs_n * stride_bs, mask=mask_n, other=0)[None, :]
+        if A_FP8:
+            out = out * tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0)[:, None]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# The same kernel with float a (A_FP8 False), tuned over the configs that fit its tiles.
+_weight_only_mm_kernel = autotune(_WEIGHT_ONLY_CONFIGS, key=["M", "N", "K", "A_FP8"], bucket=["M"])(
+    _fp8_scaled_mm_kernel.fn)
+
+
+def _fp8_operand(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor as the kernels take it: itself on a GPU (native FP8 loads, which keep the
+    GEMM's operands in shared memory for wgmma), its bits as uint8 under the interpreter,
+    whose masked FP8 loads fail (the kernels bitcast the uint8 back)."""
+    return t.view(torch.uint8) if interpreting() else t
 
 
 def _scale_stride(scale: torch.Tensor) -> int:
@@ -182,10 +216,9 @@ def scaled_mm(a: torch.Tensor, a_scale: Optional[torch.Tensor], b: torch.Tensor,
     a_fp8 = a_scale is not None
     if not a_fp8:  # weight-only: the kernel never reads a_scale
         a_scale = b_scale
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with on_device_of(a):
-        _fp8_scaled_mm_kernel[grid](
-            a.view(torch.uint8) if a_fp8 else a, b.view(torch.uint8), a_scale, b_scale,
+        (_fp8_scaled_mm_kernel if a_fp8 else _weight_only_mm_kernel)[persistent_grid(a.device, m, n)](
+            _fp8_operand(a) if a_fp8 else a, _fp8_operand(b), a_scale, b_scale,
             y if bias is None else bias, y,
             m, n, k,
             a.stride(0), a.stride(1),
@@ -203,5 +236,5 @@ def redo_rows(x: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_s
               bias: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
     """y [M, N] with the rows of x [M, K] that hold ±Inf (x_scale +Inf) recomputed from x as
     x @ (q_w * w_scale)^T + bias, in place (see _rows.py); qweight FP8 [N, K]."""
-    return redo_infinite_rows(x, x_scale, qweight.view(torch.uint8), w_scale, bias, y,
+    return redo_infinite_rows(x, x_scale, _fp8_operand(qweight), w_scale, bias, y,
                               fp8_format(qweight.dtype)["Q_DTYPE"])

@@ -23,19 +23,30 @@ import triton.language as tl
 from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
-from ._rows import QUANT_CONFIGS, ROUND_MAGIC, redo_infinite_rows, row_absmax
+from ._rows import QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, redo_infinite_rows, row_absmax
 
 # The longest K whose int8 x int8 dot cannot overflow int32: 2**31 / (127 * 128) > 2**17.
 INT32_SAFE_K = tl.constexpr(1 << 17)
 
 _GEMM_CONFIGS = Configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
      for bm, bn, bk, w, s in [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
-                              (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3),
-                              (128, 256, 128, 8, 3)]],
+                              (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3)]],
+    # No 128 x 256 tile: its int32 accumulator alone is 128 registers a thread at 8 warps; it
+    # compiled to 215-255 registers and spilled at some specialisations (sm_90).
     # the interpreter's cost is per step: K = 133,145 (the int32 overflow test) in 261 steps
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 512}),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 512, "GROUP_M": 2}),
 )
+
+
+@triton.jit
+def _quantize_block(x, offs, mask, scale, q_row_ptr):
+    """q_row[offs] = clamp(round(x / scale), -127, 127) as int8 where ``mask``, NaN to 0."""
+    v = tl.div_rn(x, tl.zeros_like(x) + scale)
+    v = tl.where(v != v, 0.0, v)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    v = (v + ROUND_MAGIC) - ROUND_MAGIC
+    tl.store(q_row_ptr + offs, v.to(tl.int8), mask=mask)
 
 
 @autotune(QUANT_CONFIGS, key=["K"])
@@ -51,22 +62,22 @@ def _quantize_rows_kernel(
     # meta-parameters
     STATIC: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Program m quantizes row m; its first block stays in registers from the max to the
+    quantization (one read of x when K <= BLOCK_K, see _rows.py)."""
     row = tl.program_id(0).to(tl.int64)
+    first, offs, mask = load_row_block(x_ptr, row, 0, K, stride_xm, stride_xk, BLOCK_K)
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
     else:
-        scale = row_absmax(x_ptr, row, K, stride_xm, stride_xk, BLOCK_K) / 127.0
+        scale = row_absmax(x_ptr, row, first, K, stride_xm, stride_xk, BLOCK_K) / 127.0
         scale = tl.where(scale == 0, 1.0, scale)
-    nans = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=offs < K, other=0).to(tl.float32)
+    q_row_ptr = q_ptr + row * stride_qm
+    nans = (first != first).to(tl.int32)
+    _quantize_block(first, offs, mask, scale, q_row_ptr)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        x, offs, mask = load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K)
         nans |= (x != x).to(tl.int32)
-        v = tl.div_rn(x, tl.zeros_like(x) + scale)
-        v = tl.where(v != v, 0.0, v)
-        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-        v = (v + ROUND_MAGIC) - ROUND_MAGIC
-        tl.store(q_ptr + row * stride_qm + offs, v.to(tl.int8), mask=offs < K)
+        _quantize_block(x, offs, mask, scale, q_row_ptr)
     tl.store(scale_ptr + row, tl.where(tl.max(nans, axis=0) > 0, float("nan"), scale))
 
 
@@ -111,10 +122,14 @@ def _int8_linear_kernel(
     # meta-parameters
     W8A8: tl.constexpr, CHUNKED: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    """Program p computes output tile p in grouped order (``_rows.grouped_tile``). Not
+    persistent: a loop over tiles takes the 128 x 128 W8A8 tile from 128 registers to 255
+    with spills at N = 40 in the sm_90 compile (the FP8 GEMM's loop does not)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m, mask_n = offs_m < M, offs_n < N
     if CHUNKED:  # W8A8 with K > INT32_SAFE_K: exact int32 chunks, summed in ACC_DTYPE
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
@@ -165,7 +180,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
         return y
     scales = scales.contiguous()  # read at unit stride
     a, a_scale = quantize_rows(x, None) if quantize_activation else (x, scales)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with on_device_of(x):
         _int8_linear_kernel[grid](
             a, qweight, a_scale, scales, y if bias is None else bias, y,
