@@ -144,7 +144,7 @@ def similarity(model, reference: torch.Tensor, fmt: str, **options) -> Tuple[tor
     to ``reference`` (the float model's), the seconds ``convert`` took, and the copy."""
     converted = copy.deepcopy(model)
     start = time.perf_counter()
-    with warnings.catch_warnings():  # the pooler is never called by encode: one-shot, warned
+    with warnings.catch_warnings():  # a layer encode never calls (the pooler, in some versions): one-shot, warned
         warnings.filterwarnings("ignore", message=r"convert: .* was not called while calibrate ran")
         sparqle.convert(converted, fmt, **options)
     seconds = time.perf_counter() - start
