@@ -141,6 +141,7 @@ _tiled_fp32 = autotune(FP32_TILED_CONFIGS, key=["M", "N", "K"], bucket=["M"])(_i
 _small_m_fp32 = autotune(FP32_SMALL_M_CONFIGS, key=["M", "N", "K"], bucket=["M"],
                          reset_to_zero=["y_ptr"])(_int4_linear_kernel)
 
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor, bias, group_width: int) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequant(W)^T (+ bias [N]) for an int4 W [N, K]."""
