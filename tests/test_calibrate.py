@@ -82,6 +82,52 @@ def test_collect_bad_input():
         calibrate.collect(model, lambda m: m(torch.ones(2, 4, dtype=torch.int64)), targets)
 
 
+@pytest.mark.parametrize("damp", [0.0, 0.5])
+def test_masked_refit_is_each_rows_least_squares_solution(damp):
+    """masked_refit against its float64 definition, row by row: with H_d = X^T X +
+    damp diag(X^T X) (a dead input's row and column the identity's, times 1 + damp),
+    w'_S = w_S + H_d[S, S]^{-1} H_d[S, P] w_P and w'_P = 0. Rows keep different counts
+    (none, one, all, others) and one input is dead; with damping, H is singular (fewer
+    rows than inputs: the damping makes H_d positive definite)."""
+    g = torch.Generator().manual_seed(7)
+    k = 24
+    x = _inputs(16 if damp else 200, k, g)
+    x[:, 5] = 0
+    w = torch.randn(9, k, generator=g)
+    mask = torch.rand(9, k, generator=g) < 0.5
+    mask[0] = False
+    mask[1] = True
+    mask[2] = False
+    mask[2, 3] = True
+    budget = 3 * k * k                      # several chunks of rows per count
+    refit = calibrate.masked_refit(w, x.T @ x, mask, damp, budget=budget)
+    h = x.double().T @ x.double()
+    h[5, :] = 0
+    h[:, 5] = 0
+    h[5, 5] = 1
+    h.diagonal().mul_(1 + damp)
+    expected = torch.zeros(9, k, dtype=torch.float64)
+    for r in range(9):
+        kept, pruned = mask[r].nonzero().flatten(), (~mask[r]).nonzero().flatten()
+        if kept.numel():
+            expected[r, kept] = w[r, kept].double() + torch.linalg.solve(
+                h[kept][:, kept], h[kept][:, pruned] @ w[r, pruned].double())
+    assert torch.equal(refit == 0, ~mask | (refit == 0)) and bool((refit[~mask] == 0).all())
+    tol = 1e-3 if damp == 0 else 1e-4
+    torch.testing.assert_close(refit.double(), expected, rtol=tol, atol=tol)
+
+
+def test_masked_refit_rejects_what_damped_hessian_rejects():
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="xtx must be a floating-point \\[8, 8\\]"):
+        calibrate.masked_refit(w, torch.eye(6), torch.ones(4, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="damp must be a number >= 0"):
+        calibrate.masked_refit(w, torch.eye(8), torch.ones(4, 8, dtype=torch.bool), damp=-0.1)
+    for mask in (torch.ones(4, 8), torch.ones(4, 7, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="mask must be a bool \\[4, 8\\] tensor"):
+            calibrate.masked_refit(w, torch.eye(8), mask)
+
+
 def test_sparsegpt_compensates_a_duplicated_input_exactly():
     """Known answer: inputs come in identical pairs (x_{2i+1} = x_{2i}), so a 1:2 pattern
     loses nothing when each kept weight takes its pruned twin's: w'_kept = w_2i + w_2i+1.

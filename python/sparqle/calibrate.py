@@ -210,10 +210,11 @@ def _dense(module: nn.Module) -> torch.Tensor:
     return weight.to_dense() if hasattr(weight, "to_dense") else weight.dequantize()
 
 
-def inverse_hessian_factor(xtx: torch.Tensor, w: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """U, the upper Cholesky factor of (H + damp * diag(H))^{-1} with H = ``xtx`` (float32,
-    on w's device [N, K]); the row and column of a dead input (diag H = 0: never seen
-    nonzero) are replaced by the identity's."""
+def damped_hessian(xtx: torch.Tensor, w: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """H_d = H + damp * diag(H) for H = ``xtx`` (float32, on w's device [N, K]), positive
+    definite: the row and column of a dead input (diag H = 0: never seen nonzero) are
+    replaced by the identity's, and where rounding leaves H_d indefinite a small multiple
+    of the identity is added. Returns (H_d, L), L its lower Cholesky factor."""
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not damp >= 0:
         raise ValueError(f"damp must be a number >= 0, got {damp!r}")
     k = w.shape[1]
@@ -231,13 +232,57 @@ def inverse_hessian_factor(xtx: torch.Tensor, w: torch.Tensor, damp: float = DAM
     h.diagonal().mul_(1 + damp)
     mean = float(h.diagonal().mean()) if k else 1.0
     for attempt in range(8):  # rounding can leave H + damp diag(H) indefinite: add to it
-        jitter = 0.0 if attempt == 0 else 1e-7 * 10 ** attempt * mean
-        factor, info = torch.linalg.cholesky_ex(h + jitter * torch.eye(k, device=h.device))
+        jittered = h if attempt == 0 else h + 1e-7 * 10 ** attempt * mean * torch.eye(k, device=h.device)
+        factor, info = torch.linalg.cholesky_ex(jittered)
         if int(info) == 0:
-            break
-    else:
-        raise ValueError("xtx is not positive semi-definite: it is not X^T X of real inputs")
+            return jittered, factor
+    raise ValueError("xtx is not positive semi-definite: it is not X^T X of real inputs")
+
+
+def inverse_hessian_factor(xtx: torch.Tensor, w: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """U, the upper Cholesky factor of H_d^{-1} (``damped_hessian``: H_d = H + damp * diag(H),
+    H = ``xtx``)."""
+    _, factor = damped_hessian(xtx, w, damp)
     return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+
+
+def masked_refit(w: torch.Tensor, xtx: torch.Tensor, mask: torch.Tensor, damp: float = DAMP,
+                 budget: int = 1 << 24) -> torch.Tensor:
+    """The weight W' [N, K] (float32), zero outside ``mask`` (bool [N, K]), that minimizes
+    the damped output error sum over rows of (w - w') H_d (w - w')^T exactly, for H_d =
+    ``damped_hessian(xtx, w, damp)``: row by row, with S its kept columns and P its pruned
+    ones, w'_S = w_S + H_d[S, S]^{-1} H_d[S, P] w_P (the error d = w - w' has d_P = w_P;
+    setting the gradient over d_S to zero gives H_SS d_S = -H_SP w_P). The sweep of
+    ``obs_sweep`` reaches this only column by column, compensating on the columns after
+    each; here every kept weight, before or after, absorbs every pruned one's error. Rows
+    with equal kept counts are solved together, ``budget`` floats of H_SS at a time."""
+    h, _ = damped_hessian(xtx, w, damp)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != w.shape:
+        raise ValueError(f"mask must be a bool {list(w.shape)} tensor (w's shape), got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+    w = w.detach().to(torch.float32)
+    mask = mask.to(w.device)
+    out = torch.zeros_like(w)
+    counts = mask.sum(1)
+    for count in torch.unique(counts).tolist():
+        rows = torch.nonzero(counts == count).flatten()
+        if count == 0:
+            continue
+        step = max(1, budget // (count * count))
+        for r0 in range(0, rows.numel(), step):
+            chosen = rows[r0:r0 + step]
+            keep = mask[chosen]
+            kept = torch.nonzero(keep)[:, 1].view(chosen.numel(), count)            # S per row
+            h_sk = h[kept]                                                           # H[S, :]
+            h_ss = h_sk.gather(2, kept[:, None, :].expand(-1, count, -1))
+            pruned_w = w[chosen].masked_fill(keep, 0)                                # w_P, 0 on S
+            rhs = h_sk @ pruned_w[:, :, None]                                        # H[S, P] w_P
+            factor, info = torch.linalg.cholesky_ex(h_ss)
+            if bool((info != 0).any()):  # a principal block of a positive definite H_d is one
+                raise ValueError("masked_refit: a kept block of the damped H is not positive definite")
+            solution = torch.cholesky_solve(rhs, factor)[:, :, 0]
+            out[chosen] = w[chosen].masked_fill(~keep, 0).scatter_add_(1, kept, solution)
+    return out
 
 
 def obs_sweep(w: torch.Tensor, u: torch.Tensor, target: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor],

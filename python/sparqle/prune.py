@@ -9,14 +9,16 @@ Three criteria, each for the three patterns (unstructured, b x b blocks, N:M):
   swept in order (sparqle.calibrate) and each pruned weight's error is compensated on the
   weights of its row not yet swept; the mask is chosen per chunk of 128 columns (per
   group of m for N:M) from the OBS cost w_ij^2 / U_jj^2 of the weights as updated so far
-  (SparseGPT). Returns the updated weight with the mask.
+  (SparseGPT); then the kept weights are refitted exactly for that mask
+  (``calibrate.masked_refit``: the least-squares solution of each row). Returns the
+  refitted weight with the mask.
 """
 import numbers
 from typing import Optional, Tuple
 
 import torch
 
-from .calibrate import PRUNE_DAMP, inverse_hessian_factor, obs_sweep
+from .calibrate import PRUNE_DAMP, inverse_hessian_factor, masked_refit, obs_sweep
 from .formats._checks import cdiv
 from .formats.bell import block_sums
 from .formats.nm import keep_top_n, check_pattern
@@ -72,7 +74,9 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
               damp: float = PRUNE_DAMP) -> Tuple[torch.Tensor, torch.Tensor]:
     """(w', mask): 2-D ``w`` [N, K] pruned with error compensation (SparseGPT) for the
     inputs whose X^T X is ``xtx`` [K, K], w' (w's dtype, zero outside ``mask``) and the bool
-    mask it keeps; see the module doc and sparqle.calibrate for the maths.
+    mask it keeps; see the module doc and sparqle.calibrate for the maths. The sweep
+    chooses the mask; w' is the exact minimizer of the damped output error for it
+    (``calibrate.masked_refit``), not the sweep's weights.
 
     The kept counts are those of ``wanda``: per row K - round(sparsity * K) (the pruned
     count spread over the chunks of 128 columns by cumulative rounding), per block-row of
@@ -108,8 +112,8 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
         return w1[:, i] * mask[:, j0 + i]
 
     # A chunk holds whole groups of m (m divides 128) and whole blocks.
-    pruned = obs_sweep(w, u, target, chunk=block * cdiv(128, block) if pattern == "blocks" else 128)
-    return pruned.masked_fill(~mask, 0).to(w.dtype), mask
+    obs_sweep(w, u, target, chunk=block * cdiv(128, block) if pattern == "blocks" else 128)
+    return masked_refit(w, xtx, mask, damp).to(w.dtype), mask
 
 
 def _check(w, sparsity, block, n, m, two_d: bool) -> str:
