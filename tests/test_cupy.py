@@ -113,16 +113,6 @@ def test_csr_launchers_ask_for_existing_kernels(recorded, dtype):
         assert sgrid[0] * block[1] >= a.nnz
 
 
-def test_u16_columns_are_exact_and_follow_in_place_changes():
-    col = torch.tensor([0, 1, 32767, 32768, 65535, 7], dtype=torch.int32)
-    narrow = cupy_csr._u16_columns(col)
-    assert narrow.dtype == torch.int16 and narrow.is_contiguous()
-    torch.testing.assert_close(narrow.to(torch.int32) & 0xFFFF, col, rtol=0, atol=0)
-    assert cupy_csr._u16_columns(col) is narrow  # cached
-    col[0] = 9
-    assert int(cupy_csr._u16_columns(col)[0]) == 9
-
-
 @needs_nvcc
 def test_nm_launcher_asks_for_existing_kernels(recorded):
     entries = _entry_points("nm_linear.cu")
