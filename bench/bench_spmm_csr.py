@@ -5,7 +5,8 @@ a GPU are present, also sparqle's CuPy kernel (``cupy``, the backend forced).
 A is a transformer weight [out, in] magnitude-pruned to the given sparsity, B holds the
 n tokens as columns: sparqle.spmm runs the op of ``sparqle.linear`` (sparqle::csr_linear,
 x @ A^T) on x = B^T, read through its strides, and transposes the result back.
-FLOPs: 2 nnz n. Bytes: values and column indices, row pointers, B once, C once.
+FLOPs: 2 nnz n. Bytes: values and column indices, row pointers, B once, C once; sparqle's
+kernels read 16-bit column indices where sparqle.formats.csr.reads_u16_col_indices says so.
 """
 import importlib.util
 import itertools
@@ -14,6 +15,7 @@ from typing import Iterator, List
 import torch
 
 import sparqle
+from sparqle.formats.csr import reads_u16_col_indices
 
 from .harness import Case, Impl, device, inputs, no_grad, plot_speedups
 
@@ -52,15 +54,15 @@ def make_case(out_features: int, in_features: int, tokens: int, sparsity: float,
     b = inputs(lambda: torch.randn(k, n, device=dev, dtype=dt))
     size = dt.itemsize
     sparse_bytes = a.nnz * (size + 4) + (m + 1) * 4 + (k * n + m * n) * size
+    sparqle_bytes = sparse_bytes - (2 * a.nnz if reads_u16_col_indices(dt, k) else 0)
     dense_bytes = (m * k + k * n + m * n) * size
     impls = [
-        Impl("sparqle", lambda i, b=b: no_grad(lambda bi=b(i): sparqle.spmm(a, bi)), sparse_bytes),
+        Impl("sparqle", lambda i, b=b: no_grad(lambda bi=b(i): sparqle.spmm(a, bi)), sparqle_bytes),
         Impl("dense", lambda i, b=b: no_grad(lambda bi=b(i): dense @ bi), dense_bytes),
         Impl("torch.sparse", lambda i, b=b: no_grad(lambda bi=b(i): a_torch @ bi), sparse_bytes),
     ]
-    if "cupy" in IMPLS:  # 16-bit column indices for fp16/bf16 where k allows
-        cupy_bytes = sparse_bytes - (2 * a.nnz if dt != torch.float32 and k <= 65536 else 0)
-        impls.append(Impl("cupy", lambda i, b=b: no_grad(lambda bi=b(i): _cupy_spmm(a, bi)), cupy_bytes))
+    if "cupy" in IMPLS:
+        impls.append(Impl("cupy", lambda i, b=b: no_grad(lambda bi=b(i): _cupy_spmm(a, bi)), sparqle_bytes))
     return Case(OP, {"out_features": m, "in_features": k, "tokens": n, "sparsity": sparsity, "dtype": dtype},
                 flops=2.0 * a.nnz * n, input_bytes=sparse_bytes, impls=impls)
 

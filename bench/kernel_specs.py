@@ -99,8 +99,9 @@ def _name(dtype: torch.dtype) -> str:
 def csr_cases(m: int, k: int, n: int, nnz: int, dtype: torch.dtype, transposed_x: bool = False,
               bias: bool = False, sddmm: bool = True, archs=(80, 90)) -> List[Case]:
     """csr_linear: x [n, k] (a transposed view when ``transposed_x``, as sparqle.spmm passes
-    b^T) @ A^T (+ bias [m]) for A [m, k] with nnz entries, int32 indices; sddmm_csr at the
-    same pattern with x [m, n], y [k, n]."""
+    b^T) @ A^T (+ bias [m]) for A [m, k] with nnz entries, int32 indices (read as 16-bit
+    where the launcher narrows them: fp16 and bf16, k <= 65536); sddmm_csr at the same
+    pattern with x [m, n], y [k, n]."""
     crow, col, order = tensor(m + 1, dtype=torch.int32), tensor(nnz, dtype=torch.int32), tensor(m, dtype=torch.int32)
     x = tensor(k, n, dtype=dtype).t() if transposed_x else tensor(n, k, dtype=dtype)
     label = f"{_name(dtype)} m={m} k={k} n={n} nnz={nnz}" + (" x^T" if transposed_x else "")

@@ -13,6 +13,8 @@ from typing import Callable, Dict, Tuple, TypeVar
 
 import torch
 
+from sparqle.formats.csr import reads_u16_col_indices, u16_col_indices
+
 from . import _capture
 
 T = TypeVar("T")  # a tensor or a tuple of tensors
@@ -51,3 +53,13 @@ def kept(name: str, *sources: torch.Tensor):
             and all(r() is s for r, s in zip(hit[0], sources))):
         return hit[2]
     return None
+
+
+def csr_col_indices(col: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The column indices a CSR kernel reads for A [m, k] (int32 ``col``) times x of
+    ``dtype``: 16-bit (sparqle.formats.csr.u16_col_indices), made on first use and kept per
+    ``col`` as :func:`derived` keeps, where sparqle.formats.csr.reads_u16_col_indices says
+    so; else ``col`` itself."""
+    if reads_u16_col_indices(dtype, k):
+        return derived("csr_u16_col_indices", lambda: u16_col_indices(col), col)
+    return col

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from sparqle import BlockedELL
 from sparqle.formats._checks import cdiv
+from sparqle.formats.bell import row_schedule
 
 from .test_spmm_bell import block_sparse
 
@@ -58,6 +59,19 @@ def test_transposed_structure(m, k, b, density):
                                         flat[t_slots.clamp(min=0).long()].transpose(-1, -2), 0),
                     (k, m))
     assert torch.equal(at.to_dense(), dense.T)
+
+
+def test_row_schedule_visits_up_to_the_last_used_slot_longest_first():
+    """Slots to visit: 1 + the last used one (a hole before it counted, -1 after it not);
+    block-rows by that count, largest first, ties in natural order; no slots, no rows."""
+    ell_cols = torch.tensor([[0, 2, -1, -1], [-1, -1, -1, -1], [1, -1, 3, -1], [0, 1, 2, 3], [2, 0, -1, -1]],
+                            dtype=torch.int32)
+    order, slots = row_schedule(ell_cols)
+    assert slots.tolist() == [2, 0, 3, 4, 2] and order.tolist() == [3, 2, 0, 4, 1]
+    assert order.dtype == slots.dtype == torch.int32
+    order, slots = row_schedule(ell_cols[:, :0])
+    assert slots.tolist() == [0] * 5 and order.tolist() == list(range(5))
+    assert [t.numel() for t in row_schedule(ell_cols[:0])] == [0, 0]
 
 
 class TestValidation:

@@ -113,16 +113,6 @@ def test_csr_launchers_ask_for_existing_kernels(recorded, dtype):
         assert sgrid[0] * block[1] >= a.nnz
 
 
-def test_u16_columns_are_exact_and_follow_in_place_changes():
-    col = torch.tensor([0, 1, 32767, 32768, 65535, 7], dtype=torch.int32)
-    narrow = cupy_csr._u16_columns(col)
-    assert narrow.dtype == torch.int16 and narrow.is_contiguous()
-    torch.testing.assert_close(narrow.to(torch.int32) & 0xFFFF, col, rtol=0, atol=0)
-    assert cupy_csr._u16_columns(col) is narrow  # cached
-    col[0] = 9
-    assert int(cupy_csr._u16_columns(col)[0]) == 9
-
-
 @needs_nvcc
 def test_nm_launcher_asks_for_existing_kernels(recorded):
     entries = _entry_points("nm_linear.cu")
@@ -336,8 +326,10 @@ def ptx_mma_sp_m16n8k32(a_regs, b_regs, e_regs):
 
 def emulate_nm24_kernel(x, values, meta, bias):
     """y [M, N] computed as nm_linear.cu's kernel does, its index math mirrored line by line
-    (block, warp, lane, k step, fragment loads, metadata assembly, epilogue), with each
-    mma.sp executed by ``ptx_mma_sp_m16n8k32``."""
+    (block, k step, the staging of the block's tiles by its 128 threads, warp, lane, fragment
+    reads from the staged tiles, metadata assembly, epilogue), with each mma.sp executed by
+    ``ptx_mma_sp_m16n8k32``. Staged elements are None until a thread writes them, so a
+    fragment read of an element no thread staged fails."""
     tokens, k = x.shape
     rows, kc = values.shape
     kp = 2 * kc
@@ -345,10 +337,28 @@ def emulate_nm24_kernel(x, values, meta, bias):
     xv, vv = x.double().tolist(), values.double().tolist()
     y = torch.full((tokens, rows), float("nan"), dtype=torch.float64)
 
-    def meta_word(row, k0):
+    def stage_chunk(tile, r, c, src, row, col, nrows, ncols):
+        valid = max(0, min(8, ncols - col)) if row < nrows else 0
+        for e in range(8):
+            tile[r][c + e] = src[row][col + e] if e < valid else 0.0
+
+    def stage_step(row0, token0, k0):
+        sv = [[None] * (16 + 8) for _ in range(64)]
+        sx = [[None] * (32 + 8) for _ in range(64)]
+        sm = [None] * 64
+        for i in range(128):
+            vc = (i % 2) * 8
+            stage_chunk(sv, i // 2, vc, vv, row0 + i // 2, k0 // 2 + vc, rows, kc)
+            for c in range(i, 64 * 32 // 8, 128):
+                xc = (c % 4) * 8
+                stage_chunk(sx, c // 4, xc, xv, token0 + c // 4, k0 + xc, tokens, k)
+            if i < 64:
+                sm[i] = words[row0 + i][k0 // 32] if row0 + i < rows else 0
+        return sv, sx, sm
+
+    def meta_word(word, row, k0):
         if row >= rows:
             return 0x44444444
-        word = words[row][k0 // 32]
         groups = (kp - k0) // 4
         if groups >= 8:
             return word
@@ -357,36 +367,33 @@ def emulate_nm24_kernel(x, values, meta, bias):
 
     for bx in range(cdiv(rows, 64)):
         for by in range(cdiv(tokens, 64)):
-            for warp in range(4):
-                row_base, token_base = bx * 64 + (warp >> 1) * 32, by * 64 + (warp & 1) * 32
-                acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(4)] for _ in range(2)]
-                for k0 in range(0, kp, 32):
+            row0, token0 = bx * 64, by * 64
+            acc = [[[[[0.0] * 4 for _ in range(32)] for _ in range(4)] for _ in range(2)] for _ in range(4)]
+            for k0 in range(0, kp, 32):
+                sv, sx, sm = stage_step(row0, token0, k0)
+                for warp in range(4):
+                    warp_row, warp_token = (warp >> 1) * 32, (warp & 1) * 32
                     a, e, b = [[None] * 32 for _ in range(2)], [[None] * 32 for _ in range(2)], \
                         [[None] * 32 for _ in range(4)]
                     for lane in range(32):
                         g, t = lane >> 2, lane & 3
                         for i in range(2):
-                            r0, regs = row_base + 16 * i, []
-                            for j in range(4):
-                                row, c = r0 + g + 8 * (j & 1), k0 // 2 + 2 * t + 8 * (j >> 1)
-                                regs += vv[row][c:c + 2] if row < rows and c < kc else [0.0, 0.0]
-                            a[i][lane] = regs
-                            lo, hi = meta_word(r0 + g, k0), meta_word(r0 + g + 8, k0)
+                            r = warp_row + 16 * i + g
+                            a[i][lane] = [sv[r + 8 * (j & 1)][2 * t + 8 * (j >> 1) + h] for j in range(4) for h in (0, 1)]
+                            lo, hi = meta_word(sm[r], row0 + r, k0), meta_word(sm[r + 8], row0 + r + 8, k0)
                             e[i][lane] = (lo & 0xFFFF) | (hi << 16 & 0xFFFFFFFF) if t == 0 else \
                                 (lo >> 16) | (hi & 0xFFFF0000)
                         for jn in range(4):
-                            token, regs = token_base + 8 * jn + g, []
-                            for j in range(4):
-                                kk = k0 + 2 * t + 8 * j
-                                regs += [xv[token][kk + h] if token < tokens and kk + h < k else 0.0
-                                         for h in (0, 1)]
-                            b[jn][lane] = regs
+                            b[jn][lane] = [sx[warp_token + 8 * jn + g][2 * t + 8 * j + h] for j in range(4) for h in (0, 1)]
+                    assert all(v is not None for frag in a + b for regs in frag for v in regs), "read an unstaged element"
                     for i in range(2):
                         for jn in range(4):
                             d = ptx_mma_sp_m16n8k32(a[i], b[jn], e[i])
                             for lane in range(32):
                                 for q in range(4):
-                                    acc[i][jn][lane][q] += d[lane][q]
+                                    acc[warp][i][jn][lane][q] += d[lane][q]
+            for warp in range(4):
+                row_base, token_base = row0 + (warp >> 1) * 32, token0 + (warp & 1) * 32
                 for lane in range(32):
                     g, t = lane >> 2, lane & 3
                     for i in range(2):
@@ -398,7 +405,7 @@ def emulate_nm24_kernel(x, values, meta, bias):
                             for jn in range(4):
                                 token = token_base + 8 * jn + 2 * t + (q & 1)
                                 if token < tokens:
-                                    y[token, row] = acc[i][jn][lane][q] + shift
+                                    y[token, row] = acc[warp][i][jn][lane][q] + shift
     return y
 
 
@@ -551,3 +558,19 @@ def test_cupy_nm_linear_matches_oracle(dtype, tokens, rows, k, with_bias):
     b64 = 0 if bias is None else bias.double()
     assert_close(y, x64 @ w64.T + b64, x64.abs() @ w64.abs().T + (0 if bias is None else b64.abs()),
                  dtype, "y")
+
+
+@pytest.mark.cupy
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cupy_nm_linear_stages_misaligned_operands(dtype):
+    """x and values starting at an odd element (contiguous views of a shifted storage, rows
+    that would take 16-byte cp.async otherwise): the kernel stages them with plain loads."""
+    tokens, rows, k = 70, 96, 256
+    w = random_24(rows, k, dtype)
+    values, meta = encode_24(w)
+    x = torch.randn(tokens, k, dtype=dtype)
+    x_odd = torch.empty(tokens * k + 1, dtype=dtype, device="cuda")[1:].view(tokens, k).copy_(x)
+    values_odd = torch.empty(values.numel() + 1, dtype=dtype, device="cuda")[1:].view(values.shape).copy_(values)
+    y = cupy_nm.nm_linear(x_odd, values_odd, meta.cuda(), None, 2, 4)
+    w64, x64 = decode_24(values, meta, k), x.double()
+    assert_close(y, x64 @ w64.T, x64.abs() @ w64.abs().T, dtype, "y")

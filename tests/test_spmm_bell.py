@@ -177,6 +177,35 @@ def test_unused_slots_are_skipped_whatever_they_hold(device_backend):
     assert_close(y, x64 @ w64.T, x64.abs() @ w64.abs().T, torch.float32, "y")
 
 
+def test_holes_and_rows_of_every_width_match_the_oracle_and_the_schedule_is_kept(device_backend):
+    """Block-rows of 0 to W stored blocks, some with unused slots before used ones (a
+    layout from_dense never makes, which the constructor accepts): each block-row's loop
+    runs to its last used slot, in the schedule derived once per ell_cols and kept; with
+    a bias, forward and dx (A^T's structure, at its exact and bound widths)."""
+    device, backend = device_backend
+    b, k = 16, 90
+    ell_cols = torch.tensor([[-1, 4, -1, 0], [-1, -1, -1, -1], [0, 1, 2, 5], [3, -1, -1, -1], [-1, -1, -1, 2]],
+                            dtype=torch.int32)
+    a = BlockedELL(ell_cols, torch.randn(5, 4, b, b, dtype=torch.float64), (70, k)).to(device)
+    w64 = a.to_dense().cpu()
+    x, bias = torch.randn(9, k, dtype=torch.float64, device=device), torch.randn(70, dtype=torch.float64, device=device)
+    dy = torch.randn(9, 70, dtype=torch.float64, device=device)
+    with sparqle.use_backend(backend):
+        y = sparqle.linear(x, a, bias)
+        again = sparqle.linear(x, a, bias)
+        dx = [torch.ops.sparqle.bell_matmul(dy, *transposed_structure(a.ell_cols, cdiv(k, b), e), a.values, k)
+              for e in (True, False)]
+    x64, b64, dy64 = x.cpu(), bias.cpu(), dy.cpu()
+    assert_close(y, x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), torch.float64, "y")
+    torch.testing.assert_close(again, y, rtol=0, atol=0)
+    for d in dx:
+        assert_close(d, dy64 @ w64, dy64.abs() @ w64.abs(), torch.float64, "dx")
+    kept = _derived.kept("bell_row_schedule", a.ell_cols)
+    assert (kept is not None) == (backend == "triton")
+    if kept is not None:
+        assert kept[1].tolist() == [4, 0, 4, 1, 4] and kept[0].tolist() == [0, 2, 4, 3, 1]
+
+
 def test_opcheck_gradient_ops():
     """(bell_linear itself: tests/test_contract.py, with every other contract check.)"""
     a, _ = _operands(37, 50, 16, 0.5, torch.float64, "cpu")

@@ -127,6 +127,39 @@ def test_sddmm_matches_oracle(device_backend, m, k, n, density, dtype):
     assert_close(out, (x64 @ y64.T)[rows, cols], (x64.abs() @ y64.abs().T)[rows, cols], dtype, "sddmm")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [40000, 65536, 65537])
+def test_column_indices_past_int16_are_read_as_16_bit_where_they_fit(device_backend, dtype, k):
+    """Columns at and past 32768 (negative as int16: read unsigned), up to k - 1, through
+    sparqle.linear (bias) and sparqle.spmm (x a transposed view): the Triton kernel reads
+    16-bit indices, kept per index tensor, exactly where fp16/bf16 and k <= 65536 allow."""
+    device, backend = device_backend
+    cols = [0, 1, 32767, 32768, 32769, k - 2, k - 1]
+    crow = torch.tensor([0, 4, 4, 7])
+    col = torch.tensor([cols[6], cols[3], 0, cols[2], cols[4], cols[1], cols[5]])
+    a = CSR(crow, col, torch.randn(7, dtype=dtype), (3, k)).to(device)
+    x, bias = torch.randn(2, k, dtype=dtype, device=device), torch.randn(3, dtype=dtype, device=device)
+    with sparqle.use_backend(backend):
+        y, c = sparqle.linear(x, a, bias), sparqle.spmm(a, x.T)
+    w64, x64, b64 = a.to_dense().double().cpu(), x.double().cpu(), bias.double().cpu()
+    assert_close(y, x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), dtype, "y")
+    assert_close(c, w64 @ x64.T, w64.abs() @ x64.abs().T, dtype, "C")
+    narrowed = (id(a.col_indices), "csr_u16_col_indices") in _derived._kept
+    assert narrowed == (backend == "triton" and dtype != torch.float32 and k <= 65536)
+
+
+def test_sixteen_bit_column_indices_are_exact_kept_and_follow_in_place_changes():
+    col = torch.tensor([0, 1, 32767, 32768, 65535, 7], dtype=torch.int32)
+    narrow = _derived.csr_col_indices(col, 65536, torch.bfloat16)
+    assert narrow.dtype == torch.int16 and narrow.is_contiguous()
+    torch.testing.assert_close(narrow.to(torch.int32) & 0xFFFF, col, rtol=0, atol=0)
+    assert _derived.csr_col_indices(col, 65536, torch.float16) is narrow  # kept, one copy for both
+    col[0] = 9
+    assert int(_derived.csr_col_indices(col, 65536, torch.bfloat16)[0]) == 9
+    for k, dtype in ((65537, torch.bfloat16), (100, torch.float32), (100, torch.float64)):
+        assert _derived.csr_col_indices(col, k, dtype) is col
+
+
 def _leaf_csr(w, device):
     a = CSR.from_dense(w.to(device))
     a.values.requires_grad_(True)

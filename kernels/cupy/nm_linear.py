@@ -3,7 +3,9 @@
 y [M, N] = x [M, K] @ W^T + bias for W [N, K] in the N:M format: values [N, Kc] (x's dtype,
 Kc = Kp / 2, Kp = K rounded up to a multiple of 4), meta int32 [N, ceil(Kc / 16)] with the
 kept positions 2 bits each, LSB first (see the .cu). fp16 and bf16, fp32 accumulation,
-y in x's dtype. Only n = 2, m = 4: the pattern the tensor cores take.
+y in x's dtype. Only n = 2, m = 4: the pattern the tensor cores take. The kernel stages its
+tiles through shared memory with cp.async where rows are 16-byte aligned and with plain
+loads elsewhere, so x and values may start at any element.
 """
 from typing import Optional
 
@@ -38,8 +40,6 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         return y
     x, values, meta = x.contiguous(), values.contiguous(), meta.contiguous()
     bias = None if bias is None else bias.contiguous()
-    if values.data_ptr() % 4:  # the kernel reads values in aligned pairs
-        values = values.clone()
     launch(_FILE, f"nm24_linear_{_NAMES[x.dtype]}",
            (cdiv(rows, _BLOCK_ROWS), cdiv(tokens, _BLOCK_TOKENS)), (_THREADS,),
            (ptr(x), ptr(values), ptr(meta), np.uint64(0) if bias is None else ptr(bias),

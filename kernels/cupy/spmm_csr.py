@@ -5,7 +5,8 @@ Linear: y [M, m] = x [M, k] @ A^T + bias, A [m, k] in CSR (crow [m+1], col [nnz]
 SDDMM: out[i] = x[row_i] . y[col_i] for x [m, n], y [k, n].
 fp32, fp16 and bf16, accumulated in fp32. For fp16/bf16 with k <= 65536 the linear reads
 16-bit column indices: a narrowed copy of ``col`` made on first use and kept while ``col``
-lives and is not modified in place.
+lives and is not modified in place (sparqle.kernels._derived.csr_col_indices, shared with
+the Triton kernel).
 """
 from typing import Optional
 
@@ -15,14 +16,13 @@ import torch
 from sparqle.formats._checks import cdiv
 
 from .. import _alloc
-from .._derived import derived
+from .._derived import csr_col_indices
 from ._module import i32, i64, launch, ptr
 
 _FILE = "spmm_csr.cu"
 _NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _THREADS = 128
 _SPARSE_VEC = 4
-_MAX_U16_K = 1 << 16
 
 
 def _vec(dtype: torch.dtype) -> int:
@@ -45,12 +45,6 @@ def _rows_vectorizable(t: torch.Tensor, vec: int) -> bool:
     return t.stride(1) == 1 and t.stride(0) % vec == 0 and _aligned(t, vec)
 
 
-def _u16_columns(col: torch.Tensor) -> torch.Tensor:
-    """``col`` (int32, entries < 65536) as 16-bit unsigned bit patterns, kept per tensor."""
-    # The low halves of little-endian int32: exact for 0 <= col < 65536.
-    return derived("u16", lambda: col.contiguous().view(torch.int16).view(-1, 2)[:, 0].contiguous(), col)
-
-
 def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y [M, m] = x [M, k] @ A^T + bias for A [m, k] in CSR (m = crow.numel() - 1), bias [m]
@@ -62,9 +56,8 @@ def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
         return y
     b = x.t().contiguous()  # x^T [k, rows]
     vec = _vec(x.dtype)
-    index = "i32"
-    if x.dtype != torch.float32 and k <= _MAX_U16_K:
-        col, index = _u16_columns(col), "u16"
+    col = csr_col_indices(col, k, x.dtype)
+    index = "u16" if col.dtype == torch.int16 else "i32"
     if (rows % vec == 0 and _rows_vectorizable(b, vec)
             and _aligned(values, _SPARSE_VEC) and _aligned(col, _SPARSE_VEC)):
         subwarp, variant = _subwarp(rows, vec), "vec"

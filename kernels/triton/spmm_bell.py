@@ -13,14 +13,22 @@ bell_matmul:  y [n, k] = x [n, m] @ A               (its input gradient, dy @ W)
 sddmm_bell:   dvalues [R, W, b, b], dvalues[r, s] = dy[:, block r]^T @ x[:, block ell_cols[r, s]]
               (zero for unused slots): the gradient of the stored blocks.
 
-One program computes a [BLOCK_X_ROWS, b] tile of y (BLOCK_X_ROWS rows of x, one block-row
-of the sparse operand): for each slot of its block-row it loads a [BLOCK_X_ROWS, b] tile of
-x and the b x b block and feeds ``tl.dot`` (fp32 accumulation; fp32 inputs use TF32 only
-when torch.get_float32_matmul_precision() allows it). The loop has no branch, so its loads
-go through the software pipeline (cp.async, with wgmma kept in flight on sm_90): an unused
-slot's loads are masked off (nothing is read) and it adds a zero product. The bias
-is added to the fp32 accumulator before the one rounding to y's dtype. x, y and the bias
-are addressed through strides, so transposed views cost no copy.
+A tile of y is [BLOCK_X_ROWS, b] (BLOCK_X_ROWS rows of x, one block-row of the sparse
+operand): for each slot of its block-row it loads a [BLOCK_X_ROWS, b] tile of x and the
+b x b block and feeds ``tl.dot`` (fp32 accumulation; fp32 inputs use TF32 only when
+torch.get_float32_matmul_precision() allows it). The grid is persistent and takes the tiles
+in width order: the block-rows in ``order`` (sparqle.formats.bell.row_schedule: the most
+slots first), all x tiles of one block-row before the next. Each program takes its next
+tile from a counter (an atomic add, issued as the current tile starts), so the longest
+block-rows start first, the short ones fill the tail, and a program that finds none left
+ends: the grid may exceed the programs an SM keeps resident. A block-row's loop visits only
+its ``row_slots`` slots (up to its last used one), a trip count read at run time, so the
+padding slots of the block-rows narrower than the widest cost nothing. The loop has no
+branch, so its loads go through the software pipeline (cp.async, with wgmma kept in flight
+on sm_90): an unused slot before the last used one (a hole) has its loads masked off
+(nothing is read) and adds a zero product. The bias is added to the fp32 accumulator before
+the one rounding to y's dtype. x, y and the bias are addressed through strides, so
+transposed views cost no copy.
 """
 from typing import Optional
 
@@ -28,16 +36,24 @@ import torch
 import triton
 import triton.language as tl
 
+from sparqle.formats.bell import row_schedule
+
 from .. import _alloc
+from .._derived import derived
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
+from ._rows import _PROGRAMS_WITHOUT_SMS, _sm_count
 
 _MM_CONFIGS = Configs(
     [triton.Config({"BLOCK_X_ROWS": bx}, num_warps=w, num_stages=s)
      for bx, w, s in [(16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 4, 3),
-                      (128, 8, 3), (128, 8, 4)]],
+                      (128, 8, 3), (128, 8, 4), (256, 8, 3), (256, 16, 3)]],
     triton.Config({"BLOCK_X_ROWS": 16}),
 )
+# Programs of the persistent grid per SM: at least the blocks of any config an SM keeps
+# resident (1 to 12 on sm_90 for b = 16 to 128); those past the resident ones start once
+# the tiles are taken, and end at once.
+_PROGRAMS_PER_SM = 16
 _SDDMM_CONFIGS = Configs(
     [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
      for bk, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)]],
@@ -45,13 +61,13 @@ _SDDMM_CONFIGS = Configs(
 )
 
 
-@autotune(_MM_CONFIGS, key=["N", "WIDTH", "B"], bucket=["N"])
+@autotune(_MM_CONFIGS, key=["N", "WIDTH", "B"], bucket=["N"], reset_to_zero=["next_tile_ptr"])
 @triton.jit
 def _bell_mm_kernel(
     # pointers
-    cols_ptr, slots_ptr, values_ptr, x_ptr, bias_ptr, y_ptr,
-    # sizes: N rows of x, K_X its columns, M_OUT y's columns, WIDTH slots per block-row
-    N, K_X, M_OUT, WIDTH,
+    cols_ptr, slots_ptr, values_ptr, order_ptr, row_slots_ptr, next_tile_ptr, x_ptr, bias_ptr, y_ptr,
+    # sizes: N rows of x, K_X its columns, M_OUT y's columns, ROWS block-rows of WIDTH slots
+    N, K_X, M_OUT, ROWS, WIDTH,
     # strides
     stride_xn, stride_xk,
     stride_yn, stride_ym,
@@ -61,37 +77,42 @@ def _bell_mm_kernel(
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_X_ROWS: tl.constexpr,
 ):
-    offs_n = (tl.program_id(0) * BLOCK_X_ROWS + tl.arange(0, BLOCK_X_ROWS)).to(tl.int64)
-    block_row = tl.program_id(1)
+    x_tiles = tl.cdiv(N, BLOCK_X_ROWS)
     offs_b = tl.arange(0, B)
-    mask_n = offs_n < N
-    acc = tl.zeros([BLOCK_X_ROWS, B], dtype=ACC_DTYPE)
-    for s in range(WIDTH):
-        # Branchless, so that the loads can go through the software pipeline: an unused slot
-        # (col = -1) loads nothing (masked to zeros) and adds a zero product.
-        col = tl.load(cols_ptr + block_row * WIDTH + s)
-        used = col >= 0
-        if TRANSPOSED:
-            slot = tl.load(slots_ptr + block_row * WIDTH + s, mask=used, other=0).to(tl.int64)
-        else:
-            slot = (block_row * WIDTH + s).to(tl.int64)
-        offs_k = tl.maximum(col, 0).to(tl.int64) * B + offs_b
-        x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk,
-                    mask=(mask_n[:, None] & (offs_k < K_X)[None, :]) & used, other=0)
-        w = tl.load(values_ptr + slot * B * B + offs_b[:, None] * B + offs_b[None, :], mask=used, other=0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if TRANSPOSED:
-            acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    offs_m = block_row.to(tl.int64) * B + offs_b
-    mask_m = offs_m < M_OUT
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_m * stride_bias, mask=mask_m, other=0).to(ACC_DTYPE)[None, :]
-    tl.store(y_ptr + offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym,
-             acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+    tile = tl.atomic_add(next_tile_ptr, 1, sem="relaxed")
+    while tile < ROWS * x_tiles:
+        following = tl.atomic_add(next_tile_ptr, 1, sem="relaxed")  # taken now, its latency hidden by this tile
+        block_row = tl.load(order_ptr + tile // x_tiles)
+        offs_n = ((tile % x_tiles) * BLOCK_X_ROWS + tl.arange(0, BLOCK_X_ROWS)).to(tl.int64)
+        mask_n = offs_n < N
+        acc = tl.zeros([BLOCK_X_ROWS, B], dtype=ACC_DTYPE)
+        for s in range(tl.load(row_slots_ptr + block_row)):
+            # Branchless, so that the loads can go through the software pipeline: an unused
+            # slot (col = -1) loads nothing (masked to zeros) and adds a zero product.
+            col = tl.load(cols_ptr + block_row * WIDTH + s)
+            used = col >= 0
+            if TRANSPOSED:
+                slot = tl.load(slots_ptr + block_row * WIDTH + s, mask=used, other=0).to(tl.int64)
+            else:
+                slot = (block_row * WIDTH + s).to(tl.int64)
+            offs_k = tl.maximum(col, 0).to(tl.int64) * B + offs_b
+            x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk,
+                        mask=(mask_n[:, None] & (offs_k < K_X)[None, :]) & used, other=0)
+            w = tl.load(values_ptr + slot * B * B + offs_b[:, None] * B + offs_b[None, :], mask=used, other=0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if TRANSPOSED:
+                acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        offs_m = block_row.to(tl.int64) * B + offs_b
+        mask_m = offs_m < M_OUT
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_m * stride_bias, mask=mask_m, other=0).to(ACC_DTYPE)[None, :]
+        tl.store(y_ptr + offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym,
+                 acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+        tile = following
 
 
 @autotune(_SDDMM_CONFIGS, key=["N", "B"], bucket=["N"])
@@ -138,12 +159,15 @@ def _launch_mm(cols, slots, values, x, bias, out_features, transposed):
     y = _alloc.empty((n, out_features), x.dtype, x.device)
     if n == 0 or out_features == 0:
         return y
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_X_ROWS"]), rows)  # noqa: E731
+    order, row_slots = derived("bell_row_schedule", lambda: row_schedule(cols), cols)
+    next_tile = torch.zeros(1, dtype=torch.int32, device=x.device)
+    programs = _sm_count(x.device) * _PROGRAMS_PER_SM if x.is_cuda else _PROGRAMS_WITHOUT_SMS
+    grid = lambda meta: (min(rows * triton.cdiv(n, meta["BLOCK_X_ROWS"]), programs),)  # noqa: E731
     with on_device_of(x):
         _bell_mm_kernel[grid](
-            cols.contiguous(), slots.contiguous(), values.contiguous(), x,
+            cols.contiguous(), slots.contiguous(), values.contiguous(), order, row_slots, next_tile, x,
             y if bias is None else bias, y,
-            n, x.shape[1], out_features, width,
+            n, x.shape[1], out_features, rows, width,
             x.stride(0), x.stride(1),
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),

@@ -18,7 +18,10 @@ config's choice (``NNZ_ACROSS_THREADS``), so the tuner picks per shape:
   reduced across threads, so the main loop has no barrier.
 
 Programs take rows in ``row_order`` (longest first), so long rows start early and short rows
-fill the tail: the row swizzle that balances load.
+fill the tail: the row swizzle that balances load. For fp16 and bf16 x with k <= 65536 the
+column indices are read as 16-bit values (Sputnik's), half the bytes of the int32 stream:
+a narrowed copy of ``col`` kept per index tensor (sparqle.kernels._derived.csr_col_indices,
+the same copy the CuPy kernel reads).
 
 SDDMM: out[i] = sum_n X[row_i, n] * Y[col_i, n] for every stored entry i of a CSR
 pattern, X [m, n], Y [k, n] (any strides): the values of (X @ Y^T) at the pattern. One
@@ -32,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._derived import csr_col_indices
 from ._autotune import Configs, autotune
 from ._config import on_device_of
 
@@ -62,6 +66,15 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@triton.jit
+def _columns(col):
+    """Column indices as int64: int32 ones as they are, int16 ones as the unsigned 16-bit
+    values they hold (columns < 65536)."""
+    if col.dtype == tl.int16:
+        col = col.to(tl.uint16, bitcast=True)
+    return col.to(tl.int64)
+
+
 @autotune(_LINEAR_CONFIGS, key=["X_ROWS", "AVG_ROW_NNZ"], bucket=["X_ROWS"])
 @triton.jit
 def _csr_linear_kernel(
@@ -89,7 +102,7 @@ def _csr_linear_kernel(
         if NNZ_ACROSS_THREADS:
             offs_nz = chunk + tl.arange(0, BLOCK_NNZ).to(tl.int64)
             mask_nz = offs_nz < end
-            cols = tl.load(col_ptr + offs_nz, mask=mask_nz, other=0).to(tl.int64)
+            cols = _columns(tl.load(col_ptr + offs_nz, mask=mask_nz, other=0))
             vals = tl.load(values_ptr + offs_nz, mask=mask_nz, other=0).to(ACC_DTYPE)
             x = tl.load(  # x^T [cols, offs_x]
                 x_ptr + cols[:, None] * stride_xk + offs_x[None, :] * stride_xm,
@@ -100,7 +113,7 @@ def _csr_linear_kernel(
             for j in tl.static_range(BLOCK_NNZ):
                 nz = chunk + j
                 in_row = nz < end
-                col = tl.load(col_ptr + nz, mask=in_row, other=0).to(tl.int64)
+                col = _columns(tl.load(col_ptr + nz, mask=in_row, other=0))
                 val = tl.load(values_ptr + nz, mask=in_row, other=0).to(ACC_DTYPE)
                 x = tl.load(x_ptr + col * stride_xk + offs_x * stride_xm, mask=mask_x & in_row, other=0)
                 acc += val * x.to(ACC_DTYPE)
@@ -143,11 +156,13 @@ def _sddmm_csr_kernel(
 def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y [M, m] = x [M, k] @ A^T + bias for A [m, k] in CSR (m = crow.numel() - 1), bias [m]
-    or None; x and bias are read through their strides (an expanded bias has stride 0)."""
-    rows, m = x.shape[0], crow.numel() - 1
+    or None; x and bias are read through their strides (an expanded bias has stride 0).
+    ``col`` is int32; the kernel reads its 16-bit copy where csr_col_indices gives one."""
+    (rows, k), m = x.shape, crow.numel() - 1
     y = _alloc.empty((rows, m), x.dtype, x.device)
     if m == 0 or rows == 0:
         return y
+    col = csr_col_indices(col, k, x.dtype)
     grid = lambda meta: (m, triton.cdiv(rows, meta["BLOCK_X_ROWS"]))  # noqa: E731
     with on_device_of(x):
         _csr_linear_kernel[grid](

@@ -5,6 +5,10 @@ multiples of b inside, never visibly). Block-row r keeps W slots, W being the mo
 blocks in any block-row: slot s holds the block at block-column ``ell_cols[r, s]`` with
 entries ``values[r, s]`` (row-major), or is unused (``ell_cols[r, s] = -1``, values ignored),
 as cuSPARSE's Blocked-ELL does. Used slots come first in a block-row, by block-column.
+
+The kernels take block-rows in :func:`row_schedule`'s order (the longest first) and visit
+only the slots up to each block-row's last used one; they derive it once per ``ell_cols``
+and keep it (sparqle.kernels._derived), so the format holds no extra tensor.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -12,6 +16,7 @@ import torch
 
 from ._base import WeightFormat, layer_dtype
 from ._checks import cdiv, check_int32, check_shape, check_tensors, dense_and_mask
+from .csr import longest_first
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -30,6 +35,19 @@ def block_sums(t: torch.Tensor, b: int) -> torch.Tensor:
     return padded.view(cdiv(m, b), b, cdiv(k, b), b).sum((1, 3))
 
 
+def row_schedule(ell_cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(order [R], slots [R]), int32, for a block structure ``ell_cols`` [R, W] (-1: unused):
+    ``slots[r]`` is 1 + the last used slot of block-row r (0 for none), the slots a kernel
+    must visit, which is its stored-block count where used slots come first (as from_dense
+    and transposed_structure lay them out); ``order`` lists the block-rows by ``slots``,
+    longest first (ties in natural order; :func:`sparqle.formats.csr.longest_first`). On
+    the device, with no host sync."""
+    rows, width = ell_cols.shape
+    position = torch.arange(1, width + 1, dtype=torch.int32, device=ell_cols.device)
+    slots = torch.where(ell_cols >= 0, position, 0).amax(dim=1) if width else ell_cols.new_zeros(rows)
+    return longest_first(slots), slots.to(torch.int32)
+
+
 def transposed_structure(ell_cols: torch.Tensor, block_cols: int,
                          exact: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(t_ell_cols, t_slots) [block_cols, W_t], int32: A^T's block structure for A of block
@@ -41,9 +59,10 @@ def transposed_structure(ell_cols: torch.Tensor, block_cols: int,
     W_t, the most blocks in a block-column of A, is data-dependent: ``exact`` reads it on
     the host (a device sync); otherwise W_t is its static bound R (a block-column has at
     most one block per block-row), so that no value is read on the host, as torch.compile's
-    tracing and CUDA-graph capture require. The kernels skip unused slots (one index load
-    each), so the bound costs a loop over R slots per block-row of A^T instead of W_t: the
-    backward asks for the exact width wherever a sync is allowed."""
+    tracing and CUDA-graph capture require. Used slots come first, so the kernels' loops
+    stop at each block-row's last one (:func:`row_schedule`) and never visit the bound's
+    padding; the bound costs only its size (R slots per block-row of A^T instead of W_t):
+    the backward asks for the exact width wherever a sync is allowed."""
     rows, width = ell_cols.shape
     device = ell_cols.device
     flat = ell_cols.flatten().long()

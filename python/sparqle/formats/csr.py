@@ -5,6 +5,10 @@ Row r of an [m, k] matrix holds ``values[crow[r]:crow[r+1]]`` at columns
 repeated columns in a row add up. ``row_order`` lists the rows by nonzero count,
 longest first (ties in natural order): SpMM kernels take rows in that order so that
 the long rows start first and the short ones fill the tail.
+
+The kernels read the column indices as 16-bit values where they fit and x is 16-bit
+(:func:`reads_u16_col_indices`): :func:`u16_col_indices` narrows them, a copy the kernels
+keep per index tensor (sparqle.kernels._derived); the format itself holds int32.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -15,9 +19,33 @@ from ._checks import INT32_MAX, check_int32, check_shape, check_tensors, dense_a
 from ._sparse import csr_matrix
 
 
-def _row_order(crow: torch.Tensor) -> torch.Tensor:
-    counts = crow[1:] - crow[:-1]
+# Column indices below this fit 16 bits read unsigned.
+U16_COLUMNS = 1 << 16
+
+
+def reads_u16_col_indices(dtype: torch.dtype, k: int) -> bool:
+    """Whether the CSR kernels read 16-bit column indices for A [m, k] times x of ``dtype``:
+    for fp16 and bf16 x (a nonzero then costs 2 bytes of value and 2 of index instead of 2
+    and 4) where every column fits, k <= 65536."""
+    return dtype in (torch.float16, torch.bfloat16) and k <= U16_COLUMNS
+
+
+def u16_col_indices(col: torch.Tensor) -> torch.Tensor:
+    """int16 [nnz]: the low 16 bits of int32 ``col`` [nnz], which kernels read as unsigned
+    16-bit values (exact for columns in [0, 65536)): half the bytes of ``col``."""
+    # The low halves of little-endian int32.
+    return col.contiguous().view(torch.int16).view(-1, 2)[:, 0].contiguous()
+
+
+def longest_first(counts: torch.Tensor) -> torch.Tensor:
+    """int32: the indices of ``counts`` (work per row) by count, largest first, ties in
+    natural order: the order in which SpMM programs take rows so that the long ones start
+    first and the short ones fill the tail."""
     return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+
+
+def _row_order(crow: torch.Tensor) -> torch.Tensor:
+    return longest_first(crow[1:] - crow[:-1])
 
 
 def transposed_structure(crow: torch.Tensor, col: torch.Tensor, k: int) -> Tuple[torch.Tensor, ...]:
