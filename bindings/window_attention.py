@@ -1,11 +1,15 @@
 """sparqle::window_attention (fused Swin window attention, with its backward op) and
 sparqle::window_partition / sparqle::window_merge (the window layout).
 
-window_attention(q, k, v, bias, mask, mask_index, scale) -> (out [B_, heads, N, d],
+window_attention(q, k, v, bias, mask, mask_index, scale, table=None) -> (out [B_, heads, N, d],
     lse [B_, heads, N]): out = softmax(q k^T * scale + bias[h] + mask[m(b)]) v, m(b) =
-    mask_index[b] or b % nW; lse (fp32, fp64 for fp64) is saved for the backward.
-window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale)
-    -> (dq, dk, dv, dbias); dbias is empty [0] without a bias. The mask gets no gradient.
+    mask_index[b] or b % nW; lse (fp32, fp64 for fp64) is saved for the backward. ``table``,
+    when given, is score_table(bias, mask) kept by the caller (a layer builds it once per
+    bias and mask): the kernels read bias plus mask from it, and make it when it is None;
+    bias still carries the gradient.
+window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale, table=None)
+    -> (dq, dk, dv, dbias); dbias is empty [0] without a bias. The mask and the table get no
+    gradient.
 window_partition(x, wh, ww, sh, sw, index) -> windows [B * K, wh * ww, C]
 window_merge(windows, x, wh, ww, sh, sw, index) -> out [B, H, W, C]
 
@@ -24,6 +28,7 @@ import torch
 
 from sparqle.formats._checks import cdiv, compute_dtype
 from sparqle.kernels._capture import check_values
+from sparqle.kernels.triton.window_attention import score_table, table_size  # noqa: F401 (score_table: for layers)
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, launch
@@ -47,17 +52,35 @@ def _check_index(index: Optional[torch.Tensor], x: torch.Tensor, wh: int, ww: in
                      "index names a window twice in one image")
 
 
+def _check_table(table: Optional[torch.Tensor], q: torch.Tensor, bias: Optional[torch.Tensor],
+                 mask: Optional[torch.Tensor]) -> None:
+    """table: the shape, dtype and device score_table(bias, mask) gives for q (its values,
+    bias plus mask, are the caller's to keep in step)."""
+    if table is None:
+        return
+    size = table_size(q.shape[2])
+    shape = (mask.shape[0] if mask is not None else 1, q.shape[1] if bias is not None else 1, size, size)
+    if tuple(table.shape) != shape:
+        raise ValueError(f"table must have the shape score_table(bias, mask) gives, {shape}, "
+                         f"got {tuple(table.shape)}")
+    if table.dtype != compute_dtype(q.dtype):
+        raise TypeError(f"table must be {compute_dtype(q.dtype)} for q of {q.dtype}, got {table.dtype}")
+    if table.device != q.device:
+        raise ValueError(f"table is on {table.device} but q is on {q.device}")
+
+
 @torch.library.custom_op("sparqle::window_attention", mutates_args=())
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                      mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
-                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, table: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     if mask is not None and mask_index is not None:
         _check_in_range("mask_index", mask_index, mask.shape[0])
-    return launch(_MODULE, "window_attention", DTYPES, q, q, k, v, bias, mask, mask_index, scale)
+    _check_table(table, q, bias, mask)
+    return launch(_MODULE, "window_attention", DTYPES, q, q, k, v, bias, mask, mask_index, scale, table)
 
 
 @window_attention.register_fake
-def _(q, k, v, bias, mask, mask_index, scale):
+def _(q, k, v, bias, mask, mask_index, scale, table=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
 
 
@@ -65,28 +88,29 @@ def _(q, k, v, bias, mask, mask_index, scale):
 def window_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor],
                               mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
-                              scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              scale: float, table: Optional[torch.Tensor] = None
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return launch(_MODULE, "window_attention_backward", DTYPES, q,
-                  dout, q, k, v, out, lse, bias, mask, mask_index, scale)
+                  dout, q, k, v, out, lse, bias, mask, mask_index, scale, table)
 
 
 @window_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, bias, mask, mask_index, scale):
+def _(dout, q, k, v, out, lse, bias, mask, mask_index, scale, table=None):
     dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, bias, mask, mask_index, scale = inputs
+    q, k, v, bias, mask, mask_index, scale, table = inputs
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, output[0], output[1], bias, mask, mask_index)
+    ctx.save_for_backward(q, k, v, output[0], output[1], bias, mask, mask_index, table)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, bias, mask, mask_index = ctx.saved_tensors
+    q, k, v, out, lse, bias, mask, mask_index, table = ctx.saved_tensors
     dq, dk, dv, dbias = torch.ops.sparqle.window_attention_backward(
-        grad_out, q, k, v, out, lse, bias, mask, mask_index, ctx.scale)
-    return dq, dk, dv, (dbias if ctx.needs_input_grad[3] else None), None, None, None
+        grad_out, q, k, v, out, lse, bias, mask, mask_index, ctx.scale, table)
+    return dq, dk, dv, (dbias if ctx.needs_input_grad[3] else None), None, None, None, None
 
 
 register_autograd(window_attention, _attention_backward, _attention_setup)

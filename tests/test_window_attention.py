@@ -157,18 +157,64 @@ def test_rows_masked_out_over_a_whole_key_block(device_backend):
         assert_close(t.grad, grads[name], scales[name], torch.float32, name)
 
 
+@pytest.mark.parametrize("n, size", [(1, 16), (10, 16), (49, 64), (81, 96), (144, 144)])
+def test_score_table_layout(n, size):
+    """bias [heads, N, N] plus mask [nW, N, N] summed in fp32, rows and columns padded to
+    NP (the block for N <= 64, else a multiple of 16): -inf in the padded keys, 0 in the
+    padded query rows' real keys; without a mask one window, without a bias one head."""
+    bias, mask = torch.randn(3, n, n, dtype=torch.bfloat16), swin_mask(2, n, torch.float16)
+    table = sparqle.window.score_table(bias, mask, bias)
+    assert table.shape == (2, 3, size, size) and table.dtype == torch.float32
+    assert torch.equal(table[:, :, :n, :n], bias.float()[None] + mask.float()[:, None])
+    assert torch.equal(table[:, :, n:, :n], torch.zeros(2, 3, size - n, n))
+    assert (table[..., n:] == float("-inf")).all()
+    assert sparqle.window.score_table(bias, None, bias).shape == (1, 3, size, size)
+    assert sparqle.window.score_table(None, mask, mask.double()).shape == (2, 1, size, size)
+    assert sparqle.window.score_table(None, mask, mask.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("case", [(6, 2, 49, 32, 3, True, False), (5, 3, 49, 32, 4, True, True),
+                                  (3, 2, 10, 24, None, True, False), (4, 2, 81, 16, 2, False, True),
+                                  (2, 1, 144, 32, 2, True, False)], ids=str)
+def test_kept_table_matches_oracle(device_backend, case):
+    """The op given the score table a layer keeps (score_table(bias, mask)) instead of making
+    it: out and the gradients of q, k, v and bias (which still carries it) match the oracle;
+    one query block and several, with and without mask_index, no mask (one table window), no
+    bias (one table head)."""
+    device, backend = device_backend
+    dtype = torch.bfloat16
+    q, k, v, bias, mask, mask_index = make(*case, dtype, device)
+    table = sparqle.window.score_table(bias, mask, q)
+    leaves = [q, k, v] + ([bias] if bias is not None else [])
+    for t in leaves:
+        t.requires_grad_(True)
+    dout = torch.randn_like(q)
+    scale = case[3] ** -0.5
+    with sparqle.use_backend(backend):
+        out = sparqle.window_attention(q, k, v, bias=bias, mask=mask, mask_index=mask_index, table=table)
+        out.backward(dout)
+    expected, p = oracle(q, k, v, bias, mask, mask_index, scale)
+    assert_close(out, expected, rounded_for_dot(p, dtype) @ v.detach().double().cpu().abs(), dtype, "out")
+    grads, scales = oracle_grads(q, k, v, bias, mask, mask_index, scale, dout)
+    for name, t in zip(("dq", "dk", "dv", "dbias"), leaves):
+        assert_close(t.grad, grads[name], scales[name], dtype, name)
+
+
 def test_opcheck_and_compile():
     q, k, v, bias, mask, mask_index = make(4, 2, 12, 16, 2, True, True, torch.float32, "cpu")
+    table = sparqle.window.score_table(bias, mask, q)
     for args in ((q, k, v, bias, mask, mask_index, 0.25), (q, k, v, None, mask, None, 0.25),
-                 (q, k, v, None, None, None, 0.25)):
+                 (q, k, v, None, None, None, 0.25), (q, k, v, bias, mask, mask_index, 0.25, table)):
         args = tuple(t.requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                     and t is not mask else t for t in args)
+                     and t is not mask and t is not table else t for t in args)
         torch.library.opcheck(torch.ops.sparqle.window_attention.default, args)
     plain = [t.detach() for t in (q, k, v, bias)]
     out, lse = torch.ops.sparqle.window_attention(*plain, mask, mask_index, 0.25)
     for b in (plain[3], None):
         torch.library.opcheck(torch.ops.sparqle.window_attention_backward.default,
                               (torch.randn_like(out), *plain[:3], out, lse, b, mask, mask_index, 0.25))
+    torch.library.opcheck(torch.ops.sparqle.window_attention_backward.default,
+                          (torch.randn_like(out), *plain[:3], out, lse, plain[3], mask, mask_index, 0.25, table))
 
     def f(q, k, v, bias):
         return sparqle.window_attention(q, k, v, bias=bias, mask=mask, mask_index=mask_index)
@@ -229,6 +275,19 @@ class TestBadInput:
             self.call(mask_index=torch.tensor([0, 1]))
         with pytest.raises(ValueError, match="mask_index needs a mask"):
             self.call(mask=None, mask_index=torch.tensor([0, 1, 1, 0]))
+
+    def test_table(self):
+        a = self.args()
+        table = sparqle.window.score_table(a["bias"], a["mask"], a["q"])
+        with pytest.raises(ValueError, match=r"table must have the shape score_table\(bias, mask\) gives, "
+                                             r"\(2, 2, 16, 16\)"):
+            self.call(table=table[:1])
+        with pytest.raises(ValueError, match="table must have the shape"):
+            self.call(mask=None, table=table)  # a table of 2 windows, but no mask: one
+        with pytest.raises(TypeError, match="table must be torch.float32 for q of torch.float32"):
+            self.call(table=table.double())
+        with pytest.raises(TypeError, match="table must be a torch.Tensor"):
+            self.call(table=[1.0])
 
     def test_triton_takes_no_float64(self):
         if not any(b == "triton" for _, b in device_backends()):

@@ -4,7 +4,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .formats._checks import cdiv
+from sparqle.bindings.window_attention import score_table as _score_table
+
+from .formats._checks import cdiv, compute_dtype
 
 MAX_TOKENS = 256
 MAX_HEAD_DIM = 128
@@ -46,7 +48,7 @@ def _additive(name: str, t, shape, q: torch.Tensor) -> Optional[torch.Tensor]:
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                      mask_index: Optional[torch.Tensor] = None,
-                     scale: Optional[float] = None) -> torch.Tensor:
+                     scale: Optional[float] = None, table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out [B_, heads, N, d] = softmax(q k^T * scale + bias[h] + mask[m(b)]) v, fused.
 
     q, k, v [B_, heads, N, d]: B_ windows of N <= 256 tokens, d <= 128. ``bias``
@@ -54,7 +56,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     table; differentiable). ``mask`` [nW, N, N] is additive (0 / -100 in Swin); window b
     uses ``mask[b % nW]`` (Swin's layout, image-major), or ``mask[mask_index[b]]`` when
     ``mask_index`` [B_] is given. ``scale`` defaults to d^-0.5. Differentiable in q, k, v and
-    bias.
+    bias. ``table``: :func:`score_table` (bias, mask) when the caller keeps it (a layer, whose
+    bias and mask change less often than it is called; see sparqle.nn.WindowAttention); the
+    kernels then read bias plus mask from it instead of making it per call. It must have been
+    made from these bias and mask: only its shape, dtype and device are checked.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t, 4)
@@ -90,7 +95,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         scale = d ** -0.5
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    return torch.ops.sparqle.window_attention(q, k, v, bias, mask, mask_index, float(scale))[0]
+    if table is not None and not isinstance(table, torch.Tensor):
+        raise TypeError(f"table must be a torch.Tensor, got {type(table).__name__}")
+    return torch.ops.sparqle.window_attention(q, k, v, bias, mask, mask_index, float(scale), table)[0]
+
+
+def score_table(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The score table window_attention's kernels read, for queries like ``like``: bias
+    [heads, N, N] plus mask [nW, N, N] as [nW or 1, heads or 1, NP, NP] in fp32 (fp64 for
+    fp64 queries), rows and columns padded to NP (the key block for N <= 64, else a multiple
+    of 16: 128-bit loads without masks or with whole-group masks), -inf in the padded keys.
+    Not differentiable: pass bias to window_attention as well, which carries its gradient."""
+    return _score_table(bias, mask, compute_dtype(like.dtype))
 
 
 def _pair(name: str, value: _Pair) -> Tuple[int, int]:

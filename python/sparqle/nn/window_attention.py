@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from sparqle.kernels import _capture
+from sparqle.kernels._derived import derived
 
-from ..formats._checks import cdiv
+from ..formats._checks import cdiv, compute_dtype
 
-from ..window import MAX_HEAD_DIM, MAX_TOKENS, num_windows, window_attention, window_merge, window_partition
+from ..window import (MAX_HEAD_DIM, MAX_TOKENS, num_windows, score_table, window_attention, window_merge,
+                      window_partition)
 from ._load import CheckedLoad
 from ._replace import Outcome, filtered, replace_modules
 
@@ -152,6 +154,22 @@ class WindowAttention(CheckedLoad):
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
+    def score_table(self, mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The bias plus ``mask`` as the kernels read it (:func:`sparqle.window.score_table`),
+        kept while the bias table, the index and the mask are the same tensors, unmodified
+        (sparqle.kernels._derived): made once per layer and resolution, and again after each
+        optimizer step or load. One is kept per layer: a layer called with masks of several
+        resolutions in turn makes its table each time."""
+        sources = [self.relative_position_bias_table, self.relative_position_index] + ([mask] if mask is not None
+                                                                                        else [])
+
+        def make():
+            with torch.no_grad():
+                return score_table(self.relative_position_bias(), mask, like)
+
+        return derived(f"window_attention score table {compute_dtype(like.dtype)} {like.device}"
+                       f"{' masked' if mask is not None else ''}", make, *sources)
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 mask_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.training and self.attn_drop > 0:
@@ -159,8 +177,8 @@ class WindowAttention(CheckedLoad):
                                f"kernel; set it to 0 to train")
         nb, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(nb, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = window_attention(q, k, v, bias=self.relative_position_bias(), mask=mask,
-                               mask_index=mask_index, scale=self.scale)
+        out = window_attention(q, k, v, bias=self.relative_position_bias(), mask=mask, mask_index=mask_index,
+                               scale=self.scale, table=self.score_table(mask, q))
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(nb, n, -1)))
 
     def extra_repr(self) -> str:
