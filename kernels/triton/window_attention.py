@@ -39,11 +39,12 @@ from ._config import dot_meta, interpreting, on_device_of
 
 # num_stages > 1 pipelines the loads of the innermost loop through cp.async: over key blocks
 # (the backward's dK/dV kernel: query blocks), or, in the forward and dQ kernels, over
-# windows when a window is one block (N <= 64). Every config compiles without spills at N = 49, 144 and 256 (bf16,
-# d = 32), forward and backward (python -m sparqle.bench.kernel_report --op window_attention);
-# 4 warps spill at N = 49 (the forward and dQ kernels: 255 registers with the 64 x 64 score,
-# probability, bias and mask tiles live at once), as does the dQ kernel at N = 144 with
-# 3 stages, or 2 stages and 4 warps.
+# windows when a window is one block (N <= 64). Every config compiles without spills at N = 49,
+# 144 and 256 (bf16, d = 32), forward and backward (python -m sparqle.bench.kernel_report --op
+# window_attention); at N = 49 the forward takes 97 (1 stage) and 74 (2 stages) registers since
+# it reads one fp32 score table in 128-bit loads (232 and 255 with a 16-bit bias and mask read
+# element by element). 4 warps compile without spills at N = 49 too now, but the dQ kernel
+# spills with 4 warps and 2 stages at N = 144, as it does with 3 stages.
 _ATTENTION_CONFIGS = Configs(
     [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)],
     triton.Config({}, num_warps=8, num_stages=1),
