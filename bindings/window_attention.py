@@ -28,10 +28,9 @@ import torch
 
 from sparqle.formats._checks import cdiv, compute_dtype
 from sparqle.kernels._capture import check_values
-from sparqle.kernels.triton.window_attention import score_table, table_size  # noqa: F401 (score_table: for layers)
 
 from ._autograd import register_autograd
-from ._backend import FLOATS, launch
+from ._backend import FLOATS, kernels, launch
 
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 _MODULE = "window_attention"
@@ -52,13 +51,20 @@ def _check_index(index: Optional[torch.Tensor], x: torch.Tensor, wh: int, ww: in
                      "index names a window twice in one image")
 
 
+def score_table(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """bias plus mask as the kernels read them: sparqle.kernels.triton.window_attention's
+    score_table, whose layout (rows padded to its blocks) the Triton kernels set; the torch
+    path reads its first N rows and columns."""
+    return kernels("triton", _MODULE).score_table(bias, mask, dtype)
+
+
 def _check_table(table: Optional[torch.Tensor], q: torch.Tensor, bias: Optional[torch.Tensor],
                  mask: Optional[torch.Tensor]) -> None:
     """table: the shape, dtype and device score_table(bias, mask) gives for q (its values,
     bias plus mask, are the caller's to keep in step)."""
     if table is None:
         return
-    size = table_size(q.shape[2])
+    size = kernels("triton", _MODULE).table_size(q.shape[2])
     shape = (mask.shape[0] if mask is not None else 1, q.shape[1] if bias is not None else 1, size, size)
     if tuple(table.shape) != shape:
         raise ValueError(f"table must have the shape score_table(bias, mask) gives, {shape}, "

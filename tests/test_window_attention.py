@@ -288,6 +288,12 @@ class TestBadInput:
             self.call(table=table.double())
         with pytest.raises(TypeError, match="table must be a torch.Tensor"):
             self.call(table=[1.0])
+        with pytest.raises(ValueError, match="needs a bias or a mask"):
+            sparqle.window.score_table(None, None, a["q"])
+        with pytest.raises(ValueError, match=r"mask must have shape \[nW, 9, 9\]"):
+            sparqle.window.score_table(a["bias"], torch.zeros(2, 8, 8), a["q"])
+        with pytest.raises(TypeError, match="like must be a floating-point tensor"):
+            sparqle.window.score_table(a["bias"], None, torch.float32)
 
     def test_triton_takes_no_float64(self):
         if not any(b == "triton" for _, b in device_backends()):

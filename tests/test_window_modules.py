@@ -81,6 +81,12 @@ def test_score_table_kept_per_layer(device_backend):
     expected.square().sum().backward()
     close(out, expected, "out")
     close(ours.relative_position_bias_table.grad, ref64.relative_position_bias_table.grad, "table grad")
+    ours.double()  # the same Parameter objects, their versions unchanged: the dtype tells
+    third = ours.score_table(mask, x.double())
+    assert third.dtype == torch.float64 and torch.equal(third, sparqle.window.score_table(
+        ours.relative_position_bias(), mask.double(), x.double()))
+    ours.half()
+    assert ours.score_table(mask, x.half()) is not second
 
 
 @pytest.mark.parametrize("layout", BLOCKS, ids=str)

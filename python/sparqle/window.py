@@ -101,11 +101,20 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 
 def score_table(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The score table window_attention's kernels read, for queries like ``like``: bias
-    [heads, N, N] plus mask [nW, N, N] as [nW or 1, heads or 1, NP, NP] in fp32 (fp64 for
-    fp64 queries), rows and columns padded to NP (the key block for N <= 64, else a multiple
-    of 16: 128-bit loads without masks or with whole-group masks), -inf in the padded keys.
-    Not differentiable: pass bias to window_attention as well, which carries its gradient."""
+    """The score table window_attention's kernels read, for queries like ``like`` (its dtype
+    and device): bias [heads, N, N] plus mask [nW, N, N] as [nW or 1, heads or 1, NP, NP] in
+    fp32 (fp64 for fp64 queries), rows and columns padded to NP (the key block for N <= 64,
+    else a multiple of 16: 128-bit loads, without a mask or with one constant over 16
+    columns), -inf in the padded keys. window_attention gives the table no gradient: the
+    bias passed beside it carries it."""
+    if not isinstance(like, torch.Tensor) or not like.is_floating_point():
+        raise TypeError(f"like must be a floating-point tensor (the queries), got "
+                        f"{like.dtype if isinstance(like, torch.Tensor) else type(like).__name__}")
+    if bias is None and mask is None:
+        raise ValueError("score_table needs a bias or a mask (or both), got neither")
+    n = _tensor("bias" if bias is not None else "mask", bias if bias is not None else mask, 3).shape[-1]
+    bias = _additive("bias", bias, (None if bias is None else bias.shape[0], n, n), like)
+    mask = _additive("mask", mask, (None, n, n), like)
     return _score_table(bias, mask, compute_dtype(like.dtype))
 
 

@@ -157,17 +157,19 @@ class WindowAttention(CheckedLoad):
     def score_table(self, mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """The bias plus ``mask`` as the kernels read it (:func:`sparqle.window.score_table`),
         kept while the bias table, the index and the mask are the same tensors, unmodified
-        (sparqle.kernels._derived): made once per layer and resolution, and again after each
-        optimizer step or load. One is kept per layer: a layer called with masks of several
-        resolutions in turn makes its table each time."""
-        sources = [self.relative_position_bias_table, self.relative_position_index] + ([mask] if mask is not None
-                                                                                        else [])
+        (sparqle.kernels._derived: by identity and version counter), at the same dtype and on
+        the same device: made once per layer and resolution, and again after each optimizer
+        step, load or ``.to()``. One masked and one unmasked table are kept per layer: a layer
+        called with masks of several resolutions in turn makes its table each time. Writes
+        through ``.data`` bypass the version counter, as they bypass autograd: they are not seen."""
+        table = self.relative_position_bias_table
+        sources = [table, self.relative_position_index] + ([mask] if mask is not None else [])
 
         def make():
             with torch.no_grad():
                 return score_table(self.relative_position_bias(), mask, like)
 
-        return derived(f"window_attention score table {compute_dtype(like.dtype)} {like.device}"
+        return derived(f"window_attention score table {compute_dtype(like.dtype)} on {like.device} from {table.dtype}"
                        f"{' masked' if mask is not None else ''}", make, *sources)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
