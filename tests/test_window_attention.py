@@ -78,15 +78,23 @@ def oracle_grads(q, k, v, bias, mask, mask_index, scale, dout):
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_and_backward_match_oracle(device_backend, case, dtype):
+    check_against_oracle(device_backend, case, dtype)
+
+
+def check_against_oracle(device_backend, case, dtype, kept_table=False):
+    """window_attention on make(*case), forward and the gradients of q, k, v and bias, against
+    the oracle; given the score table a layer keeps (score_table(bias, mask)) with
+    ``kept_table``."""
     device, backend = device_backend
     q, k, v, bias, mask, mask_index = make(*case, dtype, device)
+    table = sparqle.window.score_table(bias, mask, q) if kept_table else None
     scale = case[3] ** -0.5
     leaves = [q, k, v] + ([bias] if bias is not None else [])
     for t in leaves:
         t.requires_grad_(True)
     dout = torch.randn_like(q)
     with sparqle.use_backend(backend):
-        out = sparqle.window_attention(q, k, v, bias=bias, mask=mask, mask_index=mask_index)
+        out = sparqle.window_attention(q, k, v, bias=bias, mask=mask, mask_index=mask_index, table=table)
         out.backward(dout)
     expected, p = oracle(q, k, v, bias, mask, mask_index, scale)
     assert_close(out, expected, rounded_for_dot(p, dtype) @ v.detach().double().cpu().abs(), dtype, "out")
@@ -177,27 +185,24 @@ def test_score_table_layout(n, size):
                                   (3, 2, 10, 24, None, True, False), (4, 2, 81, 16, 2, False, True),
                                   (2, 1, 144, 32, 2, True, False)], ids=str)
 def test_kept_table_matches_oracle(device_backend, case):
-    """The op given the score table a layer keeps (score_table(bias, mask)) instead of making
-    it: out and the gradients of q, k, v and bias (which still carries it) match the oracle;
-    one query block and several, with and without mask_index, no mask (one table window), no
-    bias (one table head)."""
+    """The op given the score table a layer keeps instead of making it: one query block and
+    several, with and without mask_index, no mask (one table window), no bias (one table
+    head)."""
+    check_against_oracle(device_backend, case, torch.bfloat16, kept_table=True)
+
+
+@pytest.mark.parametrize("n", [49, 81])
+def test_the_table_is_what_is_read(device_backend, n):
+    """Given a table, every backend adds it, not bias and mask: a table made from another bias
+    gives that bias's attention (one block and several)."""
     device, backend = device_backend
-    dtype = torch.bfloat16
-    q, k, v, bias, mask, mask_index = make(*case, dtype, device)
-    table = sparqle.window.score_table(bias, mask, q)
-    leaves = [q, k, v] + ([bias] if bias is not None else [])
-    for t in leaves:
-        t.requires_grad_(True)
-    dout = torch.randn_like(q)
-    scale = case[3] ** -0.5
+    q, k, v, bias, mask, mask_index = make(3, 2, n, 16, 3, True, True, torch.float32, device)
+    other = torch.randn_like(bias)
     with sparqle.use_backend(backend):
-        out = sparqle.window_attention(q, k, v, bias=bias, mask=mask, mask_index=mask_index, table=table)
-        out.backward(dout)
-    expected, p = oracle(q, k, v, bias, mask, mask_index, scale)
-    assert_close(out, expected, rounded_for_dot(p, dtype) @ v.detach().double().cpu().abs(), dtype, "out")
-    grads, scales = oracle_grads(q, k, v, bias, mask, mask_index, scale, dout)
-    for name, t in zip(("dq", "dk", "dv", "dbias"), leaves):
-        assert_close(t.grad, grads[name], scales[name], dtype, name)
+        out = sparqle.window_attention(q, k, v, bias=bias, mask=mask, mask_index=mask_index,
+                                       table=sparqle.window.score_table(other, mask, q))
+    expected, p = oracle(q, k, v, other, mask, mask_index, 16 ** -0.5)
+    assert_close(out, expected, p @ v.double().cpu().abs(), torch.float32, "out")
 
 
 def test_opcheck_and_compile():
