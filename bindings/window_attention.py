@@ -27,10 +27,11 @@ from typing import Optional, Tuple
 import torch
 
 from sparqle.formats._checks import cdiv, compute_dtype
+from sparqle.kernels import _capture
 from sparqle.kernels._capture import check_values
 
 from ._autograd import register_autograd
-from ._backend import FLOATS, kernels, launch
+from ._backend import FLOATS, choose, kernels, launch
 
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 _MODULE = "window_attention"
@@ -56,6 +57,14 @@ def score_table(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtyp
     score_table, whose layout (rows padded to its blocks) the Triton kernels set; the torch
     path reads its first N rows and columns."""
     return kernels("triton", _MODULE).score_table(bias, mask, dtype)
+
+
+def reads_score_table(q: torch.Tensor) -> bool:
+    """Whether window_attention on q runs on the Triton kernels, which read the score table
+    (a layer keeps one for them); the torch path adds bias and mask as they are. While
+    torch.compile traces, the backend is chosen when the graph runs: the table goes into
+    the graph."""
+    return _capture.tracing() or choose("window_attention", q.device, q.dtype, DTYPES) == "triton"
 
 
 def _check_table(table: Optional[torch.Tensor], q: torch.Tensor, bias: Optional[torch.Tensor],

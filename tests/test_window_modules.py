@@ -89,6 +89,27 @@ def test_score_table_kept_per_layer(device_backend):
     assert ours.score_table(mask, x.half()) is not second
 
 
+def test_inference_mode_then_training(device_backend):
+    """In inference mode the block's shift mask and its attention's score table are made as
+    plain tensors, so that both are kept across calls (inference tensors are not) and a later
+    training call can save them for its backward."""
+    device, backend = device_backend
+    block = reference_block(14, 14, 7, 3)
+    sparse = SparseWindowBlock.from_block(copy.deepcopy(block).to(device), 0.5)
+    x = torch.randn(2, 14, 14, 16, device=device)
+    with sparqle.use_backend(backend):
+        with torch.inference_mode():
+            served = sparse(x)
+            (mask,) = sparse._masks.values()
+            table = sparse.attn.score_table(mask, x)
+            assert sparse.attn.score_table(mask, x) is table
+        assert not mask.is_inference() and not table.is_inference()
+        out = sparse(x)
+        out.square().sum().backward()
+    close(out, served, "out")
+    assert sparse.attn.relative_position_bias_table.grad is not None
+
+
 @pytest.mark.parametrize("layout", BLOCKS, ids=str)
 def test_keep_all_equals_dense_block(device_backend, layout):
     device, backend = device_backend

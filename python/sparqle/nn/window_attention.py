@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from sparqle.bindings.window_attention import reads_score_table
 from sparqle.kernels import _capture
 from sparqle.kernels._derived import derived
 
@@ -161,12 +162,14 @@ class WindowAttention(CheckedLoad):
         the same device: made once per layer and resolution, and again after each optimizer
         step, load or ``.to()``. One masked and one unmasked table are kept per layer: a layer
         called with masks of several resolutions in turn makes its table each time. Writes
-        through ``.data`` bypass the version counter, as they bypass autograd: they are not seen."""
+        through ``.data`` bypass the version counter, as they bypass autograd: they are not seen.
+        forward passes it to the op only where the Triton kernels run (the torch path adds
+        bias and mask as they are)."""
         table = self.relative_position_bias_table
         sources = [table, self.relative_position_index] + ([mask] if mask is not None else [])
 
-        def make():
-            with torch.no_grad():
+        def make():  # a plain tensor even in inference mode: a training call may save it later
+            with torch.inference_mode(False), torch.no_grad():
                 return score_table(self.relative_position_bias(), mask, like)
 
         return derived(f"window_attention score table {compute_dtype(like.dtype)} on {like.device} from {table.dtype}"
@@ -179,8 +182,9 @@ class WindowAttention(CheckedLoad):
                                f"kernel; set it to 0 to train")
         nb, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(nb, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        table = self.score_table(mask, q) if reads_score_table(q) else None
         out = window_attention(q, k, v, bias=self.relative_position_bias(), mask=mask, mask_index=mask_index,
-                               scale=self.scale, table=self.score_table(mask, q))
+                               scale=self.scale, table=table)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(nb, n, -1)))
 
     def extra_repr(self) -> str:
@@ -266,8 +270,9 @@ class SparseWindowBlock(nn.Module):
             self._masks.move_to_end(key)
             return mask
         (wh, ww) = self.window_size
-        mask = shift_mask(cdiv(h, wh) * wh, cdiv(w, ww) * ww, self.window_size,
-                          self.shift_size, x.device, x.dtype)
+        with torch.inference_mode(False):  # a plain tensor: a training call saves it for backward
+            mask = shift_mask(cdiv(h, wh) * wh, cdiv(w, ww) * ww, self.window_size,
+                              self.shift_size, x.device, x.dtype)
         if not _capture.capturing():
             self._masks[key] = mask
             if len(self._masks) > MASK_CACHE_SIZE:
