@@ -5,8 +5,8 @@ window_attention(q, k, v, bias, mask, mask_index, scale, table=None) -> (out [B_
     lse [B_, heads, N]): out = softmax(q k^T * scale + bias[h] + mask[m(b)]) v, m(b) =
     mask_index[b] or b % nW; lse (fp32, fp64 for fp64) is saved for the backward. ``table``,
     when given, is score_table(bias, mask) kept by the caller (a layer builds it once per
-    bias and mask): the kernels read bias plus mask from it, and make it when it is None;
-    bias still carries the gradient.
+    bias and mask): the kernels read bias plus mask from it; when it is None the Triton path
+    makes one and keeps it while bias and mask are unchanged. bias still carries the gradient.
 window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale, table=None)
     -> (dq, dk, dv, dbias); dbias is empty [0] without a bias. The mask and the table get no
     gradient.
@@ -29,6 +29,7 @@ import torch
 from sparqle.formats._checks import cdiv, compute_dtype
 from sparqle.kernels import _capture
 from sparqle.kernels._capture import check_values
+from sparqle.kernels._derived import derived
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, choose, kernels, launch
@@ -84,6 +85,23 @@ def _check_table(table: Optional[torch.Tensor], q: torch.Tensor, bias: Optional[
         raise ValueError(f"table is on {table.device} but q is on {q.device}")
 
 
+def _table(table: Optional[torch.Tensor], q: torch.Tensor, bias: Optional[torch.Tensor],
+           mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The caller's table; else, where the Triton kernels run, score_table(bias, mask) kept
+    while bias and mask are the same tensors, unmodified (kernels._derived), so that the
+    backward, and calls again with the same bias and mask, do not make it again."""
+    if table is not None or (bias is None and mask is None) or not reads_score_table(q):
+        return table
+    sources = [t for t in (bias, mask) if t is not None]
+    return derived(table_name(bias, mask), lambda: score_table(bias, mask, torch.float32), *sources)
+
+
+def table_name(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> str:
+    """What _table keeps its tables under (kernels._derived), per (bias, mask)."""
+    return "window_attention score table of " + " and ".join(
+        name for name, t in (("bias", bias), ("mask", mask)) if t is not None)
+
+
 @torch.library.custom_op("sparqle::window_attention", mutates_args=())
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                      mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
@@ -91,7 +109,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     if mask is not None and mask_index is not None:
         _check_in_range("mask_index", mask_index, mask.shape[0])
     _check_table(table, q, bias, mask)
-    return launch(_MODULE, "window_attention", DTYPES, q, q, k, v, bias, mask, mask_index, scale, table)
+    return launch(_MODULE, "window_attention", DTYPES, q, q, k, v, bias, mask, mask_index, scale,
+                  _table(table, q, bias, mask))
 
 
 @window_attention.register_fake
@@ -106,7 +125,7 @@ def window_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
                               scale: float, table: Optional[torch.Tensor] = None
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return launch(_MODULE, "window_attention_backward", DTYPES, q,
-                  dout, q, k, v, out, lse, bias, mask, mask_index, scale, table)
+                  dout, q, k, v, out, lse, bias, mask, mask_index, scale, _table(table, q, bias, mask))
 
 
 @window_attention_backward.register_fake

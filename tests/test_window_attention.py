@@ -205,6 +205,29 @@ def test_the_table_is_what_is_read(device_backend, n):
     assert_close(out, expected, p @ v.double().cpu().abs(), torch.float32, "out")
 
 
+@pytest.mark.parametrize("device", sorted({d for d, b in device_backends() if b == "triton"}))
+def test_a_made_table_is_kept_while_bias_and_mask_are(device):
+    """Without a table, the op on the Triton kernels makes score_table(bias, mask) once and
+    keeps it (the backward and the next call with the same bias and mask read it); it is
+    made again once the bias is modified in place, and the output follows."""
+    from sparqle.bindings.window_attention import table_name
+    from sparqle.kernels._derived import kept
+
+    q, k, v, bias, mask, _ = make(4, 2, 49, 16, 2, True, False, torch.float32, device)
+    name = table_name(bias, mask)
+    with sparqle.use_backend("triton"):
+        sparqle.window_attention(q, k, v, bias=bias, mask=mask)
+        table = kept(name, bias, mask)
+        assert table is not None and torch.equal(table, sparqle.window.score_table(bias, mask, q))
+        sparqle.window_attention(q, k, v, bias=bias, mask=mask)
+        assert kept(name, bias, mask) is table
+        bias.add_(1.0)
+        assert kept(name, bias, mask) is None
+        out = sparqle.window_attention(q, k, v, bias=bias, mask=mask)
+    expected, p = oracle(q, k, v, bias, mask, None, 16 ** -0.5)
+    assert_close(out, expected, p @ v.double().cpu().abs(), torch.float32, "out")
+
+
 def test_opcheck_and_compile():
     q, k, v, bias, mask, mask_index = make(4, 2, 12, 16, 2, True, True, torch.float32, "cpu")
     table = sparqle.window.score_table(bias, mask, q)

@@ -56,10 +56,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     table; differentiable). ``mask`` [nW, N, N] is additive (0 / -100 in Swin); window b
     uses ``mask[b % nW]`` (Swin's layout, image-major), or ``mask[mask_index[b]]`` when
     ``mask_index`` [B_] is given. ``scale`` defaults to d^-0.5. Differentiable in q, k, v and
-    bias. ``table``: :func:`score_table` (bias, mask) when the caller keeps it (a layer, whose
-    bias and mask change less often than it is called; see sparqle.nn.WindowAttention); the
-    kernels then read bias plus mask from it instead of making it per call. It must have been
-    made from these bias and mask: only its shape, dtype and device are checked.
+    bias. ``table``: :func:`score_table` (bias, mask) when the caller keeps it (a layer whose
+    bias is a new tensor on every call, as sparqle.nn.WindowAttention's); without it the
+    Triton kernels' table is made and kept while bias and mask are the same tensors,
+    unmodified. It must have been made from these bias and mask: only its shape, dtype and
+    device are checked.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t, 4)
