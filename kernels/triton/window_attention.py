@@ -37,6 +37,8 @@ from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, interpreting, on_device_of
 
+ONE_BLOCK_TOKENS = 64  # windows of up to this many tokens are one block of query rows and keys
+
 # num_stages > 1 pipelines the loads of the innermost loop through cp.async: over key blocks
 # (the backward's dK/dV kernel: query blocks), or, in the forward and dQ kernels, over
 # windows when a window is one block (N <= 64). Every config compiles without spills at N = 49,
@@ -368,9 +370,6 @@ def _blocks(n: int, d: int, dtype: torch.dtype) -> dict:
     else:
         rows = keys = 32 if dtype == torch.float32 and head_dim > 64 else 64
     return {"BLOCK_M": rows, "BLOCK_N": keys, "HEAD_DIM": head_dim}
-
-
-ONE_BLOCK_TOKENS = 64  # windows of up to this many tokens are one block of query rows and keys
 
 
 def table_size(n: int) -> int:
