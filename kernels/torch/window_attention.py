@@ -8,28 +8,35 @@ import torch.nn.functional as F
 from sparqle.formats._checks import cdiv, compute_dtype
 
 
-def _scores(q, k, bias, mask, mask_index, scale, cdt):
-    """S [B_, heads, N, N] = q k^T * scale + bias[h] + mask[b % nW or mask_index[b]]."""
+def _scores(q, k, bias, mask, mask_index, scale, cdt, table):
+    """S [B_, heads, N, N] = q k^T * scale + bias[h] + mask[t(b)], t(b) = b % nW or
+    mask_index[b]; bias plus mask read from ``table`` [T, 1 or heads, NP, NP] (its first N
+    rows and columns, see the Triton launcher's score_table) when given."""
     s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)).mul_(scale)
-    if bias is not None:
-        s += bias.to(cdt)
-    if mask is not None and mask_index is not None:
-        s += mask.to(cdt)[mask_index][:, None]
-    elif mask is not None:  # windows are image-major: view them as [images, nW, ...]
-        nb, heads, n, _ = s.shape
-        s.view(nb // mask.shape[0], mask.shape[0], heads, n, n).add_(mask.to(cdt)[None, :, None])
+    nb, heads, n, _ = s.shape
+    if table is None:
+        if bias is not None:
+            s += bias.to(cdt)
+        if mask is None:
+            return s
+        table = mask[:, None]
+    table = table[:, :, :n, :n].to(cdt)
+    if mask_index is not None:
+        s += table[mask_index]
+    else:  # windows are image-major: view them as [images, T, ...]
+        s.view(nb // table.shape[0], table.shape[0], heads, n, n).add_(table[None])
     return s
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                      mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
-                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, table: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out [B_, heads, N, d], lse [B_, heads, N]) with out = softmax(S) v and lse the
     logsumexp of S's rows (fp32, fp64 for fp64 inputs)."""
     cdt = compute_dtype(q.dtype)
     if q.shape[2] == 0:  # no tokens: S has no rows to reduce
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=cdt)
-    s = _scores(q, k, bias, mask, mask_index, scale, cdt)
+    s = _scores(q, k, bias, mask, mask_index, scale, cdt, table)
     p = torch.softmax(s, dim=-1)
     # P's largest entry is exp(max S - lse) >= 1 / N: lse = max S - log(max P), well
     # conditioned, and cheaper on the CPU than a separate logsumexp pass.
@@ -37,13 +44,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     return (p @ v.to(cdt)).to(q.dtype), lse
 
 
-def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale):
+def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale, table=None):
     """(dq, dk, dv, dbias): P = softmax(S) (= exp(S - lse); softmax is the faster way on the
     CPU, where exp of the masked scores' denormal results is 20x slower), dV = P^T dO,
     dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale, dK = dS^T Q * scale, dbias = sum
     over windows of dS (empty [0] without a bias)."""
     cdt = compute_dtype(q.dtype)
-    p = torch.softmax(_scores(q, k, bias, mask, mask_index, scale, cdt), dim=-1)
+    p = torch.softmax(_scores(q, k, bias, mask, mask_index, scale, cdt, table), dim=-1)
     do = dout.to(cdt)
     dv = p.transpose(-1, -2) @ do
     delta = (do * out.to(cdt)).sum(-1, keepdim=True)

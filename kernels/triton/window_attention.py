@@ -2,11 +2,14 @@
 
 window_attention: q, k, v [B_, heads, N, d] (B_ windows of N tokens) ->
     out [B_, heads, N, d] = softmax(S) v and lse [B_, heads, N] (fp32) = logsumexp of S's rows,
-    S = q k^T * scale + bias[h] + mask[m(b)], m(b) = b % nW or mask_index[b]. One program per
-    (run of windows, head, block of BLOCK_M query rows) takes its windows one after another,
-    each over its keys in blocks of BLOCK_N with an online softmax (FlashAttention's: running
-    row max and sum in fp32); d padded to HEAD_DIM. For N <= 64 (Swin's 7x7 windows) one
-    block of each holds the whole window, and the loads of the next window are pipelined.
+    S = q k^T * scale + bias[h] + mask[m(b)], m(b) = b % nW or mask_index[b]. The kernels read
+    bias plus mask from one score table [nW or 1, heads or 1, NP, NP] (score_table: fp32,
+    rows padded to NP, -inf in the padded keys), which a layer keeps across calls, in 128-bit
+    loads. One program per (run of windows, head, block of BLOCK_M query rows) takes its
+    windows one after another, each over its keys in blocks of BLOCK_N with an online softmax
+    (FlashAttention's: running row max and sum in fp32); d padded to HEAD_DIM. For N <= 64
+    (Swin's 7x7 windows) one block of each holds the whole window, and the loads of the next
+    window are pipelined.
 window_attention_backward: P = exp(S - lse) recomputed block by block from the saved
     logsumexp, dS = P * (dO V^T - rowsum(dO * O)), in two kernels without atomics:
     - one program per (window, head, key block) owns its keys' dV = P^T dO and
@@ -34,13 +37,16 @@ from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, interpreting, on_device_of
 
+ONE_BLOCK_TOKENS = 64  # windows of up to this many tokens are one block of query rows and keys
+
 # num_stages > 1 pipelines the loads of the innermost loop through cp.async: over key blocks
 # (the backward's dK/dV kernel: query blocks), or, in the forward and dQ kernels, over
-# windows when a window is one block (N <= 64). Every config compiles without spills at N = 49, 144 and 256 (bf16,
-# d = 32), forward and backward (python -m sparqle.bench.kernel_report --op window_attention);
-# 4 warps spill at N = 49 (the forward and dQ kernels: 255 registers with the 64 x 64 score,
-# probability, bias and mask tiles live at once), as does the dQ kernel at N = 144 with
-# 3 stages, or 2 stages and 4 warps.
+# windows when a window is one block (N <= 64). Every config compiles without spills at N = 49,
+# 144 and 256 (bf16, d = 32), forward and backward (python -m sparqle.bench.kernel_report --op
+# window_attention); at N = 49 the forward takes 97 (1 stage) and 74 (2 stages) registers since
+# it reads one fp32 score table in 128-bit loads (232 and 255 with a 16-bit bias and mask read
+# element by element). 4 warps compile without spills at N = 49 too now, but the dQ kernel
+# spills with 4 warps and 2 stages at N = 144, as it does with 3 stages.
 _ATTENTION_CONFIGS = Configs(
     [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)],
     triton.Config({}, num_warps=8, num_stages=1),
@@ -71,35 +77,42 @@ def _operand(tile, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, bias_ptr, mask_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NW, scale,
-            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
+def _scores(q, k, table_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NP, T, stride_tw, stride_th, scale,
+            HAS_TABLE: tl.constexpr, MASK_INDEX: tl.constexpr, ONE_BLOCK: tl.constexpr,
             PRECISION: tl.constexpr):
     """S [BLOCK_M, BLOCK_N] (fp32) of query rows offs_m and keys offs_n of window b, head h
-    (int64): q k^T * scale + bias[h] + mask[m(b)], -inf in the padded key columns."""
+    (int64): q k^T * scale + table[t(b), h] (bias plus mask, -inf in the padded key columns;
+    t(b) = mask_index[b] or b % T), or -inf in the padded key columns without a table. The
+    table's rows are NP (a multiple of 16) fp32 long, so that each thread reads 4 of a row
+    with one 128-bit load: unmasked when the window is one block (NP = BLOCK_N = BLOCK_M),
+    else masked to the first NP keys (whole 16-column groups), -inf beyond."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * scale
-    mask_n = offs_n < N
-    mask_mn = (offs_m < N)[:, None] & mask_n[None, :]
-    offs_mn = offs_m[:, None] * N + offs_n[None, :]
-    if HAS_BIAS:
-        s += tl.load(bias_ptr + h * N * N + offs_mn, mask=mask_mn, other=0).to(tl.float32)
-    if HAS_MASK:
+    if HAS_TABLE:
         if MASK_INDEX:
-            w = tl.load(mask_index_ptr + b).to(tl.int64)
+            t = tl.load(mask_index_ptr + b).to(tl.int64)
         else:
-            w = b % NW
-        s += tl.load(mask_ptr + w * N * N + offs_mn, mask=mask_mn, other=0).to(tl.float32)
-    return tl.where(mask_n[None, :], s, float("-inf"))
+            t = b % T
+        window = t * stride_tw + h * stride_th
+        if ONE_BLOCK:
+            s += tl.load(table_ptr + window + offs_m[:, None] * NP + offs_n[None, :])
+        else:  # query rows past the table (padding) read its last row: finite, never stored
+            rows = tl.minimum(offs_m, NP - 1)
+            s += tl.load(table_ptr + window + rows[:, None] * NP + offs_n[None, :], mask=(offs_n < NP)[None, :],
+                         other=float("-inf"))
+    else:
+        s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+    return s
 
 
 @triton.jit
-def _probabilities_and_ds(q, k, v, do, lse, delta, bias_ptr, mask_ptr, mask_index_ptr, b, h, offs_m, offs_n,
-                          N, NW, scale,
-                          HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
+def _probabilities_and_ds(q, k, v, do, lse, delta, table_ptr, mask_index_ptr, b, h, offs_m, offs_n,
+                          N, NP, T, stride_tw, stride_th, scale,
+                          HAS_TABLE: tl.constexpr, MASK_INDEX: tl.constexpr, ONE_BLOCK: tl.constexpr,
                           PRECISION: tl.constexpr):
     """(P, dS) [BLOCK_M, BLOCK_N] fp32 of one query block and one key block, recomputed from
     the row logsumexp: P = exp(S - lse) (0 in padded rows), dS = P * (dO V^T - delta)."""
-    s = _scores(q, k, bias_ptr, mask_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NW, scale,
-                HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
+    s = _scores(q, k, table_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NP, T, stride_tw, stride_th, scale,
+                HAS_TABLE, MASK_INDEX, ONE_BLOCK, PRECISION)
     p = tl.where((offs_m < N)[:, None], tl.exp(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
     return p, p * (dp - delta[:, None])
@@ -116,20 +129,21 @@ def _row_statistics(out_ptr, dout_ptr, lse_ptr, o_base, lse_base, offs_m, offs_d
     return do, lse, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
 
 
-@autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"])
+@autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_TABLE"])
 @triton.jit
 def _window_attention_fwd_kernel(
     # pointers
-    query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
-    # sizes and the softmax scale
-    NWIN, N, D, NW, RUN, scale,
-    # strides (window, head, token, dim) of q, k, v and out
+    query_ptr, key_ptr, value_ptr, table_ptr, mask_index_ptr, out_ptr, lse_ptr,
+    # sizes (NP: the table's padded rows and columns, T: its windows) and the softmax scale
+    NWIN, N, D, NP, T, RUN, scale,
+    # strides (window, head, token, dim) of q, k, v and out; (window, head) of the table
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
+    stride_tw, stride_th,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
+    HAS_TABLE: tl.constexpr, MASK_INDEX: tl.constexpr,
     ONE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
@@ -160,8 +174,8 @@ def _window_attention_fwd_kernel(
             k = _operand(tl.load(key_ptr + b * stride_kb + h * stride_kh + offs, mask=in_tile, other=0), UPCAST)
             offs, in_tile = _tile(offs_n, offs_d, N, D, stride_vn, stride_vd)
             v = _operand(tl.load(value_ptr + b * stride_vb + h * stride_vh + offs, mask=in_tile, other=0), UPCAST)
-            s = _scores(q, k, bias_ptr, mask_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NW, scale,
-                        HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
+            s = _scores(q, k, table_ptr, mask_index_ptr, b, h, offs_m, offs_n, N, NP, T, stride_tw, stride_th,
+                        scale, HAS_TABLE, MASK_INDEX, ONE_BLOCK, PRECISION)
             new_max = tl.maximum(row_max, tl.max(s, axis=1))
             # a row whose keys so far are all -inf (a user mask) keeps a finite reference: 0
             reference = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -177,22 +191,24 @@ def _window_attention_fwd_kernel(
         tl.store(lse_ptr + (b * tl.num_programs(1) + h) * N + offs_m, row_max + tl.log(row_sum), mask=offs_m < N)
 
 
-@autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"])
+@autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_TABLE"])
 @triton.jit
 def _window_attention_bwd_dkdv_kernel(
     # pointers
-    query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
+    query_ptr, key_ptr, value_ptr, table_ptr, mask_index_ptr, out_ptr, lse_ptr,
     dout_ptr, dkey_ptr, dvalue_ptr,
-    # sizes and the softmax scale
-    N, D, NW, scale,
-    # strides (window, head, token, dim) of q, k, v and out (dout, dk and dv: out's)
+    # sizes (NP: the table's padded rows and columns, T: its windows) and the softmax scale
+    N, D, NP, T, scale,
+    # strides (window, head, token, dim) of q, k, v and out (dout, dk and dv: out's); (window,
+    # head) of the table
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
+    stride_tw, stride_th,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_TABLE: tl.constexpr, MASK_INDEX: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Program (b, h, j): keys [j * BLOCK_N, (j + 1) * BLOCK_N) of window b, head h own their
@@ -215,8 +231,9 @@ def _window_attention_bwd_dkdv_kernel(
         q = _operand(tl.load(query_ptr + b * stride_qb + h * stride_qh + offs, mask=in_tile, other=0), UPCAST)
         do, lse, delta = _row_statistics(out_ptr, dout_ptr, lse_ptr, o_base, (b * tl.num_programs(1) + h) * N,
                                          offs_m, offs_d, N, D, stride_on, stride_od, UPCAST)
-        p, ds = _probabilities_and_ds(q, k, v, do, lse, delta, bias_ptr, mask_ptr, mask_index_ptr, b, h,
-                                      offs_m, offs_n, N, NW, scale, HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
+        p, ds = _probabilities_and_ds(q, k, v, do, lse, delta, table_ptr, mask_index_ptr, b, h, offs_m, offs_n,
+                                      N, NP, T, stride_tw, stride_th, scale, HAS_TABLE, MASK_INDEX, ONE_BLOCK,
+                                      PRECISION)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION, out_dtype=tl.float32)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION, out_dtype=tl.float32)
     offs_nd = o_base + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od
@@ -225,23 +242,25 @@ def _window_attention_bwd_dkdv_kernel(
     tl.store(dvalue_ptr + offs_nd, dv.to(dvalue_ptr.dtype.element_ty), mask=mask_nd)
 
 
-@autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_BIAS", "HAS_MASK"],
+@autotune(_ATTENTION_CONFIGS, key=["N", "D", "HAS_TABLE", "HAS_BIAS"],
           # over several key blocks, the d(bias) partials are sums read and written in place
           reset_to_zero=["dbias_ptr"])
 @triton.jit
 def _window_attention_bwd_dq_kernel(
     # pointers
-    query_ptr, key_ptr, value_ptr, bias_ptr, mask_ptr, mask_index_ptr, out_ptr, lse_ptr,
+    query_ptr, key_ptr, value_ptr, table_ptr, mask_index_ptr, out_ptr, lse_ptr,
     dout_ptr, dquery_ptr, dbias_ptr,
-    # sizes and the softmax scale
-    NWIN, N, D, NW, RUN, scale,
-    # strides (window, head, token, dim) of q, k, v and out (dout and dq: out's)
+    # sizes (NP: the table's padded rows and columns, T: its windows) and the softmax scale
+    NWIN, N, D, NP, T, RUN, scale,
+    # strides (window, head, token, dim) of q, k, v and out (dout and dq: out's); (window,
+    # head) of the table
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
+    stride_tw, stride_th,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_INDEX: tl.constexpr,
+    HAS_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_INDEX: tl.constexpr,
     ONE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
@@ -276,8 +295,9 @@ def _window_attention_bwd_dq_kernel(
             k = _operand(tl.load(key_ptr + b * stride_kb + h * stride_kh + offs, mask=in_tile, other=0), UPCAST)
             offs, in_tile = _tile(offs_n, offs_d, N, D, stride_vn, stride_vd)
             v = _operand(tl.load(value_ptr + b * stride_vb + h * stride_vh + offs, mask=in_tile, other=0), UPCAST)
-            p, ds = _probabilities_and_ds(q, k, v, do, lse, delta, bias_ptr, mask_ptr, mask_index_ptr, b, h,
-                                          offs_m, offs_n, N, NW, scale, HAS_BIAS, HAS_MASK, MASK_INDEX, PRECISION)
+            p, ds = _probabilities_and_ds(q, k, v, do, lse, delta, table_ptr, mask_index_ptr, b, h, offs_m,
+                                          offs_n, N, NP, T, stride_tw, stride_th, scale, HAS_TABLE, MASK_INDEX,
+                                          ONE_BLOCK, PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=tl.float32)
             if HAS_BIAS:
                 if ONE_BLOCK:
@@ -345,11 +365,40 @@ def _blocks(n: int, d: int, dtype: torch.dtype) -> dict:
     cut into blocks of 64 query rows and 64 keys (32 and 32 when fp32 operands have d > 64,
     so that the pipelined tiles fit the 163 KB of shared memory a block has on sm_80)."""
     head_dim = max(16, triton.next_power_of_2(d))
-    if n <= 64:
-        rows = keys = max(16, triton.next_power_of_2(n))
+    if n <= ONE_BLOCK_TOKENS:
+        rows = keys = table_size(n)
     else:
         rows = keys = 32 if dtype == torch.float32 and head_dim > 64 else 64
     return {"BLOCK_M": rows, "BLOCK_N": keys, "HEAD_DIM": head_dim}
+
+
+def table_size(n: int) -> int:
+    """NP, the rows and columns of the score table for windows of n tokens: the block (a power
+    of two >= 16) when the window is one block, so that its loads need no mask; else n
+    rounded up to a multiple of 16, so that the masked loads stay 128-bit (the mask is
+    constant over each 16 columns, and Triton marks NP divisible by 16)."""
+    return max(16, triton.next_power_of_2(n)) if n <= ONE_BLOCK_TOKENS else triton.cdiv(n, 16) * 16
+
+
+def score_table(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """table [T, H, NP, NP] in ``dtype``: bias [heads, N, N] plus mask [nW, N, N] (T = nW or 1
+    without a mask, H = heads or 1 without a bias), NP = table_size(N), -inf in the padded
+    key columns and 0 in the padded query rows' real columns. Summed in fp32 (fp64 for
+    fp64), as the score it is added to: Swin's -100 mask plus any bias stays exact, and its
+    4 bytes per entry are what a 16-bit bias and a 16-bit mask took before."""
+    src = bias if bias is not None else mask
+    n = src.shape[-1]
+    size = table_size(n)
+    table = torch.zeros((mask.shape[0] if mask is not None else 1, bias.shape[0] if bias is not None else 1,
+                         size, size), dtype=dtype, device=src.device)
+    table[..., n:] = float("-inf")
+    body = table[:, :, :n, :n]
+    if bias is not None:
+        body += bias.to(dtype)
+    if mask is not None:
+        body += mask.to(dtype)[:, None]
+    return table
 
 
 def _strides(*tensors):
@@ -365,33 +414,46 @@ def _int32_tiles(t: torch.Tensor) -> torch.Tensor:
 
 
 def _contiguous(*tensors):
-    """The tensors (None kept) at unit strides, as the kernels index bias, mask, mask_index,
-    index, lse, and dO and O (whose strides dQ, dK and dV share)."""
+    """The tensors (None kept) at unit strides, as the kernels index mask_index, index, lse,
+    the score table, and dO and O (whose strides dQ, dK and dV share)."""
     return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _table_arguments(q, bias, mask, table):
+    """(table or q, NP, T, stride of its windows and heads) as the kernels take them: the
+    caller's table (the one a layer keeps, see score_table) or one made from bias and mask;
+    q, a pointer never read, without either. A table of one head is read by every head."""
+    if table is None and (bias is not None or mask is not None):
+        table = score_table(bias, mask)
+    if table is None:
+        return q, 16, 1, 0, 0
+    (table,) = _contiguous(table)
+    return table, table.shape[2], table.shape[0], table.stride(0), table.stride(1) if table.shape[1] > 1 else 0
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                      mask: Optional[torch.Tensor], mask_index: Optional[torch.Tensor],
-                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [B_, heads, N, d], lse [B_, heads, N] fp32); q, k, v read through their strides,
-    bias [heads, N, N], mask [nW, N, N] and mask_index made contiguous."""
+                     scale: float, table: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [B_, heads, N, d], lse [B_, heads, N] fp32); q, k, v read through their strides.
+    The kernel adds the score table (``table``, fp32, when given: score_table(bias, mask);
+    else made from bias [heads, N, N] and mask [nW, N, N]); mask_index made contiguous."""
     nb, heads, n, d = q.shape
     q, k, v = _int32_tiles(q), _int32_tiles(k), _int32_tiles(v)
-    bias, mask, mask_index = _contiguous(bias, mask, mask_index)
+    (mask_index,) = _contiguous(mask_index)
     out = _alloc.empty((nb, heads, n, d), q.dtype, q.device)
     lse = _alloc.empty((nb, heads, n), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
+    table, size, windows, stride_tw, stride_th = _table_arguments(q, bias, mask, table)
     meta, blocks = dot_meta(q.dtype), _blocks(n, d, q.dtype)
     query_blocks = triton.cdiv(n, blocks["BLOCK_M"])
     run = _run_length(nb, heads, query_blocks)
     with on_device_of(q):
         _window_attention_fwd_kernel[(triton.cdiv(nb, run), heads, query_blocks)](
-            q, k, v, q if bias is None else bias, q if mask is None else mask,
-            q if mask_index is None else mask_index, out, lse,
-            nb, n, d, 1 if mask is None else mask.shape[0], run, scale, *_strides(q, k, v, out),
-            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_INDEX=mask_index is not None,
-            ONE_BLOCK=n <= blocks["BLOCK_N"], PRECISION=meta["PRECISION"], UPCAST=meta["UPCAST"], **blocks)
+            q, k, v, table, q if mask_index is None else mask_index, out, lse,
+            nb, n, d, size, windows, run, scale, *_strides(q, k, v, out), stride_tw, stride_th,
+            HAS_TABLE=table is not q, MASK_INDEX=mask_index is not None,
+            ONE_BLOCK=n <= ONE_BLOCK_TOKENS, PRECISION=meta["PRECISION"], UPCAST=meta["UPCAST"], **blocks)
     return out, lse
 
 
@@ -402,13 +464,13 @@ def _run_length(windows: int, heads: int, query_blocks: int) -> int:
     return 3 if interpreting() else max(1, min(16, windows * heads * query_blocks // 1024))
 
 
-def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale):
+def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, scale, table=None):
     """(dq, dk, dv, dbias) for window_attention (dbias empty [0] without a bias); q, k, v
     read through their strides, the other tensors made contiguous. Two kernels, each
     recomputing P: one per key block for dK and dV, one per query block for dQ and d(bias)."""
     nb, heads, n, d = q.shape
     q, k, v = _int32_tiles(q), _int32_tiles(k), _int32_tiles(v)
-    dout, out, lse, bias, mask, mask_index = _contiguous(dout, out, lse, bias, mask, mask_index)
+    dout, out, lse, mask_index = _contiguous(dout, out, lse, mask_index)
     meta, blocks = dot_meta(q.dtype), _blocks(n, d, q.dtype)
     dq, dk, dv = (_alloc.empty((nb, heads, n, d), q.dtype, q.device) for _ in range(3))
     query_blocks = triton.cdiv(n, blocks["BLOCK_M"])
@@ -417,17 +479,16 @@ def window_attention_backward(dout, q, k, v, out, lse, bias, mask, mask_index, s
     partial = (torch.zeros((programs, heads, n, n), dtype=torch.float32, device=q.device)
                if bias is not None else dq)
     if dq.numel():
-        flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_INDEX=mask_index is not None,
+        table, size, windows, stride_tw, stride_th = _table_arguments(q, bias, mask, table)
+        flags = dict(HAS_TABLE=table is not q, MASK_INDEX=mask_index is not None, ONE_BLOCK=n <= ONE_BLOCK_TOKENS,
                      PRECISION=meta["PRECISION"], UPCAST=meta["UPCAST"], **blocks)
-        inputs = (q, k, v, q if bias is None else bias, q if mask is None else mask,
-                  q if mask_index is None else mask_index, out, lse, dout)
-        sizes = (n, d, 1 if mask is None else mask.shape[0])
+        inputs = (q, k, v, table, q if mask_index is None else mask_index, out, lse, dout)
         with on_device_of(q):
             _window_attention_bwd_dkdv_kernel[(nb, heads, triton.cdiv(n, blocks["BLOCK_N"]))](
-                *inputs, dk, dv, *sizes, scale, *_strides(q, k, v, out), **flags)
+                *inputs, dk, dv, n, d, size, windows, scale, *_strides(q, k, v, out), stride_tw, stride_th, **flags)
             _window_attention_bwd_dq_kernel[(programs, heads, query_blocks)](
-                *inputs, dq, partial, nb, *sizes, run, scale, *_strides(q, k, v, out),
-                ONE_BLOCK=n <= blocks["BLOCK_N"], **flags)
+                *inputs, dq, partial, nb, n, d, size, windows, run, scale, *_strides(q, k, v, out),
+                stride_tw, stride_th, HAS_BIAS=bias is not None, **flags)
     dbias = partial.sum(0).to(bias.dtype) if bias is not None else q.new_empty((0,))
     return dq, dk, dv, dbias
 

@@ -4,7 +4,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .formats._checks import cdiv
+from sparqle.bindings.window_attention import score_table as _score_table
+
+from .formats._checks import cdiv, compute_dtype
 
 MAX_TOKENS = 256
 MAX_HEAD_DIM = 128
@@ -46,7 +48,7 @@ def _additive(name: str, t, shape, q: torch.Tensor) -> Optional[torch.Tensor]:
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      bias: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                      mask_index: Optional[torch.Tensor] = None,
-                     scale: Optional[float] = None) -> torch.Tensor:
+                     scale: Optional[float] = None, table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out [B_, heads, N, d] = softmax(q k^T * scale + bias[h] + mask[m(b)]) v, fused.
 
     q, k, v [B_, heads, N, d]: B_ windows of N <= 256 tokens, d <= 128. ``bias``
@@ -54,7 +56,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     table; differentiable). ``mask`` [nW, N, N] is additive (0 / -100 in Swin); window b
     uses ``mask[b % nW]`` (Swin's layout, image-major), or ``mask[mask_index[b]]`` when
     ``mask_index`` [B_] is given. ``scale`` defaults to d^-0.5. Differentiable in q, k, v and
-    bias.
+    bias. ``table``: :func:`score_table` (bias, mask) when the caller keeps it (a layer whose
+    bias is a new tensor on every call, as sparqle.nn.WindowAttention's); without it the
+    Triton kernels' table is made and kept while bias and mask are the same tensors,
+    unmodified. It must have been made from these bias and mask: only its shape, dtype and
+    device are checked.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t, 4)
@@ -90,7 +96,27 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         scale = d ** -0.5
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    return torch.ops.sparqle.window_attention(q, k, v, bias, mask, mask_index, float(scale))[0]
+    if table is not None and not isinstance(table, torch.Tensor):
+        raise TypeError(f"table must be a torch.Tensor, got {type(table).__name__}")
+    return torch.ops.sparqle.window_attention(q, k, v, bias, mask, mask_index, float(scale), table)[0]
+
+
+def score_table(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The score table window_attention's kernels read, for queries like ``like`` (its dtype
+    and device): bias [heads, N, N] plus mask [nW, N, N] as [nW or 1, heads or 1, NP, NP] in
+    fp32 (fp64 for fp64 queries), rows and columns padded to NP (the key block for N <= 64,
+    else a multiple of 16: 128-bit loads, without a mask or with one constant over 16
+    columns), -inf in the padded keys. window_attention gives the table no gradient: the
+    bias passed beside it carries it."""
+    if not isinstance(like, torch.Tensor) or not like.is_floating_point():
+        raise TypeError(f"like must be a floating-point tensor (the queries), got "
+                        f"{like.dtype if isinstance(like, torch.Tensor) else type(like).__name__}")
+    if bias is None and mask is None:
+        raise ValueError("score_table needs a bias or a mask (or both), got neither")
+    n = _tensor("bias" if bias is not None else "mask", bias if bias is not None else mask, 3).shape[-1]
+    bias = _additive("bias", bias, (None if bias is None else bias.shape[0], n, n), like)
+    mask = _additive("mask", mask, (None, n, n), like)
+    return _score_table(bias, mask, compute_dtype(like.dtype))
 
 
 def _pair(name: str, value: _Pair) -> Tuple[int, int]:

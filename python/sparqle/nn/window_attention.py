@@ -12,11 +12,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from sparqle.bindings.window_attention import reads_score_table
 from sparqle.kernels import _capture
+from sparqle.kernels._derived import derived
 
-from ..formats._checks import cdiv
+from ..formats._checks import cdiv, compute_dtype
 
-from ..window import MAX_HEAD_DIM, MAX_TOKENS, num_windows, window_attention, window_merge, window_partition
+from ..window import (MAX_HEAD_DIM, MAX_TOKENS, num_windows, score_table, window_attention, window_merge,
+                      window_partition)
 from ._load import CheckedLoad
 from ._replace import Outcome, filtered, replace_modules
 
@@ -152,6 +155,26 @@ class WindowAttention(CheckedLoad):
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
+    def score_table(self, mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The bias plus ``mask`` as the kernels read it (:func:`sparqle.window.score_table`),
+        kept while the bias table, the index and the mask are the same tensors, unmodified
+        (sparqle.kernels._derived: by identity and version counter), at the same dtype and on
+        the same device: made once per layer and resolution, and again after each optimizer
+        step, load or ``.to()``. One masked and one unmasked table are kept per layer: a layer
+        called with masks of several resolutions in turn makes its table each time. Writes
+        through ``.data`` bypass the version counter, as they bypass autograd: they are not seen.
+        forward passes it to the op only where the Triton kernels run (the torch path adds
+        bias and mask as they are)."""
+        table = self.relative_position_bias_table
+        sources = [table, self.relative_position_index] + ([mask] if mask is not None else [])
+
+        def make():  # a plain tensor even in inference mode: a training call may save it later
+            with torch.inference_mode(False), torch.no_grad():
+                return score_table(self.relative_position_bias(), mask, like)
+
+        return derived(f"window_attention score table {compute_dtype(like.dtype)} on {like.device} from {table.dtype}"
+                       f"{' masked' if mask is not None else ''}", make, *sources)
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 mask_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.training and self.attn_drop > 0:
@@ -159,8 +182,9 @@ class WindowAttention(CheckedLoad):
                                f"kernel; set it to 0 to train")
         nb, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(nb, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = window_attention(q, k, v, bias=self.relative_position_bias(), mask=mask,
-                               mask_index=mask_index, scale=self.scale)
+        table = self.score_table(mask, q) if reads_score_table(q) else None
+        out = window_attention(q, k, v, bias=self.relative_position_bias(), mask=mask, mask_index=mask_index,
+                               scale=self.scale, table=table)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(nb, n, -1)))
 
     def extra_repr(self) -> str:
@@ -246,8 +270,9 @@ class SparseWindowBlock(nn.Module):
             self._masks.move_to_end(key)
             return mask
         (wh, ww) = self.window_size
-        mask = shift_mask(cdiv(h, wh) * wh, cdiv(w, ww) * ww, self.window_size,
-                          self.shift_size, x.device, x.dtype)
+        with torch.inference_mode(False):  # a plain tensor: a training call saves it for backward
+            mask = shift_mask(cdiv(h, wh) * wh, cdiv(w, ww) * ww, self.window_size,
+                              self.shift_size, x.device, x.dtype)
         if not _capture.capturing():
             self._masks[key] = mask
             if len(self._masks) > MASK_CACHE_SIZE:
