@@ -338,6 +338,109 @@ def test_convert_calibration_errors_and_uncalled_layers():
     assert type(mse[0]) is sparqle.nn.Int4Linear
 
 
+def _paired(x: torch.Tensor, x_converted: torch.Tensor) -> calibrate.PairedStats:
+    x, xt = x.double(), x_converted.double()
+    return calibrate.PairedStats(calibrate.InputStats((xt.T @ xt).float(), xt.shape[0], xt.abs().sum(0).float()),
+                                 (xt.T @ x).float(), (x.T @ x).float())
+
+
+def test_target_weight_undoes_an_invertible_map_of_the_inputs_and_paired_error_is_its_definition():
+    """Known answer: when the converted model's inputs are X~ = X M (M invertible), the
+    target without damping is W* = W M^{-T}, so X~ W*^T = X W^T; with damping it lies
+    between that and W. paired_error is |X~ W'^T - X W^T|^2 and |X W^T|^2 (float64)."""
+    g = torch.Generator().manual_seed(3)
+    x = _inputs(300, 16, g)
+    x[:, 4] = 0                                                  # a dead input keeps W's column
+    m = torch.eye(16) + 0.3 * torch.randn(16, 16, generator=g)
+    m[4, :] = 0
+    m[:, 4] = 0
+    m[4, 4] = 1
+    w = torch.randn(6, 16, generator=g)
+    paired = _paired(x, x @ m)
+    exact = calibrate.target_weight(w, paired, damp=0.0)
+    torch.testing.assert_close(((x @ m).double() @ exact.double().T), x.double() @ w.double().T, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(exact[:, 4], w[:, 4])
+    damped = calibrate.target_weight(w, paired, damp=3.0)
+    assert 0 < (damped - w).norm() < (exact - w).norm()
+    approximation = w + 0.1 * torch.randn(6, 16, generator=g)
+    error, signal = calibrate.paired_error(w, approximation, paired)
+    expected = ((x @ m).double() @ approximation.double().T - x.double() @ w.double().T).pow(2).sum()
+    assert error == pytest.approx(float(expected), rel=1e-4)
+    assert signal == pytest.approx(float((x.double() @ w.double().T).pow(2).sum()), rel=1e-5)
+
+
+class _SharedInput(nn.Module):
+    """q and k read one input (one stage), out reads their product."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.q, self.k, self.out = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.q(x)) * self.k(x))
+
+
+def test_sequential_stages_follow_the_calls_and_group_layers_that_share_an_input():
+    model = _SharedInput()
+    targets = {id(m): ([n], m) for n, m in model.named_children()}
+    stages = calibrate._stages(model, lambda m: m(torch.randn(4, 32)), targets)
+    assert stages == [[id(model.q), id(model.k)], [id(model.out)]]
+
+
+@pytest.mark.parametrize("fmt,options", [("int4", {"group_size": 32}), ("2:4", {})])
+def test_sequential_conversion_tracks_the_float_model_better_and_round_trips(fmt, options, tmp_path):
+    """convert(sequential=True): the layers are built in call order for the inputs the
+    converted layers before them give, toward the float model's outputs: the model's
+    output error on the calibration and held-out inputs is below the one-run conversion's,
+    the model is left with its float layers until replaced (every layer converted once, the
+    pattern exact), the report's errors are the paired ones and below the one-shot ones,
+    and the weights survive sparqle.save / load."""
+    scales = torch.linspace(0.1, 3, 64)
+    batches = [torch.randn(16, 64, generator=torch.Generator().manual_seed(i)) * scales for i in range(8)]
+    held_out = torch.randn(64, 64, generator=torch.Generator().manual_seed(99)) * scales
+    run = lambda m: [m(b) for b in batches]  # noqa: E731
+    reference = _mlp()
+    one_run = sparqle.convert(_mlp(), fmt, calibrate=run, **options)
+    sequential = sparqle.convert(_mlp(), fmt, calibrate=run, sequential=True, **options)
+    with torch.no_grad():
+        for x in (torch.cat(batches), held_out):
+            want = reference(x)
+            assert (sequential(x) - want).norm() < (one_run(x) - want).norm()
+    for index in (0, 2, 3):
+        assert type(sequential[index]) is type(one_run[index])
+        assert sequential[index].calibration["error"] < sequential[index].calibration["one_shot_error"]
+    if fmt == "2:4":
+        dense = sequential[2].weight.to_dense()
+        assert bool(((dense != 0).view(64, -1, 4).sum(-1) <= 2).all())
+    path = tmp_path / "sequential.safetensors"
+    sparqle.save(sequential, path)
+    loaded = sparqle.load(_mlp(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(held_out), sequential(held_out), rtol=0, atol=0)
+
+
+def test_sequential_bad_use():
+    batches = [torch.randn(8, 64) for _ in range(2)]
+    with pytest.raises(ValueError, match="sequential=True converts layer by layer on calibration data: it needs calibrate=run"):
+        sparqle.convert(_mlp(), "int4", sequential=True)
+    with pytest.raises(TypeError, match="sequential must be a bool"):
+        sparqle.convert(_mlp(), "int4", calibrate=lambda m: m(batches[0]), sequential="yes")
+    with pytest.raises(ValueError, match="sequential=True does not apply to method='awq'"):
+        sparqle.convert(_mlp(), "int4", calibrate=lambda m: m(batches[0]), method="awq", sequential=True)
+    calls = [0]
+
+    def shrinking(m):  # a different batch each time: the float and converted runs cannot be paired
+        calls[0] += 1
+        m(torch.randn(8 - calls[0], 64))
+
+    model = _mlp()
+    with pytest.raises(ValueError, match="must give each layer the same inputs every time .*: 0 got "
+                                         r"\(5, 64\) rows x inputs in call 0, \(6, 64\) in the first run"):
+        sparqle.convert(model, "int4", calibrate=shrinking, sequential=True)
+    assert all(type(model[i]) is nn.Linear for i in (0, 2, 3))   # left as it was
+
+
 def test_fixed_mask_fine_tune_after_sparsegpt_keeps_the_pattern_and_lowers_the_error():
     """The fine-tune recipe of docs/calibration.md on a small model: distil the float model's
     outputs on the calibration batches into the 2:4 model; the optimizer updates the stored

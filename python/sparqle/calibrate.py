@@ -42,6 +42,9 @@ from torch import nn
 # SparseGPT (2:4 and CSR 50% agree).
 DAMP = 0.3
 PRUNE_DAMP = 0.5
+# Sequential calibration's pull of each layer's target toward its own weight (mu below):
+# chosen like DAMP, for int4 g128 GPTQ, among 0.3, 1, 2, 3, 5 and 10 (docs/calibration.md).
+TARGET_DAMP = 3.0
 
 # Each format's criteria: the first is the default without statistics, the second with them.
 SPARSE_METHODS = ("magnitude", "sparsegpt", "wanda")
@@ -148,11 +151,26 @@ class Calibration:
     """What ``convert(model, fmt, calibrate=run, **options)`` converts with: the statistics
     of one ``run(model)``, made at construction, before any layer is replaced, for every
     layer of ``linear_targets(model, filter)``; with ``awq``, sparqle.awq.fold_scales then
-    rescales the model (method "awq")."""
+    rescales the model (method "awq"). With ``sequential``, nothing is recorded at
+    construction: ``convert_sequentially`` builds the layers stage by stage."""
 
     def __init__(self, model: nn.Module, filter: Optional[Callable[[str, nn.Module], bool]],
-                 run: Callable[[nn.Module], object], awq: Optional[Dict[str, object]] = None):
-        self.stats = collect(model, run, linear_targets(model, filter))
+                 run: Callable[[nn.Module], object], awq: Optional[Dict[str, object]] = None,
+                 sequential: bool = False):
+        if not isinstance(sequential, bool):
+            raise TypeError(f"sequential must be a bool, got {type(sequential).__name__}")
+        if sequential and awq is not None:
+            raise ValueError("sequential=True does not apply to method='awq' (its scales are "
+                             "searched on the float model's inputs)")
+        if not callable(run):
+            raise TypeError(f"calibrate must be a callable run(model), got {type(run).__name__}")
+        self.run = run
+        self.sequential = sequential
+        self.stats = {} if sequential else collect(model, run, linear_targets(model, filter))
+        # Modules convert_sequentially built, by id of the nn.Linear they replace; while it
+        # builds one, the float weight and paired inputs of its target, by id of the target.
+        self.built: Dict[int, nn.Module] = {}
+        self.references: Dict[int, Tuple[torch.Tensor, "PairedStats"]] = {}
         # AWQ (``awq``: fold_scales' group_size and symmetric) rescales the model in place
         # now; the rescaled layers' stats are those of their rescaled inputs, by id -> s.
         self.input_scales: Dict[int, torch.Tensor] = {}
@@ -171,7 +189,10 @@ class Calibration:
         ``run`` never called is built with the one-shot criterion, with a warning. Method
         "awq": a layer that fold_scales rescaled is built by GPTQ on its rescaled weight and
         inputs (its one-shot error is that of min-max on the weight before rescaling; the
-        output error is the same in both coordinates); one it could not is built by GPTQ."""
+        output error is the same in both coordinates); one it could not is built by GPTQ.
+        A target of ``convert_sequentially``: the errors are those of the paired inputs,
+        |X~ W'^T - X W^T|^2 (``paired_error``), the one-shot one of the float weight on the
+        float inputs."""
         options = dict(options)
         method = options.pop("method", None)
         stats = self.stats.get(id(linear))
@@ -189,11 +210,18 @@ class Calibration:
         start = time.perf_counter()
         converted = build(linear, **options, method="gptq" if chosen == "awq" else chosen, stats=stats)
         seconds = time.perf_counter() - start
-        error, signal = output_error(linear.weight, _dense(converted), stats.xtx)
-        if scale is None:
+        reference = self.references.get(id(linear))
+        if reference is not None:
+            weight, paired = reference
+            error, signal = paired_error(weight, _dense(converted), paired)
+            one_shot = build(_with_weight(linear, weight), **options, method=methods[0])
+            one_shot_error, _ = output_error(weight, _dense(one_shot), paired.float_xtx)
+        elif scale is None:
+            error, signal = output_error(linear.weight, _dense(converted), stats.xtx)
             one_shot = build(linear, **options, method=methods[0])
             one_shot_error, _ = output_error(linear.weight, _dense(one_shot), stats.xtx)
         else:  # back in the coordinates before rescaling: W diag(1 / s), H = diag(s) H' diag(s)
+            error, signal = output_error(linear.weight, _dense(converted), stats.xtx)
             original = nn.Linear(linear.in_features, linear.out_features, bias=False,
                                  device=linear.weight.device, dtype=linear.weight.dtype)
             original.weight.data = linear.weight.detach() / scale.to(linear.weight.dtype)
@@ -202,6 +230,189 @@ class Calibration:
         converted.calibration = {"method": chosen, "one_shot_error": one_shot_error, "error": error,
                                  "signal": signal, "seconds": seconds}
         return converted
+
+    def convert_sequentially(self, model: nn.Module, targets: Dict[int, Tuple[List[str], nn.Linear]],
+                             make: Callable[[nn.Linear, nn.Linear], nn.Module]) -> None:
+        """Build every layer of ``targets`` (id -> (its names, the nn.Linear)) in the order
+        ``run`` calls them, each for the inputs that the layers built before it give (see
+        the module doc, "Sequential"), with ``make(linear, target)``: ``target`` is a copy
+        of ``linear`` whose weight is the layer's target weight W*; keep the built modules
+        in ``self.built`` by id and leave ``model`` with its float layers. ``run`` is called
+        once to find the order, then twice per stage (the layers that take one input
+        tensor, such as a block's q, k and v projections): on the float model and on the
+        model with the stages before it built; the float run's inputs of the stage are kept
+        (on their device, in their dtype) until the second run pairs them with its own."""
+        floats = {key: linear for key, (_, linear) in targets.items()}
+        try:
+            for stage in _stages(model, self.run, targets):
+                first = targets[stage[0]][1]
+                float_inputs = _record_inputs(model, self.run, first)
+                _install(model, targets, {**floats, **self.built})
+                paired = _pair_inputs(model, self.run, first, targets[stage[0]][0][0], float_inputs)
+                del float_inputs
+                for key in stage:
+                    linear = floats[key]
+                    target = _with_weight(linear, target_weight(linear.weight, paired))
+                    self.stats[id(target)] = paired.stats
+                    self.references[id(target)] = (linear.weight, paired)
+                    try:
+                        self.built[key] = make(linear, target)
+                    finally:
+                        del self.stats[id(target)], self.references[id(target)]
+                _install(model, targets, floats)
+        finally:
+            _install(model, targets, floats)
+
+
+@dataclass
+class PairedStats:
+    """A stage's inputs in sequential calibration, rows paired call by call: X from the float
+    model, X~ from the model with the layers before it converted. ``stats``: X~^T X~ (what
+    the layer's conversion sees) and its abs_sum and count; ``cross`` = X~^T X and
+    ``float_xtx`` = X^T X, float32 [K, K]."""
+    stats: InputStats
+    cross: torch.Tensor
+    float_xtx: torch.Tensor
+
+
+def target_weight(w: torch.Tensor, paired: PairedStats, damp: float = None) -> torch.Tensor:
+    """W* [N, K] (float32): the weight that makes the layer on its converted inputs X~ give
+    what the float layer gives on its float inputs X, pulled toward W:
+    argmin |X~ W*^T - X W^T|^2 + mu sum_j H~_jj |W*_j - W_j|^2 (mu = ``damp``, default
+    TARGET_DAMP), i.e. (H~ + mu diag(H~)) W*^T = (C + mu diag(H~)) W^T with H~ = X~^T X~
+    and C = X~^T X. A dead input (H~_jj = 0) keeps its column of W."""
+    mu = TARGET_DAMP if damp is None else damp
+    h, factor = damped_hessian(paired.stats.xtx, w, mu)
+    w32 = w.detach().to(torch.float32)
+    rhs = paired.cross.to(w32.device) @ w32.T + mu * paired.stats.xtx.diagonal().to(w32.device)[:, None] * w32.T
+    solution = torch.cholesky_solve(rhs, factor).T
+    dead = paired.stats.xtx.diagonal().to(w32.device) <= 0
+    return torch.where(dead[None, :], w32, solution)
+
+
+def paired_error(reference: torch.Tensor, approximation: torch.Tensor, paired: PairedStats) -> Tuple[float, float]:
+    """(|X~ W'^T - X W^T|_F^2, |X W^T|_F^2) for W = ``reference``, W' = ``approximation``:
+    trace(W' H~ W'^T) - 2 trace(W' C W^T) + trace(W H W^T) (float64 sums)."""
+    w = reference.detach().to(torch.float32)
+    a = approximation.detach().to(device=w.device, dtype=torch.float32)
+
+    def inner(left, h, right):
+        return float(((left @ h.to(w.device)) * right).sum(dtype=torch.float64))
+
+    signal = inner(w, paired.float_xtx, w)
+    error = inner(a, paired.stats.xtx, a) - 2 * inner(a, paired.cross, w) + signal
+    return max(error, 0.0), signal
+
+
+def _with_weight(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    """A new nn.Linear like ``linear`` (its bias shared) with ``weight`` in its dtype."""
+    target = nn.Linear(linear.in_features, linear.out_features, bias=False,
+                       device=linear.weight.device, dtype=linear.weight.dtype)
+    target.weight.data = weight.to(linear.weight.dtype)
+    target.bias = linear.bias
+    return target
+
+
+def _install(model: nn.Module, targets: Dict[int, Tuple[List[str], nn.Linear]],
+             modules: Dict[int, nn.Module]) -> None:
+    """Put ``modules[key]`` at every name of ``targets[key]``."""
+    for key, (names, _) in targets.items():
+        if key in modules:
+            for name in names:
+                model.set_submodule(name, modules[key])
+
+
+def _input_of(args, kwargs) -> Optional[torch.Tensor]:
+    x = args[0] if args else kwargs.get("input")
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def _stages(model: nn.Module, run: Callable[[nn.Module], object],
+            targets: Dict[int, Tuple[List[str], nn.Linear]]) -> List[List[int]]:
+    """The targets ``run(model)`` calls, by id, in the order of their first calls, grouped
+    in stages: consecutive first calls with the same input tensor (q, k and v of one
+    attention) form one stage."""
+    stages: List[List[int]] = []
+    last: List[Optional[torch.Tensor]] = [None]
+
+    def hook(module, args, kwargs):
+        if any(id(module) in stage for stage in stages):
+            return
+        x = _input_of(args, kwargs)
+        if stages and x is not None and x is last[0]:
+            stages[-1].append(id(module))
+        else:
+            stages.append([id(module)])
+        last[0] = x
+
+    handles = [linear.register_forward_pre_hook(hook, with_kwargs=True) for _, linear in targets.values()]
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stages
+
+
+def _record_inputs(model: nn.Module, run: Callable[[nn.Module], object], linear: nn.Linear) -> List[torch.Tensor]:
+    """The inputs [rows, K] (copies) that ``run(model)`` gives ``linear``, call by call."""
+    inputs: List[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        x = _input_of(args, kwargs)
+        inputs.append(x.detach().reshape(-1, x.shape[-1]).clone())
+
+    handle = linear.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _pair_inputs(model: nn.Module, run: Callable[[nn.Module], object], linear: nn.Linear, name: str,
+                 float_inputs: List[torch.Tensor]) -> PairedStats:
+    """The PairedStats of ``linear``'s inputs in ``run(model)`` with ``float_inputs``, call
+    i with call i; ValueError when the calls differ in number or shape (``run`` must give
+    the model the same inputs each time: no shuffling, no dropout)."""
+    k = linear.in_features
+    device = linear.weight.device
+    paired = PairedStats(InputStats(torch.zeros(k, k, device=device), 0, torch.zeros(k, device=device)),
+                         torch.zeros(k, k, device=device), torch.zeros(k, k, device=device))
+    calls = [0]
+
+    def differ(what):
+        return ValueError(f"calibrate: with sequential=True, run(model) is called several times and "
+                          f"must give each layer the same inputs every time (the same batches in the "
+                          f"same order, no randomness): {name} {what}")
+
+    def hook(module, args, kwargs):
+        x = _input_of(args, kwargs)
+        if calls[0] >= len(float_inputs):
+            raise differ(f"was called more than the {len(float_inputs)} times of the first run")
+        reference = float_inputs[calls[0]].float()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if x.shape != reference.shape:
+            raise differ(f"got {tuple(x.shape)} rows x inputs in call {calls[0]}, "
+                         f"{tuple(reference.shape)} in the first run")
+        paired.stats.xtx.addmm_(x.T, x)
+        paired.stats.abs_sum.add_(x.abs().sum(0))
+        paired.stats.count += x.shape[0]
+        paired.cross.addmm_(x.T, reference)
+        paired.float_xtx.addmm_(reference.T, reference)
+        calls[0] += 1
+
+    handle = linear.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        handle.remove()
+    if calls[0] != len(float_inputs):
+        raise differ(f"was called {calls[0]} times, {len(float_inputs)} in the first run")
+    return paired
 
 
 def _dense(module: nn.Module) -> torch.Tensor:

@@ -55,6 +55,8 @@ def _convert_linear(fmt: str, options: Mapping[str, Any], linear: nn.Linear, nam
                     where: str, calibration: Optional[Calibration]) -> nn.Module:
     fn, given = _converter(fmt)
     methods = BY_CONVERSION[fmt].methods
+    if calibration is not None and id(linear) in calibration.built:
+        return calibration.built.pop(id(linear))
     try:
         if calibration is not None and methods is not None:
             return calibration.convert(fn, methods, name, linear, {**given, **options})
@@ -211,7 +213,7 @@ def _warn_unused_patterns(rules: List[_Rule], outcomes: List[Outcome]) -> None:
 def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
             filter: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
             return_summary: bool = False, calibrate: Optional[Callable[[nn.Module], object]] = None,
-            **options):
+            sequential: bool = False, **options):
     """Replace, in place, every module of type exactly ``nn.Linear`` in ``model`` (subclasses
     such as MultiheadAttention's out_proj read ``.weight`` directly and are left alone) for
     which ``filter(name, module)`` is true with its ``fmt`` version, built with ``options``:
@@ -263,10 +265,19 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
     per-input-channel scales into the norms and linears that feed the layers, in place: the
     float model is unchanged as a function, and stays rescaled if a later step raises. In a
     mapping, the layers of other formats are converted as without it. ``sparqle.calibrate.report(model)`` then
-    tables each layer's output error on the calibration inputs."""
+    tables each layer's output error on the calibration inputs. ``sequential=True``
+    (not with "awq") converts the layers in the order ``run`` calls them, each for the
+    inputs the layers converted before it give and toward what the float layer gives on
+    the float inputs, calling ``run`` twice per stage of layers that share an input
+    (sparqle.calibrate, "Sequential"): ``run`` must give the model the same batches each
+    time."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     calibration = None
+    if not isinstance(sequential, bool):
+        raise TypeError(f"sequential must be a bool, got {type(sequential).__name__}")
+    if sequential and calibrate is None:
+        raise ValueError("sequential=True converts layer by layer on calibration data: it needs calibrate=run")
     if calibrate is not None:
         calibrated = sorted(name for name, entry in BY_CONVERSION.items() if entry.methods is not None)
         if not (isinstance(fmt, Mapping) or fmt in calibrated):
@@ -279,7 +290,7 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
                                  f"convert(model, 'int4', calibrate=run, method='awq'), not fmt={fmt!r}")
             _check_options(fmt, options, f"fmt {fmt!r}")
             awq = {"group_size": options.get("group_size", 128), "symmetric": options.get("symmetric", False)}
-        calibration = Calibration(model, filter, calibrate, awq)
+        calibration = Calibration(model, filter, calibrate, awq, sequential)
     if isinstance(fmt, Mapping):
         rules = _rules(fmt, options)
         by_pattern = {rule.pattern: rule for rule in rules}
@@ -298,6 +309,8 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
             rule = by_pattern[pattern]
             return _convert_linear(rule.fmt, rule.options, linear, name, f"pattern {pattern!r}", calibration)
 
+        if calibration is not None and calibration.sequential:
+            _convert_sequentially(model, calibration, decide, make, lambda setting: by_pattern[setting].fmt)
         outcomes = replace_modules(model, _is_linear, decide, make, root_hint=_ROOT_HINT, copies_parameters=True)
         summary = _summary(outcomes, lambda o: by_pattern[o.setting].fmt)
         if summary.converted:  # else the warning below says why
@@ -308,11 +321,14 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
         summary = _summary(convert_modules(model, filter=filter, **options), lambda o: fmt)
     elif isinstance(fmt, str) and fmt in BY_CONVERSION:
         _check_options(fmt, options, f"fmt {fmt!r}")
-        outcomes = replace_modules(
-            model, _is_linear, filtered(filter, fmt, lambda linear: _refusal(fmt, linear, options)),
-            lambda name, linear, setting: _convert_linear(fmt, options, linear, name, f"fmt {fmt!r}",
-                                                          calibration),
-            root_hint=_ROOT_HINT, copies_parameters=True)
+        decide = filtered(filter, fmt, lambda linear: _refusal(fmt, linear, options))
+
+        def make(name: str, linear: nn.Module, setting: str) -> nn.Module:
+            return _convert_linear(fmt, options, linear, name, f"fmt {fmt!r}", calibration)
+
+        if calibration is not None and calibration.sequential:
+            _convert_sequentially(model, calibration, decide, make, lambda setting: setting)
+        outcomes = replace_modules(model, _is_linear, decide, make, root_hint=_ROOT_HINT, copies_parameters=True)
         summary = _summary(outcomes, lambda o: fmt)
         kind, converted_type = _LINEAR, ConvertedLinear
     else:
@@ -325,6 +341,29 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
 
 
 _ROOT_HINT = "an nn.Linear: convert its parent, or use sparqle.nn.SparseLinear.from_linear"
+
+
+def _convert_sequentially(model: nn.Module, calibration: Calibration, decide, make,
+                          fmt_of: Callable[[Any], str]) -> None:
+    """Build, with ``calibration.convert_sequentially``, every nn.Linear that ``decide``
+    converts (by ``make``, from its target weight where its format is calibrated, from
+    its float weight otherwise); replace_modules then puts the built modules in."""
+    found: Dict[int, Tuple[List[str], nn.Linear]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if _is_linear(module):
+            found.setdefault(id(module), ([], module))[0].append(name)
+    settings = {}
+    for key, (names, module) in found.items():
+        setting, reason = decide(names[0], module)
+        if reason is None:
+            settings[key] = setting
+
+    def build(linear: nn.Linear, target: nn.Linear) -> nn.Module:
+        setting = settings[id(linear)]
+        calibrated = BY_CONVERSION[fmt_of(setting)].methods is not None
+        return make(found[id(linear)][0][0], target if calibrated else linear, setting)
+
+    calibration.convert_sequentially(model, {key: found[key] for key in settings}, build)
 
 
 def _is_linear(module: nn.Module) -> bool:
