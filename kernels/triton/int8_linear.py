@@ -12,7 +12,9 @@ int8_linear: y [M, N] = (q_x @ q_w^T) * scale_x[m] * scale_w[n] + bias, the prod
     int32, exact up to K = INT32_SAFE_K (|q_x| <= 127, |q_w| <= 128); beyond it (CHUNKED, a
     variant compiled only for such K, as the second accumulator costs registers) it sums
     chunks of at most INT32_SAFE_K in int32 and adds them in fp32: any K is safe. Rows of x holding ±Inf are recomputed from x
-    (``_rows.redo_infinite_rows``), so NaN and Inf reach y as through F.linear.
+    (``_rows.redo_infinite_rows``), so NaN and Inf reach y as through F.linear. Persistent
+    grid and grouped tile order; operand tiles through TMA descriptors where x (or q_x) and
+    q_w allow it, else through pointers (``_rows.tma_loads``).
 """
 from typing import Optional, Tuple
 
@@ -23,7 +25,8 @@ import triton.language as tl
 from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
-from ._rows import QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, redo_infinite_rows, row_absmax
+from ._rows import (QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, persistent_grid, redo_infinite_rows,
+                    load_operand_tile, operand_source, row_absmax, tma_loads)
 
 # The longest K whose int8 x int8 dot cannot overflow int32: 2**31 / (127 * 128) > 2**17.
 INT32_SAFE_K = tl.constexpr(1 << 17)
@@ -82,19 +85,17 @@ def _quantize_rows_kernel(
 
 
 @triton.jit
-def _dot_k_range(x_ptr, w_ptr, acc, offs_m, offs_n, mask_m, mask_n, k_start, k_end, K,
+def _dot_k_range(x_src, w_src, acc, pid_m, pid_n, M, N, k_start, k_end, K,
                  stride_xm, stride_xk, stride_wn, stride_wk,
                  W8A8: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                 UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + x[offs_m, k_start:k_end] @ w[offs_n, k_start:k_end]^T: int8 x int8 into an int32
-    acc (W8A8), or x's float type times the int8 weight cast to it."""
+                 UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + x[tile pid_m, k_start:k_end] @ w[tile pid_n, k_start:k_end]^T: int8 x int8 into
+    an int32 acc (W8A8), or x's float type times the int8 weight cast to it; x_src and w_src
+    from ``_rows.operand_source``."""
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0)
+        x = load_operand_tile(x_src, pid_m, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, USE_TMA)
+        w = load_operand_tile(w_src, pid_n, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, USE_TMA)
         if W8A8:
             acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         else:
@@ -107,7 +108,7 @@ def _dot_k_range(x_ptr, w_ptr, acc, offs_m, offs_n, mask_m, mask_n, k_start, k_e
     return acc
 
 
-@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8", "CHUNKED"], bucket=["M"])
+@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8", "CHUNKED", "USE_TMA"], bucket=["M"])
 @triton.jit
 def _int8_linear_kernel(
     # pointers
@@ -121,37 +122,40 @@ def _int8_linear_kernel(
     stride_bias,
     # meta-parameters
     W8A8: tl.constexpr, CHUNKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Program p computes output tile p in grouped order (``_rows.grouped_tile``). Not
-    persistent: a loop over tiles takes the 128 x 128 W8A8 tile from 128 registers to 255
-    with spills at N = 40 in the sm_90 compile (the FP8 GEMM's loop does not)."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    if CHUNKED:  # W8A8 with K > INT32_SAFE_K: exact int32 chunks, summed in ACC_DTYPE
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-        CHUNK_K: tl.constexpr = INT32_SAFE_K // BLOCK_K * BLOCK_K
-        for chunk in range(0, K, CHUNK_K):
-            part = _dot_k_range(x_ptr, w_ptr, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), offs_m, offs_n,
-                                mask_m, mask_n, chunk, tl.minimum(K, chunk + CHUNK_K), K,
-                                stride_xm, stride_xk, stride_wn, stride_wk,
-                                W8A8, ACC_DTYPE, PRECISION, UPCAST, BLOCK_K)
-            acc += part.to(ACC_DTYPE)
-    else:
-        acc = _dot_k_range(x_ptr, w_ptr, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if W8A8 else ACC_DTYPE),
-                           offs_m, offs_n, mask_m, mask_n, 0, K, K,
-                           stride_xm, stride_xk, stride_wn, stride_wk,
-                           W8A8, ACC_DTYPE, PRECISION, UPCAST, BLOCK_K)
-    out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
-    if W8A8:
-        out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    """Persistent: program p computes the output tiles p, p + programs, ... in grouped order
+    (``_rows.grouped_tile``), loading x and w through TMA descriptors (USE_TMA) or pointers."""
+    x_src = operand_source(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, USE_TMA)
+    w_src = operand_source(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, USE_TMA)
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if CHUNKED:  # W8A8 with K > INT32_SAFE_K: exact int32 chunks, summed in ACC_DTYPE
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+            CHUNK_K: tl.constexpr = INT32_SAFE_K // BLOCK_K * BLOCK_K
+            for chunk in range(0, K, CHUNK_K):
+                part = _dot_k_range(x_src, w_src, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), pid_m, pid_n,
+                                    M, N, chunk, tl.minimum(K, chunk + CHUNK_K), K,
+                                    stride_xm, stride_xk, stride_wn, stride_wk,
+                                    W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+                acc += part.to(ACC_DTYPE)
+        else:
+            acc = _dot_k_range(x_src, w_src, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if W8A8 else ACC_DTYPE),
+                               pid_m, pid_n, M, N, 0, K, K,
+                               stride_xm, stride_xk, stride_wn, stride_wk,
+                               W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+        if W8A8:
+            out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -180,9 +184,8 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
         return y
     scales = scales.contiguous()  # read at unit stride
     a, a_scale = quantize_rows(x, None) if quantize_activation else (x, scales)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with on_device_of(x):
-        _int8_linear_kernel[grid](
+        _int8_linear_kernel[persistent_grid(x.device, m, n)](
             a, qweight, a_scale, scales, y if bias is None else bias, y,
             m, n, k,
             a.stride(0), a.stride(1),
@@ -190,7 +193,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),
             W8A8=quantize_activation, CHUNKED=quantize_activation and k > INT32_SAFE_K,
-            HAS_BIAS=bias is not None, **dot_meta(x.dtype),
+            HAS_BIAS=bias is not None, USE_TMA=tma_loads(a, qweight), **dot_meta(x.dtype),
         )
     if quantize_activation:
         redo_infinite_rows(x, a_scale, qweight, scales, bias, y, tl.int8)
