@@ -67,7 +67,9 @@ def test_weight_quantization_rules(fp8, granularity, dtype):
 
 @pytest.mark.parametrize("fp8", FP8, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m,k", [(1, 1), (7, 70), (3, 130), (2, 1030)])  # 1030: past a block of 1024
+# 1030: past a block of 1024; x^T (rows as columns in memory, the column-wise kernel) of
+# (130, 9): 130 past its test config's BLOCK_K = 64 (the second read), 9 rows of one tile.
+@pytest.mark.parametrize("m,k", [(1, 1), (7, 70), (3, 130), (2, 1030), (130, 9)])
 def test_quantize_rows_is_exact(device_backend, fp8, dtype, m, k):
     device, backend = device_backend
     x = (torch.randn(m, k, device=device) * 3).to(dtype)

@@ -16,7 +16,10 @@ for at launch.
 One read of a row: a quantizer loads the row's first block x[row, :BLOCK_K] once and keeps it
 in registers for both the max and the quantization, so a row with K <= BLOCK_K (the common
 case: the space reaches BLOCK_K = 8192) is read from memory once; only the blocks after the
-first are read twice (once for the max, once to quantize).
+first are read twice (once for the max, once to quantize). A program quantizes BLOCK_M rows:
+one when x's rows are contiguous, a tile of rows when they are columns in memory (x a
+transposed view, as FP8 training quantizes x^T, dy^T and W^T), so that each load reads
+BLOCK_M neighbouring elements instead of one element per row.
 
 NaN and Inf (the same on the torch path): a row of x holding a NaN gets scale NaN, and a
 row holding ±Inf (and no NaN) scale +Inf; x / scale is then NaN or 0 everywhere, and NaN
@@ -38,12 +41,14 @@ from ._config import interpreting, on_device_of
 
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + magic - magic rounds |v| < 2**22 half to even
 
-# BLOCK_K >= K: the row is held in registers and read once (16 fp32 values a thread at 4096
-# over 8 warps and at 8192 over 16). BLOCK_K = 16384 spilled on sm_90 over 16 warps and
-# over 32 (64 registers a thread), so rows longer than 8192 take the two-pass loop.
+# One row a program (BLOCK_M = 1). BLOCK_K >= K: the row is held in registers and read once
+# (16 fp32 values a thread at 4096 over 8 warps and at 8192 over 16). BLOCK_K = 16384
+# spilled on sm_90 over 16 warps and over 32 (64 registers a thread), so rows longer than
+# 8192 take the two-pass loop.
 QUANT_CONFIGS = Configs(
-    [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8), (8192, 16)]],
-    triton.Config({"BLOCK_K": 1024}),  # the interpreter's cost is per step, not per element
+    [triton.Config({"BLOCK_M": 1, "BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8),
+                                                                            (8192, 16)]],
+    triton.Config({"BLOCK_M": 1, "BLOCK_K": 1024}),  # the interpreter's cost is per step, not per element
 )
 _REDO_CONFIGS = Configs(
     [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4) for bn, bk in [(64, 64), (128, 32)]],
@@ -52,26 +57,27 @@ _REDO_CONFIGS = Configs(
 
 
 @triton.jit
-def load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """(x[row, k0:k0 + BLOCK_K] in fp32 with 0 past K, its offsets (int64), their mask < K);
-    ``row`` int64."""
+def load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """(x[rows, k0:k0 + BLOCK_K] [BLOCK_M, BLOCK_K] in fp32 with 0 past M and K, its column
+    offsets (int64), its mask); ``rows`` int64 [BLOCK_M]."""
     offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-    mask = offs < K
-    return tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=mask, other=0).to(tl.float32), offs, mask
+    mask = (rows < M)[:, None] & (offs < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask, other=0)
+    return x.to(tl.float32), offs, mask
 
 
 @triton.jit
-def row_absmax(x_ptr, row, first, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """max |x[row, k]| over k < K, in fp32 (0 for K = 0; NaN when the row holds a NaN), given
-    ``first``, the row's first block (``load_row_block`` at k0 = 0), held by the caller: only
-    the blocks after it are read, none when K <= BLOCK_K."""
+def row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """[BLOCK_M]: max |x[row, k]| over k < K, in fp32 (0 for K = 0; NaN when the row holds a
+    NaN), given ``first``, the rows' first block (``load_row_block`` at k0 = 0), held by the
+    caller: only the blocks after it are read, none when K <= BLOCK_K."""
     amax = tl.abs(first)
     nans = (first != first).to(tl.int32)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        x, _, _ = load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K)
+        x, _, _ = load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
         amax = tl.maximum(amax, tl.abs(x))
         nans |= (x != x).to(tl.int32)
-    return tl.where(tl.max(nans, axis=0) > 0, float("nan"), tl.max(amax, axis=0))
+    return tl.where(tl.max(nans, axis=1) > 0, float("nan"), tl.max(amax, axis=1))
 
 
 @triton.jit

@@ -43,13 +43,14 @@ _GEMM_CONFIGS = Configs(
 
 
 @triton.jit
-def _quantize_block(x, offs, mask, scale, q_row_ptr):
-    """q_row[offs] = clamp(round(x / scale), -127, 127) as int8 where ``mask``, NaN to 0."""
+def _quantize_block(x, q_ptrs, mask, scale):
+    """*q_ptrs = clamp(round(x / scale), -127, 127) as int8 where ``mask``, NaN to 0;
+    ``scale`` broadcast against x."""
     v = tl.div_rn(x, tl.zeros_like(x) + scale)
     v = tl.where(v != v, 0.0, v)
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)
     v = (v + ROUND_MAGIC) - ROUND_MAGIC
-    tl.store(q_row_ptr + offs, v.to(tl.int8), mask=mask)
+    tl.store(q_ptrs, v.to(tl.int8), mask=mask)
 
 
 @autotune(QUANT_CONFIGS, key=["K"])
@@ -58,30 +59,31 @@ def _quantize_rows_kernel(
     # pointers
     x_ptr, q_ptr, scale_ptr, static_ptr,
     # sizes
-    K,
+    M, K,
     # strides
     stride_xm, stride_xk,
     stride_qm,
     # meta-parameters
-    STATIC: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program m quantizes row m; its first block stays in registers from the max to the
-    quantization (one read of x when K <= BLOCK_K, see _rows.py)."""
-    row = tl.program_id(0).to(tl.int64)
-    first, offs, mask = load_row_block(x_ptr, row, 0, K, stride_xm, stride_xk, BLOCK_K)
+    """Program p quantizes rows p * BLOCK_M, ... (BLOCK_M = 1); their first block stays in
+    registers from the max to the quantization (one read of x when K <= BLOCK_K, see
+    _rows.py)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    first, offs, mask = load_row_block(x_ptr, rows, 0, M, K, stride_xm, stride_xk, BLOCK_K)
     if STATIC:
-        scale = tl.load(static_ptr).to(tl.float32)
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(static_ptr).to(tl.float32)
     else:
-        scale = row_absmax(x_ptr, row, first, K, stride_xm, stride_xk, BLOCK_K) / 127.0
+        scale = row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K) / 127.0
         scale = tl.where(scale == 0, 1.0, scale)
-    q_row_ptr = q_ptr + row * stride_qm
-    nans = (first != first).to(tl.int32)
-    _quantize_block(first, offs, mask, scale, q_row_ptr)
+    q_rows_ptr = q_ptr + rows[:, None] * stride_qm
+    nans = tl.max((first != first).to(tl.int32), axis=1)
+    _quantize_block(first, q_rows_ptr + offs[None, :], mask, scale[:, None])
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        x, offs, mask = load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K)
-        nans |= (x != x).to(tl.int32)
-        _quantize_block(x, offs, mask, scale, q_row_ptr)
-    tl.store(scale_ptr + row, tl.where(tl.max(nans, axis=0) > 0, float("nan"), scale))
+        x, offs, mask = load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
+        nans |= tl.max((x != x).to(tl.int32), axis=1)
+        _quantize_block(x, q_rows_ptr + offs[None, :], mask, scale[:, None])
+    tl.store(scale_ptr + rows, tl.where(nans > 0, float("nan"), scale), mask=rows < M)
 
 
 @triton.jit
@@ -168,7 +170,7 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tupl
         return q, scale
     static = static_scale if static_scale is not None else scale
     with on_device_of(x):
-        _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), x.stride(1), q.stride(0),
+        _quantize_rows_kernel[(m,)](x, q, scale, static, m, k, x.stride(0), x.stride(1), q.stride(0),
                                     STATIC=static_scale is not None)
     return q, scale
 
