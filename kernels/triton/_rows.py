@@ -117,7 +117,7 @@ def load_operand_tile(src, pid, k0, R, K, stride_r, stride_k, BLOCK_R: tl.conste
 
 
 # Programs per SM of the GEMMs' persistent grid: tiles of 128 x 128 and more hold one
-# program per SM (FP8: 8 warps at 142 to 255 registers and 129 KB of shared memory and more
+# program per SM (FP8: 8 warps at 136 to 254 registers and 129 KB of shared memory and more
 # in the sm_90 kernel report; int8's 128 x 128 through TMA would fit two: not measured yet),
 # smaller two.
 _BIG_TILE = 128 * 128

@@ -12,9 +12,9 @@ int8_linear: y [M, N] = (q_x @ q_w^T) * scale_x[m] * scale_w[n] + bias, the prod
     int32, exact up to K = INT32_SAFE_K (|q_x| <= 127, |q_w| <= 128); beyond it (CHUNKED, a
     variant compiled only for such K, as the second accumulator costs registers) it sums
     chunks of at most INT32_SAFE_K in int32 and adds them in fp32: any K is safe. Rows of x holding ±Inf are recomputed from x
-    (``_rows.redo_infinite_rows``), so NaN and Inf reach y as through F.linear. Persistent
-    grid and grouped tile order; operand tiles through TMA descriptors where x (or q_x) and
-    q_w allow it, else through pointers (``_rows.tma_loads``).
+    (``_rows.redo_infinite_rows``), so NaN and Inf reach y as through F.linear. Grouped
+    tile order; operand tiles through TMA descriptors, on a persistent grid, where x (or
+    q_x) and q_w allow it, else through pointers, one tile a program (``_rows.tma_loads``).
 """
 from typing import Optional, Tuple
 
@@ -110,6 +110,41 @@ def _dot_k_range(x_src, w_src, acc, pid_m, pid_n, M, N, k_start, k_end, K,
     return acc
 
 
+@triton.jit
+def _linear_tile(tile, x_src, w_src, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K,
+                 stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_bias,
+                 W8A8: tl.constexpr, CHUNKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile number ``tile`` (``_rows.grouped_tile`` order): y = its product, scaled,
+    plus the bias, in y's dtype."""
+    pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if CHUNKED:  # W8A8 with K > INT32_SAFE_K: exact int32 chunks, summed in ACC_DTYPE
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+        CHUNK_K: tl.constexpr = INT32_SAFE_K // BLOCK_K * BLOCK_K
+        for chunk in range(0, K, CHUNK_K):
+            part = _dot_k_range(x_src, w_src, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), pid_m, pid_n,
+                                M, N, chunk, tl.minimum(K, chunk + CHUNK_K), K,
+                                stride_xm, stride_xk, stride_wn, stride_wk,
+                                W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc += part.to(ACC_DTYPE)
+    else:
+        acc = _dot_k_range(x_src, w_src, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if W8A8 else ACC_DTYPE),
+                           pid_m, pid_n, M, N, 0, K, K,
+                           stride_xm, stride_xk, stride_wn, stride_wk,
+                           W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    if W8A8:
+        out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 @autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8", "CHUNKED", "USE_TMA"], bucket=["M"])
 @triton.jit
 def _int8_linear_kernel(
@@ -127,37 +162,22 @@ def _int8_linear_kernel(
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Persistent: program p computes the output tiles p, p + programs, ... in grouped order
-    (``_rows.grouped_tile``), loading x and w through TMA descriptors (USE_TMA) or pointers."""
+    """Through TMA (USE_TMA), persistent: program p computes the output tiles p, p + programs,
+    ... Through pointers, program p computes tile p: a loop over tiles cost the pointer
+    loads up to 255 registers and twice the spills at K = 72 (sm_90)."""
     x_src = operand_source(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, USE_TMA)
     w_src = operand_source(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, USE_TMA)
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if CHUNKED:  # W8A8 with K > INT32_SAFE_K: exact int32 chunks, summed in ACC_DTYPE
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-            CHUNK_K: tl.constexpr = INT32_SAFE_K // BLOCK_K * BLOCK_K
-            for chunk in range(0, K, CHUNK_K):
-                part = _dot_k_range(x_src, w_src, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), pid_m, pid_n,
-                                    M, N, chunk, tl.minimum(K, chunk + CHUNK_K), K,
-                                    stride_xm, stride_xk, stride_wn, stride_wk,
-                                    W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
-                acc += part.to(ACC_DTYPE)
-        else:
-            acc = _dot_k_range(x_src, w_src, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if W8A8 else ACC_DTYPE),
-                               pid_m, pid_n, M, N, 0, K, K,
-                               stride_xm, stride_xk, stride_wn, stride_wk,
-                               W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_m, mask_n = offs_m < M, offs_n < N
-        out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
-        if W8A8:
-            out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                 out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if USE_TMA:
+        for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+            _linear_tile(tile, x_src, w_src, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K,
+                         stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_bias,
+                         W8A8, CHUNKED, HAS_BIAS, ACC_DTYPE, PRECISION, UPCAST, USE_TMA,
+                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _linear_tile(tl.program_id(0), x_src, w_src, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K,
+                     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_bias,
+                     W8A8, CHUNKED, HAS_BIAS, ACC_DTYPE, PRECISION, UPCAST, USE_TMA,
+                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +206,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
         return y
     scales = scales.contiguous()  # read at unit stride
     a, a_scale = quantize_rows(x, None) if quantize_activation else (x, scales)
+    use_tma = tma_loads(a, qweight)
+    tile_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with on_device_of(x):
-        _int8_linear_kernel[persistent_grid(x.device, m, n)](
+        _int8_linear_kernel[persistent_grid(x.device, m, n) if use_tma else tile_grid](
             a, qweight, a_scale, scales, y if bias is None else bias, y,
             m, n, k,
             a.stride(0), a.stride(1),
@@ -195,7 +217,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),
             W8A8=quantize_activation, CHUNKED=quantize_activation and k > INT32_SAFE_K,
-            HAS_BIAS=bias is not None, USE_TMA=tma_loads(a, qweight), **dot_meta(x.dtype),
+            HAS_BIAS=bias is not None, USE_TMA=use_tma, **dot_meta(x.dtype),
         )
     if quantize_activation:
         redo_infinite_rows(x, a_scale, qweight, scales, bias, y, tl.int8)
