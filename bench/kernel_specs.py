@@ -181,7 +181,9 @@ def nm_cases(x: torch.Tensor, rows: int, pattern_n: int, pattern_m: int, bias: b
 
 
 def fp8_quantize_cases(x: torch.Tensor, fp8: torch.dtype, static: bool) -> List[Case]:
-    label = f"quantize_rows {_name(x.dtype)}->{_name(fp8)} M={x.shape[0]} K={x.shape[1]}{' static' if static else ''}"
+    """quantize_rows of x [M, K] (a transposed view, rows as columns in memory: " x^T")."""
+    label = (f"quantize_rows {_name(x.dtype)}->{_name(fp8)} M={x.shape[0]} K={x.shape[1]}"
+             f"{' x^T' if x.stride(0) == 1 and x.stride(1) != 1 else ''}{' static' if static else ''}")
     return [Case("fp8_linear", label, lambda: fp8_linear.quantize_rows(
         x, tensor(1, dtype=torch.float32) if static else None, fp8), (90,))]
 
@@ -327,6 +329,12 @@ def test_cases() -> List[Case]:
         cases += [c for a, b in itertools.product(FP8_DTYPES, repeat=2) if (a, b) != (e4m3, e4m3)
                   for c in fp8_mm_cases(tensor(rows, 128, dtype=a), 40, b, bf16, False)]
     cases += fp8_quantize_cases(tensor(16, 128, dtype=bf16), e5m2, False)
+    # FP8 training's transposed operands (x^T, dy^T, W^T): the column-wise quantizer, at
+    # every dtype, static too, and rows off every block (M = 40, K = 72, misaligned).
+    for dtype in FLOAT_DTYPES:
+        cases += fp8_quantize_cases(tensor(128, 48, dtype=dtype).t(), e5m2, False)
+    cases += fp8_quantize_cases(tensor(128, 48, dtype=bf16).t(), e4m3, True)
+    cases += fp8_quantize_cases(misaligned(72, 40, bf16).t(), e4m3, False)
     # int4 with several groups per row (the cases above have one, K = 128 = group): group 32,
     # below every BLOCK_K in the spaces (each K step's groups broadcast), at every dtype, and 64.
     for rows in (16, 48):

@@ -13,6 +13,7 @@ import sparqle
 from sparqle import FP8Weight
 from sparqle.formats.int4 import sqnr_db
 from sparqle.functional import fp8_training_linear
+from sparqle.kernels.triton import fp8_linear as fp8_kernels
 from sparqle.nn import FP8Linear
 
 from ._oracle import NO_SCHEMA, assert_close, assert_no_mutation_or_alias
@@ -66,7 +67,9 @@ def test_weight_quantization_rules(fp8, granularity, dtype):
 
 @pytest.mark.parametrize("fp8", FP8, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m,k", [(1, 1), (7, 70), (3, 130), (2, 1030)])  # 1030: past a block of 1024
+# 1030: past a block of 1024; x^T (rows as columns in memory, the column-wise kernel) of
+# (130, 9): 130 past its test config's BLOCK_K = 64 (the second read), 9 rows of one tile.
+@pytest.mark.parametrize("m,k", [(1, 1), (7, 70), (3, 130), (2, 1030), (130, 9)])
 def test_quantize_rows_is_exact(device_backend, fp8, dtype, m, k):
     device, backend = device_backend
     x = (torch.randn(m, k, device=device) * 3).to(dtype)
@@ -132,6 +135,63 @@ def test_scaled_mm_tensor_wise_mixed_and_strided(device_backend, out_dtype):
         y = torch.ops.sparqle.fp8_scaled_mm(a, a_scale, b, b_scale, None, out_dtype)
     a64, b64 = a.double().cpu() * 0.5, deq(b, b_scale)
     assert_close(y, a64 @ b64.T, a64.abs() @ b64.abs().T, out_dtype, "y")
+
+
+def launch_flags(monkeypatch, kernel, flag: str) -> list:
+    """The values of constexpr ``flag`` that each launch of the autotuned ``kernel`` passes,
+    appended as the launches happen."""
+    seen, run = [], kernel.run
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs[flag])
+        return run(*args, **kwargs)
+    monkeypatch.setattr(kernel, "run", recording)
+    return seen
+
+
+def _operand(rows: int, k: int, dtype: torch.dtype, layout: str, device) -> torch.Tensor:
+    """A [rows, k] operand: contiguous, or a view 1 element past a 16-byte-aligned address
+    (its row stride, k + 16 elements, a multiple of 16 bytes: only the address is
+    misaligned), or a transpose (stride 1 along rows)."""
+    if layout == "misaligned":
+        return torch.randn(rows, k + 16, device=device).to(dtype)[:, 1:k + 1]
+    if layout == "transposed":
+        return torch.randn(k, rows, device=device).to(dtype).t()
+    return torch.randn(rows, k, device=device).to(dtype)
+
+
+# (K, a's layout, b's layout) -> whether the GEMM can load both operands through TMA: K = 80
+# is 5 x 16 bytes a row in FP8 (and past the test config's BLOCK_K = 32: a partial K tile);
+# K = 76 rows are not a multiple of 16 bytes in FP8 nor in bf16.
+TMA_LAYOUTS = {(80, "contiguous", "contiguous"): True, (76, "contiguous", "contiguous"): False,
+               (80, "misaligned", "contiguous"): False, (80, "contiguous", "misaligned"): False,
+               (80, "transposed", "contiguous"): False}
+
+
+@pytest.mark.parametrize("k,a_layout,b_layout", list(TMA_LAYOUTS), ids=str)
+@pytest.mark.parametrize("a_dtype", [E4M3, torch.bfloat16], ids=str)
+def test_scaled_mm_through_tma_and_through_pointers(monkeypatch, k, a_layout, b_layout, a_dtype):
+    """On every Triton device (the interpreter emulates TMA), the GEMM loads its operands
+    through TMA descriptors when both allow it, else through pointers, chosen per call; each
+    way matches the oracle with M and N off every tile, FP8 x FP8 and weight-only."""
+    devices = [device for device, backend in device_backends() if backend == "triton"]
+    if not devices:
+        pytest.skip("no Triton backend here")
+    a_fp8 = a_dtype == E4M3
+    used = launch_flags(monkeypatch, fp8_kernels._fp8_scaled_mm_kernel if a_fp8 else fp8_kernels._weight_only_mm_kernel,
+                        "USE_TMA")
+    for device in devices:
+        a, b = _operand(37, k, a_dtype, a_layout, device), _operand(21, k, E4M3, b_layout, device)
+        a_scale = torch.rand(37, device=device) + 0.5 if a_fp8 else None
+        b_scale, bias = torch.rand(21, device=device) + 0.5, torch.randn(21, device=device)
+        with sparqle.use_backend("triton"):
+            y = torch.ops.sparqle.fp8_scaled_mm(a, a_scale, b, b_scale, bias, torch.float32)
+        on_hopper = torch.device(device).type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+        tma = TMA_LAYOUTS[k, a_layout, b_layout] and on_hopper
+        assert used.pop() == tma
+        a64 = deq(a, a_scale) if a_fp8 else a.double().cpu()
+        b64, bias64 = deq(b, b_scale), bias.double().cpu()
+        assert_close(y, a64 @ b64.T + bias64, a64.abs() @ b64.abs().T + bias64.abs(), torch.float32, "y")
 
 
 def test_float64_runs_on_the_torch_path():

@@ -10,11 +10,13 @@ from torch import nn
 import sparqle
 from sparqle import Int8Weight
 from sparqle.formats.int4 import sqnr_db
+from sparqle.kernels.triton import int8_linear as int8_kernels
 from sparqle.nn import Int8Linear
 
 from ._oracle import assert_close
 from ._oracle import int8_rows_rule as quantize_rows_rule
 from .conftest import device_backends
+from .test_fp8_linear import TMA_LAYOUTS, _operand, launch_flags
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -71,6 +73,39 @@ def test_linear_matches_oracle(device_backend, m, n, k, dtype, activation):
     else:
         x64 = x.double().cpu()
     assert_close(y, x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), dtype, "y")
+
+
+@pytest.mark.parametrize("k,x_layout,w_layout", list(TMA_LAYOUTS), ids=str)
+@pytest.mark.parametrize("activation", ["dynamic", None])
+def test_linear_through_tma_and_through_pointers(monkeypatch, k, x_layout, w_layout, activation):
+    """On every Triton device (the interpreter emulates TMA), the GEMM loads its operands
+    (x, quantized or not, and the int8 weight) through TMA descriptors when both allow it,
+    else through pointers, chosen per call; each way matches the oracle with M and N off
+    every tile, W8A8 and W8A16 (bf16, whose K = 76 rows are not a multiple of 16 bytes
+    either). W8A8 quantizes x into a fresh contiguous tensor: only the weight's layout and K
+    decide there."""
+    devices = [device for device, backend in device_backends() if backend == "triton"]
+    if not devices:
+        pytest.skip("no Triton backend here")
+    used = launch_flags(monkeypatch, int8_kernels._int8_linear_kernel, "USE_TMA")
+    for device in devices:
+        x = _operand(37, k, torch.bfloat16, x_layout, device)
+        qweight = _operand(21, k, torch.float32, w_layout, device).mul(40).round().clamp(-127, 127).to(torch.int8)
+        if w_layout != "contiguous":  # the same values in the layout asked for
+            qweight = _operand(21, k, torch.int8, w_layout, device).copy_(qweight)
+        scales, bias = torch.rand(21, device=device) + 0.5, torch.randn(21, dtype=torch.bfloat16, device=device)
+        with sparqle.use_backend("triton"):
+            y = torch.ops.sparqle.int8_linear(x, qweight, scales, bias, activation == "dynamic")
+        on_hopper = torch.device(device).type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+        tma = on_hopper and (TMA_LAYOUTS[k, "contiguous" if activation else x_layout, w_layout])
+        assert used.pop() == tma
+        w64 = qweight.double().cpu() * scales.double().cpu()[:, None]
+        b64 = bias.double().cpu()
+        x64 = x.double().cpu()
+        if activation == "dynamic":
+            q, scale = quantize_rows_rule(x)
+            x64 = q.double() * scale.double()[:, None]
+        assert_close(y, x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), torch.bfloat16, "y")
 
 
 def test_sqnr_against_the_float_layer():

@@ -150,15 +150,18 @@ def test_quantizers_flag_nonfinite_rows(quantizer, device, backend, data):
         assert torch.isfinite(q.float()).all()  # an infinity saturates
 
 
-@pytest.mark.parametrize("quantizer", ["int8", "e4m3"])
+@pytest.mark.parametrize("quantizer,transposed", [("int8", False), ("e4m3", False), ("e4m3", True)])
 @BACKENDS
-def test_quantizers_flag_nonfinite_past_the_first_block(quantizer, device, backend):
-    """Rows longer than the quantizer's block (K = 1100 > the interpreter's BLOCK_K = 1024):
+def test_quantizers_flag_nonfinite_past_the_first_block(quantizer, transposed, device, backend):
+    """Rows longer than the quantizer's block (K = 1100 > the interpreter's BLOCK_K = 1024,
+    and 64 for FP8's column-wise kernel, which takes x with its rows as columns in memory):
     the first block is held in registers, the later ones are read twice (for the max, then
     to quantize); a NaN or an infinity in either gives the same scale and row as the rule."""
     x = torch.randn(5, 1100) * 3
     x[0, 1090], x[1, 1050], x[2, 3], x[2, 1080] = float("nan"), -float("inf"), float("inf"), float("nan")
     x[3, 1099] = 1e4  # the row's max past the first block
+    if transposed:
+        x = x.t().contiguous().t()
     for static in (None, torch.tensor([0.05])):
         with sparqle.use_backend(backend):
             if quantizer == "int8":

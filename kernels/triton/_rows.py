@@ -1,12 +1,25 @@
 """Pieces shared by the per-row quantizers (int8, FP8) and their W8A8 GEMMs: the quantizers'
 autotune configs, the loads of a row and its max |x|, the fp32 magic number of
-round-half-to-even, the GEMMs' grouped tile order and the FP8 GEMM's persistent grid, and the
-recomputation of the rows a quantized x cannot carry.
+round-half-to-even, the GEMMs' grouped tile order, persistent grid and choice of TMA loads,
+and the recomputation of the rows a quantized x cannot carry.
+
+TMA (``tma_loads``): on sm_90 and later the GEMMs load their operand tiles through tensor
+descriptors made in the kernel (``tl.make_tensor_descriptor``): the tensor memory
+accelerator copies each tile global -> shared, zero-filling past the edges, with no address
+arithmetic or masks in the threads. A descriptor needs a 16-byte-aligned address, unit
+stride along K and a row stride of a multiple of 16 bytes; an operand that breaks one of
+these (a column slice, a transpose, K not a multiple of 16 / element size) makes the GEMM
+load through pointers, chosen once per call. Descriptors made in the kernel live in a
+global scratch buffer per program, which Triton asks ``triton.set_allocator``'s allocator
+for at launch.
 
 One read of a row: a quantizer loads the row's first block x[row, :BLOCK_K] once and keeps it
 in registers for both the max and the quantization, so a row with K <= BLOCK_K (the common
 case: the space reaches BLOCK_K = 8192) is read from memory once; only the blocks after the
-first are read twice (once for the max, once to quantize).
+first are read twice (once for the max, once to quantize). A program quantizes BLOCK_M rows:
+one when x's rows are contiguous, a tile of rows when they are columns in memory (x a
+transposed view, as FP8 training quantizes x^T, dy^T and W^T), so that each load reads
+BLOCK_M neighbouring elements instead of one element per row.
 
 NaN and Inf (the same on the torch path): a row of x holding a NaN gets scale NaN, and a
 row holding ±Inf (and no NaN) scale +Inf; x / scale is then NaN or 0 everywhere, and NaN
@@ -21,18 +34,21 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from ._autotune import Configs, autotune
-from ._config import on_device_of
+from ._config import interpreting, on_device_of
 
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + magic - magic rounds |v| < 2**22 half to even
 
-# BLOCK_K >= K: the row is held in registers and read once (16 fp32 values a thread at 4096
-# over 8 warps and at 8192 over 16). BLOCK_K = 16384 spilled on sm_90 over 16 warps and
-# over 32 (64 registers a thread), so rows longer than 8192 take the two-pass loop.
+# One row a program (BLOCK_M = 1). BLOCK_K >= K: the row is held in registers and read once
+# (16 fp32 values a thread at 4096 over 8 warps and at 8192 over 16). BLOCK_K = 16384
+# spilled on sm_90 over 16 warps and over 32 (64 registers a thread), so rows longer than
+# 8192 take the two-pass loop.
 QUANT_CONFIGS = Configs(
-    [triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8), (8192, 16)]],
-    triton.Config({"BLOCK_K": 1024}),  # the interpreter's cost is per step, not per element
+    [triton.Config({"BLOCK_M": 1, "BLOCK_K": bk}, num_warps=w) for bk, w in [(1024, 4), (2048, 8), (4096, 8),
+                                                                            (8192, 16)]],
+    triton.Config({"BLOCK_M": 1, "BLOCK_K": 1024}),  # the interpreter's cost is per step, not per element
 )
 _REDO_CONFIGS = Configs(
     [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4) for bn, bk in [(64, 64), (128, 32)]],
@@ -41,26 +57,27 @@ _REDO_CONFIGS = Configs(
 
 
 @triton.jit
-def load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """(x[row, k0:k0 + BLOCK_K] in fp32 with 0 past K, its offsets (int64), their mask < K);
-    ``row`` int64."""
+def load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """(x[rows, k0:k0 + BLOCK_K] [BLOCK_M, BLOCK_K] in fp32 with 0 past M and K, its column
+    offsets (int64), its mask); ``rows`` int64 [BLOCK_M]."""
     offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-    mask = offs < K
-    return tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=mask, other=0).to(tl.float32), offs, mask
+    mask = (rows < M)[:, None] & (offs < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask, other=0)
+    return x.to(tl.float32), offs, mask
 
 
 @triton.jit
-def row_absmax(x_ptr, row, first, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """max |x[row, k]| over k < K, in fp32 (0 for K = 0; NaN when the row holds a NaN), given
-    ``first``, the row's first block (``load_row_block`` at k0 = 0), held by the caller: only
-    the blocks after it are read, none when K <= BLOCK_K."""
+def row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """[BLOCK_M]: max |x[row, k]| over k < K, in fp32 (0 for K = 0; NaN when the row holds a
+    NaN), given ``first``, the rows' first block (``load_row_block`` at k0 = 0), held by the
+    caller: only the blocks after it are read, none when K <= BLOCK_K."""
     amax = tl.abs(first)
     nans = (first != first).to(tl.int32)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        x, _, _ = load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K)
+        x, _, _ = load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
         amax = tl.maximum(amax, tl.abs(x))
         nans |= (x != x).to(tl.int32)
-    return tl.where(tl.max(nans, axis=0) > 0, float("nan"), tl.max(amax, axis=0))
+    return tl.where(tl.max(nans, axis=1) > 0, float("nan"), tl.max(amax, axis=1))
 
 
 @triton.jit
@@ -75,8 +92,34 @@ def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return first_m + (tile % (GROUP_M * grid_n)) % rows, (tile % (GROUP_M * grid_n)) // rows
 
 
-# Programs per SM of the FP8 GEMM's persistent grid: tiles of 128 x 128 and more hold one
-# program per SM (8 warps at 169 to 255 registers in the sm_90 kernel report), smaller two.
+@triton.jit
+def operand_source(ptr, R, K, stride_r, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """What ``load_operand_tile`` reads a GEMM operand [R, K] (unit stride along K under
+    USE_TMA) from: a TMA descriptor of [BLOCK_R, BLOCK_K] tiles when USE_TMA, else ``ptr``."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(ptr, [R, K], [stride_r, 1], [BLOCK_R, BLOCK_K])
+    else:
+        return ptr
+
+
+@triton.jit
+def load_operand_tile(src, pid, k0, R, K, stride_r, stride_k, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                      USE_TMA: tl.constexpr):
+    """Tile [pid * BLOCK_R:, k0:] [BLOCK_R, BLOCK_K] of the operand [R, K] behind ``src``
+    (``operand_source``), zero past R and K: one TMA copy, or masked loads through strides."""
+    if USE_TMA:
+        return src.load([pid * BLOCK_R, k0])
+    else:
+        offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        return tl.load(src + offs_r[:, None] * stride_r + offs_k[None, :] * stride_k,
+                       mask=(offs_r < R)[:, None] & (offs_k < K)[None, :], other=0.0)  # 0.0: int 0 has no FP8 cast
+
+
+# Programs per SM of the GEMMs' persistent grid: tiles of 128 x 128 and more hold one
+# program per SM (FP8: 8 warps at 136 to 254 registers and 129 KB of shared memory and more
+# in the sm_90 kernel report; int8's 128 x 128 through TMA would fit two: not measured yet),
+# smaller two.
 _BIG_TILE = 128 * 128
 # Stand-in for the SM count off a GPU (the interpreter): small, so that the tests' programs
 # loop over several tiles.
@@ -99,6 +142,44 @@ def persistent_grid(device: torch.device, m: int, n: int):
         per_sm = 1 if meta["BLOCK_M"] * meta["BLOCK_N"] >= _BIG_TILE else 2
         return (min(tiles, sms * per_sm),)
     return grid
+
+
+# Bytes a TMA descriptor needs its address and row stride to be a multiple of.
+_TMA_ALIGNMENT = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    """Triton's global scratch of a launch (the kernel's TMA descriptors), on the current
+    device and stream (torch's caching allocator: 512-byte aligned, freed after the launch
+    in stream order)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def tma_loads(*operands: torch.Tensor) -> bool:
+    """Whether a GEMM can load each of ``operands`` (2-D, [rows, K]) through TMA
+    descriptors: a device with TMA (sm_90 and later; the interpreter, which emulates them;
+    a meta tensor, which stands for an sm_90 call in the kernel report), and each operand
+    at a 16-byte-aligned address with unit stride along K and a row stride of a multiple
+    of 16 bytes. When it can on a GPU, the caller's thread gets ``_scratch`` as Triton's
+    allocator unless one is set (Triton keeps it per thread, in a context variable)."""
+    device = operands[0].device
+    if device.type == "cuda":
+        if not _has_tma(device):
+            return False
+    elif device.type != "meta" and not interpreting():
+        return False
+    for t in operands:
+        if (t.data_ptr() % _TMA_ALIGNMENT or t.stride(1) != 1
+                or t.stride(0) * t.element_size() % _TMA_ALIGNMENT):
+            return False
+    if device.type == "cuda" and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+    return True
 
 
 @autotune(_REDO_CONFIGS, key=["N", "K"])

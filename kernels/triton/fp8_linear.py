@@ -13,9 +13,11 @@ scaled_mm: y [M, N] = (a @ b^T) * a_scale[m] * b_scale[n] + bias, out in fp16/bf
     a [M, K] FP8 (FP8 x FP8 on tensor cores, fp32 accumulation) or float (weight-only: the
     FP8 tile of b [N, K] is converted to a's dtype in registers; a_scale is unused); b FP8.
     A scale of one element is tensor-wise (read with stride 0). Epilogue (both scales,
-    bias, cast) fused. K need not be a multiple of 16: tiles are masked with zeros. FP8 is
-    loaded through FP8 pointers on a GPU, and as uint8 then bitcast under the interpreter
-    only (its masked FP8 loads fail). Persistent grid, grouped tile order (_rows.py).
+    bias, cast) fused. K need not be a multiple of 16: tiles are zero past the edges.
+    Operand tiles come through TMA descriptors where both operands allow it (sm_90 and
+    later, 16-byte-aligned rows: ``_rows.tma_loads``), else through pointers with masks.
+    FP8 is loaded as FP8 on a GPU, and as uint8 then bitcast under the interpreter only
+    (its masked FP8 loads fail). Persistent grid, grouped tile order (_rows.py).
 """
 from typing import Optional, Tuple
 
@@ -27,7 +29,7 @@ from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, interpreting, on_device_of
 from ._rows import (QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, persistent_grid, redo_infinite_rows,
-                    row_absmax)
+                    load_operand_tile, operand_source, row_absmax, tma_loads)
 
 # torch FP8 dtype name -> (Triton dtype, mantissa bits, smallest normal exponent)
 _FORMATS = {"float8_e4m3fn": (tl.float8e4nv, 3, -6), "float8_e5m2": (tl.float8e5, 2, -14)}
@@ -38,7 +40,8 @@ _GEMM_CONFIGS = Configs(
      for bm, bn, bk, w, s in [(16, 16, 512, 2, 4), (16, 32, 512, 4, 3),  # small M: more CTAs, more bytes in flight
                               (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 128, 4, 4),
                               (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4),
-                              (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 2)]],
+                              (128, 128, 128, 8, 4), (128, 256, 128, 8, 3)]],
+    # No 256 x 128 tile: it spilled (255 registers) at N = 40 on sm_90, through TMA and pointers.
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}),
 )
 # Weight-only: a is float (up to 4 bytes an element, and b is converted to a's dtype for the
@@ -49,6 +52,18 @@ _WEIGHT_ONLY_CONFIGS = Configs(
      for bm, bn, bk, w, s in [(16, 16, 512, 2, 3), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3),
                               (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3)]],
     _GEMM_CONFIGS.test,
+)
+
+
+# Quantizing a transposed view (x^T, dy^T, W^T in FP8 training): tiles of BLOCK_M rows of x,
+# which are columns in memory, so that a load reads BLOCK_M contiguous elements; a row
+# longer than BLOCK_K is read twice (the max, then the quantization). 16 elements a thread
+# (the first tile, the max and the NaN flags are held through the loop): 32 took 163 to 175
+# registers on sm_90, 64 took 198 to 255.
+_COLUMN_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w)
+     for bm, bk, w in [(16, 128, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8), (64, 128, 16)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}),
 )
 
 
@@ -71,10 +86,10 @@ def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
 
 
 @triton.jit
-def _quantize_block(x, offs, mask, scale, q_row_ptr, Q_DTYPE: tl.constexpr, MBITS: tl.constexpr,
+def _quantize_block(x, q_ptrs, mask, scale, Q_DTYPE: tl.constexpr, MBITS: tl.constexpr,
                     EMIN: tl.constexpr, FP8_MAX: tl.constexpr):
-    """q_row[offs] = fp8(clamp(x / scale, -FP8_MAX, FP8_MAX)) as its bits (uint8) where
-    ``mask``, NaN to 0."""
+    """*q_ptrs = fp8(clamp(x / scale, -FP8_MAX, FP8_MAX)) as its bits (uint8) where ``mask``,
+    NaN to 0; ``scale`` broadcast against x."""
     v = tl.div_rn(x, tl.zeros_like(x) + scale)
     v = tl.where(v != v, 0.0, v)
     v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
@@ -82,7 +97,7 @@ def _quantize_block(x, offs, mask, scale, q_row_ptr, Q_DTYPE: tl.constexpr, MBIT
     # The sign bit set from v's: the interpreter's cast drops the sign of -0 (a negative
     # value over an infinite scale, or below the smallest subnormal), torch's keeps it.
     sign = tl.where(v.to(tl.int32, bitcast=True) < 0, 0x80, 0).to(tl.uint8)
-    tl.store(q_row_ptr + offs, q.to(tl.uint8, bitcast=True) | sign, mask=mask)
+    tl.store(q_ptrs, q.to(tl.uint8, bitcast=True) | sign, mask=mask)
 
 
 @autotune(QUANT_CONFIGS, key=["K"])
@@ -91,35 +106,40 @@ def _quantize_rows_kernel(
     # pointers
     x_ptr, q_ptr, scale_ptr, static_ptr,
     # sizes
-    K,
+    M, K,
     # strides
     stride_xm, stride_xk,
     stride_qm,
     # meta-parameters
     STATIC: tl.constexpr, Q_DTYPE: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-    FP8_MAX: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program m quantizes row m; its first block stays in registers from the max to the
-    quantization (one read of x when K <= BLOCK_K, see _rows.py)."""
-    row = tl.program_id(0).to(tl.int64)
-    first, offs, mask = load_row_block(x_ptr, row, 0, K, stride_xm, stride_xk, BLOCK_K)
+    """Program p quantizes rows p * BLOCK_M, ... ; their first block stays in registers from
+    the max to the quantization (one read of x when K <= BLOCK_K, see _rows.py)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    first, offs, mask = load_row_block(x_ptr, rows, 0, M, K, stride_xm, stride_xk, BLOCK_K)
     if STATIC:
-        scale = tl.load(static_ptr).to(tl.float32)
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(static_ptr).to(tl.float32)
     else:
-        top = row_absmax(x_ptr, row, first, K, stride_xm, stride_xk, BLOCK_K)
+        top = row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K)
         scale = tl.div_rn(top, tl.zeros_like(top) + FP8_MAX)
         scale = tl.where(scale == 0, 1.0, scale)
-    q_row_ptr = q_ptr + row * stride_qm
-    nans = (first != first).to(tl.int32)
-    _quantize_block(first, offs, mask, scale, q_row_ptr, Q_DTYPE, MBITS, EMIN, FP8_MAX)
+    q_rows_ptr = q_ptr + rows[:, None] * stride_qm
+    nans = tl.max((first != first).to(tl.int32), axis=1)
+    _quantize_block(first, q_rows_ptr + offs[None, :], mask, scale[:, None], Q_DTYPE, MBITS, EMIN, FP8_MAX)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        x, offs, mask = load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K)
-        nans |= (x != x).to(tl.int32)
-        _quantize_block(x, offs, mask, scale, q_row_ptr, Q_DTYPE, MBITS, EMIN, FP8_MAX)
-    tl.store(scale_ptr + row, tl.where(tl.max(nans, axis=0) > 0, float("nan"), scale))
+        x, offs, mask = load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
+        nans |= tl.max((x != x).to(tl.int32), axis=1)
+        _quantize_block(x, q_rows_ptr + offs[None, :], mask, scale[:, None], Q_DTYPE, MBITS, EMIN, FP8_MAX)
+    tl.store(scale_ptr + rows, tl.where(nans > 0, float("nan"), scale), mask=rows < M)
 
 
-@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "A_FP8"], bucket=["M"])
+# The same kernel over tiles of BLOCK_M rows, for x whose rows are columns in memory
+# (stride_xm == 1): each load reads BLOCK_M neighbours along a column of memory.
+_quantize_columns_kernel = autotune(_COLUMN_CONFIGS, key=["M", "K"], bucket=["M"])(_quantize_rows_kernel.fn)
+
+
+@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "A_FP8", "USE_TMA"], bucket=["M"])
 @triton.jit
 def _fp8_scaled_mm_kernel(
     # pointers
@@ -133,26 +153,22 @@ def _fp8_scaled_mm_kernel(
     stride_as, stride_bs, stride_bias,
     # meta-parameters
     A_FP8: tl.constexpr, A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Persistent: program p computes the output tiles p, p + programs, ... in grouped order
     (``_rows.grouped_tile``). a and b are FP8 (or a float, weight-only) on a GPU and uint8
     under the interpreter, bitcast to A_DTYPE and B_DTYPE (a no-op on FP8 pointers)."""
+    a_src = operand_source(a_ptr, M, K, stride_am, BLOCK_M, BLOCK_K, USE_TMA)
+    b_src = operand_source(b_ptr, N, K, stride_bn, BLOCK_N, BLOCK_K, USE_TMA)
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_m, mask_n = offs_m < M, offs_n < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            mask_k = offs_k < K
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # 0.0: int 0 has no FP8 cast
-            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(B_DTYPE, bitcast=True)
+            a = load_operand_tile(a_src, pid_m, k0, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_TMA)
+            b = load_operand_tile(b_src, pid_n, k0, N, K, stride_bn, stride_bk, BLOCK_N, BLOCK_K, USE_TMA)
+            b = b.to(B_DTYPE, bitcast=True)
             if A_FP8:
                 a = a.to(A_DTYPE, bitcast=True)
                 acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
@@ -163,6 +179,9 @@ def _fp8_scaled_mm_kernel(
                 else:
                     b = b.to(a.dtype)
                 acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_m, mask_n = offs_m < M, offs_n < N
         out = acc * tl.load(b_scale_ptr + offs_n * stride_bs, mask=mask_n, other=0)[None, :]
         if A_FP8:
             out = out * tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0)[:, None]
@@ -173,7 +192,7 @@ def _fp8_scaled_mm_kernel(
 
 
 # The same kernel with float a (A_FP8 False), tuned over the configs that fit its tiles.
-_weight_only_mm_kernel = autotune(_WEIGHT_ONLY_CONFIGS, key=["M", "N", "K", "A_FP8"], bucket=["M"])(
+_weight_only_mm_kernel = autotune(_WEIGHT_ONLY_CONFIGS, key=["M", "N", "K", "A_FP8", "USE_TMA"], bucket=["M"])(
     _fp8_scaled_mm_kernel.fn)
 
 
@@ -191,16 +210,19 @@ def _scale_stride(scale: torch.Tensor) -> int:
 
 def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor],
                   dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(q [M, K] in FP8 ``dtype``, scale fp32 [M]) for float x [M, K] (any strides);
+    """(q [M, K] in FP8 ``dtype``, scale fp32 [M]) for float x [M, K] (any strides: a
+    transposed view, whose rows are columns in memory, is read a tile of rows at a time);
     ``static_scale`` (a 1-element tensor) replaces the per-row scales when given."""
     m, k = x.shape
     q = _alloc.empty((m, k), torch.uint8, x.device)
     scale = _alloc.empty((m,), torch.float32, x.device)
     if m > 0:
         static = static_scale if static_scale is not None else scale
+        kernel = _quantize_columns_kernel if x.stride(0) == 1 and x.stride(1) != 1 else _quantize_rows_kernel
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
         with on_device_of(x):
-            _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), x.stride(1), q.stride(0),
-                                        STATIC=static_scale is not None, **fp8_format(dtype))
+            kernel[grid](x, q, scale, static, m, k, x.stride(0), x.stride(1), q.stride(0),
+                         STATIC=static_scale is not None, **fp8_format(dtype))
     return q.view(dtype), scale
 
 
@@ -216,9 +238,10 @@ def scaled_mm(a: torch.Tensor, a_scale: Optional[torch.Tensor], b: torch.Tensor,
     a_fp8 = a_scale is not None
     if not a_fp8:  # weight-only: the kernel never reads a_scale
         a_scale = b_scale
+    a_op, b_op = _fp8_operand(a) if a_fp8 else a, _fp8_operand(b)
     with on_device_of(a):
         (_fp8_scaled_mm_kernel if a_fp8 else _weight_only_mm_kernel)[persistent_grid(a.device, m, n)](
-            _fp8_operand(a) if a_fp8 else a, _fp8_operand(b), a_scale, b_scale,
+            a_op, b_op, a_scale, b_scale,
             y if bias is None else bias, y,
             m, n, k,
             a.stride(0), a.stride(1),
@@ -226,7 +249,7 @@ def scaled_mm(a: torch.Tensor, a_scale: Optional[torch.Tensor], b: torch.Tensor,
             y.stride(0), y.stride(1),
             _scale_stride(a_scale), _scale_stride(b_scale), 0 if bias is None else bias.stride(0),
             A_FP8=a_fp8, A_DTYPE=fp8_format(a.dtype)["Q_DTYPE"] if a_fp8 else tl.float32,
-            B_DTYPE=fp8_format(b.dtype)["Q_DTYPE"], HAS_BIAS=bias is not None,
+            B_DTYPE=fp8_format(b.dtype)["Q_DTYPE"], HAS_BIAS=bias is not None, USE_TMA=tma_loads(a_op, b_op),
             **dot_meta(out_dtype if a_fp8 else a.dtype),
         )
     return y

@@ -12,7 +12,9 @@ int8_linear: y [M, N] = (q_x @ q_w^T) * scale_x[m] * scale_w[n] + bias, the prod
     int32, exact up to K = INT32_SAFE_K (|q_x| <= 127, |q_w| <= 128); beyond it (CHUNKED, a
     variant compiled only for such K, as the second accumulator costs registers) it sums
     chunks of at most INT32_SAFE_K in int32 and adds them in fp32: any K is safe. Rows of x holding ±Inf are recomputed from x
-    (``_rows.redo_infinite_rows``), so NaN and Inf reach y as through F.linear.
+    (``_rows.redo_infinite_rows``), so NaN and Inf reach y as through F.linear. Grouped
+    tile order; operand tiles through TMA descriptors, on a persistent grid, where x (or
+    q_x) and q_w allow it, else through pointers, one tile a program (``_rows.tma_loads``).
 """
 from typing import Optional, Tuple
 
@@ -23,7 +25,8 @@ import triton.language as tl
 from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
-from ._rows import QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, redo_infinite_rows, row_absmax
+from ._rows import (QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, persistent_grid, redo_infinite_rows,
+                    load_operand_tile, operand_source, row_absmax, tma_loads)
 
 # The longest K whose int8 x int8 dot cannot overflow int32: 2**31 / (127 * 128) > 2**17.
 INT32_SAFE_K = tl.constexpr(1 << 17)
@@ -40,13 +43,14 @@ _GEMM_CONFIGS = Configs(
 
 
 @triton.jit
-def _quantize_block(x, offs, mask, scale, q_row_ptr):
-    """q_row[offs] = clamp(round(x / scale), -127, 127) as int8 where ``mask``, NaN to 0."""
+def _quantize_block(x, q_ptrs, mask, scale):
+    """*q_ptrs = clamp(round(x / scale), -127, 127) as int8 where ``mask``, NaN to 0;
+    ``scale`` broadcast against x."""
     v = tl.div_rn(x, tl.zeros_like(x) + scale)
     v = tl.where(v != v, 0.0, v)
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)
     v = (v + ROUND_MAGIC) - ROUND_MAGIC
-    tl.store(q_row_ptr + offs, v.to(tl.int8), mask=mask)
+    tl.store(q_ptrs, v.to(tl.int8), mask=mask)
 
 
 @autotune(QUANT_CONFIGS, key=["K"])
@@ -55,46 +59,45 @@ def _quantize_rows_kernel(
     # pointers
     x_ptr, q_ptr, scale_ptr, static_ptr,
     # sizes
-    K,
+    M, K,
     # strides
     stride_xm, stride_xk,
     stride_qm,
     # meta-parameters
-    STATIC: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program m quantizes row m; its first block stays in registers from the max to the
-    quantization (one read of x when K <= BLOCK_K, see _rows.py)."""
-    row = tl.program_id(0).to(tl.int64)
-    first, offs, mask = load_row_block(x_ptr, row, 0, K, stride_xm, stride_xk, BLOCK_K)
+    """Program p quantizes rows p * BLOCK_M, ... (BLOCK_M = 1); their first block stays in
+    registers from the max to the quantization (one read of x when K <= BLOCK_K, see
+    _rows.py)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    first, offs, mask = load_row_block(x_ptr, rows, 0, M, K, stride_xm, stride_xk, BLOCK_K)
     if STATIC:
-        scale = tl.load(static_ptr).to(tl.float32)
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(static_ptr).to(tl.float32)
     else:
-        scale = row_absmax(x_ptr, row, first, K, stride_xm, stride_xk, BLOCK_K) / 127.0
+        scale = row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K) / 127.0
         scale = tl.where(scale == 0, 1.0, scale)
-    q_row_ptr = q_ptr + row * stride_qm
-    nans = (first != first).to(tl.int32)
-    _quantize_block(first, offs, mask, scale, q_row_ptr)
+    q_rows_ptr = q_ptr + rows[:, None] * stride_qm
+    nans = tl.max((first != first).to(tl.int32), axis=1)
+    _quantize_block(first, q_rows_ptr + offs[None, :], mask, scale[:, None])
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        x, offs, mask = load_row_block(x_ptr, row, k0, K, stride_xm, stride_xk, BLOCK_K)
-        nans |= (x != x).to(tl.int32)
-        _quantize_block(x, offs, mask, scale, q_row_ptr)
-    tl.store(scale_ptr + row, tl.where(tl.max(nans, axis=0) > 0, float("nan"), scale))
+        x, offs, mask = load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
+        nans |= tl.max((x != x).to(tl.int32), axis=1)
+        _quantize_block(x, q_rows_ptr + offs[None, :], mask, scale[:, None])
+    tl.store(scale_ptr + rows, tl.where(nans > 0, float("nan"), scale), mask=rows < M)
 
 
 @triton.jit
-def _dot_k_range(x_ptr, w_ptr, acc, offs_m, offs_n, mask_m, mask_n, k_start, k_end, K,
+def _dot_k_range(x_src, w_src, acc, pid_m, pid_n, M, N, k_start, k_end, K,
                  stride_xm, stride_xk, stride_wn, stride_wk,
                  W8A8: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                 UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + x[offs_m, k_start:k_end] @ w[offs_n, k_start:k_end]^T: int8 x int8 into an int32
-    acc (W8A8), or x's float type times the int8 weight cast to it."""
+                 UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + x[tile pid_m, k_start:k_end] @ w[tile pid_n, k_start:k_end]^T: int8 x int8 into
+    an int32 acc (W8A8), or x's float type times the int8 weight cast to it; x_src and w_src
+    from ``_rows.operand_source``."""
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0)
+        x = load_operand_tile(x_src, pid_m, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, USE_TMA)
+        w = load_operand_tile(w_src, pid_n, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, USE_TMA)
         if W8A8:
             acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         else:
@@ -107,7 +110,42 @@ def _dot_k_range(x_ptr, w_ptr, acc, offs_m, offs_n, mask_m, mask_n, k_start, k_e
     return acc
 
 
-@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8", "CHUNKED"], bucket=["M"])
+@triton.jit
+def _linear_tile(tile, x_src, w_src, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K,
+                 stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_bias,
+                 W8A8: tl.constexpr, CHUNKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile number ``tile`` (``_rows.grouped_tile`` order): y = its product, scaled,
+    plus the bias, in y's dtype."""
+    pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if CHUNKED:  # W8A8 with K > INT32_SAFE_K: exact int32 chunks, summed in ACC_DTYPE
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+        CHUNK_K: tl.constexpr = INT32_SAFE_K // BLOCK_K * BLOCK_K
+        for chunk in range(0, K, CHUNK_K):
+            part = _dot_k_range(x_src, w_src, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), pid_m, pid_n,
+                                M, N, chunk, tl.minimum(K, chunk + CHUNK_K), K,
+                                stride_xm, stride_xk, stride_wn, stride_wk,
+                                W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc += part.to(ACC_DTYPE)
+    else:
+        acc = _dot_k_range(x_src, w_src, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if W8A8 else ACC_DTYPE),
+                           pid_m, pid_n, M, N, 0, K, K,
+                           stride_xm, stride_xk, stride_wn, stride_wk,
+                           W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    if W8A8:
+        out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8", "CHUNKED", "USE_TMA"], bucket=["M"])
 @triton.jit
 def _int8_linear_kernel(
     # pointers
@@ -121,37 +159,25 @@ def _int8_linear_kernel(
     stride_bias,
     # meta-parameters
     W8A8: tl.constexpr, CHUNKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Program p computes output tile p in grouped order (``_rows.grouped_tile``). Not
-    persistent: a loop over tiles takes the 128 x 128 W8A8 tile from 128 registers to 255
-    with spills at N = 40 in the sm_90 compile (the FP8 GEMM's loop does not)."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    if CHUNKED:  # W8A8 with K > INT32_SAFE_K: exact int32 chunks, summed in ACC_DTYPE
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-        CHUNK_K: tl.constexpr = INT32_SAFE_K // BLOCK_K * BLOCK_K
-        for chunk in range(0, K, CHUNK_K):
-            part = _dot_k_range(x_ptr, w_ptr, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), offs_m, offs_n,
-                                mask_m, mask_n, chunk, tl.minimum(K, chunk + CHUNK_K), K,
-                                stride_xm, stride_xk, stride_wn, stride_wk,
-                                W8A8, ACC_DTYPE, PRECISION, UPCAST, BLOCK_K)
-            acc += part.to(ACC_DTYPE)
+    """Through TMA (USE_TMA), persistent: program p computes the output tiles p, p + programs,
+    ... Through pointers, program p computes tile p: a loop over tiles cost the pointer
+    loads up to 255 registers and twice the spills at K = 72 (sm_90)."""
+    x_src = operand_source(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, USE_TMA)
+    w_src = operand_source(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, USE_TMA)
+    if USE_TMA:
+        for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+            _linear_tile(tile, x_src, w_src, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K,
+                         stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_bias,
+                         W8A8, CHUNKED, HAS_BIAS, ACC_DTYPE, PRECISION, UPCAST, USE_TMA,
+                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
-        acc = _dot_k_range(x_ptr, w_ptr, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if W8A8 else ACC_DTYPE),
-                           offs_m, offs_n, mask_m, mask_n, 0, K, K,
-                           stride_xm, stride_xk, stride_wn, stride_wk,
-                           W8A8, ACC_DTYPE, PRECISION, UPCAST, BLOCK_K)
-    out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
-    if W8A8:
-        out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        _linear_tile(tl.program_id(0), x_src, w_src, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, M, N, K,
+                     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_bias,
+                     W8A8, CHUNKED, HAS_BIAS, ACC_DTYPE, PRECISION, UPCAST, USE_TMA,
+                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +190,7 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tupl
         return q, scale
     static = static_scale if static_scale is not None else scale
     with on_device_of(x):
-        _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), x.stride(1), q.stride(0),
+        _quantize_rows_kernel[(m,)](x, q, scale, static, m, k, x.stride(0), x.stride(1), q.stride(0),
                                     STATIC=static_scale is not None)
     return q, scale
 
@@ -180,9 +206,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
         return y
     scales = scales.contiguous()  # read at unit stride
     a, a_scale = quantize_rows(x, None) if quantize_activation else (x, scales)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    use_tma = tma_loads(a, qweight)
+    tile_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with on_device_of(x):
-        _int8_linear_kernel[grid](
+        _int8_linear_kernel[persistent_grid(x.device, m, n) if use_tma else tile_grid](
             a, qweight, a_scale, scales, y if bias is None else bias, y,
             m, n, k,
             a.stride(0), a.stride(1),
@@ -190,7 +217,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),
             W8A8=quantize_activation, CHUNKED=quantize_activation and k > INT32_SAFE_K,
-            HAS_BIAS=bias is not None, **dot_meta(x.dtype),
+            HAS_BIAS=bias is not None, USE_TMA=use_tma, **dot_meta(x.dtype),
         )
     if quantize_activation:
         redo_infinite_rows(x, a_scale, qweight, scales, bias, y, tl.int8)
