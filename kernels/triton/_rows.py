@@ -131,16 +131,21 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def persistent_programs(device: torch.device, per_sm: int) -> int:
+    """How many programs a persistent grid on ``device`` launches at ``per_sm`` programs
+    per SM (``_PROGRAMS_WITHOUT_SMS`` off a GPU)."""
+    return _sm_count(device) * per_sm if device.type == "cuda" else _PROGRAMS_WITHOUT_SMS
+
+
 def persistent_grid(device: torch.device, m: int, n: int):
     """The grid of a persistent GEMM over the [m, n] output (``grouped_tile`` order): one
     program per output tile up to the programs the device keeps resident (1 or 2 per SM by
     tile size; ``_PROGRAMS_WITHOUT_SMS`` off a GPU), each looping over the tiles
     pid, pid + programs, ..."""
-    sms = _sm_count(device) if device.type == "cuda" else _PROGRAMS_WITHOUT_SMS
     def grid(meta):
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         per_sm = 1 if meta["BLOCK_M"] * meta["BLOCK_N"] >= _BIG_TILE else 2
-        return (min(tiles, sms * per_sm),)
+        return (min(tiles, persistent_programs(device, per_sm)),)
     return grid
 
 

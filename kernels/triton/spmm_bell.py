@@ -42,7 +42,7 @@ from .. import _alloc
 from .._derived import derived
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
-from ._rows import _PROGRAMS_WITHOUT_SMS, _sm_count
+from ._rows import persistent_programs
 
 _MM_CONFIGS = Configs(
     [triton.Config({"BLOCK_X_ROWS": bx}, num_warps=w, num_stages=s)
@@ -161,7 +161,7 @@ def _launch_mm(cols, slots, values, x, bias, out_features, transposed):
         return y
     order, row_slots = derived("bell_row_schedule", lambda: row_schedule(cols), cols)
     next_tile = torch.zeros(1, dtype=torch.int32, device=x.device)
-    programs = _sm_count(x.device) * _PROGRAMS_PER_SM if x.is_cuda else _PROGRAMS_WITHOUT_SMS
+    programs = persistent_programs(x.device, _PROGRAMS_PER_SM)
     grid = lambda meta: (min(rows * triton.cdiv(n, meta["BLOCK_X_ROWS"]), programs),)  # noqa: E731
     with on_device_of(x):
         _bell_mm_kernel[grid](
