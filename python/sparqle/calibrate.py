@@ -21,7 +21,19 @@ adding to the later columns of the row the compensation
 is the optimal brain surgeon update restricted to the columns not yet fixed (SparseGPT,
 GPTQ); the columns are processed in chunks so that all but a [rows, chunk] slice is
 updated in one matrix product per chunk, and all rows are updated together. The cost
-of fixing w_j is (w_j - q_j)^2 / U[j, j]^2, which pruning uses as its score.
+of fixing w_j is (w_j - q_j)^2 / U[j, j]^2, which pruning uses as its score. Once the
+sweep has chosen a pruning mask, ``masked_refit`` solves each row's least squares over its
+kept weights exactly.
+
+Sequential. ``convert(..., sequential=True)`` builds the layers in the order ``run`` calls
+them, one stage at a time (the layers that take one input tensor), each for the inputs X~
+that the layers converted before it give, while X are the float model's inputs for the
+same rows: the objective |X~ W'^T - X W^T|^2 equals (W' - W*) H~ (W' - W*)^T plus a
+constant, for H~ = X~^T X~ and the target W* that solves H~ W*^T = C W^T, C = X~^T X; so
+the layer is converted as above with H~ and W* (``target_weight``, which pulls W* toward W
+by TARGET_DAMP). Each layer thereby corrects the error the layers before it left, where a
+single run fits each to the float model's inputs only. Pairing rows needs both runs'
+inputs of a stage: the float run's are kept until the converted run has consumed them.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -484,10 +496,9 @@ def masked_refit(w: torch.Tensor, xtx: torch.Tensor, mask: torch.Tensor, damp: f
             chosen = rows[r0:r0 + step]
             keep = mask[chosen]
             kept = torch.nonzero(keep)[:, 1].view(chosen.numel(), count)            # S per row
-            h_sk = h[kept]                                                           # H[S, :]
-            h_ss = h_sk.gather(2, kept[:, None, :].expand(-1, count, -1))
+            h_ss = h[kept[:, :, None], kept[:, None, :]]                             # H[S, S]
             pruned_w = w[chosen].masked_fill(keep, 0)                                # w_P, 0 on S
-            rhs = h_sk @ pruned_w[:, :, None]                                        # H[S, P] w_P
+            rhs = (pruned_w @ h).gather(1, kept)[:, :, None]                         # H[S, P] w_P
             factor, info = torch.linalg.cholesky_ex(h_ss)
             if bool((info != 0).any()):  # a principal block of a positive definite H_d is one
                 raise ValueError("masked_refit: a kept block of the damped H is not positive definite")
