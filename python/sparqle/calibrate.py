@@ -126,6 +126,19 @@ def linear_targets(model: nn.Module, filter: Optional[Callable[[str, nn.Module],
     return found
 
 
+def run_with_hooks(model: nn.Module, run: Callable[[nn.Module], object],
+                   hooks: List[Tuple[nn.Module, Callable]]) -> None:
+    """``run(model)`` under torch.no_grad() with each (module, hook) of ``hooks`` as a
+    forward pre-hook (called with args and kwargs), removed when it returns or raises."""
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def collect(model: nn.Module, run: Callable[[nn.Module], object],
             layers: Dict[int, Tuple[str, nn.Linear]]) -> Dict[int, InputStats]:
     """Run ``run(model)`` under torch.no_grad() and return the input statistics of each of
@@ -149,13 +162,7 @@ def collect(model: nn.Module, run: Callable[[nn.Module], object],
         entry.abs_sum += x.abs().sum(0)
         entry.count += x.shape[0]
 
-    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for _, module in layers.values()]
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, run, [(module, hook) for _, module in layers.values()])
     return stats
 
 
@@ -357,13 +364,7 @@ def _stages(model: nn.Module, run: Callable[[nn.Module], object],
             stages.append([id(module)])
         last[0] = x
 
-    handles = [linear.register_forward_pre_hook(hook, with_kwargs=True) for _, linear in targets.values()]
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, run, [(linear, hook) for _, linear in targets.values()])
     return stages
 
 
@@ -375,12 +376,7 @@ def _record_inputs(model: nn.Module, run: Callable[[nn.Module], object], linear:
         x = _input_of(args, kwargs)
         inputs.append(x.detach().reshape(-1, x.shape[-1]).clone())
 
-    handle = linear.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        handle.remove()
+    run_with_hooks(model, run, [(linear, hook)])
     return inputs
 
 
@@ -416,12 +412,7 @@ def _pair_inputs(model: nn.Module, run: Callable[[nn.Module], object], linear: n
         paired.float_xtx.addmm_(reference.T, reference)
         calls[0] += 1
 
-    handle = linear.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        handle.remove()
+    run_with_hooks(model, run, [(linear, hook)])
     if calls[0] != len(float_inputs):
         raise differ(f"was called {calls[0]} times, {len(float_inputs)} in the first run")
     return paired
