@@ -294,7 +294,7 @@ class PairedStats:
     float_xtx: torch.Tensor
 
 
-def target_weight(w: torch.Tensor, paired: PairedStats, damp: float = None) -> torch.Tensor:
+def target_weight(w: torch.Tensor, paired: PairedStats, damp: Optional[float] = None) -> torch.Tensor:
     """W* [N, K] (float32): the weight that makes the layer on its converted inputs X~ give
     what the float layer gives on its float inputs X, pulled toward W:
     argmin |X~ W*^T - X W^T|^2 + mu sum_j H~_jj |W*_j - W_j|^2 (mu = ``damp``, default
