@@ -420,6 +420,20 @@ def test_sequential_conversion_tracks_the_float_model_better_and_round_trips(fmt
         torch.testing.assert_close(loaded(held_out), sequential(held_out), rtol=0, atol=0)
 
 
+def test_sequential_conversion_of_a_mapping_builds_every_format_in_call_order():
+    """In a mapping, the calibrated formats' layers are built for their converted inputs and
+    the others (fp8) from their float weights, all before any is put in the model; each
+    module is of its pattern's type and a calibrated one's report is the paired error."""
+    batches = [torch.randn(16, 64) * torch.linspace(0.1, 3, 64) for _ in range(4)]
+    model = sparqle.convert(_mlp(), {"0": ("int4", {"group_size": 32}), "2": "fp8", "3": "2:4"},
+                            calibrate=lambda m: [m(b) for b in batches], sequential=True)
+    assert [type(model[i]) for i in (0, 2, 3)] == [sparqle.nn.Int4Linear, sparqle.nn.FP8Linear,
+                                                   sparqle.nn.SparseLinear]
+    assert not hasattr(model[2], "calibration")
+    for index in (0, 3):
+        assert 0 < model[index].calibration["error"] < model[index].calibration["one_shot_error"]
+
+
 def test_sequential_bad_use():
     batches = [torch.randn(8, 64) for _ in range(2)]
     with pytest.raises(ValueError, match="sequential=True converts layer by layer on calibration data: it needs calibrate=run"):
