@@ -301,7 +301,7 @@ def target_weight(w: torch.Tensor, paired: PairedStats, damp: Optional[float] = 
     TARGET_DAMP), i.e. (H~ + mu diag(H~)) W*^T = (C + mu diag(H~)) W^T with H~ = X~^T X~
     and C = X~^T X. A dead input (H~_jj = 0) keeps its column of W."""
     mu = TARGET_DAMP if damp is None else damp
-    h, factor = damped_hessian(paired.stats.xtx, w, mu)
+    _, factor = damped_hessian(paired.stats.xtx, w, mu)
     w32 = w.detach().to(torch.float32)
     rhs = paired.cross.to(w32.device) @ w32.T + mu * paired.stats.xtx.diagonal().to(w32.device)[:, None] * w32.T
     solution = torch.cholesky_solve(rhs, factor).T
