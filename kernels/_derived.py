@@ -3,7 +3,10 @@ transposed structure of a sparse weight), made on first use and kept while their
 live and are not modified in place.
 
 A source is recognised by identity and its version counter. Inference tensors keep no
-version counter, so what is derived from one is made again on every call. What is made
+version counter, so what is derived from one is made again on every call. What is kept is
+made outside inference mode even when the call that first needs it runs in it (a module
+used under torch.inference_mode() and then trained): an inference tensor, kept, could not
+be saved for a later call's backward. What is made
 during CUDA-graph capture is not kept (it holds its values only once the graph replays, and
 the graph's memory pool may hand its memory to another graph); what was kept before is used.
 While torch.compile or AOTAutograd traces (fake tensors) it is made into the graph, never kept.
@@ -31,7 +34,8 @@ def derived(name: str, make: Callable[[], T], *sources: torch.Tensor) -> T:
     found = kept(name, *sources)
     if found is not None:
         return found
-    made = make()
+    with torch.inference_mode(False):
+        made = make()
     if _capture.capturing():
         return made
     key = (id(sources[0]), name)

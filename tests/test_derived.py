@@ -1,6 +1,7 @@
 """kernels._derived: a derived tensor is kept while its sources live unchanged, made again
-when one is modified in place or replaced, dropped with its first source, and never kept
-for inference tensors (which have no version counter)."""
+when one is modified in place or replaced, dropped with its first source, never kept
+for inference tensors (which have no version counter), and kept as a plain tensor when
+first made in inference mode."""
 import gc
 
 import torch
@@ -54,3 +55,17 @@ def test_inference_tensors_are_never_kept():
     derived("t", make, a)
     derived("t", make, a)
     assert len(calls) == 2
+
+
+def test_made_in_inference_mode_it_is_kept_as_a_plain_tensor_a_backward_can_save():
+    """A module's buffers are plain tensors; a call under torch.inference_mode() that first
+    needs what derives from them makes it as a plain tensor, so a later training call that
+    saves it for backward works."""
+    a = torch.randn(4)
+    with torch.inference_mode():
+        made = derived("t", lambda: a * 2, a)
+    assert not made.is_inference()
+    assert derived("t", lambda: a * 3, a) is made
+    x = torch.randn(4, requires_grad=True)
+    (x * made).sum().backward()            # mul saves `made` for backward
+    torch.testing.assert_close(x.grad, a * 2)

@@ -168,8 +168,8 @@ class WindowAttention(CheckedLoad):
         table = self.relative_position_bias_table
         sources = [table, self.relative_position_index] + ([mask] if mask is not None else [])
 
-        def make():  # a plain tensor even in inference mode: a training call may save it later
-            with torch.inference_mode(False), torch.no_grad():
+        def make():  # derived makes it outside inference mode: a training call may save it later
+            with torch.no_grad():
                 return score_table(self.relative_position_bias(), mask, like)
 
         return derived(f"window_attention score table {compute_dtype(like.dtype)} on {like.device} from {table.dtype}"
