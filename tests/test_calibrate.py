@@ -732,6 +732,45 @@ def test_convert_awq_on_llama_beats_minmax_and_round_trips(hf_models, tmp_path):
         torch.testing.assert_close(loaded(held_out)[0], model(held_out)[0], rtol=0, atol=0)
 
 
+def test_convert_smoothquant_folds_where_it_can_and_beats_absmax_on_llama(hf_models, tmp_path):
+    """convert(model, "int8", calibrate=run, method="smoothquant") on a Llama with outlier
+    channels (a few norm weights 30x the rest, as trained models have): every layer a fold
+    reaches (q/k/v, o, gate/up, down) gets s folded into its source and keeps no
+    ``smoothing``; lm_head keeps its own; the float model is unchanged as a function by
+    the fold alone; the converted model is closer to the float one than absmax's; the
+    rescaled norms and the int8 layers round trip through sparqle.save / load. In a
+    mapping, no fold: every layer keeps its own s."""
+    from sparqle import quantize as q
+    model = copy.deepcopy(hf_models["llama"])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[::16] = 30.0
+            layer.post_attention_layernorm.weight[5::16] = 30.0
+    tokens = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(6))
+    held_out = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference = model(held_out)[0]
+        folded = copy.deepcopy(model)
+        stats = calibrate.collect(folded, lambda m: m(tokens), calibrate.linear_targets(folded, None))
+        assert len(q.fold_smoothquant(folded, stats)) == 14
+        torch.testing.assert_close(folded(held_out)[0], reference, rtol=1e-4, atol=1e-4)
+    absmax = sparqle.convert(copy.deepcopy(model), "int8")
+    sparqle.convert(model, "int8", calibrate=lambda m: m(tokens), method="smoothquant")
+    smoothing = {n: m.smoothing is not None for n, m in model.named_modules() if isinstance(m, sparqle.nn.Int8Linear)}
+    assert smoothing.pop("lm_head") and not any(smoothing.values()) and len(smoothing) == 14
+    assert {m.calibration["method"] for m in model.modules() if hasattr(m, "calibration")} == {"smoothquant"}
+    with torch.no_grad():
+        error = (model(held_out)[0] - reference).norm()
+        assert error < 0.5 * (absmax(held_out)[0] - reference).norm()
+        path = tmp_path / "smoothquant.safetensors"
+        sparqle.save(model, path)
+        loaded = sparqle.load(copy.deepcopy(hf_models["llama"]), path)
+        torch.testing.assert_close(loaded(held_out)[0], model(held_out)[0], rtol=0, atol=0)
+    mapped = sparqle.convert(copy.deepcopy(hf_models["llama"]), {"*": "int8"}, calibrate=lambda m: m(tokens),
+                             method="smoothquant")
+    assert all(m.smoothing is not None for m in mapped.modules() if isinstance(m, sparqle.nn.Int8Linear))
+
+
 def test_awq_bad_use():
     layer = nn.Linear(64, 32)
     stats = _stats(layer, torch.randn(64, 64))

@@ -20,6 +20,10 @@ structure:
   would change the model; the FFN's output layer follows GELU. Those layers keep GPTQ
   (``convert`` warns, naming them).
 
+The folds serve SmoothQuant's int8 scales as well (``apply_folds`` with
+sparqle.quantize.smoothquant_scale: ``convert(model, "int8", calibrate=run,
+method="smoothquant")``).
+
 The scale (AutoAWQ's search): s = a^alpha / sqrt(max(a^alpha) min(a^alpha)), a = E|x_j|
 over the calibration rows (InputStats.abs_mean, floored at 1e-4), alpha in AWQ_GRID; each
 alpha is scored by the output error it leaves on the calibration inputs, summed over the
@@ -31,7 +35,7 @@ rounded by GPTQ on the statistics of their rescaled inputs (AWQ then GPTQ).
 """
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -123,24 +127,21 @@ def _minmax(w: torch.Tensor, group_size: int, symmetric: bool) -> torch.Tensor:
     return ((_quantize(groups, scale, zero) - zero) * scale).view(n, g * width)[:, :k]
 
 
-def fold_scales(model: nn.Module, stats: Dict[int, InputStats], group_size: int = 128, *,
-                symmetric: bool = False) -> Dict[int, torch.Tensor]:
-    """Apply AWQ to ``model`` in place, before quantization: for each fold whose targets all
-    have ``stats`` (by id), search s (search_scale), multiply the targets' weight columns by
-    s, divide the source's output channels (a norm's weight and bias, a linear's weight rows
-    and bias) by s, and replace the targets' stats by those of their rescaled inputs. The
-    float model computes the same function (up to float rounding). Returns id -> s of every
-    rescaled layer; a target layer of ``stats`` that no fold reaches is left as it is, with
-    a warning naming it."""
+def apply_folds(model: nn.Module, stats: Dict[int, InputStats],
+                scale: Callable[[List[torch.Tensor], InputStats], torch.Tensor]) -> Dict[int, torch.Tensor]:
+    """Rescale ``model`` in place, before quantization: for each fold whose targets all have
+    ``stats`` (by id), s = ``scale(the targets' weights, their shared stats)`` [K], multiply
+    the targets' weight columns by s, divide the source's output channels (a norm's weight
+    and bias, a linear's weight rows and bias) by s, and replace the targets' stats by those
+    of their rescaled inputs. The float model computes the same function (up to float
+    rounding). Returns id -> s of every rescaled layer."""
     scaled: Dict[int, torch.Tensor] = {}
-    names = {id(m): n for n, m in model.named_modules()}
     with torch.no_grad():
         for fold in folds(model):
             ids = [id(t) for _, t in fold.targets]
             if not all(i in stats for i in ids) or any(i in scaled for i in ids):
                 continue
-            s, _ = search_scale([t.weight for _, t in fold.targets], stats[ids[0]], group_size,
-                                symmetric=symmetric)
+            s = scale([t.weight for _, t in fold.targets], stats[ids[0]])
             for (_, target), i in zip(fold.targets, ids):
                 target.weight.mul_(s.to(target.weight.dtype))
                 stats[i] = stats[i].scaled(s)
@@ -149,6 +150,17 @@ def fold_scales(model: nn.Module, stats: Dict[int, InputStats], group_size: int 
             fold.source.weight.mul_(inv[:, None] if fold.source.weight.dim() == 2 else inv)
             if getattr(fold.source, "bias", None) is not None:
                 fold.source.bias.mul_(inv)
+    return scaled
+
+
+def fold_scales(model: nn.Module, stats: Dict[int, InputStats], group_size: int = 128, *,
+                symmetric: bool = False) -> Dict[int, torch.Tensor]:
+    """Apply AWQ to ``model`` in place, before quantization: ``apply_folds`` with the scale
+    that search_scale finds. Returns id -> s of every rescaled layer; a target layer of
+    ``stats`` that no fold reaches is left as it is, with a warning naming it."""
+    scaled = apply_folds(model, stats, lambda weights, shared: search_scale(
+        weights, shared, group_size, symmetric=symmetric)[0])
+    names = {id(m): n for n, m in model.named_modules()}
     left = [names.get(i, "?") for i in stats if i not in scaled]
     if left:
         warnings.warn(f"convert(method='awq'): no foldable input scale for {len(left)} layers "

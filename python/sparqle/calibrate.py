@@ -185,18 +185,20 @@ def _accumulate(stats: InputStats, x: torch.Tensor) -> None:
 class Calibration:
     """What ``convert(model, fmt, calibrate=run, **options)`` converts with: the statistics
     of one ``run(model)``, made at construction, before any layer is replaced, for every
-    layer of ``linear_targets(model, filter)``; with ``awq``, sparqle.awq.fold_scales then
-    rescales the model (method "awq"). With ``sequential``, nothing is recorded at
-    construction: ``convert_sequentially`` builds the layers stage by stage."""
+    layer of ``linear_targets(model, filter)``. ``fold`` (the method of a one-format
+    conversion) then rescales the model where sparqle.awq.FOLDS allows: "awq"
+    (sparqle.awq.fold_scales, with ``fold_options``: group_size and symmetric) or
+    "smoothquant" (sparqle.quantize.fold_smoothquant). With ``sequential``, nothing is
+    recorded at construction: ``convert_sequentially`` builds the layers stage by stage."""
 
     def __init__(self, model: nn.Module, filter: Optional[Callable[[str, nn.Module], bool]],
-                 run: Callable[[nn.Module], object], awq: Optional[Dict[str, object]] = None,
-                 sequential: bool = False):
+                 run: Callable[[nn.Module], object], fold: Optional[str] = None,
+                 fold_options: Optional[Dict[str, object]] = None, sequential: bool = False):
         if not isinstance(sequential, bool):
             raise TypeError(f"sequential must be a bool, got {type(sequential).__name__}")
-        if sequential and awq is not None:
-            raise ValueError("sequential=True does not apply to method='awq' (its scales are "
-                             "searched on the float model's inputs)")
+        if sequential and fold is not None:
+            raise ValueError(f"sequential=True does not apply to method={fold!r} (its scales are "
+                             f"chosen on the float model's inputs)")
         if not callable(run):
             raise TypeError(f"calibrate must be a callable run(model), got {type(run).__name__}")
         self.run = run
@@ -206,13 +208,18 @@ class Calibration:
         # builds one, the float weight and paired inputs of its target, by id of the target.
         self.built: Dict[int, nn.Module] = {}
         self.references: Dict[int, Tuple[torch.Tensor, "PairedStats"]] = {}
-        # AWQ (``awq``: fold_scales' group_size and symmetric) rescales the model in place
-        # now; the rescaled layers' stats are those of their rescaled inputs, by id -> s.
+        # The fold rescales the model in place now; the rescaled layers' stats are those of
+        # their rescaled inputs, by id -> s.
         self.input_scales: Dict[int, torch.Tensor] = {}
-        self.folded = awq is not None
-        if awq is not None:
+        self.fold = fold
+        if fold == "awq":
             from .awq import fold_scales
-            self.input_scales = fold_scales(model, self.stats, **awq)
+            self.input_scales = fold_scales(model, self.stats, **(fold_options or {}))
+        elif fold == "smoothquant":
+            from .quantize import fold_smoothquant
+            self.input_scales = fold_smoothquant(model, self.stats)
+        elif fold is not None:
+            raise ValueError(f"fold must be 'awq', 'smoothquant' or None, got {fold!r}")
 
     def convert(self, build: Callable[..., nn.Module], methods: Tuple[str, ...], name: str,
                 linear: nn.Linear, options: Dict[str, object]) -> nn.Module:
@@ -225,6 +232,9 @@ class Calibration:
         "awq": a layer that fold_scales rescaled is built by GPTQ on its rescaled weight and
         inputs (its one-shot error is that of min-max on the weight before rescaling; the
         output error is the same in both coordinates); one it could not is built by GPTQ.
+        Method "smoothquant": a layer whose s was folded (``fold``) is built by absmax on its
+        rescaled weight (its input arrives divided by s), one not folded keeps s itself
+        (Int8Linear's ``smoothing``); the report is in the coordinates before rescaling.
         A target of ``convert_sequentially``: the errors are those of the paired inputs,
         |X~ W'^T - X W^T|^2 (``paired_error``), the one-shot one of the float weight on the
         float inputs."""
@@ -238,12 +248,13 @@ class Calibration:
         chosen = check_method(method, stats, methods, linear)
         scale = self.input_scales.get(id(linear))
         if chosen == "awq":
-            if not self.folded:
+            if self.fold != "awq":
                 raise ValueError("method='awq' rescales the whole model for one int4 conversion: "
                                  "convert(model, 'int4', calibrate=run, method='awq'), not in a mapping")
             chosen = "awq" if scale is not None else "gptq"
+        built_by = {"awq": "gptq", "smoothquant": "smoothquant" if scale is None else "absmax"}.get(chosen, chosen)
         start = time.perf_counter()
-        converted = build(linear, **options, method="gptq" if chosen == "awq" else chosen, stats=stats)
+        converted = build(linear, **options, method=built_by, stats=stats)
         seconds = time.perf_counter() - start
         reference = self.references.get(id(linear))
         if reference is not None:

@@ -264,8 +264,11 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
     the activations' outliers into the weight) for int8 (default: the first without
     ``calibrate``, sparsegpt or gptq with it). ``"awq"`` (one int4 format for the model, sparqle.awq) first folds
     per-input-channel scales into the norms and linears that feed the layers, in place: the
-    float model is unchanged as a function, and stays rescaled if a later step raises. In a
-    mapping, the layers of other formats are converted as without it. ``sparqle.calibrate.report(model)`` then
+    float model is unchanged as a function, and stays rescaled if a later step raises.
+    ``"smoothquant"`` in a one-format int8 conversion (not sequential) folds its scales the
+    same way where the model allows; elsewhere (a mapping, ``sequential``, a layer no fold
+    reaches) each layer keeps its own. In a mapping, the layers of other formats are
+    converted as without it. ``sparqle.calibrate.report(model)`` then
     tables each layer's output error on the calibration inputs. ``sequential=True``
     (not with "awq") converts the layers in the order ``run`` calls them, each for the
     inputs the layers converted before it give and toward what the float layer gives on
@@ -284,14 +287,19 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
         if not (isinstance(fmt, Mapping) or fmt in calibrated):
             raise ValueError(f"calibrate applies to the formats {calibrated} (or a mapping "
                              f"with them), not {fmt!r}")
-        awq = None
+        fold, fold_options = None, None
         if options.get("method") == "awq":
             if fmt != "int4":
                 raise ValueError(f"method='awq' rescales the model for one int4 conversion: "
                                  f"convert(model, 'int4', calibrate=run, method='awq'), not fmt={fmt!r}")
             _check_options(fmt, options, f"fmt {fmt!r}")
-            awq = {"group_size": options.get("group_size", 128), "symmetric": options.get("symmetric", False)}
-        calibration = Calibration(model, filter, calibrate, awq, sequential)
+            fold = "awq"
+            fold_options = {"group_size": options.get("group_size", 128), "symmetric": options.get("symmetric", False)}
+        elif (options.get("method") == "smoothquant" and fmt == "int8" and not sequential
+              and options.get("activation", "dynamic") == "dynamic"):
+            _check_options(fmt, options, f"fmt {fmt!r}")
+            fold = "smoothquant"  # where a fold exists; the other layers keep their own s
+        calibration = Calibration(model, filter, calibrate, fold, fold_options, sequential)
     if isinstance(fmt, Mapping):
         rules = _rules(fmt, options)
         by_pattern = {rule.pattern: rule for rule in rules}

@@ -20,11 +20,11 @@ s_j = max|x_j|^alpha / max_i |w_ij|^(1 - alpha) the quantization difficulty move
 the activations' outlier channels to the weight columns, which per-row weight scales
 absorb better. alpha = SMOOTHQUANT_ALPHA.
 """
-from typing import Callable
+from typing import Callable, Dict
 
 import torch
 
-from .calibrate import DAMP, SMOOTHQUANT_ALPHA, inverse_hessian_factor, obs_sweep
+from .calibrate import DAMP, SMOOTHQUANT_ALPHA, InputStats, inverse_hessian_factor, obs_sweep
 from .formats._checks import check_float_weight
 from .formats.int4 import METHODS, Int4Weight, _quantize, check_group_size
 from .formats.int8 import Int8Weight
@@ -91,6 +91,18 @@ def smoothquant_scale(w: torch.Tensor, abs_max: torch.Tensor, alpha: float = SMO
     if bool(live.any()):
         s = torch.where(live, s / (s[live].max() * s[live].min()).sqrt(), s)
     return s
+
+
+def fold_smoothquant(model: torch.nn.Module, stats: Dict[int, InputStats]) -> Dict[int, torch.Tensor]:
+    """SmoothQuant's s folded into ``model`` in place where sparqle.awq.FOLDS allows (a
+    norm, or a linear whose outputs are the layer's inputs one to one): for the layers
+    that share an input (q, k and v after one norm) s comes from their weights stacked,
+    s_j = max|x_j|^alpha / max over their rows of |w_ij|^(1 - alpha). Returns id -> s of
+    every rescaled layer (sparqle.awq.apply_folds); the others keep their own s (Int8Linear's
+    ``smoothing``)."""
+    from .awq import apply_folds
+    return apply_folds(model, stats, lambda weights, shared: smoothquant_scale(
+        torch.cat([w.detach() for w in weights]), shared.abs_max))
 
 
 def _gptq(w: torch.Tensor, xtx: torch.Tensor, fake_quantize: Callable[[torch.Tensor, int], torch.Tensor],
