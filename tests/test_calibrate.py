@@ -85,13 +85,21 @@ def test_collect_bad_input():
         calibrate.collect(model, lambda m: m(torch.ones(2, 4, dtype=torch.int64)), targets)
 
 
+@pytest.mark.parametrize("solver", ["conjugate gradients", "cholesky"])
 @pytest.mark.parametrize("damp", [0.0, 0.5])
-def test_masked_refit_is_each_rows_least_squares_solution(damp):
+def test_masked_refit_is_each_rows_least_squares_solution(damp, solver, monkeypatch):
     """masked_refit against its float64 definition, row by row: with H_d = X^T X +
     damp diag(X^T X) (a dead input's row and column the identity's, times 1 + damp),
     w'_S = w_S + H_d[S, S]^{-1} H_d[S, P] w_P and w'_P = 0. Rows keep different counts
     (none, one, all, others) and one input is dead; with damping, H is singular (fewer
-    rows than inputs: the damping makes H_d positive definite)."""
+    rows than inputs: the damping makes H_d positive definite). Both solvers: conjugate
+    gradients solving every row (the direct solve never called), and with no step allowed,
+    the direct solve of every row that keeps something but not everything."""
+    direct = []
+    cholesky_refit = calibrate._cholesky_refit
+    monkeypatch.setattr(calibrate, "_cholesky_refit", lambda w, *args: direct.append(w.shape[0]) or cholesky_refit(w, *args))
+    if solver == "cholesky":
+        monkeypatch.setattr(calibrate, "REFIT_STEPS", 0)
     g = torch.Generator().manual_seed(7)
     k = 24
     x = _inputs(16 if damp else 200, k, g)
@@ -118,6 +126,9 @@ def test_masked_refit_is_each_rows_least_squares_solution(damp):
     assert torch.equal(refit == 0, ~mask | (refit == 0)) and bool((refit[~mask] == 0).all())
     tol = 1e-3 if damp == 0 else 1e-4
     torch.testing.assert_close(refit.double(), expected, rtol=tol, atol=tol)
+    assert sum(direct) == (0 if solver == "conjugate gradients" else 7), direct
+    start = calibrate.masked_refit(w, x.T @ x, mask, damp, start=torch.randn(9, k, generator=g), budget=budget)
+    torch.testing.assert_close(start.double(), expected, rtol=tol, atol=tol)
 
 
 def test_masked_refit_rejects_what_damped_hessian_rejects():
@@ -129,6 +140,8 @@ def test_masked_refit_rejects_what_damped_hessian_rejects():
     for mask in (torch.ones(4, 8), torch.ones(4, 7, dtype=torch.bool)):
         with pytest.raises(ValueError, match="mask must be a bool \\[4, 8\\] tensor"):
             calibrate.masked_refit(w, torch.eye(8), mask)
+    with pytest.raises(ValueError, match=r"start must be a \[4, 8\] tensor"):
+        calibrate.masked_refit(w, torch.eye(8), torch.ones(4, 8, dtype=torch.bool), start=torch.ones(4, 7))
 
 
 def test_sparsegpt_compensates_a_duplicated_input_exactly():

@@ -10,8 +10,8 @@ Three criteria, each for the three patterns (unstructured, b x b blocks, N:M):
   weights of its row not yet swept; the mask is chosen per chunk of 128 columns from the
   OBS cost w_ij^2 / U_jj^2 of the weights as updated so far (SparseGPT), and for N:M per
   group of m from the joint OBS cost of each choice of the m - n weights to prune (below);
-  then the kept weights are refitted exactly for that mask (``calibrate.masked_refit``:
-  the least-squares solution of each row). Returns the refitted weight with the mask.
+  then the kept weights are refitted for that mask (``calibrate.masked_refit``: the
+  least-squares solution of each row, to float32's precision). Returns the refitted weight with the mask.
 
 N:M groups are scored jointly. When the sweep reaches a group G of m columns, the inverse
 Hessian of the columns not yet fixed, restricted to G, is U_GG^T U_GG (U the upper
@@ -119,8 +119,8 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
         return w1[:, i] * mask[:, j0 + i]
 
     # A chunk holds whole groups of m (m divides 128) and whole blocks.
-    obs_sweep(w, u, target, chunk=block * cdiv(128, block) if pattern == "blocks" else 128)
-    return masked_refit(w, xtx, mask, damp).to(w.dtype), mask
+    swept = obs_sweep(w, u, target, chunk=block * cdiv(128, block) if pattern == "blocks" else 128)
+    return masked_refit(w, xtx, mask, damp, start=swept).to(w.dtype), mask
 
 
 def _best_group_mask(w_g: torch.Tensor, u_gg: torch.Tensor, n: int) -> torch.Tensor:
