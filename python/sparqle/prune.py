@@ -11,7 +11,8 @@ Three criteria, each for the three patterns (unstructured, b x b blocks, N:M):
   OBS cost w_ij^2 / U_jj^2 of the weights as updated so far (SparseGPT), and for N:M per
   group of m from the joint OBS cost of each choice of the m - n weights to prune (below);
   then the kept weights are refitted for that mask (``calibrate.masked_refit``: the
-  least-squares solution of each row, to float32's precision). Returns the refitted weight with the mask.
+  least-squares solution of each row, to float32's precision). Returns the refitted
+  weight with the mask.
 
 N:M groups are scored jointly. When the sweep reaches a group G of m columns, the inverse
 Hessian of the columns not yet fixed, restricted to G, is U_GG^T U_GG (U the upper
@@ -103,7 +104,8 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
         if pattern == "nm" and i % m == 0:
             g = min(m, width - i)  # the last group of a row may be partial
             if g > n:
-                mask[:, j0 + i:j0 + i + g] = _best_group_mask(w1[:, i:i + g], u[j0 + i:j0 + i + g, j0 + i:j0 + i + g], n)
+                first = j0 + i
+                mask[:, first:first + g] = _best_group_mask(w1[:, i:i + g], u[first:first + g, first:first + g], n)
         elif pattern == "unstructured" and i == 0:
             cost = (w1 / d1).pow(2)
             pruned = round(float(sparsity) * (j0 + width)) - round(float(sparsity) * j0)
