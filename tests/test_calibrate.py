@@ -246,6 +246,32 @@ def test_sparsegpt_n_m_mask_of_one_group_is_the_best_of_every_choice(n, m):
     assert bool((mask.sum(1) == n).all())
 
 
+def test_sparsegpt_block_choice_is_the_best_single_block_to_prune():
+    """Known answer: pruning one b x b block per block-row, the joint OBS cost of a block
+    is the error of the exact refit without it, so the block sparsegpt prunes in each
+    block-row is the one of least damped output error among all (brute force over
+    masked_refit, float64), edge blocks (K and N off the block size) included. Summed
+    per-weight costs miss it on inputs correlated within blocks (3 of these 9 block-rows)."""
+    b, rows, k = 8, 8 * 8 + 3, 4 * 8 + 5
+    g = torch.Generator().manual_seed(9)
+    w, x = torch.randn(rows, k, generator=g), _inputs(300, k, g)
+    # inputs correlated within each block of columns: a shared component per block
+    x = x + 3 * torch.randn(300, 5, generator=g).repeat_interleave(b, 1)[:, :k] * x.std(0)
+    xtx = x.T @ x
+    h, _ = calibrate.damped_hessian(xtx, w, calibrate.PRUNE_DAMP)
+    pruned, mask = prune.sparsegpt(w, xtx, 0.2, block=b)   # round(0.2 * 5) = 1 block a block-row
+    for r0 in range(0, rows, b):
+        block_row = slice(r0, r0 + b)
+        errors = []
+        for j in range(5):
+            choice = torch.ones(rows, k, dtype=torch.bool)
+            choice[block_row, j * b:(j + 1) * b] = False
+            d = (w - calibrate.masked_refit(w, xtx, choice, calibrate.PRUNE_DAMP))[block_row].double()
+            errors.append(float(((d @ h.double()) * d).sum()))
+        chosen = [j for j in range(5) if not bool(mask[r0, j * b:(j + 1) * b].any())]
+        assert chosen == [min(range(5), key=errors.__getitem__)], (r0, chosen, errors)
+
+
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
 def test_sparsegpt_and_wanda_unstructured_keep_exact_counts_per_row(sparsity):
     g = torch.Generator().manual_seed(2)

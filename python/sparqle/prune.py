@@ -7,9 +7,10 @@ Three criteria, each for the three patterns (unstructured, b x b blocks, N:M):
   norm over calibration inputs, compared within each output row (Wanda).
 - ``sparsegpt(w, xtx, ...)``: with H = X^T X of the calibration inputs, the columns are
   swept in order (sparqle.calibrate) and each pruned weight's error is compensated on the
-  weights of its row not yet swept; the mask is chosen per chunk of 128 columns from the
-  OBS cost w_ij^2 / U_jj^2 of the weights as updated so far (SparseGPT), and for N:M per
-  group of m from the joint OBS cost of each choice of the m - n weights to prune (below);
+  weights of its row not yet swept; the unstructured mask is chosen per chunk of 128
+  columns from the OBS cost w_ij^2 / U_jj^2 of the weights as updated so far (SparseGPT),
+  the N:M one per group of m from the joint OBS cost of each choice of the m - n weights
+  to prune, and the blocks before the sweep from each block's joint OBS cost (below);
   then the kept weights are refitted for that mask (``calibrate.masked_refit``: the
   least-squares solution of each row, to float32's precision). Returns the refitted
   weight with the mask.
@@ -23,6 +24,14 @@ C(m, m - n) choices (at most 70, for 4:8). SparseGPT scores each weight alone
 (w_j^2 / U_jj^2), which ignores how the pruned weights' errors interact; the joint cost
 is the true one for the group, and the sweep's column-by-column updates then make
 exactly that compensation.
+
+Blocks are scored jointly too, each with every other column free: pruning the b x b block
+B of a block-row costs the sum over its rows of w_B^T [(H_d^{-1})_BB]^{-1} w_B, the exact
+OBS cost of removing B alone, and each block-row keeps its blocks of largest cost (the
+counts as Wanda's: the same in every block-row). Summing SparseGPT's per-weight costs
+over the block instead ignores the correlations among its b columns, and choosing per
+chunk of 128 columns, as SparseGPT does for unstructured sparsity, forces the same
+share of pruned blocks into every chunk (2 of 4 at 50% and b = 32).
 """
 import itertools
 import numbers
@@ -87,17 +96,19 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
     """(w', mask): 2-D ``w`` [N, K] pruned with error compensation (SparseGPT) for the
     inputs whose X^T X is ``xtx`` [K, K], w' (w's dtype, zero outside ``mask``) and the bool
     mask it keeps; see the module doc and sparqle.calibrate for the maths. The sweep
-    chooses the mask; w' is the exact minimizer of the damped output error for it
-    (``calibrate.masked_refit``), not the sweep's weights.
+    chooses the mask (blocks: before it); w' is the minimizer of the damped output error
+    for it (``calibrate.masked_refit``), not the sweep's weights.
 
     The kept counts are those of ``wanda``: per row K - round(sparsity * K) (the pruned
     count spread over the chunks of 128 columns by cumulative rounding), per block-row of
-    b x b blocks likewise in blocks (scored by their summed OBS cost), and n of each m for
-    N:M."""
+    b x b blocks likewise in blocks (scored by their joint OBS cost, over the whole
+    block-row), and n of each m for N:M."""
     pattern = _check(w, sparsity, block, n, m, two_d=True)
     rows, k = w.shape
     u = inverse_hessian_factor(xtx, w, damp)
     mask = torch.ones(rows, k, dtype=torch.bool, device=w.device)
+    if pattern == "blocks":
+        mask = _best_blocks(w, u, sparsity, block)
 
     def target(w1, d1, i, j0):
         width = w1.shape[1]
@@ -111,17 +122,10 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
             pruned = round(float(sparsity) * (j0 + width)) - round(float(sparsity) * j0)
             lowest = torch.topk(cost, pruned, dim=1, largest=False).indices
             mask[:, j0:j0 + width] = torch.ones_like(cost, dtype=torch.bool).scatter_(1, lowest, False)
-        elif pattern == "blocks" and i == 0:
-            sums = block_sums((w1 / d1).pow(2), block)  # [block rows, chunk's block columns]
-            first, last = j0 // block, cdiv(j0 + width, block)
-            pruned = round(float(sparsity) * last) - round(float(sparsity) * first)
-            lowest = torch.topk(sums, pruned, dim=1, largest=False).indices
-            keep = torch.ones_like(sums, dtype=torch.bool).scatter_(1, lowest, False)
-            mask[:, j0:j0 + width] = _expand_blocks(keep, block, w1.shape)
         return w1[:, i] * mask[:, j0 + i]
 
-    # A chunk holds whole groups of m (m divides 128) and whole blocks.
-    swept = obs_sweep(w, u, target, chunk=block * cdiv(128, block) if pattern == "blocks" else 128)
+    # A chunk holds whole groups of m (m divides 128); blocks are chosen before the sweep.
+    swept = obs_sweep(w, u, target)
     return masked_refit(w, xtx, mask, damp, start=swept).to(w.dtype), mask
 
 
@@ -140,6 +144,23 @@ def _best_group_mask(w_g: torch.Tensor, u_gg: torch.Tensor, n: int) -> torch.Ten
     cost = torch.einsum("rcp,cpq,rcq->rc", pruned, inverse, pruned)
     best = choices[cost.argmin(1)]                                                 # [N, p]
     return torch.ones_like(w_g, dtype=torch.bool).scatter_(1, best, False)
+
+
+def _best_blocks(w: torch.Tensor, u: torch.Tensor, sparsity: float, b: int) -> torch.Tensor:
+    """The entry mask [N, K] that keeps, in each block-row of ``w``, the b x b blocks of
+    largest joint OBS cost (see the module doc), pruning round(sparsity * ceil(K / b)) of
+    them; ``u`` is the upper Cholesky factor of H_d^{-1}."""
+    rows, k = w.shape
+    w = w.detach().float()
+    cost = torch.empty(rows, cdiv(k, b), device=w.device)
+    for j in range(cdiv(k, b)):
+        columns = slice(j * b, min(k, (j + 1) * b))
+        factor = u[:, columns]                                   # H_d^{-1}[B, B] = U[:, B]^T U[:, B]
+        block = w[:, columns]
+        cost[:, j] = (block @ torch.linalg.inv(factor.T @ factor) * block).sum(1)
+    per_block_row = torch.nn.functional.pad(cost, (0, 0, 0, cdiv(rows, b) * b - rows))
+    per_block_row = per_block_row.view(cdiv(rows, b), b, -1).sum(1)
+    return _expand_blocks(_keep_largest_per_row(per_block_row, sparsity), b, w.shape)
 
 
 def _check(w, sparsity, block, n, m, two_d: bool) -> str:
