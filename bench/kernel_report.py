@@ -18,6 +18,7 @@ import ast
 import collections
 import datetime
 import functools
+import importlib
 import math
 import os
 import re
@@ -148,17 +149,39 @@ def _width(suffixes: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _source(path: str) -> Optional[str]:
+    """The file of this checkout that line info's ``path`` names: itself, or, for a cubin that
+    Triton's cache kept from a compile of the same source in another checkout (a worktree
+    since removed), the file at the same place under this checkout's ``kernels/``."""
+    if os.path.exists(path):
+        return path
+    parts = path.replace(os.sep, "/").split("/")
+    if "kernels" in parts:
+        tail = parts[len(parts) - 1 - parts[::-1].index("kernels") + 1:]
+        here = os.path.join(os.path.dirname(importlib.import_module("sparqle.kernels").__file__), *tail)
+        if os.path.exists(here):
+            return here
+    return None
+
+
+@functools.lru_cache(maxsize=None)
 def _load_streams(path: str) -> Dict[int, str]:
-    """Source line -> the pointer a ``tl.load`` on that line reads (its first ``*_ptr`` name)."""
+    """Source line -> what a load on that line reads: a ``tl.load``'s pointer (its first
+    ``*_ptr`` name), or the tensor descriptor of a ``desc.load`` (TMA)."""
     with open(path) as f:
         tree = ast.parse(f.read())
     lines: Dict[int, str] = {}
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
                 and node.args):
-            names = [n.id for n in ast.walk(node.args[0]) if isinstance(n, ast.Name) and n.id.endswith("_ptr")]
+            owner = node.func.value
+            if isinstance(owner, ast.Name) and owner.id != "tl":
+                name = f"{owner.id} (descriptor)"
+            else:
+                names = [n.id for n in ast.walk(node.args[0]) if isinstance(n, ast.Name) and n.id.endswith("_ptr")]
+                name = names[0] if names else OTHER
             for line in range(node.lineno, node.end_lineno + 1):
-                lines[line] = names[0] if names else OTHER
+                lines[line] = name
     return lines
 
 
@@ -205,9 +228,8 @@ def sass(cubin: bytes) -> Sass:
             tma += 1
         else:
             continue
-        stream = OTHER
-        if where is not None and os.path.exists(where[0]):
-            stream = _load_streams(where[0]).get(where[1], OTHER)
+        source = _source(where[0]) if where is not None else None
+        stream = OTHER if source is None else _load_streams(source).get(where[1], OTHER)
         streams[stream][kind] += 1
     return Sass(dict(mma), dict(ldg), cp_async, tma, barriers, {k: dict(v) for k, v in streams.items()})
 
@@ -269,8 +291,10 @@ for sm_90 at the specialisation the headline call makes):
   reduction across warps or a layout change through shared memory needs one each time.
 - **streams**: per `tl.load` (named by the pointer it reads), its loads in the SASS (by the
   source line `nvdisasm --print-line-info` gives each instruction): `cp.async 128b x2`
-  means two 128-bit cp.async instructions. `(other)`: loads whose line info names a line
-  with no `tl.load` (ptxas schedules instructions away from their source line).
+  means two 128-bit cp.async instructions. A TMA load (`desc.load`) is named by its
+  descriptor: `src (descriptor)` is the shared tile loader of kernels/triton/_rows.py,
+  whatever operand it loads. `(other)`: loads whose line info names a line with no load
+  (ptxas schedules instructions away from their source line).
 
 Specialisation: Triton compiles integer arguments equal to 1 as constants and marks integers
 divisible by 16 and 16-byte-aligned pointers (`tt.divisibility`); the line above each table

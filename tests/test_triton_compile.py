@@ -97,3 +97,23 @@ def test_kernel_report_runs_on_one_family():
         regs, spills, smem = int(cells[1]), cells[2].strip(), float(cells[3])
         assert 0 < regs <= 255 and 0 < smem <= 227 and spills == "0/0", cells
         assert cells[6].strip().startswith(("wgmma", "mma.sync")), cells[6]  # bf16 dots on tensor cores
+
+
+def test_kernel_report_names_each_load_by_what_it_reads(tmp_path):
+    """The report's streams column: a ``tl.load`` is named by its pointer, a TMA
+    ``desc.load`` by its descriptor, over every line the call spans; line info that names
+    a file of another checkout (a cubin Triton's cache kept from a removed worktree) is
+    read from this checkout's file at the same place under kernels/."""
+    from sparqle.bench import kernel_report
+    source = tmp_path / "kernel.py"
+    source.write_text("def k(x_ptr, a_desc, offs):\n"
+                      "    x = tl.load(x_ptr + offs,\n"
+                      "                mask=offs < 4)\n"
+                      "    a = a_desc.load([0, 0])\n"
+                      "    b = tl.load(offs)\n")
+    streams = kernel_report._load_streams(str(source))
+    assert streams == {2: "x_ptr", 3: "x_ptr", 4: "a_desc (descriptor)", 5: kernel_report.OTHER}
+    here = importlib.import_module("sparqle.kernels.triton.spmm_csr").__file__
+    moved = os.path.join(str(tmp_path), "removed-worktree", "kernels", "triton", "spmm_csr.py")
+    assert os.path.samefile(kernel_report._source(moved), here)
+    assert kernel_report._source(str(tmp_path / "nowhere.py")) is None
