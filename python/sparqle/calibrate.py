@@ -129,6 +129,16 @@ def check_method(method: Optional[str], stats: Optional["InputStats"], methods: 
     return method
 
 
+def check_feature_statistic(name: str, t, k: int, meaning: str) -> None:
+    """A per-input-feature statistic (Wanda's norms, SmoothQuant's maxima): a floating-point
+    [k] tensor, finite and >= 0; ValueError naming ``name`` (``meaning`` says what it holds)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (k,):
+        raise ValueError(f"{name} must be a floating-point [{k}] tensor ({meaning}), got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"{name} must be finite and >= 0")
+
+
 def linear_targets(model: nn.Module, filter: Optional[Callable[[str, nn.Module], bool]]) -> Dict[int, Tuple[str, nn.Linear]]:
     """The layers ``convert`` replaces: modules of type exactly nn.Linear that ``filter``
     accepts (at their first name), by id."""

@@ -39,7 +39,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .calibrate import PRUNE_DAMP, inverse_hessian_factor, masked_refit, obs_sweep
+from .calibrate import (PRUNE_DAMP, check_feature_statistic, inverse_hessian_factor, masked_refit,
+                        obs_sweep)
 from .formats._checks import cdiv
 from .formats.bell import block_sums
 from .formats.nm import keep_top_n, check_pattern
@@ -75,12 +76,7 @@ def wanda(w: torch.Tensor, x_norm: torch.Tensor, sparsity: Optional[float] = Non
     largest summed score. N:M: the n largest scores of each group of m (ties: the lower
     index)."""
     pattern = _check(w, sparsity, block, n, m, two_d=True)
-    if not isinstance(x_norm, torch.Tensor) or not x_norm.is_floating_point() or tuple(x_norm.shape) != (w.shape[1],):
-        raise ValueError(f"x_norm must be a floating-point [{w.shape[1]}] tensor (one norm per "
-                         f"input feature), got {getattr(x_norm, 'dtype', type(x_norm).__name__)} "
-                         f"{tuple(getattr(x_norm, 'shape', ()))}")
-    if not bool(torch.isfinite(x_norm).all()) or bool((x_norm < 0).any()):
-        raise ValueError("x_norm must be finite and >= 0")
+    check_feature_statistic("x_norm", x_norm, w.shape[1], "one norm per input feature")
     score = w.detach().abs().float() * x_norm.to(w.device, torch.float32)
     if pattern == "nm":
         return keep_top_n(score, n, m)

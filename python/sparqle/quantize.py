@@ -24,7 +24,8 @@ from typing import Callable, Dict
 
 import torch
 
-from .calibrate import DAMP, SMOOTHQUANT_ALPHA, InputStats, inverse_hessian_factor, obs_sweep
+from .calibrate import (DAMP, SMOOTHQUANT_ALPHA, InputStats, check_feature_statistic, inverse_hessian_factor,
+                        obs_sweep)
 from .formats._checks import check_float_weight
 from .formats.int4 import METHODS, Int4Weight, _quantize, check_group_size
 from .formats.int8 import Int8Weight
@@ -77,13 +78,7 @@ def smoothquant_scale(w: torch.Tensor, abs_max: torch.Tensor, alpha: float = SMO
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     k = w.shape[1]
-    if (not isinstance(abs_max, torch.Tensor) or not abs_max.is_floating_point()
-            or tuple(abs_max.shape) != (k,)):
-        raise ValueError(f"abs_max must be a floating-point [{k}] tensor (the largest |x| of each "
-                         f"input feature), got {getattr(abs_max, 'dtype', type(abs_max).__name__)} "
-                         f"{tuple(getattr(abs_max, 'shape', ()))}")
-    if not bool(torch.isfinite(abs_max).all()) or bool((abs_max < 0).any()):
-        raise ValueError("abs_max must be finite and >= 0")
+    check_feature_statistic("abs_max", abs_max, k, "the largest |x| of each input feature")
     a = abs_max.to(w.device, torch.float32)
     column = w.detach().abs().amax(0).float()
     live = (a > 0) & (column > 0)
