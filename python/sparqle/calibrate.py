@@ -278,17 +278,15 @@ class Calibration:
             error, signal = paired_error(weight, _dense(converted), paired)
             one_shot = build(_with_weight(linear, weight), **options, method=methods[0])
             one_shot_error, _ = output_error(weight, _dense(one_shot), paired.float_xtx)
-        elif scale is None:
+        else:
             error, signal = output_error(linear.weight, _dense(converted), stats.xtx)
-            one_shot = build(linear, **options, method=methods[0])
-            one_shot_error, _ = output_error(linear.weight, _dense(one_shot), stats.xtx)
-        else:  # back in the coordinates before rescaling: W diag(1 / s), H = diag(s) H' diag(s)
-            error, signal = output_error(linear.weight, _dense(converted), stats.xtx)
-            original = nn.Linear(linear.in_features, linear.out_features, bias=False,
-                                 device=linear.weight.device, dtype=linear.weight.dtype)
-            original.weight.data = linear.weight.detach() / scale.to(linear.weight.dtype)
+            # A rescaled layer's one-shot error, in the coordinates before rescaling:
+            # W diag(1 / s) on inputs whose H is diag(s) H' diag(s).
+            original, xtx = ((linear, stats.xtx) if scale is None else
+                             (_with_weight(linear, linear.weight.detach() / scale.to(linear.weight.dtype)),
+                              stats.scaled(1 / scale).xtx))
             one_shot = build(original, **options, method=methods[0])
-            one_shot_error, _ = output_error(original.weight, _dense(one_shot), stats.scaled(1 / scale).xtx)
+            one_shot_error, _ = output_error(original.weight, _dense(one_shot), xtx)
         converted.calibration = {"method": chosen, "one_shot_error": one_shot_error, "error": error,
                                  "signal": signal, "seconds": seconds}
         return converted
