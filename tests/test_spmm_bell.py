@@ -206,6 +206,45 @@ def test_holes_and_rows_of_every_width_match_the_oracle_and_the_schedule_is_kept
         assert kept[1].tolist() == [4, 0, 4, 1, 4] and kept[0].tolist() == [0, 2, 4, 3, 1]
 
 
+def test_tile_counter_is_left_zero_for_the_next_call(device_backend):
+    """The persistent kernel takes its tiles from one counter per stream, zero between
+    calls with no memset (the program drawing the last ticket resets it): calls of
+    different tile counts and grids in turn, the forward and dx, each right, the counter
+    zero after each."""
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("the counter belongs to the Triton kernel")
+    from sparqle.kernels.triton.spmm_bell import _tile_counter
+    for m, k, n, b in [(37, 50, 19, 16), (70, 130, 1, 64), (20, 17, 40, 16), (37, 50, 19, 16)]:
+        a, w64 = _operands(m, k, b, 0.6, torch.float32, device)
+        x, dy = torch.randn(n, k, device=device), torch.randn(n, m, device=device)
+        with sparqle.use_backend(backend):
+            y = sparqle.linear(x, a)
+            assert _tile_counter(torch.device(device)).item() == 0
+            dx = torch.ops.sparqle.bell_matmul(dy, *a.transposed_structure(), a.values, k)
+            assert _tile_counter(torch.device(device)).item() == 0
+        x64, dy64 = x.double().cpu(), dy.double().cpu()
+        assert_close(y, x64 @ w64.T, x64.abs() @ w64.abs().T, torch.float32, "y")
+        assert_close(dx, dy64 @ w64, dy64.abs() @ w64.abs(), torch.float32, "dx")
+
+
+def test_tile_counter_made_in_capture_is_not_kept(monkeypatch):
+    """While a CUDA graph is captured, a stream's first counter is made for that call
+    only (it would live in the graph's pool); one kept by an eager call is reused.
+    (Capture is simulated: this is the CPU.)"""
+    from sparqle.kernels.triton import spmm_bell
+    monkeypatch.setattr(spmm_bell, "_TILE_COUNTERS", {})
+    monkeypatch.setattr(spmm_bell, "capturing", lambda: True)
+    cpu = torch.device("cpu")
+    made = spmm_bell._tile_counter(cpu)
+    assert made.tolist() == [0] and spmm_bell._TILE_COUNTERS == {}
+    monkeypatch.setattr(spmm_bell, "capturing", lambda: False)
+    kept = spmm_bell._tile_counter(cpu)
+    assert kept is not made and spmm_bell._tile_counter(cpu) is kept
+    monkeypatch.setattr(spmm_bell, "capturing", lambda: True)
+    assert spmm_bell._tile_counter(cpu) is kept
+
+
 def test_opcheck_gradient_ops():
     """(bell_linear itself: tests/test_contract.py, with every other contract check.)"""
     a, _ = _operands(37, 50, 16, 0.5, torch.float64, "cpu")

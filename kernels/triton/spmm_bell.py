@@ -21,7 +21,11 @@ in width order: the block-rows in ``order`` (sparqle.formats.bell.row_schedule: 
 slots first), all x tiles of one block-row before the next. Each program takes its next
 tile from a counter (an atomic add, issued as the current tile starts), so the longest
 block-rows start first, the short ones fill the tail, and a program that finds none left
-ends: the grid may exceed the programs an SM keeps resident. A block-row's loop visits only
+ends: the grid may exceed the programs an SM keeps resident. The counter is zero on entry
+and the kernel leaves it zero: the P programs draw T + P tickets in all (T tiles, and one
+past the end each), and the program that draws the last one, T + P - 1, after which no one
+reads the counter, resets it. So one counter per stream is kept zeroed across calls and a
+call is one launch, with no memset before it (``_tile_counter``). A block-row's loop visits only
 its ``row_slots`` slots (up to its last used one), a trip count read at run time, so the
 padding slots of the block-rows narrower than the widest cost nothing. The loop has no
 branch, so its loads go through the software pipeline (cp.async, with wgmma kept in flight
@@ -39,15 +43,18 @@ import triton.language as tl
 from sparqle.formats.bell import row_schedule
 
 from .. import _alloc
+from .._capture import capturing
 from .._derived import derived
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
 from ._rows import persistent_programs
 
+# Three stages: with the loop's run-time trip count, sm_90's pipeliner gives four stages
+# the same kernel as three (the kernel report: same shared memory, same cp.async count).
 _MM_CONFIGS = Configs(
     [triton.Config({"BLOCK_X_ROWS": bx}, num_warps=w, num_stages=s)
      for bx, w, s in [(16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 4, 3),
-                      (128, 8, 3), (128, 8, 4), (256, 8, 3), (256, 16, 3)]],
+                      (128, 8, 3), (256, 8, 3), (256, 16, 3)]],
     triton.Config({"BLOCK_X_ROWS": 16}),
 )
 # Programs of the persistent grid per SM: at least the blocks of any config an SM keeps
@@ -61,7 +68,7 @@ _SDDMM_CONFIGS = Configs(
 )
 
 
-@autotune(_MM_CONFIGS, key=["N", "WIDTH", "B"], bucket=["N"], reset_to_zero=["next_tile_ptr"])
+@autotune(_MM_CONFIGS, key=["N", "WIDTH", "B"], bucket=["N"])
 @triton.jit
 def _bell_mm_kernel(
     # pointers
@@ -79,8 +86,9 @@ def _bell_mm_kernel(
 ):
     x_tiles = tl.cdiv(N, BLOCK_X_ROWS)
     offs_b = tl.arange(0, B)
+    tiles = ROWS * x_tiles
     tile = tl.atomic_add(next_tile_ptr, 1, sem="relaxed")
-    while tile < ROWS * x_tiles:
+    while tile < tiles:
         following = tl.atomic_add(next_tile_ptr, 1, sem="relaxed")  # taken now, its latency hidden by this tile
         block_row = tl.load(order_ptr + tile // x_tiles)
         offs_n = ((tile % x_tiles) * BLOCK_X_ROWS + tl.arange(0, BLOCK_X_ROWS)).to(tl.int64)
@@ -113,6 +121,10 @@ def _bell_mm_kernel(
         tl.store(y_ptr + offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym,
                  acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
         tile = following
+    # The last ticket drawn: every program has drawn its one past the end, so no one reads
+    # the counter again in this launch, and the next launch finds it zero.
+    if tile == tiles + tl.num_programs(0) - 1:
+        tl.atomic_xchg(next_tile_ptr, 0, sem="relaxed")
 
 
 @autotune(_SDDMM_CONFIGS, key=["N", "B"], bucket=["N"])
@@ -153,6 +165,26 @@ def _sddmm_bell_kernel(
              acc.to(out_ptr.dtype.element_ty))
 
 
+# The persistent kernel's tile counter per (device, stream): zero between launches (the
+# kernel resets it), so a launch needs no memset. Launches on one stream run one after
+# another; each stream has its own counter, so kernels on two streams never share one.
+_TILE_COUNTERS = {}
+
+
+def _tile_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 [1] counter for ``_bell_mm_kernel`` on ``device``'s current stream,
+    made once per stream and reused. While a CUDA graph is captured a counter not yet made
+    is made for this call only (its zeroing is captured with the kernel): one made during
+    capture lives in the graph's memory pool and cannot be kept for later calls."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    counter = _TILE_COUNTERS.get((device, stream))
+    if counter is None:
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        if not capturing():
+            _TILE_COUNTERS[(device, stream)] = counter
+    return counter
+
+
 def _launch_mm(cols, slots, values, x, bias, out_features, transposed):
     n, b = x.shape[0], values.shape[-1]
     rows, width = cols.shape
@@ -160,7 +192,7 @@ def _launch_mm(cols, slots, values, x, bias, out_features, transposed):
     if n == 0 or out_features == 0:
         return y
     order, row_slots = derived("bell_row_schedule", lambda: row_schedule(cols), cols)
-    next_tile = torch.zeros(1, dtype=torch.int32, device=x.device)
+    next_tile = _tile_counter(x.device)
     programs = persistent_programs(x.device, _PROGRAMS_PER_SM)
     grid = lambda meta: (min(rows * triton.cdiv(n, meta["BLOCK_X_ROWS"]), programs),)  # noqa: E731
     with on_device_of(x):
