@@ -111,7 +111,7 @@ VALIDATION = [
 # (conversion, convert's options, criteria): the first criterion is today's one-shot one;
 # those of sparqle.calibrate.NEEDS_STATS are calibrated on CALIBRATION (``sequential``:
 # layer by layer, convert's sequential=True).
-SPARSE = ("magnitude", "wanda", "sparsegpt")
+SPARSE = ("magnitude", "wanda", "sparsegpt", "admm")
 ROWS: List[Tuple[str, Dict[str, object], Tuple[str, ...]]] = [
     ("2:4", {}, SPARSE),
     ("2:4", {"sequential": True}, ("sparsegpt",)),

@@ -1,4 +1,4 @@
-"""Calibrated compression (sparqle.calibrate, prune.wanda / prune.sparsegpt, quantize.gptq_*):
+"""Calibrated compression (sparqle.calibrate, prune.wanda / sparsegpt / admm, quantize.gptq_*):
 statistics against their float64 definition, a reconstruction with a known answer, the
 calibrated criteria against the one-shot ones on calibration and held-out inputs, the
 pattern invariants after reconstruction, convert(calibrate=, method=), the report, and
@@ -144,7 +144,8 @@ def test_masked_refit_rejects_what_damped_hessian_rejects():
         calibrate.masked_refit(w, torch.eye(8), torch.ones(4, 8, dtype=torch.bool), start=torch.ones(4, 7))
 
 
-def test_sparsegpt_compensates_a_duplicated_input_exactly():
+@pytest.mark.parametrize("criterion", ["sparsegpt", "admm"])
+def test_reconstruction_compensates_a_duplicated_input_exactly(criterion):
     """Known answer: inputs come in identical pairs (x_{2i+1} = x_{2i}), so a 1:2 pattern
     loses nothing when each kept weight takes its pruned twin's: w'_kept = w_2i + w_2i+1.
     Magnitude pruning drops half the signal instead."""
@@ -152,7 +153,7 @@ def test_sparsegpt_compensates_a_duplicated_input_exactly():
     half = torch.randn(512, 8, generator=g)
     x = half.repeat_interleave(2, dim=1)                              # [512, 16]
     w = torch.randn(6, 16, generator=g)
-    pruned, mask = prune.sparsegpt(w, x.T @ x, n=1, m=2, damp=0.0)
+    pruned, mask = getattr(prune, criterion)(w, x.T @ x, n=1, m=2, damp=0.0)
     assert torch.equal(mask.view(6, 8, 2).sum(-1), torch.ones(6, 8, dtype=torch.long))
     torch.testing.assert_close(pruned.sum(1), w.sum(1), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pruned.view(6, 8, 2).sum(-1), w.view(6, 8, 2).sum(-1), rtol=1e-4, atol=1e-4)
@@ -171,13 +172,16 @@ def test_calibrated_pruning_beats_magnitude_on_calibration_and_held_out_inputs(p
     layer, x, held_out = problem
     stats = _stats(layer, x)
     errors = {}
-    for method in ("magnitude", "wanda", "sparsegpt"):
+    for method in ("magnitude", "wanda", "sparsegpt", "admm"):
         sparse = sparqle.nn.SparseLinear.from_linear(layer, **pattern, method=method, stats=stats)
         dense = sparse.weight.to_dense()
         errors[method] = (_error(layer.weight, dense, x), _error(layer.weight, dense, held_out))
     for inputs in (0, 1):
-        assert errors["sparsegpt"][inputs] < errors["wanda"][inputs] < errors["magnitude"][inputs], errors
+        for method in ("sparsegpt", "admm"):
+            assert errors[method][inputs] < errors["wanda"][inputs] < errors["magnitude"][inputs], errors
     assert errors["sparsegpt"][0] < 0.7 * errors["magnitude"][0], errors
+    if pattern["format"] != "bell":  # blocks: admm and sparsegpt within 1% of each other here
+        assert errors["admm"][0] < 0.97 * errors["sparsegpt"][0], errors
 
 
 @pytest.mark.parametrize("group_size", [32, 128, -1])
@@ -204,12 +208,13 @@ def test_gptq_int8_beats_absmax_on_the_same_grid(problem):
                 < 0.9 * _error(layer.weight, absmax.weight.dequantize(), inputs))
 
 
+@pytest.mark.parametrize("criterion", ["sparsegpt", "admm"])
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (4, 8), (1, 2)])
 @pytest.mark.parametrize("k", [70, 256])
-def test_sparsegpt_n_m_is_exact(n, m, k):
+def test_reconstruction_n_m_is_exact(criterion, n, m, k):
     g = torch.Generator().manual_seed(k + m)
     w, x = torch.randn(24, k, generator=g), _inputs(300, k, g)
-    pruned, mask = prune.sparsegpt(w, x.T @ x, n=n, m=m)
+    pruned, mask = getattr(prune, criterion)(w, x.T @ x, n=n, m=m)
     groups = torch.nn.functional.pad(mask, (0, -k % m)).view(24, -1, m).sum(-1)
     full = k // m
     assert bool((groups[:, :full] == n).all()), "every full group keeps exactly n"
@@ -272,14 +277,40 @@ def test_sparsegpt_block_choice_is_the_best_single_block_to_prune():
         assert chosen == [min(range(5), key=errors.__getitem__)], (r0, chosen, errors)
 
 
+@pytest.mark.parametrize("pattern", [{"n": 2, "m": 4}, {"sparsity": 0.5}, {"sparsity": 0.5, "block": 8}],
+                         ids=["2:4", "csr", "bell-8"])
+def test_admm_returns_the_exact_refit_of_its_mask_and_ignores_feature_scales(pattern):
+    """admm's w' is the damped least-squares weight for its mask (masked_refit from
+    scratch, float64 error); and the mask is the same when an input feature is scaled by c
+    and its weight column by 1 / c (the same layer, the same output): the projection
+    works in the coordinates w_j sqrt(H_jj). Powers of two keep every step exact."""
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(40, 96, generator=g), _inputs(300, 96, g)
+    xtx = x.T @ x
+    pruned, mask = prune.admm(w, xtx, **pattern)
+    h, _ = calibrate.damped_hessian(xtx, w, calibrate.PRUNE_DAMP)
+
+    def damped_error(weight):
+        d = (w - weight).double()
+        return float(((d @ h.double()) * d).sum())
+
+    exact = calibrate.masked_refit(w, xtx, mask, calibrate.PRUNE_DAMP)
+    assert damped_error(pruned) <= damped_error(exact) * (1 + 1e-5)
+    c = 2.0 ** torch.randint(-6, 7, (96,), generator=g).float()
+    scaled_pruned, scaled_mask = prune.admm(w / c, xtx * c[:, None] * c[None, :], **pattern)
+    assert torch.equal(scaled_mask, mask)
+    torch.testing.assert_close(scaled_pruned * c, pruned, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
-def test_sparsegpt_and_wanda_unstructured_keep_exact_counts_per_row(sparsity):
+def test_reconstruction_and_wanda_unstructured_keep_exact_counts_per_row(sparsity):
     g = torch.Generator().manual_seed(2)
     w, x = torch.randn(20, 300, generator=g), _inputs(400, 300, g)
-    pruned, mask = prune.sparsegpt(w, x.T @ x, sparsity)
     keep = 300 - round(sparsity * 300)
-    assert torch.equal(mask.sum(1), torch.full((20,), keep))
-    assert bool((pruned[~mask] == 0).all())
+    for criterion in (prune.sparsegpt, prune.admm):
+        pruned, mask = criterion(w, x.T @ x, sparsity)
+        assert torch.equal(mask.sum(1), torch.full((20,), keep))
+        assert bool((pruned[~mask] == 0).all())
     wanda = prune.wanda(w, x.norm(dim=0), sparsity)
     assert torch.equal(wanda.sum(1), torch.full((20,), keep))
     score = w.abs() * x.norm(dim=0)
@@ -287,7 +318,7 @@ def test_sparsegpt_and_wanda_unstructured_keep_exact_counts_per_row(sparsity):
 
 
 @pytest.mark.parametrize("b", [16, 32, 3])
-@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt", "admm"])
 def test_block_pruning_keeps_whole_blocks_and_exact_counts_per_block_row(b, criterion):
     g = torch.Generator().manual_seed(b)
     rows, k = 70, 300
@@ -295,7 +326,7 @@ def test_block_pruning_keeps_whole_blocks_and_exact_counts_per_block_row(b, crit
     if criterion == "wanda":
         pruned, mask = None, prune.wanda(w, x.norm(dim=0), 0.5, block=b)
     else:
-        pruned, mask = prune.sparsegpt(w, x.T @ x, 0.5, block=b)
+        pruned, mask = getattr(prune, criterion)(w, x.T @ x, 0.5, block=b)
     block_rows, block_cols = -(-rows // b), -(-k // b)
     padded = torch.nn.functional.pad(mask, (0, block_cols * b - k, 0, block_rows * b - rows))
     kept = padded.view(block_rows, b, block_cols, b).any(3).any(1)
@@ -323,6 +354,10 @@ def test_criteria_bad_input():
         prune.sparsegpt(w, torch.eye(16), 0.5, damp=-1)
     with pytest.raises(ValueError, match="n and m set the sparsity"):
         prune.sparsegpt(w, torch.eye(16), 0.5, n=2, m=4)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        prune.admm(w, torch.eye(16), 0.5, steps=0)
+    with pytest.raises(ValueError, match=r"xtx must be a floating-point \[16, 16\] tensor"):
+        prune.admm(w, torch.eye(8), n=2, m=4)
     with pytest.raises(ValueError, match="w must be 2-D"):
         prune.wanda(torch.randn(2, 8, 16), torch.ones(16), 0.5)
     with pytest.raises(ValueError, match="clip must be one of"):

@@ -258,7 +258,7 @@ def convert(model: nn.Module, fmt: Union[str, Mapping[str, Setting]], *,
     ``run(model)`` once before anything is replaced (for example ``lambda m:
     m.encode(sentences)``), records the input statistics of every nn.Linear ``filter``
     accepts (sparqle.calibrate), and converts with them; the option ``method`` names the
-    criterion: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` for the sparse formats,
+    criterion: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, ``"admm"`` for the sparse formats,
     ``"minmax"``, ``"mse"``, ``"hqq"`` (no data needed), ``"gptq"``, ``"awq"`` for int4,
     ``"absmax"``, ``"gptq"``, ``"smoothquant"`` (W8A8: per-input-channel scales that move
     the activations' outliers into the weight) for int8 (default: the first without

@@ -89,9 +89,10 @@ class SparseLinear(ConvertedLinear):
         every m and takes no sparsity.
 
         ``method`` is the criterion of sparqle.prune: ``"magnitude"`` (the default without
-        ``stats``), ``"wanda"`` or ``"sparsegpt"`` (the default with them), the last two
-        computed from ``stats``, the layer's calibration inputs (sparqle.calibrate; what
-        ``convert(..., calibrate=run)`` passes); sparsegpt also updates the kept weights."""
+        ``stats``), ``"wanda"``, ``"sparsegpt"`` (the default with them) or ``"admm"``, the
+        last three computed from ``stats``, the layer's calibration inputs
+        (sparqle.calibrate; what ``convert(..., calibrate=run)`` passes); sparsegpt and
+        admm also update the kept weights."""
         if not isinstance(linear_, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear_).__name__}")
         if format not in _FORMATS:
@@ -119,7 +120,7 @@ class SparseLinear(ConvertedLinear):
         elif method == "wanda":
             mask = prune.wanda(w, stats.x_norm, **pattern)
         else:
-            w, mask = prune.sparsegpt(w, stats.xtx, **pattern)
+            w, mask = getattr(prune, method)(w, stats.xtx, **pattern)
         if ":" in format:
             weight = SemiStructured.from_mask(w, mask, pattern["n"], pattern["m"])
         elif format == "csr":
