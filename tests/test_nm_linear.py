@@ -229,6 +229,44 @@ class TestValuesChanged:
         assert len(made) == compressions + 1 and torch.equal(made[-1], w.to_dense())
 
 
+def test_cusparselt_algorithm_is_searched_once_per_problem_and_never_in_capture(monkeypatch):
+    """cuSPARSELt's algorithm comes from its own search at the first call of a problem
+    (device, dtype, padded x, padded N, bias) and is kept: the id found is the one the
+    product runs with; a new padded M searches again, M = 1 to 8 share one search. While a
+    graph is captured an unsearched problem runs algorithm 0 and stays unsearched. (torch's
+    cuSPARSELt ops faked on the CPU: the "compressed" weight is the padded dense one.)"""
+    from sparqle.bindings._backend import kernels
+    on_torch = kernels("torch", "nm_linear")
+    searches, runs = [], []
+
+    def product(compressed, dense_t, bias=None, transpose_result=True):
+        y = (compressed @ dense_t).T
+        return y + bias if bias is not None else y
+
+    def search(compressed, dense_t, bias=None, transpose_result=True):
+        searches.append(tuple(dense_t.shape))
+        return 7
+
+    def sparse_mm(compressed, dense_t, bias=None, transpose_result=True, alg_id=0):
+        runs.append(alg_id)
+        return product(compressed, dense_t, bias, transpose_result)
+
+    monkeypatch.setattr(on_torch, "_ALGORITHMS", {})
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm)
+    w = _weight(20, 40, 2, 4, torch.float32, "cpu")
+    compressed = on_torch._padded(w.to_dense(), 16, 16)
+    bias = torch.randn(20)
+    for rows in (3, 8, 5, 9):
+        x = torch.randn(rows, 40)
+        assert_close(on_torch.cusparselt_linear(x, compressed, bias, 20), *_oracle(x, w, bias), torch.float32, "y")
+    assert searches == [(48, 8), (48, 16)] and runs == [7, 7, 7, 7]
+    monkeypatch.setattr(on_torch, "host_reads_allowed", lambda: False)
+    x = torch.randn(17, 40)
+    assert_close(on_torch.cusparselt_linear(x, compressed, None, 20), *_oracle(x, w, None), torch.float32, "y")
+    assert runs[-1] == 0 and len(searches) == 2 and len(on_torch._ALGORITHMS) == 2
+
+
 def test_opcheck_to_dense():
     """(nm_linear itself: tests/test_contract.py, with every other contract check.)"""
     w = _weight(20, 70, 2, 4, torch.float32, "cpu")

@@ -4,20 +4,25 @@ and its codec: sparqle.formats.nm).
 ``nm_linear`` is the CPU path and the fallback; ``to_dense`` is the codec's expansion
 (the torch launcher of sparqle::nm_to_dense); ``cusparselt_linear`` runs 2:4 on sparse
 tensor cores through torch's cuSPARSELt ops (CUDA only), on a weight that
-``cusparselt_compress`` prepared.
+``cusparselt_compress`` prepared, with the algorithm cuSPARSELt's own search found fastest
+for the problem (searched once per problem, then kept).
 """
-from typing import Optional
+from typing import Dict, Hashable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from sparqle.formats.nm import to_dense
 
+from .._capture import host_reads_allowed
 from ._linear import linear_by_row_blocks
 
 # cuSPARSELt takes a 16-bit 2:4 operand whose rows and columns are multiples of 16, and a
 # dense operand whose rows and columns are multiples of 8.
 _SPARSE_TILE, _DENSE_TILE = 16, 8
+# cuSPARSELt's algorithm per problem (``_problem``) -> its id, from
+# torch._cslt_sparse_mm_search, which runs and times each algorithm on the call's operands.
+_ALGORITHMS: Dict[Hashable, int] = {}
 
 
 def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
@@ -50,5 +55,31 @@ def cusparselt_linear(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[
     dense = _padded(x.contiguous(), _DENSE_TILE, _SPARSE_TILE)
     if bias is not None:  # read at unit stride, padded to the tile
         bias = F.pad(bias, (0, -out_features % _SPARSE_TILE)) if out_features % _SPARSE_TILE else bias.contiguous()
-    y = torch._cslt_sparse_mm(compressed, dense.t(), bias=bias, transpose_result=True)
+    y = torch._cslt_sparse_mm(compressed, dense.t(), bias=bias, transpose_result=True,
+                              alg_id=_algorithm(compressed, dense, bias, out_features))
     return y[:rows, :out_features].contiguous()
+
+
+def _problem(dense: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> Hashable:
+    """The key of a cuSPARSELt problem: device, dtype, the padded x's shape (M to a
+    multiple of 8: M = 1 to 8 is one problem), the padded N and whether a bias is fused.
+    An algorithm id is kept for its exact problem only: cuSPARSELt numbers the algorithms
+    of each problem's plan, and does not promise the same count for another M."""
+    return (dense.device, dense.dtype, tuple(dense.shape), -(-out_features // _SPARSE_TILE) * _SPARSE_TILE,
+            bias is not None)
+
+
+def _algorithm(compressed: torch.Tensor, dense: torch.Tensor, bias: Optional[torch.Tensor],
+               out_features: int) -> int:
+    """cuSPARSELt's fastest algorithm for this problem: searched at its first call (the
+    search runs the product with each algorithm and synchronises), then kept. While a CUDA
+    graph is captured or a graph traced, where nothing may synchronise, a problem not yet
+    searched takes cuSPARSELt's default, 0, and is searched at its next eager call."""
+    key = _problem(dense, bias, out_features)
+    found = _ALGORITHMS.get(key)
+    if found is None:
+        if not host_reads_allowed():
+            return 0
+        found = _ALGORITHMS[key] = int(torch._cslt_sparse_mm_search(compressed, dense.t(), bias=bias,
+                                                                      transpose_result=True))
+    return found
