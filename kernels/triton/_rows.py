@@ -1,5 +1,5 @@
 """Pieces shared by the per-row quantizers (int8, FP8) and their W8A8 GEMMs: the quantizers'
-autotune configs, the loads of a row and its max |x|, the fp32 magic number of
+kernel and autotune configs, the loads of a row and its max |x|, the fp32 magic number of
 round-half-to-even, the GEMMs' grouped tile order, persistent grid and choice of TMA loads,
 and the recomputation of the rows a quantized x cannot carry.
 
@@ -78,6 +78,74 @@ def row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K: tl.const
         amax = tl.maximum(amax, tl.abs(x))
         nans |= (x != x).to(tl.int32)
     return tl.where(tl.max(nans, axis=1) > 0, float("nan"), tl.max(amax, axis=1))
+
+
+@triton.jit
+def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """v (fp32, |v| <= the format's max) rounded half to even to the FP8 grid, in fp32."""
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, EMIN)  # the binade; subnormals share EMIN's ulp
+    ulp = ((e - MBITS + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((MBITS - e + 127) << 23).to(tl.float32, bitcast=True)
+    r = ((tl.abs(v) * inv_ulp + ROUND_MAGIC) - ROUND_MAGIC) * ulp  # both products exact
+    return tl.where(bits < 0, -r, r)
+
+
+@triton.jit
+def _quantize_block(x, q_ptrs, mask, scale, Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr,
+                    MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """*q_ptrs = the code of clamp(x / scale, -Q_MAX, Q_MAX) where ``mask``, NaN to 0,
+    ``scale`` broadcast against x: for int8 (Q_DTYPE tl.int8, Q_MAX 127) rounded half to
+    even, stored as int8; for FP8 rounded to the FP8 grid (MBITS mantissa bits, smallest
+    normal exponent EMIN), stored as its bits (uint8)."""
+    v = tl.div_rn(x, tl.zeros_like(x) + scale)
+    v = tl.where(v != v, 0.0, v)
+    v = tl.minimum(tl.maximum(v, -Q_MAX), Q_MAX)
+    if Q_DTYPE == tl.int8:
+        tl.store(q_ptrs, ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8), mask=mask)
+    else:
+        q = _round_to_fp8(v, MBITS, EMIN).to(Q_DTYPE)  # exact: already on the grid
+        # The sign bit set from v's: the interpreter's cast drops the sign of -0 (a negative
+        # value over an infinite scale, or below the smallest subnormal), torch's keeps it.
+        sign = tl.where(v.to(tl.int32, bitcast=True) < 0, 0x80, 0).to(tl.uint8)
+        tl.store(q_ptrs, q.to(tl.uint8, bitcast=True) | sign, mask=mask)
+
+
+@triton.jit
+def quantize_rows_kernel(
+    # pointers
+    x_ptr, q_ptr, scale_ptr, static_ptr,
+    # sizes
+    M, K,
+    # strides
+    stride_xm, stride_xk,
+    stride_qm,
+    # meta-parameters: the code (``quantize_meta``), the tile
+    STATIC: tl.constexpr, Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr, MBITS: tl.constexpr,
+    EMIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """q [M, K] and scale [M] of x [M, K], per row: scale = max|x[m]| / Q_MAX (IEEE
+    division; 1 for an all-zero row; NaN for a row holding a NaN), or *static_ptr
+    (STATIC); q the code of x / scale (``_quantize_block``). Program p quantizes rows
+    p * BLOCK_M, ...; their first block stays in registers from the max to the
+    quantization (one read of x when K <= BLOCK_K, see the module doc). The int8 and FP8
+    quantizers' kernel, autotuned by each (``autotune(...)(quantize_rows_kernel)``)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    first, offs, mask = load_row_block(x_ptr, rows, 0, M, K, stride_xm, stride_xk, BLOCK_K)
+    if STATIC:
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(static_ptr).to(tl.float32)
+    else:
+        top = row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K)
+        scale = tl.div_rn(top, tl.zeros_like(top) + Q_MAX)
+        scale = tl.where(scale == 0, 1.0, scale)
+    q_rows_ptr = q_ptr + rows[:, None] * stride_qm
+    nans = tl.max((first != first).to(tl.int32), axis=1)
+    _quantize_block(first, q_rows_ptr + offs[None, :], mask, scale[:, None], Q_DTYPE, Q_MAX, MBITS, EMIN)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        x, offs, mask = load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
+        nans |= tl.max((x != x).to(tl.int32), axis=1)
+        _quantize_block(x, q_rows_ptr + offs[None, :], mask, scale[:, None], Q_DTYPE, Q_MAX, MBITS, EMIN)
+    tl.store(scale_ptr + rows, tl.where(nans > 0, float("nan"), scale), mask=rows < M)
 
 
 @triton.jit

@@ -28,8 +28,8 @@ import triton.language as tl
 from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, interpreting, on_device_of
-from ._rows import (QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, persistent_grid, redo_infinite_rows,
-                    load_operand_tile, operand_source, row_absmax, tma_loads)
+from ._rows import (QUANT_CONFIGS, grouped_tile, persistent_grid, quantize_rows_kernel, redo_infinite_rows,
+                    load_operand_tile, operand_source, tma_loads)
 
 # torch FP8 dtype name -> (Triton dtype, mantissa bits, smallest normal exponent)
 _FORMATS = {"float8_e4m3fn": (tl.float8e4nv, 3, -6), "float8_e5m2": (tl.float8e5, 2, -14)}
@@ -68,75 +68,19 @@ _COLUMN_CONFIGS = Configs(
 
 
 def fp8_format(dtype: torch.dtype) -> dict:
-    """Constexprs of FP8 ``dtype``: its Triton type, mantissa bits, smallest normal exponent
-    and largest finite value."""
+    """Constexprs of FP8 ``dtype``: its Triton type, largest finite value, mantissa bits and
+    smallest normal exponent (the quantizer's code)."""
     tl_dtype, mbits, emin = _FORMATS[str(dtype).replace("torch.", "")]
-    return {"Q_DTYPE": tl_dtype, "MBITS": mbits, "EMIN": emin, "FP8_MAX": float(torch.finfo(dtype).max)}
+    return {"Q_DTYPE": tl_dtype, "Q_MAX": float(torch.finfo(dtype).max), "MBITS": mbits, "EMIN": emin}
 
 
-@triton.jit
-def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
-    """v (fp32, |v| <= the format's max) rounded half to even to the FP8 grid, in fp32."""
-    bits = v.to(tl.int32, bitcast=True)
-    e = tl.maximum(((bits >> 23) & 0xFF) - 127, EMIN)  # the binade; subnormals share EMIN's ulp
-    ulp = ((e - MBITS + 127) << 23).to(tl.float32, bitcast=True)
-    inv_ulp = ((MBITS - e + 127) << 23).to(tl.float32, bitcast=True)
-    r = ((tl.abs(v) * inv_ulp + ROUND_MAGIC) - ROUND_MAGIC) * ulp  # both products exact
-    return tl.where(bits < 0, -r, r)
-
-
-@triton.jit
-def _quantize_block(x, q_ptrs, mask, scale, Q_DTYPE: tl.constexpr, MBITS: tl.constexpr,
-                    EMIN: tl.constexpr, FP8_MAX: tl.constexpr):
-    """*q_ptrs = fp8(clamp(x / scale, -FP8_MAX, FP8_MAX)) as its bits (uint8) where ``mask``,
-    NaN to 0; ``scale`` broadcast against x."""
-    v = tl.div_rn(x, tl.zeros_like(x) + scale)
-    v = tl.where(v != v, 0.0, v)
-    v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-    q = _round_to_fp8(v, MBITS, EMIN).to(Q_DTYPE)  # exact: already on the grid
-    # The sign bit set from v's: the interpreter's cast drops the sign of -0 (a negative
-    # value over an infinite scale, or below the smallest subnormal), torch's keeps it.
-    sign = tl.where(v.to(tl.int32, bitcast=True) < 0, 0x80, 0).to(tl.uint8)
-    tl.store(q_ptrs, q.to(tl.uint8, bitcast=True) | sign, mask=mask)
-
-
-@autotune(QUANT_CONFIGS, key=["K"])
-@triton.jit
-def _quantize_rows_kernel(
-    # pointers
-    x_ptr, q_ptr, scale_ptr, static_ptr,
-    # sizes
-    M, K,
-    # strides
-    stride_xm, stride_xk,
-    stride_qm,
-    # meta-parameters
-    STATIC: tl.constexpr, Q_DTYPE: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-    FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Program p quantizes rows p * BLOCK_M, ... ; their first block stays in registers from
-    the max to the quantization (one read of x when K <= BLOCK_K, see _rows.py)."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    first, offs, mask = load_row_block(x_ptr, rows, 0, M, K, stride_xm, stride_xk, BLOCK_K)
-    if STATIC:
-        scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(static_ptr).to(tl.float32)
-    else:
-        top = row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K)
-        scale = tl.div_rn(top, tl.zeros_like(top) + FP8_MAX)
-        scale = tl.where(scale == 0, 1.0, scale)
-    q_rows_ptr = q_ptr + rows[:, None] * stride_qm
-    nans = tl.max((first != first).to(tl.int32), axis=1)
-    _quantize_block(first, q_rows_ptr + offs[None, :], mask, scale[:, None], Q_DTYPE, MBITS, EMIN, FP8_MAX)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        x, offs, mask = load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
-        nans |= tl.max((x != x).to(tl.int32), axis=1)
-        _quantize_block(x, q_rows_ptr + offs[None, :], mask, scale[:, None], Q_DTYPE, MBITS, EMIN, FP8_MAX)
-    tl.store(scale_ptr + rows, tl.where(nans > 0, float("nan"), scale), mask=rows < M)
+# The per-row quantizer (_rows.quantize_rows_kernel) for FP8 codes (``fp8_format``).
+_quantize_rows_kernel = autotune(QUANT_CONFIGS, key=["K"])(quantize_rows_kernel)
 
 
 # The same kernel over tiles of BLOCK_M rows, for x whose rows are columns in memory
 # (stride_xm == 1): each load reads BLOCK_M neighbours along a column of memory.
-_quantize_columns_kernel = autotune(_COLUMN_CONFIGS, key=["M", "K"], bucket=["M"])(_quantize_rows_kernel.fn)
+_quantize_columns_kernel = autotune(_COLUMN_CONFIGS, key=["M", "K"], bucket=["M"])(quantize_rows_kernel)
 
 
 @autotune(_GEMM_CONFIGS, key=["M", "N", "K", "A_FP8", "USE_TMA"], bucket=["M"])

@@ -25,8 +25,8 @@ import triton.language as tl
 from .. import _alloc
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
-from ._rows import (QUANT_CONFIGS, ROUND_MAGIC, grouped_tile, load_row_block, persistent_grid, redo_infinite_rows,
-                    load_operand_tile, operand_source, row_absmax, tma_loads)
+from ._rows import (QUANT_CONFIGS, grouped_tile, persistent_grid, quantize_rows_kernel, redo_infinite_rows,
+                    load_operand_tile, operand_source, tma_loads)
 
 # The longest K whose int8 x int8 dot cannot overflow int32: 2**31 / (127 * 128) > 2**17.
 INT32_SAFE_K = tl.constexpr(1 << 17)
@@ -42,48 +42,9 @@ _GEMM_CONFIGS = Configs(
 )
 
 
-@triton.jit
-def _quantize_block(x, q_ptrs, mask, scale):
-    """*q_ptrs = clamp(round(x / scale), -127, 127) as int8 where ``mask``, NaN to 0;
-    ``scale`` broadcast against x."""
-    v = tl.div_rn(x, tl.zeros_like(x) + scale)
-    v = tl.where(v != v, 0.0, v)
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-    v = (v + ROUND_MAGIC) - ROUND_MAGIC
-    tl.store(q_ptrs, v.to(tl.int8), mask=mask)
-
-
-@autotune(QUANT_CONFIGS, key=["K"])
-@triton.jit
-def _quantize_rows_kernel(
-    # pointers
-    x_ptr, q_ptr, scale_ptr, static_ptr,
-    # sizes
-    M, K,
-    # strides
-    stride_xm, stride_xk,
-    stride_qm,
-    # meta-parameters
-    STATIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Program p quantizes rows p * BLOCK_M, ... (BLOCK_M = 1); their first block stays in
-    registers from the max to the quantization (one read of x when K <= BLOCK_K, see
-    _rows.py)."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    first, offs, mask = load_row_block(x_ptr, rows, 0, M, K, stride_xm, stride_xk, BLOCK_K)
-    if STATIC:
-        scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(static_ptr).to(tl.float32)
-    else:
-        scale = row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K) / 127.0
-        scale = tl.where(scale == 0, 1.0, scale)
-    q_rows_ptr = q_ptr + rows[:, None] * stride_qm
-    nans = tl.max((first != first).to(tl.int32), axis=1)
-    _quantize_block(first, q_rows_ptr + offs[None, :], mask, scale[:, None])
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        x, offs, mask = load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
-        nans |= tl.max((x != x).to(tl.int32), axis=1)
-        _quantize_block(x, q_rows_ptr + offs[None, :], mask, scale[:, None])
-    tl.store(scale_ptr + rows, tl.where(nans > 0, float("nan"), scale), mask=rows < M)
+# The per-row quantizer (_rows.quantize_rows_kernel) for int8 codes.
+_quantize_rows_kernel = autotune(QUANT_CONFIGS, key=["K"])(quantize_rows_kernel)
+_INT8_CODE = {"Q_DTYPE": tl.int8, "Q_MAX": 127.0, "MBITS": 0, "EMIN": 0}
 
 
 @triton.jit
@@ -191,7 +152,7 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tupl
     static = static_scale if static_scale is not None else scale
     with on_device_of(x):
         _quantize_rows_kernel[(m,)](x, q, scale, static, m, k, x.stride(0), x.stride(1), q.stride(0),
-                                    STATIC=static_scale is not None)
+                                    STATIC=static_scale is not None, **_INT8_CODE)
     return q, scale
 
 
