@@ -118,6 +118,7 @@ ROWS: List[Tuple[str, Dict[str, object], Tuple[str, ...]]] = [
     ("4:8", {}, SPARSE),
     ("csr", {"sparsity": 0.5}, SPARSE),
     ("bell", {"sparsity": 0.5, "block_size": 32}, SPARSE),
+    ("bell", {"sparsity": 0.5, "block_size": 32, "sequential": True}, ("sparsegpt", "admm")),
     ("int4", {"group_size": 128}, ("minmax", "mse", "hqq", "gptq", "awq")),
     ("int4", {"group_size": 128, "sequential": True}, ("gptq",)),
     ("int8", {}, ("absmax", "gptq", "smoothquant")),
