@@ -1,7 +1,7 @@
 """Autograd glue of the ops: a backward runs on the backend forced for its forward
 (bindings/_backend.py), also on the autograd engine's own threads."""
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -46,18 +46,25 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     op.register_autograd(run_backward, setup_context=setup)
 
 
-def register_row_scaled_autograd(op) -> None:
+def register_row_scaled_autograd(op, smoothing_at: Optional[int] = None) -> None:
     """The autograd of a linear op ``op(x, qweight, scales, bias, *static)`` whose weight is
     q_w [N, K] with a scale per row (or one per tensor), int8 or FP8: straight through the
     dequantized weight, dx = dy @ (q_w * scale_w) and dbias = sum of dy; the quantized
-    weight, its scales and the static arguments are frozen (no gradient)."""
+    weight, its scales and the static arguments are frozen (no gradient). ``smoothing_at``:
+    the index of an optional input s [K] that the op divides x by (y = (x / s) @ ...), so
+    that dx = dy @ (q_w * scale_w) / s."""
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1], inputs[2])
+        smoothing = inputs[smoothing_at] if smoothing_at is not None and len(inputs) > smoothing_at else None
+        ctx.save_for_backward(inputs[1], inputs[2], smoothing)
         ctx.static = len(inputs) - 4
 
     def backward(ctx, grad):
-        qweight, scales = ctx.saved_tensors
-        grad_x = grad @ dequantize_rows(qweight, scales, grad.dtype) if ctx.needs_input_grad[0] else None
+        qweight, scales, smoothing = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ dequantize_rows(qweight, scales, grad.dtype)
+            if smoothing is not None:
+                grad_x = grad_x / smoothing.to(grad.dtype)
         grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
         return (grad_x, None, None, grad_bias) + (None,) * ctx.static
 

@@ -1,12 +1,15 @@
 """sparqle::int8_linear (W8A8 or W8A16 linear) and sparqle::int8_quantize_rows.
 
-int8_linear(x, qweight, scales, bias, quantize_activation) -> y [M, N]
+int8_linear(x, qweight, scales, bias, quantize_activation, smoothing=None) -> y [M, N]
     = x @ (q_w * scale_w)^T + bias, x quantized per row to int8 first when
-    quantize_activation (W8A8), else used as is (W8A16).
+    quantize_activation (W8A8), else used as is (W8A16). ``smoothing`` (W8A8 only; fp32
+    [K], SmoothQuant's per-input-channel divisor s, which ``Int8Linear`` holds, not the
+    format): x / s is quantized instead, the division fused into the quantizer, so
+    y = (x / s) @ (q_w * scale_w)^T + bias.
 int8_quantize_rows(x, static_scale) -> (q int8 [M, K], scale [M] fp32, fp64 for fp64 x)
 
-Gradients (straight through): dx = dy @ (q_w * scale_w), dbias = sum of dy; the quantized
-weight is frozen.
+Gradients (straight through): dx = dy @ (q_w * scale_w) (/ s), dbias = sum of dy; the
+quantized weight and s are frozen.
 """
 from typing import Optional, Tuple
 
@@ -22,8 +25,21 @@ DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
 
 
 def int8_linear_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                        bias: Optional[torch.Tensor], quantize_activation: bool) -> torch.Tensor:
-    return launch("int8_linear", "int8_linear", DTYPES, x, x, qweight, scales, bias, quantize_activation)
+                        bias: Optional[torch.Tensor], quantize_activation: bool,
+                        smoothing: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if smoothing is not None:
+        _check_smoothing(smoothing, x, quantize_activation)
+    return launch("int8_linear", "int8_linear", DTYPES, x, x, qweight, scales, bias, quantize_activation, smoothing)
+
+
+def _check_smoothing(smoothing: torch.Tensor, x: torch.Tensor, quantize_activation: bool) -> None:
+    """The per-call checks of ``smoothing`` (shape, dtype, device: nothing that reads its
+    values; Int8Linear checks those, finite and > 0, when it is built or loaded)."""
+    if not quantize_activation:
+        raise ValueError("smoothing divides the activations that W8A8 quantizes: it needs quantize_activation")
+    if smoothing.dtype != torch.float32 or tuple(smoothing.shape) != (x.shape[1],) or smoothing.device != x.device:
+        raise ValueError(f"smoothing must be a float32 [{x.shape[1]}] tensor on {x.device}, got "
+                         f"{smoothing.dtype} {tuple(smoothing.shape)} on {smoothing.device}")
 
 
 int8_linear = define_weight_op(int8_linear_forward, lambda qweight, *_: qweight.shape[0])
@@ -39,4 +55,4 @@ def _(x, static_scale):
     return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype)))
 
 
-register_row_scaled_autograd(int8_linear)
+register_row_scaled_autograd(int8_linear, smoothing_at=5)

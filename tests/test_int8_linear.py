@@ -75,6 +75,53 @@ def test_linear_matches_oracle(device_backend, m, n, k, dtype, activation):
     assert_close(y, x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), dtype, "y")
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 40, 70), (5, 33, 130), (33, 19, 1030)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_smoothed_w8a8_quantizes_x_over_s_and_its_gradient_divides_by_s(device_backend, m, n, k, dtype):
+    """smoothing s (SmoothQuant's divisor): the quantizer takes x / s, divided in fp32 (fp64
+    for fp64 x) inside it, so y = quantize(x / s) @ W^T + bias exactly as the oracle
+    quantizes x / s; a row holding Inf is recomputed from x / s; dx = dy @ W / s. K = 1030
+    crosses a quantizer block, and s spans two orders of magnitude or more."""
+    device, backend = device_backend
+    qw = Int8Weight.from_float(torch.randn(n, k, dtype=dtype)).to(device)
+    s = torch.exp(torch.randn(k)).to(device)   # so that y fits fp16
+    x = (torch.randn(m, k, dtype=dtype) * 5).to(device)
+    if m > 1:
+        x[1, 3] = float("inf")
+    bias = torch.randn(n, dtype=dtype, device=device)
+    with sparqle.use_backend(backend):
+        y = sparqle.int8_linear(x, qw, bias, smoothing=s)
+        xg = x.detach().clone().requires_grad_()
+        dy = torch.randn(m, n, dtype=dtype, device=device)
+        sparqle.int8_linear(xg, qw, bias, smoothing=s).backward(dy)
+    w64, b64 = qw.qweight.double().cpu() * qw.scales.double().cpu()[:, None], bias.double().cpu()
+    xs = (x.to(torch.float64 if dtype == torch.float64 else torch.float32) / s).cpu()
+    q, scale = quantize_rows_rule(xs)
+    x64 = q.double() * scale.double()[:, None]
+    finite = torch.isfinite(scale)
+    assert_close(y[finite.to(device)], (x64 @ w64.T + b64)[finite], (x64.abs() @ w64.abs().T + b64.abs())[finite],
+                 dtype, "y")
+    if m > 1:  # the row holding +Inf: F.linear's pattern of ±Inf and NaN (Inf * 0) on x / s
+        expected = xs[1].double() @ w64.T + b64
+        assert torch.equal(y[1].isnan().cpu(), expected.isnan()) and not bool(torch.isfinite(y[1]).any())
+        assert torch.equal(y[1].cpu()[~expected.isnan()].double(), expected[~expected.isnan()])
+    dy64 = dy.double().cpu()
+    assert_close(xg.grad, dy64 @ w64 / s.double().cpu(), dy64.abs() @ w64.abs() / s.double().cpu(), dtype, "dx")
+
+
+def test_smoothing_bad_input():
+    qw = Int8Weight.from_float(torch.randn(8, 16))
+    x = torch.randn(3, 16)
+    with pytest.raises(ValueError, match=r"smoothing must be a float32 \[16\] tensor"):
+        sparqle.int8_linear(x, qw, smoothing=torch.ones(15))
+    with pytest.raises(ValueError, match=r"smoothing must be a float32 \[16\] tensor"):
+        sparqle.int8_linear(x, qw, smoothing=torch.ones(16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="it needs quantize_activation"):
+        sparqle.int8_linear(x, qw, activation=None, smoothing=torch.ones(16))
+    with pytest.raises(TypeError, match="smoothing must be a torch.Tensor or None"):
+        sparqle.int8_linear(x, qw, smoothing=[1.0] * 16)
+
+
 @pytest.mark.parametrize("k,x_layout,w_layout", list(TMA_LAYOUTS), ids=str)
 @pytest.mark.parametrize("activation", ["dynamic", None])
 def test_linear_through_tma_and_through_pointers(monkeypatch, k, x_layout, w_layout, activation):

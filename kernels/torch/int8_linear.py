@@ -19,15 +19,17 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tupl
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias,
-                quantize_activation: bool) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ (q_w * scale_w)^T + bias (W8A8 when ``quantize_activation``)."""
+                quantize_activation: bool, smoothing: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ (q_w * scale_w)^T + bias (W8A8 when ``quantize_activation``,
+    of x / smoothing, divided in fp32 (fp64 for fp64 x), when given)."""
     n, cdt = qweight.shape[0], compute_dtype(x.dtype)
     if not quantize_activation:
         return linear_by_row_blocks(
             x, n, lambda lo, hi: qweight[lo:hi].to(cdt) * scales[lo:hi, None].to(cdt), bias)
-    q, x_scale = quantize_rows(x, None)
+    xs = x if smoothing is None else x.to(cdt) / smoothing.to(cdt)
+    q, x_scale = quantize_rows(xs, None)
     y = linear_by_row_blocks(q.double(), n, lambda lo, hi: qweight[lo:hi], None)
     y = y * x_scale.double()[:, None] * scales.double()[None, :]
     if bias is not None:
         y += bias.double()
-    return redo_infinite_rows(x, x_scale, qweight, scales, bias, y.to(x.dtype))
+    return redo_infinite_rows(xs, x_scale, qweight, scales, bias, y.to(x.dtype))

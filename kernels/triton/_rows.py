@@ -57,24 +57,30 @@ _REDO_CONFIGS = Configs(
 
 
 @triton.jit
-def load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """(x[rows, k0:k0 + BLOCK_K] [BLOCK_M, BLOCK_K] in fp32 with 0 past M and K, its column
-    offsets (int64), its mask); ``rows`` int64 [BLOCK_M]."""
+def load_row_block(x_ptr, smooth_ptr, rows, k0, M, K, stride_xm, stride_xk, SMOOTHED: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """(x[rows, k0:k0 + BLOCK_K] [BLOCK_M, BLOCK_K] in fp32 with 0 past M and K, divided
+    column by column by smooth[k0:k0 + BLOCK_K] (fp32 [K], IEEE division) when SMOOTHED,
+    its column offsets (int64), its mask); ``rows`` int64 [BLOCK_M]."""
     offs = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
     mask = (rows < M)[:, None] & (offs < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask, other=0)
-    return x.to(tl.float32), offs, mask
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :] * stride_xk, mask=mask, other=0).to(tl.float32)
+    if SMOOTHED:
+        x = tl.div_rn(x, tl.zeros_like(x) + tl.load(smooth_ptr + offs, mask=offs < K, other=1.0)[None, :])
+    return x, offs, mask
 
 
 @triton.jit
-def row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """[BLOCK_M]: max |x[row, k]| over k < K, in fp32 (0 for K = 0; NaN when the row holds a
-    NaN), given ``first``, the rows' first block (``load_row_block`` at k0 = 0), held by the
-    caller: only the blocks after it are read, none when K <= BLOCK_K."""
+def row_absmax(x_ptr, smooth_ptr, rows, first, M, K, stride_xm, stride_xk, SMOOTHED: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """[BLOCK_M]: max |x[row, k]| (of x / smooth when SMOOTHED) over k < K, in fp32 (0 for
+    K = 0; NaN when the row holds a NaN), given ``first``, the rows' first block
+    (``load_row_block`` at k0 = 0), held by the caller: only the blocks after it are read,
+    none when K <= BLOCK_K."""
     amax = tl.abs(first)
     nans = (first != first).to(tl.int32)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        x, _, _ = load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
+        x, _, _ = load_row_block(x_ptr, smooth_ptr, rows, k0, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
         amax = tl.maximum(amax, tl.abs(x))
         nans |= (x != x).to(tl.int32)
     return tl.where(tl.max(nans, axis=1) > 0, float("nan"), tl.max(amax, axis=1))
@@ -114,35 +120,36 @@ def _quantize_block(x, q_ptrs, mask, scale, Q_DTYPE: tl.constexpr, Q_MAX: tl.con
 @triton.jit
 def quantize_rows_kernel(
     # pointers
-    x_ptr, q_ptr, scale_ptr, static_ptr,
+    x_ptr, smooth_ptr, q_ptr, scale_ptr, static_ptr,
     # sizes
     M, K,
     # strides
     stride_xm, stride_xk,
     stride_qm,
-    # meta-parameters: the code (``quantize_meta``), the tile
-    STATIC: tl.constexpr, Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr, MBITS: tl.constexpr,
-    EMIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    # meta-parameters: the code (Q_DTYPE, Q_MAX, MBITS, EMIN), the tile
+    STATIC: tl.constexpr, SMOOTHED: tl.constexpr, Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr,
+    MBITS: tl.constexpr, EMIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """q [M, K] and scale [M] of x [M, K], per row: scale = max|x[m]| / Q_MAX (IEEE
+    """q [M, K] and scale [M] of x [M, K] (of x / smooth, column by column, when SMOOTHED:
+    SmoothQuant's divisor fused, smooth fp32 [K]), per row: scale = max|x[m]| / Q_MAX (IEEE
     division; 1 for an all-zero row; NaN for a row holding a NaN), or *static_ptr
     (STATIC); q the code of x / scale (``_quantize_block``). Program p quantizes rows
     p * BLOCK_M, ...; their first block stays in registers from the max to the
     quantization (one read of x when K <= BLOCK_K, see the module doc). The int8 and FP8
     quantizers' kernel, autotuned by each (``autotune(...)(quantize_rows_kernel)``)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    first, offs, mask = load_row_block(x_ptr, rows, 0, M, K, stride_xm, stride_xk, BLOCK_K)
+    first, offs, mask = load_row_block(x_ptr, smooth_ptr, rows, 0, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
     if STATIC:
         scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(static_ptr).to(tl.float32)
     else:
-        top = row_absmax(x_ptr, rows, first, M, K, stride_xm, stride_xk, BLOCK_K)
+        top = row_absmax(x_ptr, smooth_ptr, rows, first, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
         scale = tl.div_rn(top, tl.zeros_like(top) + Q_MAX)
         scale = tl.where(scale == 0, 1.0, scale)
     q_rows_ptr = q_ptr + rows[:, None] * stride_qm
     nans = tl.max((first != first).to(tl.int32), axis=1)
     _quantize_block(first, q_rows_ptr + offs[None, :], mask, scale[:, None], Q_DTYPE, Q_MAX, MBITS, EMIN)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        x, offs, mask = load_row_block(x_ptr, rows, k0, M, K, stride_xm, stride_xk, BLOCK_K)
+        x, offs, mask = load_row_block(x_ptr, smooth_ptr, rows, k0, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
         nans |= tl.max((x != x).to(tl.int32), axis=1)
         _quantize_block(x, q_rows_ptr + offs[None, :], mask, scale[:, None], Q_DTYPE, Q_MAX, MBITS, EMIN)
     tl.store(scale_ptr + rows, tl.where(nans > 0, float("nan"), scale), mask=rows < M)
@@ -259,7 +266,7 @@ def tma_loads(*operands: torch.Tensor) -> bool:
 @triton.jit
 def _redo_infinite_rows_kernel(
     # pointers
-    x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+    x_ptr, smooth_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
     # sizes
     N, K,
     # strides
@@ -268,11 +275,12 @@ def _redo_infinite_rows_kernel(
     stride_ym, stride_yn,
     stride_ws, stride_bias,
     # meta-parameters
-    W_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SMOOTHED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (m, j): if x_scale[m] is +Inf, y[m, block j] = (x[m] @ w^T) * w_scale + bias
-    with fp32 products and sums, whose NaN/Inf pattern is F.linear's; else nothing."""
+    (x[m] / smooth when SMOOTHED) with fp32 products and sums, whose NaN/Inf pattern is
+    F.linear's; else nothing."""
     row = tl.program_id(0).to(tl.int64)
     if tl.load(x_scale_ptr + row) == float("inf"):
         offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -282,6 +290,8 @@ def _redo_infinite_rows_kernel(
             offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
             mask_k = offs_k < K
             x = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=mask_k, other=0).to(tl.float32)
+            if SMOOTHED:
+                x = tl.div_rn(x, tl.load(smooth_ptr + offs_k, mask=mask_k, other=1.0))
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # 0.0: int 0 has no FP8 cast
             acc += tl.sum(w.to(W_DTYPE, bitcast=True).to(tl.float32) * x[None, :], axis=1)
@@ -292,11 +302,13 @@ def _redo_infinite_rows_kernel(
 
 
 def redo_infinite_rows(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                       bias: Optional[torch.Tensor], y: torch.Tensor, w_dtype) -> torch.Tensor:
+                       bias: Optional[torch.Tensor], y: torch.Tensor, w_dtype,
+                       smoothing: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [M, N] (modified in place, and returned) with each row m whose x_scale[m] is +Inf
-    recomputed as x[m] @ (w * w_scale)^T + bias: x [M, K] float, w [N, K] (int8, or FP8
-    or, under the interpreter, FP8 viewed as uint8; of Triton type ``w_dtype``), w_scale [N] or [1], bias [N] or None.
-    One launch over every row; rows with a finite scale end at once."""
+    recomputed as x[m] @ (w * w_scale)^T + bias (x[m] / smoothing when given: fp32 [K]):
+    x [M, K] float, w [N, K] (int8, or FP8 or, under the interpreter, FP8 viewed as uint8;
+    of Triton type ``w_dtype``), w_scale [N] or [1], bias [N] or None. One launch over
+    every row; rows with a finite scale end at once."""
     m, k = x.shape
     n = w.shape[0]
     if m == 0 or n == 0:
@@ -304,12 +316,12 @@ def redo_infinite_rows(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, 
     grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     with on_device_of(x):
         _redo_infinite_rows_kernel[grid](
-            x, w, x_scale, w_scale, y if bias is None else bias, y,
+            x, x if smoothing is None else smoothing, w, x_scale, w_scale, y if bias is None else bias, y,
             n, k,
             x.stride(0), x.stride(1),
             w.stride(0), w.stride(1),
             y.stride(0), y.stride(1),
             0 if w_scale.numel() == 1 else w_scale.stride(0), 0 if bias is None else bias.stride(0),
-            W_DTYPE=w_dtype, HAS_BIAS=bias is not None,
+            W_DTYPE=w_dtype, HAS_BIAS=bias is not None, SMOOTHED=smoothing is not None,
         )
     return y

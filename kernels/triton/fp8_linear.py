@@ -165,8 +165,8 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor],
         kernel = _quantize_columns_kernel if x.stride(0) == 1 and x.stride(1) != 1 else _quantize_rows_kernel
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
         with on_device_of(x):
-            kernel[grid](x, q, scale, static, m, k, x.stride(0), x.stride(1), q.stride(0),
-                         STATIC=static_scale is not None, **fp8_format(dtype))
+            kernel[grid](x, x, q, scale, static, m, k, x.stride(0), x.stride(1), q.stride(0),
+                         STATIC=static_scale is not None, SMOOTHED=False, **fp8_format(dtype))
     return q.view(dtype), scale
 
 

@@ -141,9 +141,10 @@ def _int8_linear_kernel(
                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
-def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [M, K], scale fp32 [M]) for float x [M, K]; ``static_scale`` (a 1-element
-    tensor) replaces the per-row scales when given."""
+def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor],
+                  smoothing: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [M, K], scale fp32 [M]) for float x [M, K] (x / smoothing, fp32 [K], when
+    given); ``static_scale`` (a 1-element tensor) replaces the per-row scales when given."""
     m, k = x.shape
     q = _alloc.empty((m, k), torch.int8, x.device)
     scale = _alloc.empty((m,), torch.float32, x.device)
@@ -151,22 +152,24 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tupl
         return q, scale
     static = static_scale if static_scale is not None else scale
     with on_device_of(x):
-        _quantize_rows_kernel[(m,)](x, q, scale, static, m, k, x.stride(0), x.stride(1), q.stride(0),
-                                    STATIC=static_scale is not None, **_INT8_CODE)
+        _quantize_rows_kernel[(m,)](x, x if smoothing is None else smoothing, q, scale, static, m, k,
+                                    x.stride(0), x.stride(1), q.stride(0),
+                                    STATIC=static_scale is not None, SMOOTHED=smoothing is not None, **_INT8_CODE)
     return q, scale
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias,
-                quantize_activation: bool) -> torch.Tensor:
+                quantize_activation: bool, smoothing: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ (q_w * scale_w)^T + bias, x quantized per row (W8A8) when
-    ``quantize_activation``, else used as is (W8A16)."""
+    ``quantize_activation``, else used as is (W8A16); W8A8 quantizes x / smoothing (fp32
+    [K], SmoothQuant's divisor) when given, the division fused into the quantizer."""
     m, k = x.shape
     n = qweight.shape[0]
     y = _alloc.empty((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return y
     scales = scales.contiguous()  # read at unit stride
-    a, a_scale = quantize_rows(x, None) if quantize_activation else (x, scales)
+    a, a_scale = quantize_rows(x, None, smoothing) if quantize_activation else (x, scales)
     use_tma = tma_loads(a, qweight)
     tile_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with on_device_of(x):
@@ -181,5 +184,5 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
             HAS_BIAS=bias is not None, USE_TMA=use_tma, **dot_meta(x.dtype),
         )
     if quantize_activation:
-        redo_infinite_rows(x, a_scale, qweight, scales, bias, y, tl.int8)
+        redo_infinite_rows(x, a_scale, qweight, scales, bias, y, tl.int8, smoothing)
     return y

@@ -111,18 +111,22 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
 
 
 def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor] = None,
-                activation: Optional[str] = "dynamic") -> torch.Tensor:
+                activation: Optional[str] = "dynamic", smoothing: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [..., out] = x [..., in] @ dequant(W)^T + bias for an Int8Weight W: x quantized per
     token to int8 (``activation="dynamic"``, W8A8) or kept in its float dtype
-    (``activation=None``, W8A16)."""
+    (``activation=None``, W8A16). ``smoothing`` (W8A8; fp32 [in], > 0: SmoothQuant's s,
+    sparqle.quantize.smoothquant_scale): x / s is quantized instead, the division fused
+    into the quantizer: y = (x / s) @ dequant(W)^T + bias."""
     _check_tensor("x", x)
     if not isinstance(w, Int8Weight):
         raise TypeError(f"w must be a sparqle.Int8Weight, got {type(w).__name__}")
     if activation not in ("dynamic", None):
         raise ValueError(f"activation must be 'dynamic' or None, got {activation!r}")
+    if smoothing is not None and not isinstance(smoothing, torch.Tensor):
+        raise TypeError(f"smoothing must be a torch.Tensor or None, got {type(smoothing).__name__}")
     _check_linear(x, w, bias)
     return _unrows(registry.BY_FORMAT[Int8Weight].call(_rows(x, w.shape[1]), (w.qweight, w.scales), bias,
-                                                       (activation == "dynamic",)), x)
+                                                       (activation == "dynamic", smoothing)), x)
 
 
 def fp8_linear(x: torch.Tensor, w: FP8Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

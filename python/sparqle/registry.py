@@ -106,7 +106,8 @@ class WeightOp:
         cost per call; the result is the same."""
         overload, forward = self._call
         arguments = (x2d, *tensors, bias)
-        return (forward if dispatcher_adds_nothing(arguments) else overload)(*arguments, *static)
+        direct = dispatcher_adds_nothing(arguments + tuple(a for a in static if isinstance(a, torch.Tensor)))
+        return (forward if direct else overload)(*arguments, *static)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -29,7 +29,8 @@ class Int8Linear(ConvertedLinear):
     buffer. The layer then holds W diag(s) in ``weight`` and computes
     y = quantize(x / s) (W diag(s))^T + bias: the same product, with the activations'
     outlier channels divided down before they are rounded (sparqle.quantize,
-    docs/calibration.md). The division is one elementwise op on x per call.
+    docs/calibration.md). The division is fused into the activations' quantizer (no extra
+    op or pass over x), in fp32 (fp64 for fp64 x).
     """
 
     def __init__(self, weight: Int8Weight, bias: Optional[torch.Tensor] = None,
@@ -115,9 +116,7 @@ class Int8Linear(ConvertedLinear):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got "
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if self.smoothing is not None:
-            x = x / self.smoothing.to(x.dtype)
-        return int8_linear(x, self._weight(x.dtype), self.bias, self.activation)
+        return int8_linear(x, self._weight(x.dtype), self.bias, self.activation, self.smoothing)
 
     def _weight(self, dtype: torch.dtype) -> Int8Weight:
         """The weight over this module's buffers for layer float dtype ``dtype`` (no copy, no
