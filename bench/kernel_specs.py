@@ -146,14 +146,17 @@ def int4_cases(x: torch.Tensor, n: int, bias: bool, group: int = 128, archs=(80,
         tensor(n, groups, dtype=x.dtype), tensor(n, dtype=x.dtype) if bias else None, group), archs)]
 
 
-def int8_cases(x: torch.Tensor, n: int, bias: bool, w8a8: bool, archs=(80, 90)) -> List[Case]:
-    """int8_linear (W8A8: x quantized per row first; else W8A16): x [M, K] @ (q [n, K] int8
-    * scales [n])^T."""
+def int8_cases(x: torch.Tensor, n: int, bias: bool, w8a8: bool, archs=(80, 90),
+               smoothed: bool = False) -> List[Case]:
+    """int8_linear (W8A8: x quantized per row first, divided by SmoothQuant's s when
+    ``smoothed``; else W8A16): x [M, K] @ (q [n, K] int8 * scales [n])^T."""
     m, k = x.shape
-    label = f"{'W8A8' if w8a8 else 'W8A16'} {_name(x.dtype)} M={m} N={n} K={k}{' bias' if bias else ''}"
+    label = (f"{'W8A8' if w8a8 else 'W8A16'} {_name(x.dtype)} M={m} N={n} K={k}{' bias' if bias else ''}"
+             f"{' smoothed' if smoothed else ''}")
     return [Case("int8_linear", label, lambda: int8_linear.int8_linear(
         x, tensor(n, k, dtype=torch.int8), tensor(n, dtype=x.dtype),
-        tensor(n, dtype=x.dtype) if bias else None, w8a8), archs)]
+        tensor(n, dtype=x.dtype) if bias else None, w8a8,
+        tensor(k, dtype=torch.float32) if smoothed else None), archs)]
 
 
 def int8_quantize_cases(x: torch.Tensor, static: bool, archs=(80, 90)) -> List[Case]:
@@ -360,6 +363,9 @@ def test_cases() -> List[Case]:
         cases += window_attention_cases(2, 2, 100, 128, dtype, True, 2, False, tf32=fp32)
     # W8A8 past the int32-exact K: the CHUNKED variant.
     cases += int8_cases(tensor(16, (1 << 17) + 64), 40, True, True)
+    # SmoothQuant's divisor fused into the quantizer and the Inf-row recompute, bf16 and fp32.
+    for dtype in (bf16, torch.float32):
+        cases += int8_cases(misaligned(33, 72, dtype), 40, True, True, smoothed=True)
     # The widest tile, fp32 at N = 256 and d = 128: the query blocks shrink to fit sm_80.
     cases += window_attention_cases(2, 2, 256, 128, torch.float32, True, 2, False, tf32=True)
     return cases
