@@ -2,6 +2,8 @@
 partition and merge indices out of range or repeated) raise ValueError compiled as they do
 eagerly, for indices hypothesis draws, on every (device, backend); and linear on a freshly
 built CSR or Blocked-ELL compiles with fullgraph=True on its first call, x requiring grad."""
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -61,6 +63,28 @@ def test_window_index_checks_hold_compiled(op, device, backend):
                     run(x, windows, q, mask, index)
 
     raises_compiled_and_eager()
+
+
+def test_a_converted_model_compiles_fullgraph_before_any_eager_call_in_the_process():
+    """In a fresh process, a converted model compiled with fullgraph=True before any op ran
+    eagerly (the common convert-then-compile): the registry's callables are resolved at
+    import, so tracing meets no lazily cached attribute (a cached_property's lock stopped
+    Dynamo there). A subprocess: in this one, earlier tests have called every op."""
+    import subprocess
+    import sys
+    script = (
+        "import torch, sparqle\n"
+        "torch.manual_seed(0)\n"
+        "for fmt, kw in [('int8', {}), ('int4', {}), ('2:4', {}), ('csr', {'sparsity': 0.5}), ('fp8', {})]:\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(64, 32))\n"
+        "    sparqle.convert(m, fmt, **kw)\n"
+        "    x = torch.randn(5, 64)\n"
+        "    y = torch.compile(m, backend='aot_eager', fullgraph=True)(x)\n"
+        "    torch.testing.assert_close(y, m(x), rtol=0, atol=0)\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SPARQLE_BACKEND": "torch"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("fmt", ["csr", "bell"])

@@ -10,7 +10,6 @@ Every weight op has one contract, ``torch.ops.sparqle.<name>(x, *tensors(W), bia
 bias [N] or None (fused into the kernel on every backend), y [M, N] in x's dtype. ``spmm``
 of a sparse format is derived from it: a @ b = (b^T @ a^T)^T = linear(b^T, a)^T.
 """
-import functools
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -77,12 +76,6 @@ class WeightOp:
         """``torch.ops.sparqle.<name>``."""
         return getattr(torch.ops.sparqle, self.name)
 
-    @functools.cached_property
-    def _call(self) -> Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
-        """(the op's overload, its Python forward: ``<name>_forward`` of its binding)."""
-        binding = importlib.import_module(f"sparqle.bindings.{self.kernels}")
-        return self.op.default, getattr(binding, f"{self.name}_forward")
-
     @property
     def dtypes(self) -> Mapping[str, frozenset]:
         """Backend -> the dtypes of x its kernel takes (the binding's ``DTYPES``)."""
@@ -104,7 +97,7 @@ class WeightOp:
         (:func:`dispatcher_adds_nothing`: an eager call that records no gradient, under no
         mode, on plain tensors) the op's forward is called directly, saving the dispatcher's
         cost per call; the result is the same."""
-        overload, forward = self._call
+        overload, forward = _CALLS[self.name]
         arguments = (x2d, *tensors, bias)
         direct = dispatcher_adds_nothing(arguments + tuple(a for a in static if isinstance(a, torch.Tensor)))
         return (forward if direct else overload)(*arguments, *static)
@@ -207,11 +200,21 @@ BENCHMARKS = tuple(entry.bench for entry in OPS) + tuple(bench for op in OTHER_O
 KERNEL_MODULES = tuple(dict.fromkeys([entry.kernels for entry in OPS] + [op.kernels for op in OTHER_OPS]))
 
 
+# Weight op name -> (its overload, its Python forward: ``<name>_forward`` of its binding),
+# resolved once at import: torch.compile traces a dict lookup, where a lazily cached
+# attribute (functools.cached_property's lock) stopped it when the first call of an op in
+# the process was a compiled one.
+_CALLS: Dict[str, Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {}
+
+
 def _register_ops() -> None:
     """Import the binding of every op (bindings/<kernels>.py), which registers its
-    ``torch.ops.sparqle.*``."""
+    ``torch.ops.sparqle.*``, and resolve each weight op's callables (``_CALLS``)."""
     for kernels in KERNEL_MODULES:
         importlib.import_module(f"sparqle.bindings.{kernels}")
+    for entry in OPS:
+        binding = importlib.import_module(f"sparqle.bindings.{entry.kernels}")
+        _CALLS[entry.name] = (entry.op.default, getattr(binding, f"{entry.name}_forward"))
 
 
 _register_ops()
