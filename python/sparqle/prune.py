@@ -17,7 +17,6 @@ Four criteria, each for the three patterns (unstructured, b x b blocks, N:M):
 - ``admm(w, xtx, ...)``: the same damped output error minimized over the pattern by the
   alternating direction method of multipliers (below), then refitted like sparsegpt's.
 
-
 N:M groups are scored jointly. When the sweep reaches a group G of m columns, the inverse
 Hessian of the columns not yet fixed, restricted to G, is U_GG^T U_GG (U the upper
 Cholesky factor of H_d^{-1}: the rows of U above G are out of the sweep). Pruning the
