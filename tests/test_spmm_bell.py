@@ -13,6 +13,7 @@ from sparqle.formats.bell import transposed_structure
 from sparqle.kernels import _derived
 
 from ._oracle import assert_close
+from .conftest import device_backends
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -206,14 +207,13 @@ def test_holes_and_rows_of_every_width_match_the_oracle_and_the_schedule_is_kept
         assert kept[1].tolist() == [4, 0, 4, 1, 4] and kept[0].tolist() == [0, 2, 4, 3, 1]
 
 
-def test_tile_counter_is_left_zero_for_the_next_call(device_backend):
-    """The persistent kernel takes its tiles from one counter per stream, zero between
-    calls with no memset (the program drawing the last ticket resets it): calls of
+@pytest.mark.parametrize("device", [device for device, backend in device_backends() if backend == "triton"])
+def test_tile_counter_is_left_zero_for_the_next_call(device):
+    """The persistent kernel (Triton's) takes its tiles from one counter per stream, zero
+    between calls with no memset (the program drawing the last ticket resets it): calls of
     different tile counts and grids in turn, the forward and dx, each right, the counter
     zero after each."""
-    device, backend = device_backend
-    if backend != "triton":
-        pytest.skip("the counter belongs to the Triton kernel")
+    backend = "triton"
     from sparqle.kernels.triton.spmm_bell import _tile_counter
     for m, k, n, b in [(37, 50, 19, 16), (70, 130, 1, 64), (20, 17, 40, 16), (37, 50, 19, 16)]:
         a, w64 = _operands(m, k, b, 0.6, torch.float32, device)
