@@ -101,13 +101,8 @@ def wanda(w: torch.Tensor, x_norm: torch.Tensor, sparsity: Optional[float] = Non
     index)."""
     pattern = _check(w, sparsity, block, n, m, two_d=True)
     check_feature_statistic("x_norm", x_norm, w.shape[1], "one norm per input feature")
-    score = w.detach().abs().float() * x_norm.to(w.device, torch.float32)
-    if pattern == "nm":
-        return keep_top_n(score, n, m)
-    if pattern == "unstructured":
-        return _keep_largest_per_row(score, sparsity)
-    keep = _keep_largest_per_row(block_sums(score, block), sparsity)
-    return _expand_blocks(keep, block, w.shape)
+    return _keep_per_row(w.detach().abs().float() * x_norm.to(w.device, torch.float32), pattern, sparsity,
+                         block, n, m)
 
 
 def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = None, *,
@@ -172,22 +167,23 @@ def admm(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = None, *
     rho = ADMM_RHO                                         # against H~'s unit diagonal
     for _ in range(steps):
         v = ((target + rho * (z - u)) @ q / (eigenvalues + rho)) @ q.T
-        mask = _largest(v + u, pattern, sparsity, block, n, m)
+        mask = _keep_per_row((v + u).pow(2), pattern, sparsity, block, n, m)  # the Euclidean projection
         z = (v + u) * mask
         u += v - z
         rho *= ADMM_GROWTH
     return masked_refit(w, xtx, mask, damp, start=z / d).to(w.dtype), mask
 
 
-def _largest(v: torch.Tensor, pattern: str, sparsity, block, n, m) -> torch.Tensor:
-    """The mask of the Euclidean projection of ``v`` [N, K] onto ``pattern``: the n largest
-    |v| of each group of m, the K - round(sparsity * K) largest of each row, or in each
-    block-row the blocks of largest Frobenius norm (as many as ``wanda`` keeps)."""
+def _keep_per_row(score: torch.Tensor, pattern: str, sparsity, block, n, m) -> torch.Tensor:
+    """The mask of the largest of a score >= 0 [N, K] (Wanda's, or ADMM's squared weights,
+    whose block sums are Frobenius norms squared): the n largest of each group of m (ties:
+    the lower index), the K - round(sparsity * K) largest of each row, or in each block-row
+    of b x b blocks the ceil(K / b) - round(sparsity * ceil(K / b)) of largest summed score."""
     if pattern == "nm":
-        return keep_top_n(v, n, m)
+        return keep_top_n(score, n, m)
     if pattern == "unstructured":
-        return _keep_largest_per_row(v.abs(), sparsity)
-    return _expand_blocks(_keep_largest_per_row(block_sums(v.pow(2), block), sparsity), block, v.shape)
+        return _keep_largest_per_row(score, sparsity)
+    return _expand_blocks(_keep_largest_per_row(block_sums(score, block), sparsity), block, score.shape)
 
 
 def _best_group_mask(w_g: torch.Tensor, u_gg: torch.Tensor, n: int) -> torch.Tensor:
