@@ -98,25 +98,24 @@ class WeightOp:
         mode, on plain tensors) the op's forward is called directly, saving the dispatcher's
         cost per call; the result is the same."""
         overload, forward = _CALLS[self.name]
-        arguments = (x2d, *tensors, bias)
-        direct = dispatcher_adds_nothing(arguments + tuple(a for a in static if isinstance(a, torch.Tensor)))
-        return (forward if direct else overload)(*arguments, *static)
+        arguments = (x2d, *tensors, bias, *static)
+        return (forward if dispatcher_adds_nothing(arguments) else overload)(*arguments)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def dispatcher_adds_nothing(tensors: Tuple[Optional[torch.Tensor], ...]) -> bool:
-    """Whether an op called on ``tensors`` (None for an absent bias) gives, called through
-    its Python forward, what the dispatcher would give: no gradient to record (grad mode
-    off, or no tensor requires one), not compiling (Dynamo must see the op) nor traced by
+def dispatcher_adds_nothing(arguments: Tuple[Any, ...]) -> bool:
+    """Whether an op called on ``arguments`` (its tensors are what counts: None, numbers and
+    flags are passed over) gives, called through its Python forward, what the dispatcher
+    would give: no gradient to record (grad mode off, or no tensor requires one), not compiling (Dynamo must see the op) nor traced by
     torch.jit, no torch function or dispatch mode (FakeTensorMode, a user's mode) and no
     functorch transform (vmap, grad) active, the profiler off (it names the op), and
     plain tensors (no subclass whose ``__torch_function__`` or ``__torch_dispatch__`` would
     intercept it)."""
     recording = torch.is_grad_enabled()
-    for t in tensors:  # a loop, not any(): this runs on every call
-        if t is not None and (type(t) not in _PLAIN or (recording and t.requires_grad)):
+    for t in arguments:  # a loop, not any(): this runs on every call
+        if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or (recording and t.requires_grad)):
             return False
     return not (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
                 or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
