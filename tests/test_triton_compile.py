@@ -10,6 +10,7 @@ and each kernel's whole tuning space and its test config (the GPU check's tests 
 with the config's own num_warps and num_stages. Runs ``python -m sparqle.bench.kernel_specs``
 in a subprocess without TRITON_INTERPRET, on every core.
 """
+import collections
 import importlib
 import os
 import re
@@ -97,6 +98,34 @@ def test_kernel_report_runs_on_one_family():
         regs, spills, smem = int(cells[1]), cells[2].strip(), float(cells[3])
         assert 0 < regs <= 255 and 0 < smem <= 227 and spills == "0/0", cells
         assert cells[6].strip().startswith(("wgmma", "mma.sync")), cells[6]  # bf16 dots on tensor cores
+
+
+def test_int4_and_nm_feed_the_decoded_weight_to_wgmma_from_registers():
+    """int4 and 2:4 (issues 17, 18) at their headline points (M = 1, 16, 256 / 4096): the
+    decoded weight tile is the left operand of the dot (y^T = W x^T), so on sm_90 every config
+    whose weight tile has >= 64 rows (wgmma's M, one warpgroup's) compiles to wgmma at any
+    token count, with the weight from registers, x from shared memory and MMAs left in flight
+    (asynchronous: with the weight as the right operand it went through shared memory and
+    each wgmma was waited for at once, and 16 tokens got mma.sync); no config spills."""
+    result = subprocess.run([sys.executable, "-m", "sparqle.bench.kernel_report", "--op", "int4", "--op", "nm"],
+                            env=_compiler_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    checked = collections.Counter()
+    kernel = None
+    for line in result.stdout.splitlines():
+        if line.startswith("### "):
+            kernel = line.split("`")[1]
+        if kernel not in ("_int4_linear_kernel", "_nm_linear_kernel") or not line.startswith("| BLOCK_M="):
+            continue
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        config = dict(item.split("=") for item in cells[0].split(", "))
+        assert cells[2] == "0/0", (kernel, cells)
+        if int(config["BLOCK_N"]) >= 64:
+            flight = re.fullmatch(r"wgmma HGMMA x\d+, (\d+) in flight", cells[6])
+            assert flight and int(flight.group(1)) >= 1, (kernel, cells)
+            checked[kernel, int(config["BLOCK_M"]) >= 64] += 1
+    # Both kernels, at 16 tokens and in the tiled configs.
+    assert set(checked) == {(k, big) for k in ("_int4_linear_kernel", "_nm_linear_kernel") for big in (False, True)}
 
 
 def test_kernel_report_names_each_load_by_what_it_reads(tmp_path):

@@ -8,7 +8,8 @@
 - M > SPLIT_K_MAX_M: the tiled configs, one pass over K per tile, y written in x's dtype.
 
 A kernel launched here takes the grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K),
-accumulates each decoded tile with ``dot_tile`` and ends with ``store_tile``, which stores
+accumulates each decoded tile with ``dot_tile`` into a [BLOCK_N, BLOCK_M] tile of y^T (the
+weight is the dot's left operand, see there) and ends with ``store_tile``, which stores
 with ``tl.store`` when SPLIT_K == 1 and ``tl.atomic_add`` otherwise.
 """
 from typing import Callable, NamedTuple
@@ -46,22 +47,32 @@ def tile_of_y(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def dot_tile(x, w, acc, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + x [BLOCK_M, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T, both upcast to fp32 first when
-    UPCAST (see _config.dot_meta)."""
+def dot_tile(w, x, acc, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] + w [BLOCK_N, BLOCK_K] @ x [BLOCK_M, BLOCK_K]^T: the tile of y^T,
+    both operands upcast to fp32 first when UPCAST (see _config.dot_meta).
+
+    The decoded weight is the left operand because wgmma (sm_90) takes its left operand from
+    registers and its right one from shared memory: w goes from the decoding straight into
+    the MMA and x stays in the shared buffer the pipeline loaded it into, so Triton leaves
+    the wgmmas in flight while the next step loads and decodes. With w on the right (y = x
+    w^T) the decoded tile was stored to shared memory every step and each wgmma waited for
+    at once. The token count is wgmma's N (8 to 256), so 16 tokens run on wgmma as well
+    (its M, 64 per warpgroup, is BLOCK_N). tests/test_triton_compile.py checks both in the
+    sm_90 compiler's output."""
     if UPCAST:
         x = x.to(tl.float32)
         w = w.to(tl.float32)
-    return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return tl.dot(w, tl.trans(x), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
 
 @triton.jit
 def store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
                stride_bias, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[offs_m, offs_n] = acc + bias (read at ``stride_bias``, 0 for an expanded bias; added
-    by split 0 only): stored in y's dtype when SPLIT_K == 1, else added atomically into y, a
+    """y[offs_m, offs_n] = acc^T + bias for acc [BLOCK_N, BLOCK_M] (``dot_tile``'s tile of y^T;
+    bias read at ``stride_bias``, 0 for an expanded bias; added by split 0 only): stored in y's dtype when SPLIT_K == 1, else added atomically into y, a
     zeroed fp32 workspace. offs_m and offs_n are int64, so that offs_m * stride_ym passes
     2^31 without wrapping."""
+    acc = tl.trans(acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n & (split == 0), other=0)
         acc += bias.to(ACC_DTYPE)[None, :]

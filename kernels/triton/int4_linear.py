@@ -23,8 +23,9 @@ w = (that - (MAGIC + zero)) * scale: the subtraction is exact (small integers), 
 rounding is the product's, to x's dtype: the same value as (q - zero) * scale computed in fp32
 and rounded to x's dtype, which sparqle.formats.int4.dequantize gives. fp16 and bf16 decode in
 their own dtype (bf16 under the interpreter, which has no bf16 arithmetic, in fp32: the same
-value). ``tl.dot`` accumulates in fp32 (tensor cores: mma.sync at BLOCK_M = 16, wgmma from
-BLOCK_M = 64 with 4 warps per 64 rows); the bias is added in the epilogue.
+value). ``tl.dot`` accumulates the tile of y^T = W x^T in fp32, the decoded weight as its
+left operand (``_linear.dot_tile``): on sm_90 a weight tile of 64 or more rows feeds wgmma
+from registers, asynchronously, at any token count; the bias is added in the epilogue.
 
 Launched by ``_linear.launch_by_m`` for every M (thresholds and their reasons:
 sparqle.kernels.dispatch): the split-K small-M configs at M <= SPLIT_K_MAX_M, the tiled
@@ -103,7 +104,7 @@ def _int4_linear_kernel(
     if GROUP_PER_ROW:  # (K = 0: no group, nothing to read)
         scale = tl.load(scales_ptr + offs_n * stride_sn, mask=mask_n & (K > 0), other=0)[:, None]
         zero = tl.load(zeros_ptr + offs_n * stride_sn, mask=mask_n & (K > 0), other=0)[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC_DTYPE)
     for step in range(split * steps_per_split, tl.minimum(tl.cdiv(K, BLOCK_K), (split + 1) * steps_per_split)):
         offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
@@ -116,7 +117,7 @@ def _int4_linear_kernel(
             scale, zero = _group_params(scales_ptr, zeros_ptr, offs_n, mask_n, step, K, stride_sn,
                                         GROUP, BLOCK_N, BLOCK_K)
         w = _decode(q, scale, zero, DEQUANT_DTYPE, MAGIC_VALUE, MAGIC_BITS)
-        acc = dot_tile(x, w, acc, ACC_DTYPE, PRECISION, UPCAST)
+        acc = dot_tile(w, x, acc, ACC_DTYPE, PRECISION, UPCAST)
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
                stride_bias, HAS_BIAS, ACC_DTYPE, SPLIT_K)
 

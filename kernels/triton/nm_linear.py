@@ -95,7 +95,7 @@ def _nm_linear_kernel(
 ):
     offs_m, offs_n, mask_m, mask_n, split = tile_of_y(M, N, BLOCK_M, BLOCK_N)
     k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC_DTYPE)
     for k0 in range(split * k_per_split, tl.minimum(K, (split + 1) * k_per_split), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
@@ -103,7 +103,7 @@ def _nm_linear_kernel(
         w = _expanded_tile(values_ptr, meta_ptr, offs_n, mask_n, k0, KC, stride_vn, stride_vk,
                            stride_metan, stride_metak,
                            PATTERN_N, PATTERN_M, BITS, BLOCK_N, BLOCK_K).to(x.dtype)
-        acc = dot_tile(x, w, acc, ACC_DTYPE, PRECISION, UPCAST)
+        acc = dot_tile(w, x, acc, ACC_DTYPE, PRECISION, UPCAST)
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
                stride_bias, HAS_BIAS, ACC_DTYPE, SPLIT_K)
 
