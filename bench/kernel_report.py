@@ -242,6 +242,7 @@ class Row(NamedTuple):
     spills: Optional[Spills] = None
     sass: Optional[Sass] = None
     in_flight: Optional[int] = None  # see wgmma_in_flight
+    loop_barriers: int = 0           # see loop_barriers
 
 
 def wgmma_in_flight(ptx: str) -> Optional[int]:
@@ -250,6 +251,27 @@ def wgmma_in_flight(ptx: str) -> Optional[int]:
     one MMA runs while the next K step is issued), None without wgmma."""
     waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
     return max(waits) if waits else None
+
+
+_LOOP_HEADER = re.compile(r"^(\$L__BB\d+_\d+):.*Loop Header")
+_PTX_BARRIER = re.compile(r"\b(?:bar|barrier)(?:\.cta)?\.sync\b")
+
+
+def loop_barriers(ptx: str) -> int:
+    """The CTA barriers (``bar.sync`` and kin) of ``ptx`` inside loops: between a line LLVM
+    marks as a loop header and the last branch back to it (a barrier in a main loop is paid
+    every step: a reduction across warps, a layout exchange through shared memory)."""
+    lines = ptx.splitlines()
+    inside = [False] * len(lines)
+    for i, line in enumerate(lines):
+        header = _LOOP_HEADER.match(line)
+        if not header:
+            continue
+        back = re.compile(r"\bbra(?:\.uni)?\s+" + re.escape(header.group(1)) + r";")
+        ends = [j for j in range(i, len(lines)) if back.search(lines[j])]
+        for j in range(i, ends[-1] + 1 if ends else i):
+            inside[j] = True
+    return sum(1 for flag, line in zip(inside, lines) if flag and _PTX_BARRIER.search(line))
 
 
 def _config(config) -> str:
@@ -263,7 +285,7 @@ def analyse(spec: Spec) -> Row:
     except Exception as error:  # noqa: BLE001 - the report says so
         return Row(_config(spec.config), f"does not compile: {str(error).strip().splitlines()[0][:200]}")
     return Row(_config(spec.config), None, kernel_specs.usage(kernel), spills(kernel.asm["ptx"]),
-               sass(kernel.asm["cubin"]), wgmma_in_flight(kernel.asm["ptx"]))
+               sass(kernel.asm["cubin"]), wgmma_in_flight(kernel.asm["ptx"]), loop_barriers(kernel.asm["ptx"]))
 
 
 # --- Markdown -----------------------------------------------------------------------------
@@ -287,8 +309,10 @@ for sm_90 at the specialisation the headline call makes):
 - **cp.async / TMA**: global loads that go through the software pipeline: `LDGSTS`
   (cp.async, global to shared) and `UTMALDG`/`UBLKCP` (TMA) instructions.
 - **LDG 128/64/32/16/8**: plain global loads (to registers, not pipelined) by width in bits.
-- **BAR**: CTA-wide barriers in the SASS (`BAR.SYNC` and kin), wherever they sit: a
-  reduction across warps or a layout change through shared memory needs one each time.
+- **BAR (in loops)**: CTA-wide barriers in the SASS (`BAR.SYNC` and kin), wherever they
+  sit, and in brackets those of the PTX inside loops (between a loop header and its branch
+  back: paid every step of a main loop): a reduction across warps or a layout change
+  through shared memory needs one each time.
 - **streams**: per `tl.load` (named by the pointer it reads), its loads in the SASS (by the
   source line `nvdisasm --print-line-info` gives each instruction): `cp.async 128b x2`
   means two 128-bit cp.async instructions. A TMA load (`desc.load`) is named by its
@@ -334,7 +358,7 @@ def _streams(s: Sass) -> str:
 
 def table(rows: List[Row]) -> List[str]:
     lines = ["| config | regs | spill st/ld | smem KB | CTAs/SM (limit) | warps/SM | MMA | cp.async | TMA "
-             "| LDG 128/64/32/16/8 | BAR | streams |", "|" + "---|" * 12]
+             "| LDG 128/64/32/16/8 | BAR (in loops) | streams |", "|" + "---|" * 12]
     for row in rows:
         if row.problem is not None:
             lines.append(f"| {row.config} | {row.problem} |" + " |" * 10)
@@ -345,7 +369,7 @@ def table(rows: List[Row]) -> List[str]:
         ldg = "/".join(str(row.sass.ldg.get(bits, 0)) for bits in (128, 64, 32, 16, 8))
         lines.append(f"| {row.config} | {row.usage.registers} | {row.spills.stores}/{row.spills.loads} "
                      f"| {row.usage.shared / 1024:.1f} | {resident} ({limit}) | {resident * row.usage.warps} "
-                     f"| {_mma(row.sass, row.in_flight)} | {row.sass.cp_async} | {row.sass.tma} | {ldg} | {row.sass.barriers} "
+                     f"| {_mma(row.sass, row.in_flight)} | {row.sass.cp_async} | {row.sass.tma} | {ldg} | {row.sass.barriers} ({row.loop_barriers}) "
                      f"| {_streams(row.sass)} |")
     return lines
 

@@ -128,6 +128,27 @@ def test_int4_and_nm_feed_the_decoded_weight_to_wgmma_from_registers():
     assert set(checked) == {(k, big) for k in ("_int4_linear_kernel", "_nm_linear_kernel") for big in (False, True)}
 
 
+def test_csr_main_loop_has_no_reduction_across_threads():
+    """CSR (issue 18) at its headline point: no config sums across threads inside the main
+    loop (each thread keeps partial sums, reduced once per row), so the loop has no barrier,
+    except where the x tile is 16 rows wide and the chunk spans warps: there the nonzeros'
+    columns and values, loaded one per thread, are handed to the threads that use them
+    through shared memory, 2 barriers each (before: a cross-warp sum every chunk too)."""
+    result = subprocess.run([sys.executable, "-m", "sparqle.bench.kernel_report", "--op", "spmm_csr"],
+                            env=_compiler_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| BLOCK_X_ROWS=")]
+    assert len(rows) == len(importlib.import_module("sparqle.kernels.triton.spmm_csr")._LINEAR_CONFIGS.space)
+    for cells in rows:
+        config = dict(item.split("=") for item in cells[0].split(", "))
+        in_loops = int(re.fullmatch(r"\d+ \((\d+)\)", cells[10]).group(1))
+        exchanged = config["NNZ_ACROSS_THREADS"] == "True" and config["BLOCK_X_ROWS"] == "16" \
+            and config["warps"] != "1"
+        assert in_loops <= (4 if exchanged else 0), cells
+        assert cells[2] == "0/0", cells
+
+
 def test_kernel_report_names_each_load_by_what_it_reads(tmp_path):
     """The report's streams column: a ``tl.load`` is named by its pointer, a TMA
     ``desc.load`` by its descriptor, over every line the call spans; line info that names

@@ -10,8 +10,11 @@ before the one rounding to y's dtype. Two ways to spread a chunk over the thread
 config's choice (``NNZ_ACROSS_THREADS``), so the tuner picks per shape:
 
 - across (decode, few rows of x): the chunk's nonzeros lie across the threads as a
-  [BLOCK_NNZ, BLOCK_X_ROWS] tile, summed over the nonzeros every chunk (a reduction across
-  threads: shuffles and, past one warp, a barrier per chunk);
+  [BLOCK_NNZ, BLOCK_X_ROWS] tile, and each thread adds its products into its own partial
+  sums (a [BLOCK_NNZ, BLOCK_X_ROWS] accumulator, BLOCK_NNZ * BLOCK_X_ROWS / threads
+  registers each), summed over the nonzeros once, after the row's last chunk: the
+  reduction across threads (shuffles and, past one warp, a barrier) is paid once per row,
+  not once per chunk, and the main loop has no barrier;
 - Sputnik's (many rows of x): each thread owns its rows of x (output columns) and walks the
   chunk's nonzeros one by one, unrolled BLOCK_NNZ times (the column and value of each a
   broadcast load, the BLOCK_NNZ gathers of x independent, in flight together); nothing is
@@ -97,7 +100,10 @@ def _csr_linear_kernel(
     # (the interpreter's counter is a Python int, hence the lanes' own cast).
     start = tl.load(crow_ptr + row).to(tl.int64)
     end = tl.load(crow_ptr + row + 1).to(tl.int64)
-    acc = tl.zeros([BLOCK_X_ROWS], dtype=ACC_DTYPE)
+    if NNZ_ACROSS_THREADS:  # each lane's partial sums, summed over the nonzeros after the loop
+        partial = tl.zeros([BLOCK_NNZ, BLOCK_X_ROWS], dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros([BLOCK_X_ROWS], dtype=ACC_DTYPE)
     for chunk in range(start, end, BLOCK_NNZ):
         if NNZ_ACROSS_THREADS:
             offs_nz = chunk + tl.arange(0, BLOCK_NNZ).to(tl.int64)
@@ -108,7 +114,7 @@ def _csr_linear_kernel(
                 x_ptr + cols[:, None] * stride_xk + offs_x[None, :] * stride_xm,
                 mask=mask_nz[:, None] & mask_x[None, :], other=0,
             ).to(ACC_DTYPE)
-            acc += tl.sum(vals[:, None] * x, axis=0)
+            partial += vals[:, None] * x
         else:
             for j in tl.static_range(BLOCK_NNZ):
                 nz = chunk + j
@@ -117,6 +123,8 @@ def _csr_linear_kernel(
                 val = tl.load(values_ptr + nz, mask=in_row, other=0).to(ACC_DTYPE)
                 x = tl.load(x_ptr + col * stride_xk + offs_x * stride_xm, mask=mask_x & in_row, other=0)
                 acc += val * x.to(ACC_DTYPE)
+    if NNZ_ACROSS_THREADS:
+        acc = tl.sum(partial, axis=0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + row * stride_bias).to(ACC_DTYPE)
     tl.store(y_ptr + offs_x * stride_ym + row * stride_yn,
