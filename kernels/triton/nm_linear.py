@@ -67,13 +67,22 @@ def _expanded_tile(values_ptr, meta_ptr,  # pointers
                        + (offs_kc // PER_WORD)[None, :].to(tl.int64) * stride_metak,
                        mask=mask_w, other=0)
         pos = (word >> ((offs_kc % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
-    w = tl.zeros([BLOCK_N, BLOCK_K], dtype=v.dtype)
-    slot = tl.arange(0, BLOCK_K) % PATTERN_M
-    for j in tl.static_range(PATTERN_N):
-        kept = tl.arange(0, BLOCK_K) // PATTERN_M * PATTERN_N + j
-        source = tl.broadcast_to(kept[None, :], (BLOCK_N, BLOCK_K))
-        w = tl.where(tl.gather(pos, source, axis=1) == slot[None, :], tl.gather(v, source, axis=1), w)
-    return w
+    # Slot s of group g takes the bits of the kept value whose position is s, else 0: over
+    # [BLOCK_N, groups, PATTERN_N, PATTERN_M], each thread's own values (no exchange between
+    # threads), XOR-summed over the kept values (at most one matches a slot: positions
+    # increase strictly in a group), so the bits pass through unchanged (-0 and NaN included).
+    GROUPS: tl.constexpr = BLOCK_K // PATTERN_M
+    if v.dtype.primitive_bitwidth == 16:
+        bits = v.to(tl.int16, bitcast=True)
+    elif v.dtype.primitive_bitwidth == 32:
+        bits = v.to(tl.int32, bitcast=True)
+    else:
+        bits = v.to(tl.int64, bitcast=True)
+    bits = tl.reshape(bits, (BLOCK_N, GROUPS, PATTERN_N, 1))
+    pos = tl.reshape(pos, (BLOCK_N, GROUPS, PATTERN_N, 1))
+    slot = tl.arange(0, PATTERN_M)[None, None, None, :]
+    w = tl.xor_sum(tl.where(pos == slot, bits, 0), axis=2)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(v.dtype, bitcast=True)
 
 
 @triton.jit
