@@ -75,9 +75,11 @@ def _int4(p) -> List[Case]:
 
 
 def _int8(p) -> List[Case]:
-    """sparqle.linear(x, Int8Weight): W8A8 (x quantized per row first, by the launcher)."""
+    """sparqle.linear(x, Int8Weight): W8A8 (x quantized per row first, by the launcher), the
+    Triton GEMM and torch._int_mm's epilogue, the candidates the binding times."""
     x = tensor(p["tokens"], p["in_features"], dtype=_dtype(p))
-    return kernel_specs.int8_cases(x, p["out_features"], False, True, (ARCH,))
+    return (kernel_specs.int8_cases(x, p["out_features"], False, True, (ARCH,))
+            + kernel_specs.int8_int_mm_cases(x, p["out_features"], False, (ARCH,)))
 
 
 def _fp8(p) -> List[Case]:

@@ -159,6 +159,16 @@ def int8_cases(x: torch.Tensor, n: int, bias: bool, w8a8: bool, archs=(80, 90),
         tensor(k, dtype=torch.float32) if smoothed else None), archs)]
 
 
+def int8_int_mm_cases(x: torch.Tensor, n: int, bias: bool, archs=(80, 90)) -> List[Case]:
+    """W8A8 through torch._int_mm (int_mm_linear): the quantizer, then _int_mm's int32
+    product (not a Triton kernel) scaled by the epilogue kernel."""
+    m, k = x.shape
+    label = f"int_mm W8A8 {_name(x.dtype)} M={m} N={n} K={k}{' bias' if bias else ''}"
+    return [Case("int8_linear", label, lambda: int8_linear.int_mm_linear(
+        x, tensor(n, k, dtype=torch.int8), tensor(n, dtype=x.dtype), tensor(n, dtype=x.dtype) if bias else None),
+        archs)]
+
+
 def int8_quantize_cases(x: torch.Tensor, static: bool, archs=(80, 90)) -> List[Case]:
     label = f"quantize_rows {_name(x.dtype)} M={x.shape[0]} K={x.shape[1]}{' static' if static else ''}"
     return [Case("int8_linear", label, lambda: int8_linear.quantize_rows(
@@ -323,6 +333,8 @@ def test_cases() -> List[Case]:
         x = tensor(16, 128, dtype=dtype)
         for static in (False, True):
             cases += int8_quantize_cases(x, static) + fp8_quantize_cases(x, e4m3, static)
+        cases += int8_int_mm_cases(tensor(48, 128, dtype=dtype), 40, False)
+        cases += int8_int_mm_cases(tensor(48, 128, dtype=dtype), 40, True)
         cases += window_copy_cases(2, 14, 96, 7, 3, dtype, False) + window_copy_cases(1, 10, 40, 7, 0, dtype, True)
     bf16 = torch.bfloat16
     for rows in (16, 48):

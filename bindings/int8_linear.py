@@ -8,6 +8,12 @@ int8_linear(x, qweight, scales, bias, quantize_activation, smoothing=None) -> y 
     y = (x / s) @ (q_w * scale_w)^T + bias.
 int8_quantize_rows(x, static_scale) -> (q int8 [M, K], scale [M] fp32, fp64 for fp64 x)
 
+On CUDA, ``auto`` has two ways to compute W8A8 where cuBLASLt's int8 GEMM takes the shape
+(``int_mm_takes``: M > 16, N and K multiples of 8): the Triton GEMM and torch._int_mm with
+sparqle's epilogue (the same y bit for bit). It times both on the first call per key (the
+shape, M rounded up to a power of two, bias, smoothing) and keeps the faster
+(bindings/_fastest.py), the Triton GEMM while a CUDA graph is captured before that.
+
 Gradients (straight through): dx = dy @ (q_w * scale_w) (/ s), dbias = sum of dy; the
 quantized weight and s are frozen.
 """
@@ -18,7 +24,8 @@ import torch
 from sparqle.formats._checks import compute_dtype
 
 from ._autograd import register_row_scaled_autograd
-from ._backend import FLOATS, launch
+from ._backend import FLOATS, choose, kernels, launch, requested_backend
+from ._fastest import fastest
 from ._weight_op import define_weight_op
 
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
@@ -29,6 +36,17 @@ def int8_linear_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         smoothing: Optional[torch.Tensor] = None) -> torch.Tensor:
     if smoothing is not None:
         _check_smoothing(smoothing, x, quantize_activation)
+    if x.is_cuda and quantize_activation and requested_backend() == "auto" \
+            and choose("int8_linear", x.device, x.dtype, DTYPES) == "triton":
+        on_triton = kernels("triton", "int8_linear")
+        rows, (out, k) = x.shape[0], qweight.shape
+        if on_triton.int_mm_takes(rows, out, k) and qweight.stride(1) == 1:
+            key = ("int8_linear", x.device, x.dtype, 1 << (rows - 1).bit_length(), out, k,
+                   bias is not None, smoothing is not None)
+            return fastest(key, {
+                "triton": lambda: on_triton.int8_linear(x, qweight, scales, bias, True, smoothing),
+                "int_mm": lambda: on_triton.int_mm_linear(x, qweight, scales, bias, smoothing),
+            }, "triton", x.device)
     return launch("int8_linear", "int8_linear", DTYPES, x, x, qweight, scales, bias, quantize_activation, smoothing)
 
 

@@ -155,6 +155,65 @@ def test_linear_through_tma_and_through_pointers(monkeypatch, k, x_layout, w_lay
         assert_close(y, x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), torch.bfloat16, "y")
 
 
+TRITON_DEVICES = [device for device, backend in device_backends() if backend == "triton"]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k,bias,smoothed", [(17, 8, 256, True, False), (24, 40, 72, False, True),
+                                                 (33, 16, 8, True, True)], ids=str)
+def test_int_mm_route_gives_the_triton_gemms_y(device, dtype, m, n, k, bias, smoothed):
+    """W8A8 through torch._int_mm and sparqle's epilogue (what auto may pick on CUDA) gives
+    the Triton GEMM's y bit for bit (both sum int8 products exactly in int32, then share one
+    epilogue), and the oracle's: M past 16, N and K multiples of 8, with and without bias
+    and smoothing, a row holding Inf and one holding NaN (recomputed as F.linear would)."""
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    x[3, 5], x[7, 1] = float("inf"), float("nan")
+    qw = Int8Weight.from_float(torch.randn(n, k, dtype=dtype)).to(device)
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    s = torch.rand(k, device=device) + 0.5 if smoothed else None
+    assert int8_kernels.int_mm_takes(m, n, k)
+    y = int8_kernels.int_mm_linear(x, qw.qweight, qw.scales, b, s)
+    expected = int8_kernels.int8_linear(x, qw.qweight, qw.scales, b, True, s)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.nan_to_num(), expected.nan_to_num())
+    finite = torch.ones(m, dtype=torch.bool)
+    finite[[3, 7]] = False
+    q, scale = quantize_rows_rule(x[finite].cpu() if s is None else x[finite].float().cpu() / s.cpu())  # / s in fp32
+    w64 = qw.qweight.double().cpu() * qw.scales.double().cpu()[:, None]
+    b64 = torch.zeros(n, dtype=torch.float64) if b is None else b.double().cpu()
+    x64 = q.double() * scale.double()[:, None]
+    assert_close(y[finite.to(device)], x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), dtype, "y")
+
+
+def test_int_mm_takes_what_cublaslt_takes():
+    """cuBLASLt's int8 GEMM: M > 16, N and K multiples of 8, K short enough for an exact
+    int32 sum."""
+    assert int8_kernels.int_mm_takes(17, 8, 8)
+    for m, n, k in [(16, 8, 8), (17, 12, 8), (17, 8, 12), (17, 8, 0), (17, 8, 2 ** 17 + 8)]:
+        assert not int8_kernels.int_mm_takes(m, n, k), (m, n, k)
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_times_the_triton_gemm_and_int_mm():
+    """auto on CUDA times the Triton GEMM and torch._int_mm once per key, keeps the faster,
+    and every call meets the oracle; shapes cuBLASLt does not take run the Triton GEMM."""
+    from sparqle.bindings import _fastest
+    qw = Int8Weight.from_float(torch.randn(64, 96)).to("cuda")
+    bias = torch.randn(64, device="cuda")
+    for rows in (17, 300, 2048):
+        x = torch.randn(rows, 96, device="cuda")
+        for _ in range(2):
+            y = sparqle.int8_linear(x, qw, bias, activation="dynamic")
+            q, scale = quantize_rows_rule(x)
+            x64 = q.double() * scale.double()[:, None]
+            w64 = qw.qweight.double().cpu() * qw.scales.double().cpu()[:, None]
+            assert_close(y, x64 @ w64.T + bias.double().cpu(), x64.abs() @ w64.abs().T + bias.double().cpu().abs(),
+                         torch.float32, f"y (M={rows})")
+        key = ("int8_linear", x.device, torch.float32, 1 << (rows - 1).bit_length(), 64, 96, True, False)
+        assert _fastest._fastest[key] in ("triton", "int_mm")
+
+
 def test_sqnr_against_the_float_layer():
     w, x = torch.randn(256, 1024), torch.randn(64, 1024)
     qw = Int8Weight.from_float(w)

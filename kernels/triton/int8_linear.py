@@ -15,6 +15,9 @@ int8_linear: y [M, N] = (q_x @ q_w^T) * scale_x[m] * scale_w[n] + bias, the prod
     (``_rows.redo_infinite_rows``), so NaN and Inf reach y as through F.linear. Grouped
     tile order; operand tiles through TMA descriptors, on a persistent grid, where x (or
     q_x) and q_w allow it, else through pointers, one tile a program (``_rows.tma_loads``).
+int_mm_linear: W8A8 y as int8_linear computes it, the int8 product by torch._int_mm
+    (cuBLASLt) and the scaling by int8_linear's own epilogue (``_scale_and_store``), so the
+    same y bit for bit; the binding times both ways on CUDA.
 """
 from typing import Optional, Tuple
 
@@ -39,6 +42,13 @@ _GEMM_CONFIGS = Configs(
     # compiled to 215-255 registers and spilled at some specialisations (sm_90).
     # the interpreter's cost is per step: K = 133,145 (the int32 overflow test) in 261 steps
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 512, "GROUP_M": 2}),
+)
+
+
+# _int_mm's epilogue reads 4 bytes and writes 2 per element: tiles of 4K to 8K elements.
+_EPILOGUE_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4) for bm, bn in [(32, 128), (64, 128), (16, 256)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}),
 )
 
 
@@ -96,6 +106,16 @@ def _linear_tile(tile, x_src, w_src, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, 
                            W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    _scale_and_store(acc, offs_m, offs_n, M, N, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+                     stride_ym, stride_yn, stride_bias, W8A8, HAS_BIAS)
+
+
+@triton.jit
+def _scale_and_store(acc, offs_m, offs_n, M, N, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+                     stride_ym, stride_yn, stride_bias, W8A8: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y[offs_m, offs_n] = acc * w_scale[n] (* x_scale[m] for W8A8) + bias[n], in fp32 in
+    that order, rounded once to y's dtype: the epilogue of both ways to W8A8 (the Triton
+    GEMM's and _int_mm's), so they give the same y bit for bit."""
     mask_m, mask_n = offs_m < M, offs_n < N
     out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     if W8A8:
@@ -104,6 +124,28 @@ def _linear_tile(tile, x_src, w_src, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, 
         out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@autotune(_EPILOGUE_CONFIGS, key=["N"])
+@triton.jit
+def _int_mm_epilogue_kernel(
+    # pointers: acc int32 [M, N] (torch._int_mm's), the scales, bias and y
+    acc_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+    # sizes
+    M, N,
+    # strides
+    stride_am, stride_an,
+    stride_ym, stride_yn,
+    stride_bias,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tl.load(acc_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an,
+                  mask=(offs_m < M)[:, None] & (offs_n < N)[None, :], other=0)
+    _scale_and_store(acc, offs_m, offs_n, M, N, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+                     stride_ym, stride_yn, stride_bias, True, HAS_BIAS)
 
 
 @autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8", "CHUNKED", "USE_TMA"], bucket=["M"])
@@ -156,6 +198,34 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor],
                                     x.stride(0), x.stride(1), q.stride(0),
                                     STATIC=static_scale is not None, SMOOTHED=smoothing is not None, **_INT8_CODE)
     return q, scale
+
+
+def int_mm_takes(m: int, n: int, k: int) -> bool:
+    """Whether ``int_mm_linear`` takes an [m, k] x [n, k]^T product: cuBLASLt's int8 GEMM
+    (torch._int_mm) needs m > 16 and n, k multiples of 8; its int32 sum is exact up to
+    k = INT32_SAFE_K."""
+    return m > 16 and n % 8 == 0 and k % 8 == 0 and 0 < k <= INT32_SAFE_K
+
+
+def int_mm_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias,
+                  smoothing: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W8A8 y [M, N] as ``int8_linear`` computes it, the int8 product by cuBLASLt instead of
+    the Triton GEMM: x quantized per row (``quantize_rows``), torch._int_mm's int32 [M, N]
+    product, then one epilogue kernel (the Triton GEMM's own: the same y bit for bit) and
+    the rows with ±Inf recomputed. Shapes that ``int_mm_takes``. Triton makes a wgmma
+    asynchronous only with an fp32 accumulator, so its int8 GEMM waits for every wgmma;
+    whether cuBLASLt's is faster, the binding measures (bindings/int8_linear.py)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    a, a_scale = quantize_rows(x, None, smoothing)
+    acc = torch._int_mm(a, qweight.t())
+    y = _alloc.empty((m, n), x.dtype, x.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    with on_device_of(x):
+        _int_mm_epilogue_kernel[grid](acc, a_scale, scales.contiguous(), y if bias is None else bias, y,
+                                      m, n, acc.stride(0), acc.stride(1), y.stride(0), y.stride(1),
+                                      0 if bias is None else bias.stride(0), HAS_BIAS=bias is not None)
+    return redo_infinite_rows(x, a_scale, qweight, scales, bias, y, tl.int8, smoothing)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias,
