@@ -506,8 +506,15 @@ def damped_hessian(xtx: torch.Tensor, w: torch.Tensor, damp: float = DAMP) -> to
 def inverse_hessian_factor(xtx: torch.Tensor, w: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     """U, the upper Cholesky factor of H_d^{-1} (``damped_hessian``: H_d = H + damp * diag(H),
     H = ``xtx``)."""
-    _, factor = damped_hessian(xtx, w, damp)
-    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    return damped_inverse_factor(xtx, w, damp)[1]
+
+
+def damped_inverse_factor(xtx: torch.Tensor, w: torch.Tensor, damp: float = DAMP) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(H_d, U): ``damped_hessian``'s H_d and ``inverse_hessian_factor``'s U from one
+    factorization, for a caller that needs both (SparseGPT sweeps with U, then refits
+    with H_d: ``refit_damped``)."""
+    h, factor = damped_hessian(xtx, w, damp)
+    return h, torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
 
 
 def masked_refit(w: torch.Tensor, xtx: torch.Tensor, mask: torch.Tensor, damp: float = DAMP,
@@ -528,6 +535,14 @@ def masked_refit(w: torch.Tensor, xtx: torch.Tensor, mask: torch.Tensor, damp: f
     REFIT_STEPS steps, the rows still above it are solved directly (a Cholesky of each row's
     H_d[S, S], rows of equal kept count together, ``budget`` floats of H_SS at a time)."""
     h, _ = damped_hessian(xtx, w, damp)
+    return refit_damped(w, h, mask, start, budget)
+
+
+def refit_damped(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, start: Optional[torch.Tensor] = None,
+                 budget: int = 1 << 24) -> torch.Tensor:
+    """``masked_refit`` for a caller that holds H_d = ``h`` already (float32 [K, K] on w's
+    device, from ``damped_hessian``), which masked_refit would build again (a K x K
+    Cholesky: a tenth of sparsegpt's time on a 384 x 1536 layer)."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != w.shape:
         raise ValueError(f"mask must be a bool {list(w.shape)} tensor (w's shape), got "
                          f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")

@@ -64,7 +64,7 @@ from typing import Optional, Tuple
 import torch
 
 from .calibrate import (ADMM_GROWTH, ADMM_RHO, ADMM_STEPS, PRUNE_DAMP, check_feature_statistic, damped_hessian,
-                        inverse_hessian_factor, masked_refit, obs_sweep)
+                        damped_inverse_factor, obs_sweep, refit_damped)
 from .formats._checks import cdiv
 from .formats.bell import block_sums
 from .formats.nm import keep_top_n, check_pattern
@@ -120,7 +120,7 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
     block-row), and n of each m for N:M."""
     pattern = _check(w, sparsity, block, n, m, two_d=True)
     rows, k = w.shape
-    u = inverse_hessian_factor(xtx, w, damp)
+    h, u = damped_inverse_factor(xtx, w, damp)
     mask = torch.ones(rows, k, dtype=torch.bool, device=w.device)
     if pattern == "blocks":
         mask = _best_blocks(w, u, sparsity, block)
@@ -141,7 +141,7 @@ def sparsegpt(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = No
 
     # A chunk holds whole groups of m (m divides 128); blocks are chosen before the sweep.
     swept = obs_sweep(w, u, target)
-    return masked_refit(w, xtx, mask, damp, start=swept).to(w.dtype), mask
+    return refit_damped(w, h, mask, start=swept).to(w.dtype), mask
 
 
 def admm(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = None, *,
@@ -171,7 +171,7 @@ def admm(w: torch.Tensor, xtx: torch.Tensor, sparsity: Optional[float] = None, *
         z = (v + u) * mask
         u += v - z
         rho *= ADMM_GROWTH
-    return masked_refit(w, xtx, mask, damp, start=z / d).to(w.dtype), mask
+    return refit_damped(w, h, mask, start=z / d).to(w.dtype), mask
 
 
 def _keep_per_row(score: torch.Tensor, pattern: str, sparsity, block, n, m) -> torch.Tensor:
