@@ -47,10 +47,12 @@ def _dtype(params: Dict[str, object]) -> torch.dtype:
 
 def _csr(p) -> List[Case]:
     """sparqle.spmm(A [m, k] CSR, b [k, n]): csr_linear of x = b^T (a transposed view) with
-    m * k * (1 - sparsity) entries."""
+    m * k * (1 - sparsity) entries, and the tensor-core path the binding times against it."""
     nnz = round(p["out_features"] * p["in_features"] * (1 - p["sparsity"]))
-    return kernel_specs.csr_cases(p["out_features"], p["in_features"], p["tokens"], nnz, _dtype(p),
-                                  transposed_x=True, sddmm=False, archs=(ARCH,))
+    return (kernel_specs.csr_cases(p["out_features"], p["in_features"], p["tokens"], nnz, _dtype(p),
+                                   transposed_x=True, sddmm=False, archs=(ARCH,))
+            + kernel_specs.csr_bitmap_cases(p["out_features"], p["in_features"], p["tokens"], nnz, _dtype(p),
+                                            transposed_x=True, archs=(ARCH,)))
 
 
 def _bell(p) -> List[Case]:

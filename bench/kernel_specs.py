@@ -115,6 +115,20 @@ def csr_cases(m: int, k: int, n: int, nnz: int, dtype: torch.dtype, transposed_x
     return cases
 
 
+def csr_bitmap_cases(m: int, k: int, n: int, nnz: int, dtype: torch.dtype, transposed_x: bool = False,
+                     bias: bool = False, archs=(80, 90)) -> List[Case]:
+    """csr_bitmap_linear (the tensor-core path): x [n, k] (a transposed view when
+    ``transposed_x``) @ A^T (+ bias [m]) for A [m, k] with nnz entries, from its bitmap
+    words and row starts (int32 [m, ceil(k / 32)])."""
+    chunks = cdiv(k, 32)
+    words, starts = tensor(m, chunks, dtype=torch.int32), tensor(m, chunks, dtype=torch.int32)
+    x = tensor(k, n, dtype=dtype).t() if transposed_x else tensor(n, k, dtype=dtype)
+    label = (f"tensor cores {_name(dtype)} m={m} k={k} n={n} nnz={nnz}" + (" x^T" if transposed_x else "")
+             + (" bias" if bias else ""))
+    return [Case("spmm_csr", label, lambda: spmm_csr.csr_bitmap_linear(
+        x, words, starts, tensor(nnz, dtype=dtype), tensor(m, dtype=dtype) if bias else None), archs)]
+
+
 def bell_cases(n: int, m: int, k: int, block: int, width: int, dtype: torch.dtype,
                directions=("linear", "matmul", "sddmm"), bias: bool = False, archs=(80, 90)) -> List[Case]:
     """A [m, k] in Blocked-ELL (block x block blocks, ``width`` slots per block-row):
@@ -328,6 +342,7 @@ def test_cases() -> List[Case]:
         cases += bell_cases(1, 40, 72, 16, 1, dtype)                  # n = 1, width 1, ragged blocks
         cases += nm_cases(tensor(1, 128, dtype=dtype), 64, 2, 4, False, to_dense=True)[1:]
     for dtype in FLOAT_DTYPES:
+        cases += csr_bitmap_cases(64, 96, 16, 300, dtype, bias=True) + csr_bitmap_cases(33, 72, 48, 200, dtype)
         for rows, bias in itertools.product((16, 48), (False, True)):
             cases += _linear_cases(tensor(rows, 128, dtype=dtype), bias)
         x = tensor(16, 128, dtype=dtype)

@@ -15,16 +15,27 @@ builds it once; it needs no host sync (torch.compile traces it, CUDA graphs capt
 dx is csr_linear again, so second derivatives in x work; sddmm_csr has no derivative: a
 second derivative through the values raises.
 The ops trust their inputs: sparqle.spmm and sparqle.linear check them first.
+
+On CUDA ``auto`` has two ways to compute csr_linear in fp16, bf16 and fp32: the CUDA-core
+kernel (Sputnik's), and the tensor-core one (``csr_bitmap_linear``: dense tiles of A rebuilt
+from a bitmap of its pattern, Flash-LLM's "load as sparse, compute as dense"). It times both
+on the first call per key (the shape, M rounded up to a power of two, the entries per row
+rounded likewise, bias) and keeps the faster (bindings/_fastest.py; the CUDA-core kernel
+while a CUDA graph is captured before that). The bitmap (``formats.csr.bitmap_structure``,
+int32 words and row starts, a quarter byte per dense entry) is made on the first such call
+and kept while crow and col live and are unchanged (sparqle.kernels._derived).
 """
 from typing import Optional
 
 import torch
 
-from sparqle.formats.csr import transposed_structure
-from sparqle.kernels._derived import derived
+from sparqle.formats.csr import bitmap_structure, columns_increase, transposed_structure
+from sparqle.kernels import _capture
+from sparqle.kernels._derived import derived, kept
 
 from ._autograd import register_autograd
-from ._backend import FLOATS, launch
+from ._backend import FLOATS, choose, kernels, launch, requested_backend
+from ._fastest import fastest
 from ._weight_op import define_weight_op
 
 # cupy (kernels/cupy/spmm_csr.py) runs only when forced: auto keeps Triton on CUDA until the
@@ -37,7 +48,29 @@ def csr_linear_forward(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, v
                        row_order: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # Every backend reads the CSR arrays at unit stride; x and bias go through their strides.
     crow, col, values, row_order = (t.contiguous() for t in (crow, col, values, row_order))
+    rows, k, m = x.shape[0], x.shape[1], crow.shape[0] - 1
+    if (x.is_cuda and x.dtype != torch.float64 and rows * m * k > 0 and requested_backend() == "auto"
+            and choose("csr_linear", x.device, x.dtype, DTYPES) == "triton"):
+        on_triton = kernels("triton", "spmm_csr")
+        candidates = {"cuda_cores": lambda: on_triton.csr_linear(x, crow, col, values, row_order, bias)}
+        if _columns_increase(crow, col):
+            def tensor_cores():
+                words, starts = derived("csr_bitmap", lambda: bitmap_structure(crow, col, k), col, crow)
+                return on_triton.csr_bitmap_linear(x, words, starts, values, bias)
+            candidates["tensor_cores"] = tensor_cores
+        key = ("csr_linear", x.device, x.dtype, 1 << (rows - 1).bit_length(), m, k,
+               1 << max(0, col.numel() // m - 1).bit_length(), bias is not None, len(candidates))
+        return fastest(key, candidates, "cuda_cores", x.device)
     return launch("spmm_csr", "csr_linear", DTYPES, x, x, crow, col, values, row_order, bias)
+
+
+def _columns_increase(crow: torch.Tensor, col: torch.Tensor) -> bool:
+    """Whether every row's columns increase strictly (the bitmap's condition), read from the
+    device once per (crow, col) and kept while they live unchanged; while a CUDA graph is
+    captured (no host read allowed) what was kept, else False."""
+    if _capture.capturing():
+        return bool(kept("csr_columns_increase", col, crow))
+    return derived("csr_columns_increase", lambda: bool(columns_increase(crow, col)), col, crow)
 
 
 csr_linear = define_weight_op(csr_linear_forward, lambda crow, *_: crow.shape[0] - 1)

@@ -220,6 +220,86 @@ def test_transposed_structure_built_for_dx_only_and_once(device_backend):
         assert torch.equal(kept, built)
 
 
+TRITON_DEVICES = [device for device, backend in device_backends() if backend == "triton"]
+
+
+@pytest.mark.parametrize("m,k,density", [(1, 1, 1.0), (37, 70, 0.3), (5, 64, 0.9), (19, 21, 0.0), (3, 33, 1.0)])
+def test_bitmap_structure_describes_the_matrix(m, k, density):
+    """formats.csr.bitmap_structure: bit j of word (r, c) is set exactly where A[r, 32 c + j]
+    is stored (bit 31 too: the word's sign), and the entry there is values[start + the set
+    bits below j]; empty rows, k off the 32-column words, all-zero and dense rows."""
+    from sparqle.formats.csr import bitmap_structure
+    w = random_sparse(m, k, density, empty_rows=(0, 3) if m > 4 else ())
+    a = CSR.from_dense(w)
+    words, starts = bitmap_structure(a.crow_indices, a.col_indices, k)
+    chunks = -(-k // 32)
+    assert words.shape == starts.shape == (m, chunks) and words.dtype == starts.dtype == torch.int32
+    bits = (words.long()[:, :, None] >> torch.arange(32)) & 1                 # [m, chunks, 32]
+    stored = bits.reshape(m, chunks * 32)[:, :k].bool()
+    assert torch.equal(stored, w != 0)
+    rank = bits.cumsum(2) - bits
+    position = (starts.long()[:, :, None] + rank).reshape(m, chunks * 32)[:, :k]
+    rebuilt = torch.zeros_like(w)
+    rebuilt[stored] = a.values[position[stored]]
+    assert torch.equal(rebuilt, w)
+
+
+def test_columns_increase_tells_the_bitmaps_condition():
+    from sparqle.formats.csr import columns_increase
+    crow = torch.tensor([0, 2, 2, 4], dtype=torch.int32)
+    assert bool(columns_increase(crow, torch.tensor([1, 3, 0, 2], dtype=torch.int32)))
+    assert not bool(columns_increase(crow, torch.tensor([3, 1, 0, 2], dtype=torch.int32)))   # unsorted
+    assert not bool(columns_increase(crow, torch.tensor([1, 1, 0, 2], dtype=torch.int32)))   # repeated
+    assert bool(columns_increase(torch.zeros(4, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n,density,bias,transposed", [(1, 1, 1, 1.0, True, False), (40, 72, 17, 0.3, True, True),
+                                                           (33, 130, 5, 0.1, False, False), (8, 40, 3, 0.0, True, False),
+                                                           (70, 64, 33, 0.9, False, True)], ids=str)
+def test_tensor_core_path_matches_oracle(device, dtype, m, k, n, density, bias, transposed):
+    """csr_bitmap_linear (the tensor-core path auto may pick on CUDA): y = x @ A^T + bias for
+    A rebuilt tile by tile from its bitmap; rows and columns off every tile and word, empty
+    rows, an all-zero A, x a transposed view (sparqle.spmm's b^T), with and without bias."""
+    from sparqle.formats.csr import bitmap_structure
+    from sparqle.kernels.triton import spmm_csr as csr_kernels
+    w64 = random_sparse(m, k, density, empty_rows=(0, 3) if m > 4 else ())
+    a = CSR.from_dense(w64.to(dtype)).to(device)
+    x = torch.randn(k, n, dtype=dtype, device=device).t() if transposed else torch.randn(n, k, dtype=dtype, device=device)
+    b = torch.randn(m, dtype=dtype, device=device) if bias else None
+    words, starts = bitmap_structure(a.crow_indices, a.col_indices, k)
+    y = csr_kernels.csr_bitmap_linear(x, words, starts, a.values, b)
+    w = a.to_dense().double().cpu()
+    x64 = x.double().cpu()
+    b64 = torch.zeros(m, dtype=torch.float64) if b is None else b.double().cpu()
+    assert_close(y, x64 @ w.T + b64, x64.abs() @ w.abs().T + b64.abs(), dtype, "y")
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_times_both_cores_for_sorted_columns_only():
+    """auto on CUDA times the CUDA-core and tensor-core kernels once per key and keeps the
+    faster, every call meeting the oracle; a CSR whose columns are unsorted or repeated
+    (the bitmap cannot describe it) runs the CUDA-core kernel only."""
+    from sparqle.bindings import _fastest
+    for unsorted in (False, True):
+        if unsorted:  # row 0 stores column 5 twice (3.0 in all) and column 1 after it
+            a = CSR(torch.tensor([0, 3] + [3] * 63), torch.tensor([5, 5, 1]), torch.tensor([1.0, 2.0, -1.0]), (64, 96))
+        else:
+            a = CSR.from_dense(random_sparse(64, 96, 0.3).float())
+        w64 = a.to_dense().double()
+        a = a.to("cuda")
+        for rows in (16, 300):
+            x = torch.randn(rows, 96, device="cuda")
+            y = sparqle.linear(x, a)
+            x64 = x.double().cpu()
+            assert_close(y, x64 @ w64.T, x64.abs() @ w64.abs().T, torch.float32, f"y (M={rows})")
+            nnz = a.values.numel()
+            key = ("csr_linear", x.device, torch.float32, 1 << (rows - 1).bit_length(), 64, 96,
+                   1 << max(0, nnz // 64 - 1).bit_length(), False, 1 if unsorted else 2)
+            assert _fastest._fastest[key] in (("cuda_cores",) if unsorted else ("cuda_cores", "tensor_cores"))
+
+
 def test_opcheck_sddmm():
     """(csr_linear itself: tests/test_contract.py, with every other contract check.)"""
     a = CSR.from_dense(random_sparse(13, 11, 0.4))

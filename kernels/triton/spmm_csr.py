@@ -40,7 +40,8 @@ import triton.language as tl
 from .. import _alloc
 from .._derived import csr_col_indices
 from ._autotune import Configs, autotune
-from ._config import on_device_of
+from ._config import dot_meta, on_device_of
+from ._linear import dot_tile, store_tile, tile_of_y
 
 _LINEAR_CONFIGS = Configs(
     [
@@ -54,6 +55,15 @@ _LINEAR_CONFIGS = Configs(
                                   (256, 4, False, 1), (512, 8, False, 2), (512, 4, False, 2)]
     ],
     triton.Config({"BLOCK_X_ROWS": 16, "BLOCK_NNZ": 8, "NNZ_ACROSS_THREADS": True}),
+)
+
+# The tensor-core path rebuilds [BLOCK_N, BLOCK_K] tiles of A (BLOCK_K a multiple of the
+# bitmap's 32 columns) and multiplies them by x's tiles: decode-sized and tiled token blocks.
+_BITMAP_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+     for bm, bn, bk, w, st in [(16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (32, 64, 128, 4, 3),
+                               (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}),
 )
 
 _SDDMM_CONFIGS = Configs(
@@ -131,6 +141,45 @@ def _csr_linear_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=mask_x)
 
 
+@autotune(_BITMAP_CONFIGS, key=["M", "N", "K", "NNZ_PER_ROW"], bucket=["M"])
+@triton.jit
+def _csr_bitmap_linear_kernel(
+    # pointers: A's bitmap words and row starts (sparqle.formats.csr.bitmap_structure), its
+    # CSR values, x, bias, y
+    words_ptr, starts_ptr, values_ptr, x_ptr, bias_ptr, y_ptr,
+    # sizes: x's rows M, A [N, K], CHUNKS = ceil(K / 32) words a row, the mean stored
+    # entries per row (a power of two: a tuning key)
+    M, N, K, CHUNKS, NNZ_PER_ROW,
+    # strides
+    stride_xm, stride_xk,
+    stride_ym, stride_yn,
+    stride_bias,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m, offs_n, mask_m, mask_n, _ = tile_of_y(M, N, BLOCK_M, BLOCK_N)
+    WORDS: tl.constexpr = BLOCK_K // 32
+    bit = tl.arange(0, 32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        chunk = k0 // 32 + tl.arange(0, WORDS)
+        at = offs_n[:, None] * CHUNKS + chunk[None, :]
+        in_a = mask_n[:, None] & (chunk < CHUNKS)[None, :]
+        word = tl.load(words_ptr + at, mask=in_a, other=0)
+        start = tl.load(starts_ptr + at, mask=in_a, other=0)
+        stored = (word[:, :, None] >> bit[None, None, :]) & 1           # [BLOCK_N, WORDS, 32]
+        rank = tl.cumsum(stored, axis=2) - stored                        # set bits below each
+        w = tl.load(values_ptr + (start[:, :, None] + rank), mask=stored != 0, other=0)
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
+        acc = dot_tile(w.to(x.dtype), x, acc, ACC_DTYPE, PRECISION, UPCAST)
+    store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, 0, stride_ym, stride_yn,
+               stride_bias, HAS_BIAS, ACC_DTYPE, 1)
+
+
 @autotune(_SDDMM_CONFIGS, key=["N"], bucket=["N"])
 @triton.jit
 def _sddmm_csr_kernel(
@@ -180,6 +229,35 @@ def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),
             HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x.dtype),
+        )
+    return y
+
+
+def csr_bitmap_linear(x: torch.Tensor, words: torch.Tensor, starts: torch.Tensor, values: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y [M, m] = x [M, k] @ A^T + bias on tensor cores, for A [m, k] given by its bitmap
+    structure (words, starts: int32 [m, ceil(k / 32)], sparqle.formats.csr.bitmap_structure)
+    and its CSR ``values``: each program rebuilds dense [BLOCK_N, BLOCK_K] tiles of A in
+    registers (the entry at a set bit is values[start + the set bits below it]; zero
+    elsewhere, no load) and multiplies them with ``tl.dot``, fp32 accumulation, the bias in
+    the epilogue. It reads A's values once per token block plus a quarter byte per dense
+    entry of bitmap and starts, and does A's dense arithmetic: Flash-LLM's "load as sparse,
+    compute as dense", for the moderate sparsity and few tokens where the CUDA-core kernel
+    wastes the tensor cores. fp16, bf16, fp32 (TF32 when allowed)."""
+    rows, k = x.shape
+    m = words.shape[0]
+    y = _alloc.empty((rows, m), x.dtype, x.device)
+    if rows == 0 or m == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]), 1)  # noqa: E731
+    with on_device_of(x):
+        _csr_bitmap_linear_kernel[grid](
+            words, starts, values, x, y if bias is None else bias, y,
+            rows, m, k, words.shape[1], triton.next_power_of_2(max(1, values.numel() // m)),
+            x.stride(0), x.stride(1),
+            y.stride(0), y.stride(1),
+            0 if bias is None else bias.stride(0),
+            HAS_BIAS=bias is not None, **dot_meta(x.dtype),
         )
     return y
 

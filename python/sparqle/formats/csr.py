@@ -64,6 +64,43 @@ def transposed_structure(crow: torch.Tensor, col: torch.Tensor, k: int) -> Tuple
     return t_crow, rows[perm], perm.to(torch.int32), _row_order(t_crow)
 
 
+def columns_increase(crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """A bool 0-d tensor: whether the columns of every row increase strictly (sorted, no
+    repeats), as ``from_dense`` and pruning make them; computed on the device."""
+    m, nnz = crow.numel() - 1, col.numel()
+    rows = torch.repeat_interleave(torch.arange(m, device=col.device), crow[1:] - crow[:-1], output_size=nnz)
+    return ((rows[1:] != rows[:-1]) | (col[1:] > col[:-1])).all()
+
+
+BITMAP_COLUMNS = 32  # the columns of a bitmap word (bitmap_structure)
+
+
+def bitmap_structure(crow: torch.Tensor, col: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(words, starts), int32 [m, ceil(k / 32)] each, for A [m, k] of structure (crow, col):
+    bit j of words[r, c] is set where A[r, 32 c + j] is stored, and starts[r, c] is the
+    position in ``values`` of row r's first entry at or after column 32 c, so the entry at
+    column 32 c + j is values[starts[r, c] + (the set bits of words[r, c] below j)]. The
+    values stay where CSR keeps them: the pair adds 8 bytes per row and 32 columns (a
+    quarter of a byte per dense entry) for a kernel that rebuilds dense tiles of A to
+    multiply them on tensor cores. It describes A only where each row's columns increase
+    strictly (``columns_increase``; CSR also allows them unsorted and repeated, adding up).
+    No host sync: nnz is ``col.numel()``."""
+    m, nnz = crow.numel() - 1, col.numel()
+    chunks = -(-k // BITMAP_COLUMNS)
+    rows = torch.repeat_interleave(torch.arange(m, dtype=torch.int64, device=col.device),
+                                   crow[1:] - crow[:-1], output_size=nnz)
+    col = col.to(torch.int64)
+    slot = rows * chunks + col // BITMAP_COLUMNS
+    bits = torch.zeros(m * chunks, dtype=torch.int64, device=col.device)
+    bits.index_add_(0, slot, torch.ones_like(col) << (col % BITMAP_COLUMNS))   # distinct bits: a sum is an OR
+    words = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32)
+    counts = torch.zeros(m * chunks, dtype=torch.int64, device=col.device)
+    counts.index_add_(0, slot, torch.ones_like(col))
+    counts = counts.view(m, chunks)
+    starts = crow[:-1, None].to(torch.int64) + counts.cumsum(1) - counts
+    return words.view(m, chunks), starts.to(torch.int32)
+
+
 class CSR(WeightFormat):
     """A sparse [m, k] matrix in CSR form.
 
