@@ -20,7 +20,7 @@ from sparqle.formats.csr import reads_u16_col_indices, u16_col_indices
 
 from . import _capture
 
-T = TypeVar("T")  # a tensor or a tuple of tensors
+T = TypeVar("T")  # a tensor, a tuple of tensors, or a flag read from the sources
 
 # (id(first source), name) -> (weak references to the sources, their versions, what was made)
 _kept: Dict[Tuple[int, str], Tuple[tuple, tuple, object]] = {}

@@ -255,9 +255,9 @@ def test_columns_increase_tells_the_bitmaps_condition():
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m,k,n,density,bias,transposed", [(1, 1, 1, 1.0, True, False), (40, 72, 17, 0.3, True, True),
-                                                           (33, 130, 5, 0.1, False, False), (8, 40, 3, 0.0, True, False),
-                                                           (70, 64, 33, 0.9, False, True)], ids=str)
+@pytest.mark.parametrize("m,k,n,density,bias,transposed", [
+    (1, 1, 1, 1.0, True, False), (40, 72, 17, 0.3, True, True), (33, 130, 5, 0.1, False, False),
+    (8, 40, 3, 0.0, True, False), (70, 64, 33, 0.9, False, True)], ids=str)
 def test_tensor_core_path_matches_oracle(device, dtype, m, k, n, density, bias, transposed):
     """csr_bitmap_linear (the tensor-core path auto may pick on CUDA): y = x @ A^T + bias for
     A rebuilt tile by tile from its bitmap; rows and columns off every tile and word, empty
@@ -266,7 +266,8 @@ def test_tensor_core_path_matches_oracle(device, dtype, m, k, n, density, bias, 
     from sparqle.kernels.triton import spmm_csr as csr_kernels
     w64 = random_sparse(m, k, density, empty_rows=(0, 3) if m > 4 else ())
     a = CSR.from_dense(w64.to(dtype)).to(device)
-    x = torch.randn(k, n, dtype=dtype, device=device).t() if transposed else torch.randn(n, k, dtype=dtype, device=device)
+    x = torch.randn(k, n, dtype=dtype, device=device).t() if transposed else \
+        torch.randn(n, k, dtype=dtype, device=device)
     b = torch.randn(m, dtype=dtype, device=device) if bias else None
     words, starts = bitmap_structure(a.crow_indices, a.col_indices, k)
     y = csr_kernels.csr_bitmap_linear(x, words, starts, a.values, b)

@@ -69,9 +69,9 @@ def dot_tile(w, x, acc, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST
 def store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, split, stride_ym, stride_yn,
                stride_bias, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr):
     """y[offs_m, offs_n] = acc^T + bias for acc [BLOCK_N, BLOCK_M] (``dot_tile``'s tile of y^T;
-    bias read at ``stride_bias``, 0 for an expanded bias; added by split 0 only): stored in y's dtype when SPLIT_K == 1, else added atomically into y, a
-    zeroed fp32 workspace. offs_m and offs_n are int64, so that offs_m * stride_ym passes
-    2^31 without wrapping."""
+    bias read at ``stride_bias``, 0 for an expanded bias; added by split 0 only): stored in
+    y's dtype when SPLIT_K == 1, else added atomically into y, a zeroed fp32 workspace.
+    offs_m and offs_n are int64, so that offs_m * stride_ym passes 2^31 without wrapping."""
     acc = tl.trans(acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n & (split == 0), other=0)

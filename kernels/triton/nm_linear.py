@@ -67,10 +67,10 @@ def _expanded_tile(values_ptr, meta_ptr,  # pointers
                        + (offs_kc // PER_WORD)[None, :].to(tl.int64) * stride_metak,
                        mask=mask_w, other=0)
         pos = (word >> ((offs_kc % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
-    # Slot s of group g takes the bits of the kept value whose position is s, else 0: over
-    # [BLOCK_N, groups, PATTERN_N, PATTERN_M], each thread's own values (no exchange between
-    # threads), XOR-summed over the kept values (at most one matches a slot: positions
-    # increase strictly in a group), so the bits pass through unchanged (-0 and NaN included).
+    # Slot s of group g takes the bits of the kept value whose position is s, else 0: a
+    # compare over [BLOCK_N, groups, PATTERN_N, PATTERN_M] and an XOR over the group's kept
+    # values (at most one matches a slot: positions increase strictly in a group), so the
+    # bits pass through unchanged (-0 and NaN included); no gather across the tile.
     GROUPS: tl.constexpr = BLOCK_K // PATTERN_M
     if v.dtype.primitive_bitwidth == 16:
         bits = v.to(tl.int16, bitcast=True)
