@@ -286,6 +286,13 @@ def plan(selected: Sequence[Point], cases: Sequence[harness.Case], dry_run: bool
     return counted
 
 
+def _measured_choices() -> Dict[str, str]:
+    """What auto's measured dispatch chose per key during the run (N:M, int8 W8A8, CSR on
+    CUDA: bindings/_fastest.py), the key written out as text."""
+    from sparqle.bindings import _fastest
+    return {repr(key): name for key, name in _fastest._fastest.items()}
+
+
 def run_bench(out: str, families: Optional[Sequence[str]], dry_run: bool,
               budget_s: float = BENCH_BUDGET_S) -> dict:
     """Time the headline points of ``families``; returns the report (also written to out)."""
@@ -324,6 +331,7 @@ def run_bench(out: str, families: Optional[Sequence[str]], dry_run: bool,
               "plan": {"compiles": compiles, "autotune_trials": trials,
                        "compiles_by_kernel": counted.compiles_by_kernel(), "trials_by_kernel": counted.trials},
               "compiled": _compiled_kernels() - before, "seconds": round(time.perf_counter() - start, 1),
+              "measured_choices": _measured_choices(),
               "dry_run": dry_run,
               "notes": "time_ms: do_bench median with the L2 flushed before every call (GPU) or one "
                        "call (dry run); timing: eager or graph (CUDA-graph replay); "

@@ -26,6 +26,11 @@ POINTS: List[Point] = [
     Point("spmm_csr", {"out_features": 4096, "in_features": 4096, "tokens": 512, "sparsity": 0.95,
                        "dtype": "bfloat16"},
           {"torch.sparse": 1.5, "dense": 1.0}),
+    # CSR at moderate sparsity and decode (issue 18): where auto's tensor-core kernel should
+    # beat the CUDA-core one, if anywhere (measured, no goal; the report's measured_choices
+    # say which auto kept).
+    Point("spmm_csr", {"out_features": 4096, "in_features": 4096, "tokens": 16, "sparsity": 0.7,
+                       "dtype": "bfloat16"}, {"torch.sparse": None, "dense": None}),
     # Blocked-ELL (issue 18): >= 5x dense at 90% with 64x64 blocks, >= 1.2x torch BSR.
     Point("spmm_bell", {"out_features": 4096, "in_features": 4096, "tokens": 4096, "block": 64, "sparsity": 0.9,
                         "dtype": "bfloat16"}, {"dense": 5.0, "torch.bsr": 1.2}),
