@@ -183,6 +183,16 @@ def int8_int_mm_cases(x: torch.Tensor, n: int, bias: bool, archs=(80, 90)) -> Li
         archs)]
 
 
+def int8_fused_cases(x: torch.Tensor, n: int, bias: bool, smoothed: bool = False, archs=(80, 90)) -> List[Case]:
+    """W8A8 at M <= 16 in one launch (quantize_linear): x [M, K] quantized in the GEMM."""
+    m, k = x.shape
+    label = (f"fused W8A8 {_name(x.dtype)} M={m} N={n} K={k}{' bias' if bias else ''}"
+             f"{' smoothed' if smoothed else ''}")
+    return [Case("int8_linear", label, lambda: int8_linear.quantize_linear(
+        x, tensor(n, k, dtype=torch.int8), tensor(n, dtype=x.dtype), tensor(n, dtype=x.dtype) if bias else None,
+        tensor(k, dtype=torch.float32) if smoothed else None), archs)]
+
+
 def int8_quantize_cases(x: torch.Tensor, static: bool, archs=(80, 90)) -> List[Case]:
     label = f"quantize_rows {_name(x.dtype)} M={x.shape[0]} K={x.shape[1]}{' static' if static else ''}"
     return [Case("int8_linear", label, lambda: int8_linear.quantize_rows(
@@ -350,6 +360,9 @@ def test_cases() -> List[Case]:
             cases += int8_quantize_cases(x, static) + fp8_quantize_cases(x, e4m3, static)
         cases += int8_int_mm_cases(tensor(48, 128, dtype=dtype), 40, False)
         cases += int8_int_mm_cases(tensor(48, 128, dtype=dtype), 40, True)
+        cases += int8_fused_cases(tensor(16, 128, dtype=dtype), 40, True)
+        cases += int8_fused_cases(tensor(1, 128, dtype=dtype), 40, False)
+        cases += int8_fused_cases(misaligned(7, 72, dtype), 40, False, smoothed=True)
         cases += window_copy_cases(2, 14, 96, 7, 3, dtype, False) + window_copy_cases(1, 10, 40, 7, 0, dtype, True)
     bf16 = torch.bfloat16
     for rows in (16, 48):

@@ -8,9 +8,11 @@ int8_linear(x, qweight, scales, bias, quantize_activation, smoothing=None) -> y 
     y = (x / s) @ (q_w * scale_w)^T + bias.
 int8_quantize_rows(x, static_scale) -> (q int8 [M, K], scale [M] fp32, fp64 for fp64 x)
 
-On CUDA, ``auto`` has two ways to compute W8A8 where cuBLASLt's int8 GEMM takes the shape
-(``int_mm_takes``: M > 16, N and K multiples of 8): the Triton GEMM and torch._int_mm with
-sparqle's epilogue (the same y bit for bit). It times both on the first call per key (the
+On CUDA, ``auto`` has two ways to compute W8A8 (each the same y bit for bit as the other):
+the quantizer and the Triton GEMM, against, for M <= 16, the fused kernel that quantizes
+x in the GEMM's registers (one launch instead of three: ``fused_takes``), and above it,
+where cuBLASLt's int8 GEMM takes the shape (``int_mm_takes``: N and K multiples of 8),
+torch._int_mm with sparqle's epilogue. It times both on the first call per key (the
 shape, M rounded up to a power of two, bias, smoothing) and keeps the faster
 (bindings/_fastest.py), the Triton GEMM while a CUDA graph is captured before that.
 
@@ -40,12 +42,18 @@ def int8_linear_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             and choose("int8_linear", x.device, x.dtype, DTYPES) == "triton":
         on_triton = kernels("triton", "int8_linear")
         rows, (out, k) = x.shape[0], qweight.shape
-        if on_triton.int_mm_takes(rows, out, k) and qweight.stride(1) == 1:
+        if on_triton.fused_takes(rows, k):
+            other = ("fused", lambda: on_triton.quantize_linear(x, qweight, scales, bias, smoothing))
+        elif on_triton.int_mm_takes(rows, out, k) and qweight.stride(1) == 1:
+            other = ("int_mm", lambda: on_triton.int_mm_linear(x, qweight, scales, bias, smoothing))
+        else:
+            other = None
+        if other is not None:
             key = ("int8_linear", x.device, x.dtype, 1 << (rows - 1).bit_length(), out, k,
                    bias is not None, smoothing is not None)
             return fastest(key, {
                 "triton": lambda: on_triton.int8_linear(x, qweight, scales, bias, True, smoothing),
-                "int_mm": lambda: on_triton.int_mm_linear(x, qweight, scales, bias, smoothing),
+                other[0]: other[1],
             }, "triton", x.device)
     return launch("int8_linear", "int8_linear", DTYPES, x, x, qweight, scales, bias, quantize_activation, smoothing)
 

@@ -186,6 +186,44 @@ def test_int_mm_route_gives_the_triton_gemms_y(device, dtype, m, n, k, bias, smo
     assert_close(y[finite.to(device)], x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), dtype, "y")
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k,bias,smoothed", [(1, 40, 70, True, False), (7, 24, 1030, False, True),
+                                                 (16, 33, 72, True, True), (5, 8, 1, False, False)], ids=str)
+def test_fused_small_m_kernel_gives_the_three_launches_y(device, dtype, m, n, k, bias, smoothed):
+    """W8A8 at M <= 16 in one launch (x quantized in the GEMM's registers; what auto may
+    pick on CUDA) gives the quantizer + GEMM + ±Inf recompute's y bit for bit, and the
+    oracle's: K past a quantizer block (1030), off every tile (70, 72) and 1, M from 1 to
+    16, N off every tile, bias and smoothing, a row holding Inf and one holding NaN, x a
+    strided view."""
+    x = torch.randn(m, 2 * k, dtype=dtype, device=device)[:, ::2]
+    if m > 3:
+        x[1, 0], x[2, k - 1] = float("inf"), float("nan")
+    qw = Int8Weight.from_float(torch.randn(n, k, dtype=dtype)).to(device)
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    s = torch.rand(k, device=device) + 0.5 if smoothed else None
+    assert int8_kernels.fused_takes(m, k)
+    y = int8_kernels.quantize_linear(x, qw.qweight, qw.scales, b, s)
+    expected = int8_kernels.int8_linear(x, qw.qweight, qw.scales, b, True, s)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.nan_to_num(), expected.nan_to_num())
+    finite = torch.ones(m, dtype=torch.bool)
+    if m > 3:
+        finite[[1, 2]] = False
+        assert not bool(torch.isfinite(y[1]).any())
+    q, scale = quantize_rows_rule(x[finite].cpu() if s is None else x[finite].float().cpu() / s.cpu())
+    w64 = qw.qweight.double().cpu() * qw.scales.double().cpu()[:, None]
+    b64 = torch.zeros(n, dtype=torch.float64) if b is None else b.double().cpu()
+    x64 = q.double() * scale.double()[:, None]
+    assert_close(y[finite.to(device)], x64 @ w64.T + b64, x64.abs() @ w64.abs().T + b64.abs(), dtype, "y")
+
+
+def test_fused_takes_every_row_in_one_block():
+    assert int8_kernels.fused_takes(1, 8) and int8_kernels.fused_takes(16, 2 ** 17)
+    for m, k in [(0, 8), (17, 8), (1, 2 ** 17 + 1)]:
+        assert not int8_kernels.fused_takes(m, k), (m, k)
+
+
 def test_int_mm_takes_what_cublaslt_takes():
     """cuBLASLt's int8 GEMM: M > 16, N and K multiples of 8, K short enough for an exact
     int32 sum."""
@@ -195,13 +233,13 @@ def test_int_mm_takes_what_cublaslt_takes():
 
 
 @pytest.mark.gpu
-def test_auto_on_cuda_times_the_triton_gemm_and_int_mm():
-    """auto on CUDA times the Triton GEMM and torch._int_mm once per key, keeps the faster,
-    and every call meets the oracle; shapes cuBLASLt does not take run the Triton GEMM."""
+def test_auto_on_cuda_times_the_triton_gemm_and_its_alternative():
+    """auto on CUDA times the Triton GEMM against the fused small-M kernel (M <= 16) or
+    torch._int_mm (above) once per key, keeps the faster, and every call meets the oracle."""
     from sparqle.bindings import _fastest
     qw = Int8Weight.from_float(torch.randn(64, 96)).to("cuda")
     bias = torch.randn(64, device="cuda")
-    for rows in (17, 300, 2048):
+    for rows in (1, 16, 17, 300, 2048):
         x = torch.randn(rows, 96, device="cuda")
         for _ in range(2):
             y = sparqle.int8_linear(x, qw, bias, activation="dynamic")
@@ -211,7 +249,7 @@ def test_auto_on_cuda_times_the_triton_gemm_and_int_mm():
             assert_close(y, x64 @ w64.T + bias.double().cpu(), x64.abs() @ w64.abs().T + bias.double().cpu().abs(),
                          torch.float32, f"y (M={rows})")
         key = ("int8_linear", x.device, torch.float32, 1 << (rows - 1).bit_length(), 64, 96, True, False)
-        assert _fastest._fastest[key] in ("triton", "int_mm")
+        assert _fastest._fastest[key] in ("triton", "fused" if rows <= 16 else "int_mm")
 
 
 def test_sqnr_against_the_float_layer():

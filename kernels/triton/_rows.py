@@ -98,18 +98,28 @@ def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
 
 
 @triton.jit
+def int8_codes(x, scale):
+    """clamp(x / scale, -127, 127) rounded half to even, NaN to 0, as int8 (``scale``
+    broadcast against x; IEEE division): the int8 code of quantize_rows_kernel."""
+    v = tl.div_rn(x, tl.zeros_like(x) + scale)
+    v = tl.where(v != v, 0.0, v)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    return ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8)
+
+
+@triton.jit
 def _quantize_block(x, q_ptrs, mask, scale, Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr,
                     MBITS: tl.constexpr, EMIN: tl.constexpr):
     """*q_ptrs = the code of clamp(x / scale, -Q_MAX, Q_MAX) where ``mask``, NaN to 0,
     ``scale`` broadcast against x: for int8 (Q_DTYPE tl.int8, Q_MAX 127) rounded half to
     even, stored as int8; for FP8 rounded to the FP8 grid (MBITS mantissa bits, smallest
     normal exponent EMIN), stored as its bits (uint8)."""
-    v = tl.div_rn(x, tl.zeros_like(x) + scale)
-    v = tl.where(v != v, 0.0, v)
-    v = tl.minimum(tl.maximum(v, -Q_MAX), Q_MAX)
     if Q_DTYPE == tl.int8:
-        tl.store(q_ptrs, ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8), mask=mask)
+        tl.store(q_ptrs, int8_codes(x, scale), mask=mask)
     else:
+        v = tl.div_rn(x, tl.zeros_like(x) + scale)
+        v = tl.where(v != v, 0.0, v)
+        v = tl.minimum(tl.maximum(v, -Q_MAX), Q_MAX)
         q = _round_to_fp8(v, MBITS, EMIN).to(Q_DTYPE)  # exact: already on the grid
         # The sign bit set from v's: the interpreter's cast drops the sign of -0 (a negative
         # value over an infinite scale, or below the smallest subnormal), torch's keeps it.
@@ -284,21 +294,34 @@ def _redo_infinite_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     if tl.load(x_scale_ptr + row) == float("inf"):
         offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_n = offs_n < N
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            mask_k = offs_k < K
-            x = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=mask_k, other=0).to(tl.float32)
-            if SMOOTHED:
-                x = tl.div_rn(x, tl.load(smooth_ptr + offs_k, mask=mask_k, other=1.0))
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # 0.0: int 0 has no FP8 cast
-            acc += tl.sum(w.to(W_DTYPE, bitcast=True).to(tl.float32) * x[None, :], axis=1)
-        out = acc * tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=0).to(tl.float32)
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)
-        tl.store(y_ptr + row * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+        redo_row(x_ptr, smooth_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr, row, offs_n, N, K,
+                 stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_ws, stride_bias,
+                 W_DTYPE, HAS_BIAS, SMOOTHED, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def redo_row(x_ptr, smooth_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr, row, offs_n, N, K,
+             stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_ws, stride_bias,
+             W_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SMOOTHED: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[row, offs_n] = (x[row] @ w[offs_n]^T) * w_scale + bias (x[row] / smooth when
+    SMOOTHED) with fp32 products and sums, whose NaN/Inf pattern is F.linear's: a row of x
+    holding ±Inf, which the quantized product cannot give."""
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=mask_k, other=0).to(tl.float32)
+        if SMOOTHED:
+            x = tl.div_rn(x, tl.load(smooth_ptr + offs_k, mask=mask_k, other=1.0))
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # 0.0: int 0 has no FP8 cast
+        acc += tl.sum(w.to(W_DTYPE, bitcast=True).to(tl.float32) * x[None, :], axis=1)
+    out = acc * tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=0).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 def redo_infinite_rows(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,

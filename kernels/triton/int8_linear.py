@@ -18,6 +18,9 @@ int8_linear: y [M, N] = (q_x @ q_w^T) * scale_x[m] * scale_w[n] + bias, the prod
 int_mm_linear: W8A8 y as int8_linear computes it, the int8 product by torch._int_mm
     (cuBLASLt) and the scaling by int8_linear's own epilogue (``_scale_and_store``), so the
     same y bit for bit; the binding times both ways on CUDA.
+quantize_linear: W8A8 y as int8_linear computes it, for M <= 16 in one launch (x quantized
+    in the GEMM's registers), the same y bit for bit; the binding times it against the
+    three launches of int8_linear on CUDA.
 """
 from typing import Optional, Tuple
 
@@ -26,10 +29,11 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from ..dispatch import SPLIT_K_MAX_M
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
-from ._rows import (QUANT_CONFIGS, grouped_tile, persistent_grid, quantize_rows_kernel, redo_infinite_rows,
-                    load_operand_tile, operand_source, tma_loads)
+from ._rows import (QUANT_CONFIGS, grouped_tile, int8_codes, load_operand_tile, load_row_block, operand_source,
+                    persistent_grid, quantize_rows_kernel, redo_infinite_rows, redo_row, row_absmax, tma_loads)
 
 # The longest K whose int8 x int8 dot cannot overflow int32: 2**31 / (127 * 128) > 2**17.
 INT32_SAFE_K = tl.constexpr(1 << 17)
@@ -49,6 +53,15 @@ _GEMM_CONFIGS = Configs(
 _EPILOGUE_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4) for bm, bn in [(32, 128), (64, 128), (16, 256)]],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}),
+)
+
+
+# The fused small-M W8A8 kernel: one block of 16 rows (SPLIT_K_MAX_M), weight tiles as the
+# small-M configs of int4 and N:M read theirs.
+_FUSED_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+     for bn, bk, w, st in [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 8, 3)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}),
 )
 
 
@@ -106,24 +119,26 @@ def _linear_tile(tile, x_src, w_src, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, 
                            W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    _scale_and_store(acc, offs_m, offs_n, M, N, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+    x_scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0)
+    _scale_and_store(acc, x_scale, offs_m, offs_n, offs_m < M, N, w_scale_ptr, bias_ptr, y_ptr,
                      stride_ym, stride_yn, stride_bias, W8A8, HAS_BIAS)
 
 
 @triton.jit
-def _scale_and_store(acc, offs_m, offs_n, M, N, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+def _scale_and_store(acc, x_scale, offs_m, offs_n, rows_stored, N, w_scale_ptr, bias_ptr, y_ptr,
                      stride_ym, stride_yn, stride_bias, W8A8: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y[offs_m, offs_n] = acc * w_scale[n] (* x_scale[m] for W8A8) + bias[n], in fp32 in
-    that order, rounded once to y's dtype: the epilogue of both ways to W8A8 (the Triton
-    GEMM's and _int_mm's), so they give the same y bit for bit."""
-    mask_m, mask_n = offs_m < M, offs_n < N
+    """y[offs_m, offs_n] = acc * w_scale[n] (* x_scale [BLOCK_M] for W8A8) + bias[n], in fp32
+    in that order, rounded once to y's dtype, for the rows where ``rows_stored``: the
+    epilogue of every way to W8A8 (the Triton GEMM's, _int_mm's and the fused small-M
+    kernel's), so they give the same y bit for bit."""
+    mask_n = offs_n < N
     out = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     if W8A8:
-        out = out * tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0)[:, None]
+        out = out * x_scale.to(tl.float32)[:, None]
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+             out.to(y_ptr.dtype.element_ty), mask=rows_stored[:, None] & mask_n[None, :])
 
 
 @autotune(_EPILOGUE_CONFIGS, key=["N"])
@@ -144,8 +159,54 @@ def _int_mm_epilogue_kernel(
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     acc = tl.load(acc_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an,
                   mask=(offs_m < M)[:, None] & (offs_n < N)[None, :], other=0)
-    _scale_and_store(acc, offs_m, offs_n, M, N, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr,
+    x_scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0)
+    _scale_and_store(acc, x_scale, offs_m, offs_n, offs_m < M, N, w_scale_ptr, bias_ptr, y_ptr,
                      stride_ym, stride_yn, stride_bias, True, HAS_BIAS)
+
+
+@autotune(_FUSED_CONFIGS, key=["M", "N", "K"], bucket=["M"])
+@triton.jit
+def _int8_quantize_linear_kernel(
+    # pointers: x (float), SmoothQuant's divisor (fp32 [K]) or anything, q_w, its scales, bias, y
+    x_ptr, smooth_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr,
+    # sizes (M <= BLOCK_M: every row in one block)
+    M, N, K,
+    # strides
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_ym, stride_yn,
+    stride_bias,
+    # meta-parameters
+    SMOOTHED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """W8A8 for M <= BLOCK_M in one launch: program j finds the scales of every row of x (a
+    pass over x), then for each K step quantizes x's tile in registers (``int8_codes``, the
+    quantizer's rounding) and adds its int8 product with q_w's rows of block j; the shared
+    epilogue; rows holding ±Inf recomputed in fp32 (``redo_row``). The same y bit for bit as
+    quantize_rows + the GEMM + redo_infinite_rows, where those take three launches."""
+    rows = tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    first, _, _ = load_row_block(x_ptr, smooth_ptr, rows, 0, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
+    top = row_absmax(x_ptr, smooth_ptr, rows, first, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
+    scale = tl.div_rn(top, tl.zeros_like(top) + 127.0)
+    scale = tl.where(scale == 0, 1.0, scale)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        x, offs_k, _ = load_row_block(x_ptr, smooth_ptr, rows, k0, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & (offs_k < K)[None, :], other=0)
+        acc = tl.dot(int8_codes(x, scale[:, None]), tl.trans(w), acc, out_dtype=tl.int32)
+    infinite = scale == float("inf")
+    _scale_and_store(acc, scale, rows, offs_n, (rows < M) & ~infinite, N, w_scale_ptr, bias_ptr, y_ptr,
+                     stride_ym, stride_yn, stride_bias, True, HAS_BIAS)
+    if tl.max(infinite.to(tl.int32)) > 0:
+        for row in range(0, M):
+            if tl.max((infinite & (rows == row)).to(tl.int32)) > 0:
+                redo_row(x_ptr, smooth_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr, row, offs_n, N, K,
+                         stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, 1, stride_bias,
+                         tl.int8, HAS_BIAS, SMOOTHED, BLOCK_N, BLOCK_K)
 
 
 @autotune(_GEMM_CONFIGS, key=["M", "N", "K", "W8A8", "CHUNKED", "USE_TMA"], bucket=["M"])
@@ -226,6 +287,37 @@ def int_mm_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                                       m, n, acc.stride(0), acc.stride(1), y.stride(0), y.stride(1),
                                       0 if bias is None else bias.stride(0), HAS_BIAS=bias is not None)
     return redo_infinite_rows(x, a_scale, qweight, scales, bias, y, tl.int8, smoothing)
+
+
+def fused_takes(m: int, k: int) -> bool:
+    """Whether ``quantize_linear`` takes x [m, k]: every row in its one block of 16, and K
+    within the int32-exact sum."""
+    return 0 < m <= SPLIT_K_MAX_M and k <= INT32_SAFE_K
+
+
+def quantize_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias,
+                    smoothing: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W8A8 y [M, N] as ``int8_linear`` computes it, in one launch for M <= 16 (where the
+    quantizer, the GEMM and the ±Inf recompute are three): each program quantizes x's rows
+    in registers, reading x twice (for the row scales, then tile by tile), which costs
+    little next to the weight at decode sizes. Shapes that ``fused_takes``."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = _alloc.empty((m, n), x.dtype, x.device)
+    if n == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    with on_device_of(x):
+        _int8_quantize_linear_kernel[grid](
+            x, x if smoothing is None else smoothing, qweight, scales.contiguous(), y if bias is None else bias, y,
+            m, n, k,
+            x.stride(0), x.stride(1),
+            qweight.stride(0), qweight.stride(1),
+            y.stride(0), y.stride(1),
+            0 if bias is None else bias.stride(0),
+            SMOOTHED=smoothing is not None, HAS_BIAS=bias is not None,
+        )
+    return y
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias,
