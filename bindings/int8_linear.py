@@ -42,19 +42,15 @@ def int8_linear_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             and choose("int8_linear", x.device, x.dtype, DTYPES) == "triton":
         on_triton = kernels("triton", "int8_linear")
         rows, (out, k) = x.shape[0], qweight.shape
+        candidates = {"triton": lambda: on_triton.int8_linear(x, qweight, scales, bias, True, smoothing)}
         if on_triton.fused_takes(rows, k):
-            other = ("fused", lambda: on_triton.quantize_linear(x, qweight, scales, bias, smoothing))
+            candidates["fused"] = lambda: on_triton.quantize_linear(x, qweight, scales, bias, smoothing)
         elif on_triton.int_mm_takes(rows, out, k) and qweight.stride(1) == 1:
-            other = ("int_mm", lambda: on_triton.int_mm_linear(x, qweight, scales, bias, smoothing))
-        else:
-            other = None
-        if other is not None:
+            candidates["int_mm"] = lambda: on_triton.int_mm_linear(x, qweight, scales, bias, smoothing)
+        if len(candidates) > 1:
             key = ("int8_linear", x.device, x.dtype, 1 << (rows - 1).bit_length(), out, k,
                    bias is not None, smoothing is not None)
-            return fastest(key, {
-                "triton": lambda: on_triton.int8_linear(x, qweight, scales, bias, True, smoothing),
-                other[0]: other[1],
-            }, "triton", x.device)
+            return fastest(key, candidates, "triton", x.device)
     return launch("int8_linear", "int8_linear", DTYPES, x, x, qweight, scales, bias, quantize_activation, smoothing)
 
 

@@ -98,12 +98,30 @@ def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
 
 
 @triton.jit
+def row_scales(x_ptr, smooth_ptr, rows, first, M, K, stride_xm, stride_xk, Q_MAX: tl.constexpr,
+               SMOOTHED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M]: each row's scale, max |x[row]| / Q_MAX (``row_absmax``'s max, IEEE
+    division), 1 for an all-zero row, NaN for a row holding a NaN, +Inf for one holding
+    ±Inf; ``first`` as for row_absmax."""
+    top = row_absmax(x_ptr, smooth_ptr, rows, first, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
+    scale = tl.div_rn(top, tl.zeros_like(top) + Q_MAX)
+    return tl.where(scale == 0, 1.0, scale)
+
+
+@triton.jit
+def _clamped_ratio(x, scale, Q_MAX: tl.constexpr):
+    """clamp(x / scale, -Q_MAX, Q_MAX) in fp32 (IEEE division), NaN to 0; ``scale``
+    broadcast against x."""
+    v = tl.div_rn(x, tl.zeros_like(x) + scale)
+    v = tl.where(v != v, 0.0, v)
+    return tl.minimum(tl.maximum(v, -Q_MAX), Q_MAX)
+
+
+@triton.jit
 def int8_codes(x, scale):
     """clamp(x / scale, -127, 127) rounded half to even, NaN to 0, as int8 (``scale``
     broadcast against x; IEEE division): the int8 code of quantize_rows_kernel."""
-    v = tl.div_rn(x, tl.zeros_like(x) + scale)
-    v = tl.where(v != v, 0.0, v)
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    v = _clamped_ratio(x, scale, 127.0)
     return ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8)
 
 
@@ -117,9 +135,7 @@ def _quantize_block(x, q_ptrs, mask, scale, Q_DTYPE: tl.constexpr, Q_MAX: tl.con
     if Q_DTYPE == tl.int8:
         tl.store(q_ptrs, int8_codes(x, scale), mask=mask)
     else:
-        v = tl.div_rn(x, tl.zeros_like(x) + scale)
-        v = tl.where(v != v, 0.0, v)
-        v = tl.minimum(tl.maximum(v, -Q_MAX), Q_MAX)
+        v = _clamped_ratio(x, scale, Q_MAX)
         q = _round_to_fp8(v, MBITS, EMIN).to(Q_DTYPE)  # exact: already on the grid
         # The sign bit set from v's: the interpreter's cast drops the sign of -0 (a negative
         # value over an infinite scale, or below the smallest subnormal), torch's keeps it.
@@ -152,9 +168,7 @@ def quantize_rows_kernel(
     if STATIC:
         scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(static_ptr).to(tl.float32)
     else:
-        top = row_absmax(x_ptr, smooth_ptr, rows, first, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
-        scale = tl.div_rn(top, tl.zeros_like(top) + Q_MAX)
-        scale = tl.where(scale == 0, 1.0, scale)
+        scale = row_scales(x_ptr, smooth_ptr, rows, first, M, K, stride_xm, stride_xk, Q_MAX, SMOOTHED, BLOCK_K)
     q_rows_ptr = q_ptr + rows[:, None] * stride_qm
     nans = tl.max((first != first).to(tl.int32), axis=1)
     _quantize_block(first, q_rows_ptr + offs[None, :], mask, scale[:, None], Q_DTYPE, Q_MAX, MBITS, EMIN)

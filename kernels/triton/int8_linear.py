@@ -33,7 +33,7 @@ from ..dispatch import SPLIT_K_MAX_M
 from ._autotune import Configs, autotune
 from ._config import dot_meta, on_device_of
 from ._rows import (QUANT_CONFIGS, grouped_tile, int8_codes, load_operand_tile, load_row_block, operand_source,
-                    persistent_grid, quantize_rows_kernel, redo_infinite_rows, redo_row, row_absmax, tma_loads)
+                    persistent_grid, quantize_rows_kernel, redo_infinite_rows, redo_row, row_scales, tma_loads)
 
 # The longest K whose int8 x int8 dot cannot overflow int32: 2**31 / (127 * 128) > 2**17.
 INT32_SAFE_K = tl.constexpr(1 << 17)
@@ -119,7 +119,10 @@ def _linear_tile(tile, x_src, w_src, x_scale_ptr, w_scale_ptr, bias_ptr, y_ptr, 
                            W8A8, ACC_DTYPE, PRECISION, UPCAST, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    x_scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0)
+    if W8A8:  # (W8A16 has no row scales: x_scale_ptr is not read)
+        x_scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0)
+    else:
+        x_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
     _scale_and_store(acc, x_scale, offs_m, offs_n, offs_m < M, N, w_scale_ptr, bias_ptr, y_ptr,
                      stride_ym, stride_yn, stride_bias, W8A8, HAS_BIAS)
 
@@ -189,9 +192,7 @@ def _int8_quantize_linear_kernel(
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_n = offs_n < N
     first, _, _ = load_row_block(x_ptr, smooth_ptr, rows, 0, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
-    top = row_absmax(x_ptr, smooth_ptr, rows, first, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
-    scale = tl.div_rn(top, tl.zeros_like(top) + 127.0)
-    scale = tl.where(scale == 0, 1.0, scale)
+    scale = row_scales(x_ptr, smooth_ptr, rows, first, M, K, stride_xm, stride_xk, 127.0, SMOOTHED, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         x, offs_k, _ = load_row_block(x_ptr, smooth_ptr, rows, k0, M, K, stride_xm, stride_xk, SMOOTHED, BLOCK_K)
