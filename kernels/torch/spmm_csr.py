@@ -12,6 +12,7 @@ import torch
 
 from sparqle.formats._checks import compute_dtype
 from sparqle.formats._sparse import csr_matrix
+from sparqle.formats.csr import entry_rows
 
 from .. import _alloc
 
@@ -39,9 +40,7 @@ def sddmm_csr(crow: torch.Tensor, col: torch.Tensor,
     """out [nnz]: out[i] = x[row_i] . y[col_i] for x [m, n], y [k, n] and a CSR pattern."""
     nnz, n = col.numel(), x.shape[1]
     out = _alloc.empty((nnz,), x.dtype, x.device)
-    rows = torch.repeat_interleave(
-        torch.arange(crow.numel() - 1, device=crow.device), crow[1:] - crow[:-1],
-        output_size=nnz)
+    rows = entry_rows(crow, nnz)
     cdt = compute_dtype(x.dtype)
     step = max(1, _SDDMM_CHUNK_ELEMENTS // max(1, n))
     for lo in range(0, nnz, step):

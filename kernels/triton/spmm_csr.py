@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparqle.formats.csr import entry_rows
+
 from .. import _alloc
 from .._derived import csr_col_indices
 from ._autotune import Configs, autotune
@@ -269,10 +271,7 @@ def sddmm_csr(crow: torch.Tensor, col: torch.Tensor,
     out = _alloc.empty((nnz,), x.dtype, x.device)
     if nnz == 0:
         return out
-    counts = crow[1:] - crow[:-1]
-    rows = torch.repeat_interleave(
-        torch.arange(crow.numel() - 1, device=crow.device, dtype=crow.dtype),
-        counts, output_size=nnz)
+    rows = entry_rows(crow, nnz, crow.dtype)
     grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK_NNZ"]),)  # noqa: E731
     with on_device_of(x):
         _sddmm_csr_kernel[grid](

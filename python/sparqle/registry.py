@@ -108,11 +108,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def dispatcher_adds_nothing(arguments: Tuple[Any, ...]) -> bool:
     """Whether an op called on ``arguments`` (its tensors are what counts: None, numbers and
     flags are passed over) gives, called through its Python forward, what the dispatcher
-    would give: no gradient to record (grad mode off, or no tensor requires one), not compiling (Dynamo must see the op) nor traced by
-    torch.jit, no torch function or dispatch mode (FakeTensorMode, a user's mode) and no
-    functorch transform (vmap, grad) active, the profiler off (it names the op), and
-    plain tensors (no subclass whose ``__torch_function__`` or ``__torch_dispatch__`` would
-    intercept it)."""
+    would give: no gradient to record (grad mode off, or no tensor requires one), not
+    compiling (Dynamo must see the op) nor traced by torch.jit, no torch function or
+    dispatch mode (FakeTensorMode, a user's mode) and no functorch transform (vmap, grad)
+    active, the profiler off (it names the op), and plain tensors (no subclass whose
+    ``__torch_function__`` or ``__torch_dispatch__`` would intercept it)."""
     recording = torch.is_grad_enabled()
     for t in arguments:  # a loop, not any(): this runs on every call
         if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or (recording and t.requires_grad)):

@@ -48,15 +48,21 @@ def _row_order(crow: torch.Tensor) -> torch.Tensor:
     return longest_first(crow[1:] - crow[:-1])
 
 
+def entry_rows(crow: torch.Tensor, nnz: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """The row of each of the ``nnz`` stored entries of a CSR structure with row pointers
+    ``crow``, [nnz] of ``dtype`` on crow's device; nnz is given (col.numel()), so nothing
+    is read on the host."""
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1, dtype=dtype, device=crow.device),
+                                   crow[1:] - crow[:-1], output_size=nnz)
+
+
 def transposed_structure(crow: torch.Tensor, col: torch.Tensor, k: int) -> Tuple[torch.Tensor, ...]:
     """(t_crow [k+1], t_col [nnz], t_perm [nnz], t_row_order [k]), int32: the CSR structure of
     A^T [k, m] for A [m, k] of structure (crow, col), whose values are ``values[t_perm]``.
     Entries of a column of A keep their order in A (by row). No host sync (CUDA-graph
     capture and torch.compile's tracing allow none): nnz is ``col.numel()``, the rest is
     computed on the device."""
-    m, nnz = crow.numel() - 1, col.numel()
-    rows = torch.repeat_interleave(torch.arange(m, dtype=torch.int32, device=col.device),
-                                   crow[1:] - crow[:-1], output_size=nnz)
+    rows = entry_rows(crow, col.numel(), torch.int32)
     perm = torch.argsort(col, stable=True)
     # Row c of A^T starts at the count of columns < c: a search in the sorted columns.
     t_crow = torch.searchsorted(col[perm], torch.arange(k + 1, dtype=col.dtype, device=col.device),
@@ -67,8 +73,7 @@ def transposed_structure(crow: torch.Tensor, col: torch.Tensor, k: int) -> Tuple
 def columns_increase(crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """A bool 0-d tensor: whether the columns of every row increase strictly (sorted, no
     repeats), as ``from_dense`` and pruning make them; computed on the device."""
-    m, nnz = crow.numel() - 1, col.numel()
-    rows = torch.repeat_interleave(torch.arange(m, device=col.device), crow[1:] - crow[:-1], output_size=nnz)
+    rows = entry_rows(crow, col.numel())
     return ((rows[1:] != rows[:-1]) | (col[1:] > col[:-1])).all()
 
 
@@ -85,10 +90,9 @@ def bitmap_structure(crow: torch.Tensor, col: torch.Tensor, k: int) -> Tuple[tor
     multiply them on tensor cores. It describes A only where each row's columns increase
     strictly (``columns_increase``; CSR also allows them unsorted and repeated, adding up).
     No host sync: nnz is ``col.numel()``."""
-    m, nnz = crow.numel() - 1, col.numel()
+    m = crow.numel() - 1
     chunks = -(-k // BITMAP_COLUMNS)
-    rows = torch.repeat_interleave(torch.arange(m, dtype=torch.int64, device=col.device),
-                                   crow[1:] - crow[:-1], output_size=nnz)
+    rows = entry_rows(crow, col.numel())
     col = col.to(torch.int64)
     slot = rows * chunks + col // BITMAP_COLUMNS
     bits = torch.zeros(m * chunks, dtype=torch.int64, device=col.device)
@@ -176,9 +180,7 @@ class CSR(WeightFormat):
 
     def to_dense(self) -> torch.Tensor:
         m, k = self.shape
-        rows = torch.repeat_interleave(
-            torch.arange(m, device=self.values.device), self.crow_indices[1:] - self.crow_indices[:-1],
-            output_size=self.nnz)
+        rows = entry_rows(self.crow_indices, self.nnz)
         dense = torch.zeros(m, k, dtype=self.values.dtype, device=self.values.device)
         return dense.index_put((rows, self.col_indices.long()), self.values, accumulate=True)
 
