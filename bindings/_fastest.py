@@ -18,6 +18,12 @@ _fastest: Dict[Hashable, str] = {}
 _AGREEMENT = 1e-2
 
 
+def bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (1 for n <= 1): the timing keys' M (and CSR's
+    entries per row), so that a few keys cover every size."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _seconds(run: Callable[[], torch.Tensor], device: torch.device) -> float:
     """The median time of ``run()``: triton.testing.do_bench on CUDA (the L2 flushed between
     runs, about 25 ms in all), the median of 5 wall-clock runs elsewhere."""

@@ -27,7 +27,7 @@ from sparqle.formats._checks import compute_dtype
 
 from ._autograd import register_row_scaled_autograd
 from ._backend import FLOATS, choose, kernels, launch, requested_backend
-from ._fastest import fastest
+from ._fastest import bucket, fastest
 from ._weight_op import define_weight_op
 
 DTYPES = {"triton": FLOATS - {torch.float64}, "torch": FLOATS}
@@ -48,7 +48,7 @@ def int8_linear_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         elif on_triton.int_mm_takes(rows, out, k) and qweight.stride(1) == 1:
             candidates["int_mm"] = lambda: on_triton.int_mm_linear(x, qweight, scales, bias, smoothing)
         if len(candidates) > 1:
-            key = ("int8_linear", x.device, x.dtype, 1 << (rows - 1).bit_length(), out, k,
+            key = ("int8_linear", x.device, x.dtype, bucket(rows), out, k,
                    bias is not None, smoothing is not None)
             return fastest(key, candidates, "triton", x.device)
     return launch("int8_linear", "int8_linear", DTYPES, x, x, qweight, scales, bias, quantize_activation, smoothing)

@@ -40,7 +40,7 @@ from sparqle.kernels.dispatch import NM_UNMEASURED_CUBLAS_FROM_M
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, choose, kernels, launch, requested_backend
-from ._fastest import fastest
+from ._fastest import bucket, fastest
 from ._weight_op import define_weight_op
 
 # Triton 3.6 cannot lower an fp64 tl.dot here. cupy (mma.sp on sparse tensor cores, 2:4
@@ -107,7 +107,7 @@ def _timing_key(x, values, bias, n, m) -> Tuple[Hashable, bool]:
     device, dtype, pattern, M rounded up to a power of two, N, K, bias, and that flag."""
     rows, (out, k) = x.shape[0], (values.shape[0], x.shape[1])
     changed = _values_changed(values)
-    return ("nm_linear", x.device, x.dtype, n, m, 1 << (rows - 1).bit_length(), out, k,
+    return ("nm_linear", x.device, x.dtype, n, m, bucket(rows), out, k,
             bias is not None, changed), changed
 
 

@@ -35,7 +35,7 @@ from sparqle.kernels._derived import derived, kept
 
 from ._autograd import register_autograd
 from ._backend import FLOATS, choose, kernels, launch, requested_backend
-from ._fastest import fastest
+from ._fastest import bucket, fastest
 from ._weight_op import define_weight_op
 
 # cupy (kernels/cupy/spmm_csr.py) runs only when forced: auto keeps Triton on CUDA until the
@@ -58,8 +58,8 @@ def csr_linear_forward(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, v
                 words, starts = derived("csr_bitmap", lambda: bitmap_structure(crow, col, k), col, crow)
                 return on_triton.csr_bitmap_linear(x, words, starts, values, bias)
             candidates["tensor_cores"] = tensor_cores
-        key = ("csr_linear", x.device, x.dtype, 1 << (rows - 1).bit_length(), m, k,
-               1 << max(0, col.numel() // m - 1).bit_length(), bias is not None, len(candidates))
+        key = ("csr_linear", x.device, x.dtype, bucket(rows), m, k,
+               bucket(col.numel() // m), bias is not None, len(candidates))
         return fastest(key, candidates, "cuda_cores", x.device)
     return launch("spmm_csr", "csr_linear", DTYPES, x, x, crow, col, values, row_order, bias)
 
