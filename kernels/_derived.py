@@ -3,7 +3,8 @@ transposed structure of a sparse weight), made on first use and kept while their
 live and are not modified in place.
 
 A source is recognised by identity and its version counter. Inference tensors keep no
-version counter, so what is derived from one is made again on every call. What is kept is
+version counter, so what is derived from one is made again on every call (the formats and
+the sparqle.nn modules hold none: sparqle.formats._base.plain_tensor). What is kept is
 made outside inference mode even when the call that first needs it runs in it (a module
 used under torch.inference_mode() and then trained): an inference tensor, kept, could not
 be saved for a later call's backward. What is made

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 import sparqle
+from sparqle.kernels._derived import derived
 from sparqle.nn import SparseLinear
+from sparqle.nn._load import CheckedLoad
 
 from ._modules import load_saved
 
@@ -165,3 +167,52 @@ def test_linear_with_non_contiguous_format_tensors(device_backend, fmt):
     x = torch.randn(3, 64, device=device)
     with sparqle.use_backend(backend):
         torch.testing.assert_close(sparqle.linear(x, strided), sparqle.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+# ---- inference mode ---------------------------------------------------------------
+
+def _inference_tensors(model: nn.Module, converted_only: bool = False):
+    """The names of ``model``'s inference tensors (in sparqle's modules only, where
+    ``converted_only``)."""
+    return [f"{name}.{key}" for name, module in model.named_modules()
+            if not converted_only or isinstance(module, CheckedLoad)
+            for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            if t.is_inference()]
+
+
+@pytest.mark.parametrize("fmt,options", [("csr", {"sparsity": 0.5}), ("bell", {"sparsity": 0.5, "block_size": 16}),
+                                         ("2:4", {}), ("int4", {"group_size": 32}), ("int8", {}), ("fp8", {}),
+                                         ("window_attention", {})])
+def test_converted_moved_and_loaded_in_inference_mode_the_model_holds_plain_tensors(fmt, options, tmp_path):
+    """What the kernels derive from a weight (the CSR bitmap, cuSPARSELt's copy, the window
+    attention's score table) is kept by the weight's version counter, which an inference
+    tensor lacks: a model converted, moved or loaded under torch.inference_mode() holds
+    plain tensors, so it is made once and not on every forward; the output is unchanged."""
+    from sparqle.bench import swin_reference as swin
+    torch.manual_seed(0)
+    if fmt == "window_attention":
+        make, x = (lambda: swin.SwinTransformerBlock(16, (8, 8), 2, 4, shift_size=2)), torch.randn(2, 8, 8, 16)
+    else:
+        make, x = (lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))), torch.randn(3, 32)
+    with torch.inference_mode():
+        model = make()
+        assert _inference_tensors(model)                 # what the test is about
+        sparqle.convert(model, fmt, **options)
+        assert _inference_tensors(model, True) == []
+        expected = model(x)
+        model.to(torch.float64).to(torch.float32)
+        assert _inference_tensors(model, True) == []
+        other = {**options, "sparsity": 0.25} if "sparsity" in options else options   # a load that resizes
+        loaded = sparqle.convert(make(), fmt, **other)
+        loaded.load_state_dict(model.state_dict())
+        assert _inference_tensors(loaded, True) == []
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+        sparqle.save(model, tmp_path / "model.safetensors")
+        from_file = sparqle.load(make(), tmp_path / "model.safetensors")
+        assert _inference_tensors(from_file, True) == []
+        torch.testing.assert_close(from_file(x), expected, rtol=0, atol=0)
+        weight = next(next(m for m in loaded.modules() if isinstance(m, CheckedLoad)).buffers())
+        made = []
+        for _ in range(2):
+            derived("a tensor derived from a weight", lambda: made.append(1) or weight + 1, weight)
+        assert len(made) == 1

@@ -137,3 +137,24 @@ def test_to_dtype_keeps_the_constructors_checks():
         Int8Weight.from_float(torch.full((2, 8), 1e-300, dtype=torch.float64)).to(dtype=torch.float32)
     with pytest.raises(TypeError, match="FP8Weight: dtype must be one of"):
         sparqle.FP8Weight.from_float(torch.randn(4, 8)).to(dtype=torch.int32)
+
+
+@pytest.mark.parametrize("entry, conversion", EXAMPLES)
+def test_tensors_given_or_moved_in_inference_mode_are_held_as_plain_tensors(entry, conversion):
+    """A format holds no inference tensor (formats._base.plain_tensor): its constructor
+    copies one it is given, and ``to`` in inference mode makes plain ones; the values are
+    the same."""
+    _, w = _module_and_weight(conversion)
+    fmt = entry.format
+    with torch.inference_mode():
+        given = {name: t.clone() for name, t in w.tensors().items()}
+        assert all(t.is_inference() for t in given.values())
+        rebuilt = fmt(**given, **w.settings()) if fmt.checked_to else None
+        moved = w.to(dtype=torch.float64)
+        again = moved.to(dtype=w.dtype)
+    for built in [b for b in (rebuilt, moved, again) if b is not None]:
+        assert not any(t.is_inference() for t in built.tensors().values())
+    for name, t in w.tensors().items():
+        assert _same(again.tensors()[name], t)
+        if rebuilt is not None:
+            assert _same(rebuilt.tensors()[name], t)

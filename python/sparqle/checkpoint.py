@@ -318,9 +318,11 @@ def _check_keys(model: nn.Module, state: Dict[str, object], where: str) -> None:
                              f"the model has {tuple(t.shape)}: another architecture")
 
 
+@torch.inference_mode(False)
 def _materialize(model: nn.Module, device: torch.device) -> None:
     """Give every meta-device tensor of ``model`` memory on ``device`` (uninitialized: the
-    load fills it), a tensor shared by several modules staying shared."""
+    load fills it), a tensor shared by several modules staying shared; plain tensors, in
+    inference mode too (sparqle.formats._base.plain_tensor)."""
     made: Dict[int, torch.Tensor] = {}
     for name, module in model.named_modules():
         for store in (module._parameters, module._buffers):

@@ -45,9 +45,10 @@ class WeightFormat:
             cls.repr_names = tuple(n for n in cls.setting_names if n not in ("shape", "dtype"))
 
     def _fill(self, **fields) -> None:
-        """Store ``fields``, exactly the declared tensors and settings (no checks of their
-        values: the checked constructor runs them first)."""
-        _store(self, fields)
+        """Store ``fields``, exactly the declared tensors (each a :func:`plain_tensor`) and
+        settings (no checks of their values: the checked constructor runs them first)."""
+        _store(self, {name: plain_tensor(value) if name in self.tensor_names else value
+                      for name, value in fields.items()})
 
     @classmethod
     def _trusted(cls, **fields):
@@ -81,9 +82,10 @@ class WeightFormat:
         """A copy on ``device`` and/or for layer float dtype ``dtype``: the tensors of
         ``dtype_follows`` take their dtype for it, the others only move (see each format's
         ``to`` for which)."""
-        fields = {name: t.to(device=device, dtype=self.dtype_follows[name](dtype))
-                  if dtype is not None and name in self.dtype_follows else t.to(device)
-                  for name, t in self.tensors().items()}
+        with torch.inference_mode(False):  # plain tensors (plain_tensor)
+            fields = {name: t.to(device=device, dtype=self.dtype_follows[name](dtype))
+                      if dtype is not None and name in self.dtype_follows else t.to(device)
+                      for name, t in self.tensors().items()}
         fields.update(self.settings())
         if dtype is not None and "dtype" in fields:
             fields["dtype"] = dtype
@@ -93,6 +95,20 @@ class WeightFormat:
         described = "".join(f", {name}={_shown(getattr(self, name))}" for name in self.repr_names)
         return (f"{type(self).__name__}(shape={tuple(self.shape)}{described}, dtype={self.dtype}, "
                 f"device={self.device})")
+
+
+def plain_tensor(t):
+    """``t`` itself, or where ``t`` is an inference tensor (made under
+    ``torch.inference_mode()``) a plain copy of it, a Parameter for a Parameter: what the
+    formats and the sparqle.nn modules hold. An inference tensor keeps no version counter, so
+    what the kernels derive from a weight (sparqle.kernels._derived: a bitmap, a compressed
+    copy, a score table) could not be kept for it and would be made again on every call: a
+    model converted, moved or loaded in inference mode would pay that on each forward."""
+    if not isinstance(t, torch.Tensor) or not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        copy = t.detach().clone()
+        return torch.nn.Parameter(copy, t.requires_grad) if isinstance(t, torch.nn.Parameter) else copy
 
 
 def _store(w: WeightFormat, fields: Dict[str, object]) -> None:

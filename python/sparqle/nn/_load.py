@@ -13,6 +13,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from sparqle.formats._base import plain_tensor
+
 
 def _named(prefix: str, names, error: Exception) -> Exception:
     """``error`` again, its message led by the state_dict keys of the ``names`` it mentions,
@@ -36,6 +38,18 @@ class CheckedLoad(nn.Module):
     one must keep its size.
     """
 
+    # The module's tensors are plain ones (formats._base.plain_tensor) however it is built,
+    # moved or loaded, in inference mode too: what the kernels derive from them is kept.
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, plain_tensor(value))
+
+    def register_buffer(self, name: str, tensor: Optional[torch.Tensor], persistent: bool = True) -> None:
+        super().register_buffer(name, plain_tensor(tensor), persistent)
+
+    def _apply(self, fn, recurse=True):
+        with torch.inference_mode(False):
+            return super()._apply(fn, recurse)
+
     def _sized_by_format(self, name: str) -> bool:
         return False
 
@@ -53,6 +67,7 @@ class CheckedLoad(nn.Module):
     def _check_extra_state(self, state_dict, prefix: str) -> None:
         """Check the extra state the load would set, before anything is copied."""
 
+    @torch.inference_mode(False)
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         self._check_extra_state(state_dict, prefix)
