@@ -3,8 +3,8 @@ Int4Weight (group 128) against the dense layer in the activations' dtype (cuBLAS
 and, where it is installed and runs, torchao's int4 weight-only quantization.
 
 At small M a linear layer is bound by reading its weight: the achieved GB/s against the
-device's is the measure. FLOPs: 2 M N K. Bytes: the packed weight (N K / 2), scales and
-zeros, x once, y once (dense: the full weight).
+device's is the measure. FLOPs: 2 M N K. Bytes: the packed weight (N K / 2, K padded to a
+multiple of 128), scales and zeros, x once, y once (dense: the full weight).
 """
 import importlib.util
 from typing import Iterator, List

@@ -42,6 +42,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from sparqle.formats._checks import cdiv
 from sparqle.formats.nm import index_bits
+from sparqle.formats.int4 import packed_width
 from sparqle.kernels.triton import (fp8_linear, int4_linear, int8_linear, nm_linear, spmm_bell, spmm_csr,
                                     window_attention)
 from sparqle.kernels.triton._autotune import planning
@@ -150,13 +151,13 @@ def bell_cases(n: int, m: int, k: int, block: int, width: int, dtype: torch.dtyp
 
 
 def int4_cases(x: torch.Tensor, n: int, bias: bool, group: int = 128, archs=(80, 90)) -> List[Case]:
-    """int4_linear: x [M, K] @ dequant(W [n, K])^T, packed uint8 [n, ceil(K/2)], scales and
+    """int4_linear: x [M, K] @ dequant(W [n, K])^T, packed uint8 [n, 64 ceil(K/128)], scales and
     zeros [n, ceil(K/group)] in x's dtype (one group per row when group >= K)."""
     m, k = x.shape
     groups = cdiv(k, group)
     label = f"{_name(x.dtype)} M={m} N={n} K={k} group={group}{' bias' if bias else ''}"
     return [Case("int4_linear", label, lambda: int4_linear.int4_linear(
-        x, tensor(n, cdiv(k, 2), dtype=torch.uint8), tensor(n, groups, dtype=x.dtype),
+        x, tensor(n, packed_width(k), dtype=torch.uint8), tensor(n, groups, dtype=x.dtype),
         tensor(n, groups, dtype=x.dtype), tensor(n, dtype=x.dtype) if bias else None, group), archs)]
 
 

@@ -197,9 +197,10 @@ def test_summary_counts_and_bytes(capsys):
     assert summary.counts == {"int4": 2, "int8": 1}
     assert summary.skipped == {"d": "pattern 'd' skips it"}
     f32 = 4
-    # int4: packed [N, K / 2] uint8, scales and zeros [N, ceil(K / 32)] in the layer's dtype.
-    a_before, a_after = (48 * 64 + 48) * f32, 48 * 32 + 2 * 48 * 2 * f32 + 48 * f32
-    b_before, b_after = 64 * 48 * f32, 64 * 24 + 2 * 64 * 2 * f32
+    # int4: packed [N, 64 ceil(K / 128)] uint8, scales and zeros [N, ceil(K / 32)] in the
+    # layer's dtype.
+    a_before, a_after = (48 * 64 + 48) * f32, 48 * 64 + 2 * 48 * 2 * f32 + 48 * f32
+    b_before, b_after = 64 * 48 * f32, 64 * 64 + 2 * 64 * 2 * f32
     # int8: qweight [N, K] int8, scales [N] fp32.
     c_before, c_after = (64 * 64 + 64) * f32, 64 * 64 + 64 * f32 + 64 * f32
     assert [(x.name, x.format, x.bytes_before, x.bytes_after) for x in summary.converted] == [

@@ -147,7 +147,11 @@ def test_int8_quantize_rows(device, backend, data):
 
 
 def unpack_int4(packed, k):
-    q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])
+    """q [N, k] from ``packed`` as docs/int4.md lays it out: byte b of a row in K order
+    (q[2b] low nibble, q[2b + 1] high) is stored at 64 (b // 64) + 16 (b % 4) + (b % 64) // 4."""
+    b = torch.arange(packed.shape[1])
+    rows = packed[:, 64 * (b // 64) + 16 * (b % 4) + (b % 64) // 4]
+    q = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])
     return q[:, :k].double()
 
 

@@ -19,27 +19,50 @@ from ._oracle import assert_close
 from .conftest import device_backends
 
 
+def _packed_by_the_docs(q: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """``packed`` built entry by entry as docs/int4.md describes it: K padded to a multiple
+    of 128 with the codes ``pad`` (one a row); in K order, byte b of a row holds q[2b] (low
+    nibble) and q[2b + 1] (high); byte b is stored at 64 (b // 64) + 16 (b % 4) + (b % 64) // 4."""
+    n, k = q.shape
+    width = 64 * -(-k // 128)
+    codes = torch.cat([q, pad[:, None].expand(n, 2 * width - k)], 1).int()
+    packed = torch.zeros(n, width, dtype=torch.uint8)
+    for b in range(width):
+        byte = codes[:, 2 * b] | codes[:, 2 * b + 1] << 4
+        packed[:, 64 * (b // 64) + 16 * (b % 4) + (b % 64) // 4] = byte.to(torch.uint8)
+    return packed
+
+
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(0, 9), k=st.integers(0, 77), group=st.sampled_from([32, 64, -1]),
+@given(n=st.integers(0, 9), k=st.integers(0, 300), group=st.sampled_from([32, 64, -1]),
        seed=st.integers(0, 2**16))
 def test_pack_unpack_exact(n, k, group, seed):
+    """unpack reads the documented layout (any padding codes), and from_codes writes it
+    (padded with the last group's zero point)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-    padded = torch.cat([q, torch.zeros(n, k % 2, dtype=torch.uint8)], 1)
-    packed = padded[:, 0::2] | (padded[:, 1::2] << 4)
     groups = -(-k // (k if group == -1 else group)) if k else 0
-    w = Int4Weight(packed, torch.rand(n, groups), torch.randint(0, 16, (n, groups)).float(), (n, k), group)
+    scales, zeros = torch.rand(n, groups) + 0.1, torch.randint(0, 16, (n, groups)).float()
+    w = Int4Weight(_packed_by_the_docs(q, torch.randint(0, 16, (n,), dtype=torch.uint8, generator=g)),
+                   scales, zeros, (n, k), group)
     assert torch.equal(w.unpack(), q)
+    packed = Int4Weight.from_codes(q, scales, zeros, group).packed
+    pad = zeros[:, -1].to(torch.uint8) if groups else torch.zeros(n, dtype=torch.uint8)
+    assert torch.equal(packed, _packed_by_the_docs(q, pad))
 
 
-@pytest.mark.parametrize("k", [8, 72, 256])
-def test_packed_rows_are_int32_words_of_eight_nibbles(k):
-    """The layout docs/int4.md describes: a row of ``packed`` read as little-endian int32 words
-    holds q[8i + j] in bits 4j .. 4j + 3 of word i (K a multiple of 8)."""
-    qw = Int4Weight.from_float(torch.randn(5, k), 32)
-    words = qw.packed.view(torch.int32)
-    nibbles = torch.stack([(words >> (4 * j)) & 15 for j in range(8)], dim=-1).view(5, k)
-    assert torch.equal(nibbles, qw.unpack().int())
+def test_each_thread_of_a_quad_finds_its_fragment_bytes_contiguous():
+    """Why the tiles are interleaved: in a 128-code K step, the tensor cores' register fragment
+    (wgmma's A from registers, mma.sync's A) gives the thread of quad lane t codes 2t, 2t + 1
+    of every 8 (bytes t, t + 4, ... in K order); in ``packed`` they are 16 contiguous bytes."""
+    q = torch.randint(0, 16, (1, 256), generator=torch.Generator().manual_seed(0))
+    packed = Int4Weight.from_codes(q, torch.ones(1, 2), torch.zeros(1, 2), 128).packed
+    for tile in range(2):
+        for t in range(4):
+            run = packed[0, 64 * tile + 16 * t: 64 * tile + 16 * t + 16].long()
+            codes = torch.stack([run & 15, run >> 4], -1).flatten()      # the thread's codes, in order
+            fragment = [128 * tile + 8 * i + 2 * t + j for i in range(16) for j in range(2)]
+            assert torch.equal(codes, q[0, fragment])
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -63,7 +86,7 @@ def test_quantization_follows_the_rules(symmetric, group, k):
         lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
         torch.testing.assert_close(qw.scales, (hi - lo) / 15)
         assert torch.equal(qw.zeros, torch.clamp(torch.round(-lo / qw.scales), 0, 15))
-    assert qw.packed.shape == (6, (k + 1) // 2) and qw.scales.dtype == torch.float64
+    assert qw.packed.shape == (6, 64 * -(-k // 128)) and qw.scales.dtype == torch.float64
 
 
 def test_sqnr_floor_and_mse_beats_minmax():
@@ -138,6 +161,30 @@ def test_module_convert_and_adapter_training():
     assert not any(t.requires_grad for t in model[0].buffers())
 
 
+@pytest.mark.parametrize("k", [64, 77, 256])
+def test_a_state_dict_of_the_k_order_packing_loads_repacked(k):
+    """A state_dict saved before the interleaved tiles (settings without ``packing``,
+    ``packed`` [N, ceil(K / 2)] in K order) loads into Int4Linear through load_state_dict
+    and from_state_dict (sparqle.load's path): repacked into the same bytes a conversion
+    gives today, the same outputs; the upgraded state names the layout."""
+    from sparqle.formats.int4 import PACKING, deinterleave
+    torch.manual_seed(k)
+    layer = Int4Linear.from_linear(nn.Linear(k, 24), group_size=32)
+    legacy = {key: t.clone() if isinstance(t, torch.Tensor) else t for key, t in layer.state_dict().items()}
+    legacy["packed"] = deinterleave(layer.packed)[:, :-(-k // 2)].clone()
+    legacy["_extra_state"] = {key: v for key, v in layer.settings().items() if key != "packing"}
+    if k % 2:  # the earlier packing padded an odd K with the zero point
+        assert torch.equal(legacy["packed"][:, -1] >> 4, layer.zeros[:, -1].to(torch.uint8))
+    x = torch.randn(5, k)
+    fresh = Int4Linear.from_linear(nn.Linear(k, 24), group_size=32)
+    fresh.load_state_dict(legacy)
+    built = Int4Linear.from_state_dict(legacy)
+    for loaded in (fresh, built):
+        assert torch.equal(loaded.packed, layer.packed) and loaded.settings()["packing"] == PACKING
+        torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
+    assert "packing" not in legacy["_extra_state"]          # from_state_dict left its argument as it was
+
+
 class TestBadInput:
     def test_from_float(self):
         with pytest.raises(ValueError, match="group_size must be one of"):
@@ -154,11 +201,11 @@ class TestBadInput:
             Int4Weight.from_float(w, 32)
 
     def test_constructor(self):
-        packed, s = torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 2)
+        packed, s = torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 2)
         with pytest.raises(TypeError, match="packed must be uint8"):
             Int4Weight(packed.int(), s, s, (4, 64), 32)
-        with pytest.raises(ValueError, match=r"packed must have shape \(4, 33\)"):
-            Int4Weight(packed, torch.ones(4, 3), torch.ones(4, 3), (4, 65), 32)
+        with pytest.raises(ValueError, match=r"packed must have shape \(4, 128\)"):
+            Int4Weight(packed, torch.ones(4, 5), torch.ones(4, 5), (4, 129), 32)
         with pytest.raises(ValueError, match=r"scales must have shape \(4, 1\)"):
             Int4Weight(packed, s, s, (4, 64), 64)
         with pytest.raises(TypeError, match="scales and zeros must share one float dtype"):
@@ -210,8 +257,8 @@ WIDE_STEP_CONFIGS = {
 @pytest.mark.parametrize("k", [1, 77, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_triton_reads_the_format_layout_at_every_group_and_k(monkeypatch, device, group, k, dtype):
-    """The kernel reads Int4Weight's own tensors (packed [N, ceil(K / 2)], scales and zeros
-    [N, ceil(K / group)]) at every group size, odd K and K off the group and the K step, with
+    """The kernel reads Int4Weight's own tensors (packed [N, 64 ceil(K / 128)] in interleaved
+    tiles, scales and zeros [N, ceil(K / group)]) at every group size, odd K and K off the group and the K step, with
     K steps inside one group, over several groups, and split-K slices: y matches the float64
     oracle of the dequantized weight."""
     import sparqle.kernels.triton.int4_linear as kernel
@@ -227,6 +274,27 @@ def test_triton_reads_the_format_layout_at_every_group_and_k(monkeypatch, device
             y = sparqle.linear(x, qw)
         x64 = x.double().cpu()
         assert_close(y, x64 @ w64.T, x64.abs() @ w64.abs().T, dtype, f"y (M={m})")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("block_k", [32, 64, 128, 256])
+def test_triton_reads_the_interleaved_tiles_at_every_step_width(monkeypatch, device, block_k):
+    """A K step is a quarter or a half of a 64-byte tile of ``packed`` (BLOCK_K 32, 64: each
+    quad lane's bytes gathered from inside the tile), one tile, or two (256): y matches the
+    float64 oracle, with K inside the first tile, past one and past two."""
+    import sparqle.kernels.triton.int4_linear as kernel
+    for autotuned in (kernel._small_m, kernel._tiled):
+        monkeypatch.setattr(autotuned, "configs",
+                            [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": 1})])
+    g = torch.Generator().manual_seed(block_k)
+    for k in (100, 200, 300):
+        qw = Int4Weight.from_float(torch.randn(17, k, generator=g).half(), 32).to(device)
+        w64 = qw.dequantize().double().cpu()
+        x = torch.randn(3, k, generator=g).half().to(device)
+        with sparqle.use_backend("triton"):
+            y = sparqle.linear(x, qw)
+        x64 = x.double().cpu()
+        assert_close(y, x64 @ w64.T, x64.abs() @ w64.abs().T, torch.float16, f"y (K={k})")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

@@ -106,7 +106,9 @@ def test_int4_and_nm_feed_the_decoded_weight_to_wgmma_from_registers():
     whose weight tile has >= 64 rows (wgmma's M, one warpgroup's) compiles to wgmma at any
     token count, with the weight from registers, x from shared memory and MMAs left in flight
     (asynchronous: with the weight as the right operand it went through shared memory and
-    each wgmma was waited for at once, and 16 tokens got mma.sync); no config spills."""
+    each wgmma was waited for at once, and 16 tokens got mma.sync); the weight stream is
+    16-byte cp.async at every config (int4's interleaved tiles: in K order it was 4-byte
+    cp.async wherever wgmma took the weight from registers); no config spills."""
     result = subprocess.run([sys.executable, "-m", "sparqle.bench.kernel_report", "--op", "int4", "--op", "nm"],
                             env=_compiler_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -120,6 +122,8 @@ def test_int4_and_nm_feed_the_decoded_weight_to_wgmma_from_registers():
         cells = [cell.strip() for cell in line.split("|")[1:-1]]
         config = dict(item.split("=") for item in cells[0].split(", "))
         assert cells[2] == "0/0", (kernel, cells)
+        weight = "packed_ptr" if kernel == "_int4_linear_kernel" else "values_ptr"
+        assert re.search(rf"`{weight}`: cp\.async 128b x\d+(;|$)", cells[-1]), (kernel, cells)
         if int(config["BLOCK_N"]) >= 64:
             flight = re.fullmatch(r"wgmma HGMMA x\d+, (\d+) in flight", cells[6])
             assert flight and int(flight.group(1)) >= 1, (kernel, cells)

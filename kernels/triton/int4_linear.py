@@ -1,22 +1,23 @@
 """int4 weight-only linear (W4A16): y [M, N] = x [M, K] @ dequant(W)^T + bias.
 
 W [N, K] is read in the format's own layout (sparqle.formats.int4, docs/int4.md): ``packed``
-uint8 [N, ceil(K / 2)], byte j of a row holding q[2j] (low nibble) and q[2j + 1] (high), a
-row's bytes contiguous along K; ``scales`` and ``zeros`` [N, ceil(K / GROUP)]. The kernel
-reads that layout as it is (no second copy of the weight): one program computes a
-[BLOCK_M, BLOCK_N] tile of y over one of SPLIT_K slices of K, and for each BLOCK_K step loads
+uint8 [N, 64 ceil(K / 128)], a row's codes in tiles of 128 (64 bytes) interleaved within
+the tile in the order of the tensor cores' register fragments; ``scales`` and ``zeros``
+[N, ceil(K / GROUP)]. The kernel reads that layout as it is (no second copy of the
+weight), as int32 words: one program computes a [BLOCK_M, BLOCK_N] tile of y over one of
+SPLIT_K slices of K, and for each BLOCK_K step loads
 
-- x [BLOCK_M, BLOCK_K] and the packed tile [BLOCK_N, BLOCK_K / 2]. Both are addressed from
-  the step index (``step * BLOCK_K``), so their offsets along K are known multiples of 16,
-  and masked at K and at the row's byte count, which Triton knows divisible by 16 when K is a
-  multiple of 32: then each thread's part of a row is one 16-byte load that the software
-  pipeline issues as cp.async (other K: narrower loads, the same results);
+- x [BLOCK_M, BLOCK_K] and the step's words of ``packed`` [BLOCK_N, BLOCK_K / 8]
+  (``_codes_of_step``). Both are addressed from the step index, so their offsets along K are
+  known multiples of 16 bytes: each thread's part of a row is one 16-byte load that the
+  software pipeline issues as cp.async, and the words' codes reach the dot's register
+  fragment without a shared-memory round trip;
 - one scale and one zero point per column and group: a [BLOCK_N] column when the step lies
   in one group (GROUP >= BLOCK_K, or one group per row: GROUP_PER_ROW, loaded once before
   the loop), else [BLOCK_N, BLOCK_K / GROUP] broadcast over each group's GROUP channels.
 
-The nibbles are unpacked with a mask and a shift (``tl.join`` + ``reshape`` puts q[2j] and
-q[2j + 1] side by side) and turned into floats without an int -> float conversion: with
+The codes are unpacked with masks and shifts (``tl.join`` + ``reshape`` put them in K order)
+and turned into floats without an int -> float conversion: with
 ``MAGIC`` = 2^p (1024 for fp16, 128 for bf16, 2^23 for fp32, see MAGIC below), the bits
 ``q | bits(MAGIC)`` read as a float are exactly MAGIC + q (q fills the low mantissa bits), so
 w = (that - (MAGIC + zero)) * scale: the subtraction is exact (small integers), and the one
@@ -29,16 +30,17 @@ from registers, asynchronously, at any token count; the bias is added in the epi
 
 Launched by ``_linear.launch_by_m`` for every M (thresholds and their reasons:
 sparqle.kernels.dispatch): the split-K small-M configs at M <= SPLIT_K_MAX_M, the tiled
-configs above it (fp32 x: spaces of its own, see FP32_TILED_CONFIGS); the weight is
+configs above it (HALF_*_CONFIGS for fp16 and bf16 x, FP32_*_CONFIGS for fp32); the weight is
 dequantized inside the GEMM's main loop at every M.
 """
 import torch
 import triton
 import triton.language as tl
 
+from . import _linear
 from ._autotune import Configs, autotune
 from ._config import dot_meta, interpreting
-from ._linear import SMALL_M_CONFIGS, TILED_CONFIGS, dot_tile, launch_by_m, store_tile, tile_of_y
+from ._linear import dot_tile, launch_by_m, store_tile, tile_of_y
 
 # x's dtype -> (the dtype the weight is decoded in, MAGIC, MAGIC's bits): q | bits read as
 # that dtype is MAGIC + q for q in [0, 15], since MAGIC = 2^p has a zero mantissa and its
@@ -82,11 +84,47 @@ def _group_params(scales_ptr, zeros_ptr, offs_n, mask_n, step, K, stride_sn,
 
 
 @triton.jit
+def _codes_of_step(packed_ptr, offs_n, mask_n, step, K_WORDS, stride_pn,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The codes q [BLOCK_N, BLOCK_K] of K step ``step`` of rows offs_n, in K order, from
+    ``packed`` read as int32 words (K_WORDS a row).
+
+    ``packed`` stores each 64-byte tile interleaved: the byte of K order 4 i + t at 16 t + i
+    (sparqle.formats.int4). A step of 64 bytes or more is whole tiles, loaded as stored
+    (contiguous: 16-byte loads); each word is split into its eight codes, and a reshape and
+    a transpose put them in K order, which Triton folds into the layout it reads shared
+    memory with: the thread whose register fragment holds K-order bytes t, t + 4, ... reads
+    them as its 16 contiguous stored bytes (128-bit loads; K order took 16 byte loads). A
+    step of BLOCK_K 32 or 64 is a part of a tile: each t's bytes in it, a run of BYTES / 4,
+    lie from 16 t + (the step's first K-order byte mod 64) / 4 of its tile."""
+    BYTES: tl.constexpr = BLOCK_K // 2
+    RUN: tl.constexpr = (BYTES if BYTES < 64 else 64) // 4     # stored bytes of each t per tile
+    TILES: tl.constexpr = (BYTES + 63) // 64
+    WORDS: tl.constexpr = BYTES // 4
+    RUN_WORDS: tl.constexpr = RUN // 4
+    first = step * WORDS                                        # the step's first word in K order
+    if WORDS >= 16:
+        offs = first + tl.arange(0, WORDS)
+    else:  # word j is word j % RUN_WORDS of the run of t = j // RUN_WORDS
+        j = tl.arange(0, WORDS)
+        offs = first // 16 * 16 + first % 16 // 4 + 4 * (j // RUN_WORDS) + j % RUN_WORDS
+    words = tl.load(packed_ptr + offs_n[:, None] * stride_pn + offs[None, :],
+                    mask=mask_n[:, None] & (offs < K_WORDS)[None, :], other=0).to(tl.uint32, bitcast=True)
+    # Byte b of a word (little-endian) holds codes lo = bits 8 b .. 8 b + 3 and hi = 8 b + 4 ..
+    # 8 b + 7; join(join(c0, c2), join(c1, c3)) reshaped is c0 c1 c2 c3, and the last join
+    # puts hi after lo: codes in stored-byte order, then the two halves of each byte.
+    lo = tl.join(tl.join(words & 15, (words >> 16) & 15), tl.join((words >> 8) & 15, (words >> 24) & 15))
+    hi = tl.join(tl.join((words >> 4) & 15, (words >> 20) & 15), tl.join((words >> 12) & 15, words >> 28))
+    codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, TILES, 4, RUN, 2))
+    return tl.reshape(tl.permute(codes, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _int4_linear_kernel(
     # pointers
     x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
-    # sizes (K_BYTES: the bytes of a packed row, ceil(K / 2))
-    M, N, K, K_BYTES,
+    # sizes (K_WORDS: the int32 words of a packed row, 16 ceil(K / 128))
+    M, N, K, K_WORDS,
     # strides
     stride_xm, stride_xk,
     stride_pn, stride_sn,
@@ -109,10 +147,7 @@ def _int4_linear_kernel(
         offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
-        offs_byte = step * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(packed_ptr + offs_n[:, None] * stride_pn + offs_byte[None, :],
-                         mask=mask_n[:, None] & (offs_byte < K_BYTES)[None, :], other=0)
-        q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))
+        q = _codes_of_step(packed_ptr, offs_n, mask_n, step, K_WORDS, stride_pn, BLOCK_N, BLOCK_K)
         if not GROUP_PER_ROW:
             scale, zero = _group_params(scales_ptr, zeros_ptr, offs_n, mask_n, step, K, stride_sn,
                                         GROUP, BLOCK_N, BLOCK_K)
@@ -128,19 +163,40 @@ def _int4_linear_kernel(
 FP32_SMALL_M_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=3)
      for bn, bk, sk in [(32, 32, 1), (64, 32, 1), (32, 64, 1), (128, 32, 1), (32, 32, 4), (64, 32, 2)]],
-    SMALL_M_CONFIGS.test,
+    _linear.SMALL_M_CONFIGS.test,
 )
 FP32_TILED_CONFIGS = Configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "SPLIT_K": 1}, num_warps=w, num_stages=3)
      for bm, bn, w in [(32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 8)]],
-    TILED_CONFIGS.test,
+    _linear.TILED_CONFIGS.test,
 )
-_tiled = autotune(TILED_CONFIGS, key=["M", "N", "K"], bucket=["M"])(_int4_linear_kernel)
-_small_m = autotune(SMALL_M_CONFIGS, key=["M", "N", "K"], bucket=["M"],
+# fp16 / bf16 x: BLOCK_K >= 128, so that each K step is whole 64-byte tiles of ``packed``,
+# read with 16-byte loads (``_codes_of_step``; a half tile takes 8-byte runs, 4-byte loads).
+HALF_TILED_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=w, num_stages=s)
+     for bm, bn, w, s in [(32, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]],
+    _linear.TILED_CONFIGS.test,
+)
+HALF_SMALL_M_CONFIGS = Configs(
+    [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+     for bn, bk, sk, w, s in [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (128, 128, 1, 4, 4), (32, 128, 2, 4, 4),
+                              (64, 128, 2, 4, 4), (32, 128, 4, 4, 4), (64, 256, 4, 8, 3), (32, 256, 8, 4, 4)]],
+    _linear.SMALL_M_CONFIGS.test,
+)
+_tiled = autotune(HALF_TILED_CONFIGS, key=["M", "N", "K"], bucket=["M"])(_int4_linear_kernel)
+_small_m = autotune(HALF_SMALL_M_CONFIGS, key=["M", "N", "K"], bucket=["M"],
                     reset_to_zero=["y_ptr"])(_int4_linear_kernel)
 _tiled_fp32 = autotune(FP32_TILED_CONFIGS, key=["M", "N", "K"], bucket=["M"])(_int4_linear_kernel)
 _small_m_fp32 = autotune(FP32_SMALL_M_CONFIGS, key=["M", "N", "K"], bucket=["M"],
                          reset_to_zero=["y_ptr"])(_int4_linear_kernel)
+
+
+def _words(packed: torch.Tensor) -> torch.Tensor:
+    """``packed`` [N, 64 T] (contiguous) as the int32 words [N, 16 T] the kernel reads, a copy
+    where its storage offset is not a multiple of 4 bytes."""
+    if packed.numel() == 0:
+        return packed.new_empty((packed.shape[0], packed.shape[1] // 4), dtype=torch.int32)
+    return (packed if packed.storage_offset() % 4 == 0 else packed.clone()).view(torch.int32)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
@@ -153,12 +209,14 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     per_row = group_width >= k
     dequant_dtype, magic, bits = MAGIC[torch.float32 if x.dtype == torch.bfloat16 and interpreting() else x.dtype]
 
+    words = _words(packed)
+
     def launch(kernel, grid, y):
         kernel[grid](
-            x, packed, scales, zeros, y if bias is None else bias, y,
-            m, n, k, packed.shape[1],
+            x, words, scales, zeros, y if bias is None else bias, y,
+            m, n, k, words.shape[1],
             x.stride(0), x.stride(1),
-            packed.stride(0), scales.stride(0),
+            words.stride(0), scales.stride(0),
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),
             GROUP=1 if per_row else group_width, GROUP_PER_ROW=per_row, HAS_BIAS=bias is not None,

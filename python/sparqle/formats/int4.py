@@ -20,12 +20,17 @@ w ~= (q - zero) * scale with q in [0, 15]:
   keeps the iterate (min-max included) of least squared error, so it is never worse than
   min-max.
 
-q = clamp(round(w / scale + zero), 0, 15) (an integer zero point gives round(w / scale) + zero). Layout: ``packed`` uint8 [N, ceil(K / 2)], byte
-j of a row holding q[2j] in its low nibble and q[2j + 1] in its high nibble (an odd K is
-padded with q = zero), so a kernel reads a row's K / 2 bytes contiguously (the Triton kernel
-reads this layout as it is, with 16-byte loads when K is a multiple of 32: docs/int4.md); ``scales``
-(finite, > 0) and ``zeros`` (in [0, 15]; all 8 when symmetric) [N, ceil(K / group)] in the
-weight's float dtype.
+q = clamp(round(w / scale + zero), 0, 15) (an integer zero point gives round(w / scale) + zero).
+
+Layout: ``packed`` uint8 [N, 64 ceil(K / 128)]. Byte j of a row in K order holds q[2j] in
+its low nibble and q[2j + 1] in its high one (K is padded to a multiple of TILE_K = 128
+with q = zero); the row is stored in tiles of 64 such bytes (128 codes), and within a tile
+the byte of K order 4 i + t (i < 16, t < 4) is stored at 16 t + i (``interleave``). That is
+the order in which the tensor cores' register fragments hold the codes: the thread of
+quad lane t holds K-order bytes t, t + 4, t + 8, ... of a 128-code step (codes 2t, 2t + 1,
+then 8 further on, in every 16-code slice of wgmma and mma.sync), so here they are its 16
+contiguous bytes, one 16-byte load (docs/int4.md). ``scales`` (finite, > 0) and ``zeros``
+(in [0, 15]; all 8 when symmetric) [N, ceil(K / group)] in the weight's float dtype.
 
 Decoding (the codec every kernel backend imports): ``dequantize_block`` gives rows of
 W = (q - zero) * scale, computed in fp32 (fp64 for fp64) and rounded to the dtype asked
@@ -42,6 +47,10 @@ from ._checks import cdiv, check_float_weight, check_scales, check_shape, comput
 from ._row_blocks import dense_by_row_blocks
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
+TILE_K = 128  # the codes of one interleaved tile of ``packed``: 64 bytes of a row
+# The name of that layout, which Int4Linear records in its settings (a state_dict saved
+# without it holds the K-order rows of earlier versions: ``from_k_order`` reads them).
+PACKING = "interleaved-128"
 METHODS = ("minmax", "mse", "hqq")
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 26).tolist()
 # HQQ's l_p norm, its penalty's start and growth, and its rounds (the HQQ paper's 4-bit
@@ -96,7 +105,8 @@ def _hqq(groups: torch.Tensor, symmetric: bool, dtype: torch.dtype):
 class Int4Weight(WeightFormat):
     """A [N, K] weight in 4 bits with group-wise scales and zero points (see module doc).
 
-    Attributes: ``packed`` (uint8 [N, ceil(K/2)]), ``scales``, ``zeros`` ([N, G], float),
+    Attributes: ``packed`` (uint8 [N, packed_width(K)], in tiles interleaved as the module
+    doc says), ``scales``, ``zeros`` ([N, G], float),
     ``shape`` (N, K), ``group_size`` (as given, -1 for per channel), ``group_width``
     (the channels per group: K for -1), ``symmetric`` (every zero point is 8).
     ``scales`` and ``zeros`` are stored in the layer's float dtype: ``to(dtype=)`` casts them
@@ -125,9 +135,9 @@ class Int4Weight(WeightFormat):
         if not scales.is_floating_point() or zeros.dtype != scales.dtype:
             raise TypeError(f"Int4Weight: scales and zeros must share one float dtype, got "
                             f"{scales.dtype} and {zeros.dtype}")
-        if tuple(packed.shape) != (n, cdiv(k, 2)):
-            raise ValueError(f"Int4Weight: packed must have shape {(n, cdiv(k, 2))} for shape "
-                             f"{(n, k)}, got {tuple(packed.shape)}")
+        if tuple(packed.shape) != (n, packed_width(k)):
+            raise ValueError(f"Int4Weight: packed must have shape {(n, packed_width(k))} for shape "
+                             f"{(n, k)} (64 bytes per 128 input channels), got {tuple(packed.shape)}")
         groups = cdiv(k, k if group_size == -1 else group_size) if k else 0
         for name, t in (("scales", scales), ("zeros", zeros)):
             if tuple(t.shape) != (n, groups):
@@ -185,11 +195,7 @@ class Int4Weight(WeightFormat):
         if q.numel() and not bool(((q >= 0) & (q <= 15) & (q == torch.round(q.double()))).all()):
             raise ValueError("Int4Weight.from_codes: q must hold integers in [0, 15]")
         n, k = q.shape
-        q = q.to(torch.uint8)
-        if k % 2:
-            q = torch.cat([q, zeros[:, -1:].to(torch.uint8)], dim=1)
-        packed = q[:, 0::2] | (q[:, 1::2] << 4)
-        return cls(packed.contiguous(), scales, zeros, (n, k), group_size, symmetric)
+        return cls(_pack(q.to(torch.uint8), zeros), scales, zeros, (n, k), group_size, symmetric)
 
     @property
     def group_width(self) -> int:
@@ -197,8 +203,7 @@ class Int4Weight(WeightFormat):
 
     def unpack(self) -> torch.Tensor:
         """q, uint8 [N, K] in [0, 15]."""
-        q = torch.stack([self.packed & 15, self.packed >> 4], dim=-1)
-        return q.view(self.shape[0], 2 * self.packed.shape[1])[:, :self.shape[1]]
+        return _codes(self.packed)[:, :self.shape[1]]
 
     def dequantize(self) -> torch.Tensor:
         """(q - zero) * scale, [N, K] in the weight's float dtype (computed in fp32)."""
@@ -207,13 +212,54 @@ class Int4Weight(WeightFormat):
 
 
 
+def _pack(q: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """``packed`` for the codes q uint8 [N, K], K padded with each row's last zero point."""
+    n, k = q.shape
+    pad = 2 * packed_width(k) - k
+    if pad:
+        q = torch.cat([q, zeros[:, -1:].to(torch.uint8).expand(n, pad)], dim=1)
+    return interleave(q[:, 0::2] | (q[:, 1::2] << 4))
+
+
+def from_k_order(rows: torch.Tensor, zeros: torch.Tensor, k: int) -> torch.Tensor:
+    """``packed`` from the layout earlier versions of sparqle stored (rows of uint8
+    [N, ceil(k / 2)] in K order, byte j holding q[2j] and q[2j + 1], no tiles): the same
+    codes, repacked."""
+    codes = torch.stack([rows & 15, rows >> 4], dim=-1).view(rows.shape[0], 2 * rows.shape[1])[:, :k]
+    return _pack(codes, zeros)
+
+
+def packed_width(k: int) -> int:
+    """The bytes of a row of ``packed`` for K = ``k`` input channels: 64 per TILE_K codes."""
+    return TILE_K // 2 * cdiv(k, TILE_K)
+
+
+def interleave(rows: torch.Tensor) -> torch.Tensor:
+    """``packed`` [R, 64 T] from its bytes in K order [R, 64 T]: in each tile of 64, the byte
+    of K order 4 i + t is stored at 16 t + i (see the module doc)."""
+    r, width = rows.shape
+    return rows.reshape(r, width // 64, 16, 4).transpose(-1, -2).reshape(r, width).contiguous()
+
+
+def deinterleave(packed: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``packed`` [R, 64 T] in K order (the inverse of :func:`interleave`)."""
+    r, width = packed.shape
+    return packed.reshape(r, width // 64, 4, 16).transpose(-1, -2).reshape(r, width)
+
+
+def _codes(packed: torch.Tensor) -> torch.Tensor:
+    """q [R, 128 T] in K order (padding included) from ``packed`` [R, 64 T]."""
+    rows = deinterleave(packed)
+    return torch.stack([rows & 15, rows >> 4], dim=-1).view(rows.shape[0], 2 * rows.shape[1])
+
+
 def dequantize_block(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      group_width: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """The rows of W = (q - zero) * scale that ``packed`` [R, ceil(k / 2)], ``scales`` and
-    ``zeros`` [R, G] hold, [R, k] in ``dtype``, computed in fp32 (fp64 for fp64)."""
+    """The rows of W = (q - zero) * scale that ``packed`` [R, packed_width(k)], ``scales``
+    and ``zeros`` [R, G] hold, [R, k] in ``dtype``, computed in fp32 (fp64 for fp64)."""
     rows, groups = scales.shape
     cdt = compute_dtype(dtype)
-    q = torch.stack([packed & 15, packed >> 4], dim=-1).view(rows, 2 * packed.shape[1])[:, :k]
+    q = _codes(packed)[:, :k]
     q = torch.nn.functional.pad(q, (0, groups * group_width - k)).view(rows, groups, group_width)
     w = (q.to(cdt) - zeros.to(cdt)[..., None]) * scales.to(cdt)[..., None]
     return w.view(rows, groups * group_width)[:, :k].to(dtype)
@@ -242,4 +288,4 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / noise))
 
 
-__all__: Tuple[str, ...] = ("Int4Weight", "GROUP_SIZES", "sqnr_db")
+__all__: Tuple[str, ...] = ("Int4Weight", "GROUP_SIZES", "TILE_K", "sqnr_db")

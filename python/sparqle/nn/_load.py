@@ -50,6 +50,12 @@ class CheckedLoad(nn.Module):
         with torch.inference_mode(False):
             return super()._apply(fn, recurse)
 
+    @classmethod
+    def upgrade_state(cls, state: Dict[str, object], prefix: str) -> None:
+        """Rewrite, in place, the entries under ``prefix`` of a state_dict that an earlier
+        version of this module saved into what this one loads (by default there is nothing
+        to rewrite); ``load_state_dict`` and ``from_state_dict`` call it first."""
+
     def _sized_by_format(self, name: str) -> bool:
         return False
 
@@ -70,6 +76,7 @@ class CheckedLoad(nn.Module):
     @torch.inference_mode(False)
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        self.upgrade_state(state_dict, prefix)
         self._check_extra_state(state_dict, prefix)
         for name in self.legacy_keys():
             state_dict.pop(prefix + name, None)
@@ -144,6 +151,8 @@ class ConvertedLinear(CheckedLoad):
         rebuilt), without a float weight: its tensors go through the checks of the
         format's constructor and its settings must be the ones it computes with. A missing
         or bad entry is a ValueError or TypeError naming its key, led by ``prefix``."""
+        state = dict(state)
+        cls.upgrade_state(state, "")
         settings = state.get("_extra_state")
         if not isinstance(settings, dict):
             raise TypeError(f"state_dict key {prefix + '_extra_state'!r} must be the dict of settings that "

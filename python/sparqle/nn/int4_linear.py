@@ -6,6 +6,7 @@ from torch import nn
 
 from ..calibrate import INT4_METHODS, InputStats, check_method
 from ..formats import Int4Weight
+from ..formats.int4 import PACKING, from_k_order
 from ..functional import linear
 from ..quantize import gptq_int4
 from ._load import ConvertedLinear, bias_parameter
@@ -62,7 +63,24 @@ class Int4Linear(ConvertedLinear):
 
     def settings(self):
         return {"format": "int4", "group_size": self.group_size, "symmetric": self.symmetric,
-                "out_features": self.out_features, "in_features": self.in_features}
+                "out_features": self.out_features, "in_features": self.in_features, "packing": PACKING}
+
+    @classmethod
+    def upgrade_state(cls, state, prefix):
+        """A state_dict whose settings lack ``packing`` was saved before the interleaved
+        tiles: its ``packed`` holds K-order rows [N, ceil(K / 2)], repacked
+        here (sparqle.formats.int4.from_k_order) with the settings naming the layout. Entries
+        that are not what that version saved are left for the load's checks to refuse."""
+        settings = state.get(prefix + "_extra_state")
+        rows, zeros = state.get(prefix + "packed"), state.get(prefix + "zeros")
+        if not isinstance(settings, dict) or "packing" in settings or settings.get("format") != "int4":
+            return
+        k = settings.get("in_features")
+        if (isinstance(k, int) and isinstance(rows, torch.Tensor) and isinstance(zeros, torch.Tensor)
+                and rows.dtype == torch.uint8 and rows.dim() == 2 and rows.shape[1] == -(-k // 2)
+                and zeros.dim() == 2 and zeros.shape[0] == rows.shape[0] and (zeros.shape[1] or not k)):
+            state[prefix + "packed"] = from_k_order(rows, zeros, k)
+        state[prefix + "_extra_state"] = {**settings, "packing": PACKING}
 
     @classmethod
     def _from_state(cls, settings, tensors):
