@@ -148,6 +148,32 @@ def test_a_file_holding_the_old_transposed_structure_loads(kind, tmp_path):
     _assert_same_outputs(_outputs(loaded, x), _outputs(model, x), "with the old transposed structure")
 
 
+def test_a_file_of_the_k_order_int4_packing_loads_repacked(tmp_path):
+    """A file that an earlier version wrote for int4 (``packed`` [N, ceil(K / 2)] in K order,
+    settings without ``packing``) loads into a float model, on the meta device too, and into
+    one converted today: repacked, the saved model's outputs."""
+    from sparqle.formats.int4 import deinterleave
+    torch.manual_seed(1)
+    model, x = _converted("int4-64"), _input("int4-64")
+    path = tmp_path / "model.safetensors"
+    sparqle.save(model, path)
+    k_order = {f"{name}.packed": deinterleave(m.packed)[:, :-(-m.in_features // 2)].contiguous()
+               for name, m in model.named_modules() if isinstance(m, sparqle.nn.Int4Linear)}
+
+    def earlier(header):
+        for settings in header["modules"].values():
+            settings.pop("packing")
+        return header
+    _rewrite(path, lambda t: {**t, **k_order}, earlier)
+    with torch.device("meta"):
+        on_meta = _float()
+    for target in (_float(), on_meta, _converted("int4-64")):
+        loaded = sparqle.load(target, path)
+        assert all(torch.equal(loaded.get_submodule(key[:-7]).packed, model.get_submodule(key[:-7]).packed)
+                   for key in k_order)
+        _assert_same_outputs(_outputs(loaded, x), _outputs(model, x), "the K-order int4 packing")
+
+
 def _swin(fmt: str, **options) -> nn.Module:
     return sparqle.convert(sparqle.convert(swin.TinySwin().eval(), fmt, **options), "int8")
 
