@@ -108,6 +108,7 @@ def _codes_of_step(packed_ptr, offs_n, mask_n, step, K_WORDS, stride_pn,
     else:  # word j is word j % RUN_WORDS of the run of t = j // RUN_WORDS
         j = tl.arange(0, WORDS)
         offs = first // 16 * 16 + first % 16 // 4 + 4 * (j // RUN_WORDS) + j % RUN_WORDS
+    packed_ptr = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # read as its int32 words
     words = tl.load(packed_ptr + offs_n[:, None] * stride_pn + offs[None, :],
                     mask=mask_n[:, None] & (offs < K_WORDS)[None, :], other=0).to(tl.uint32, bitcast=True)
     # Byte b of a word (little-endian) holds codes lo = bits 8 b .. 8 b + 3 and hi = 8 b + 4 ..
@@ -124,6 +125,7 @@ def _int4_linear_kernel(
     # pointers
     x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
     # sizes (K_WORDS: the int32 words of a packed row, 16 ceil(K / 128))
+    # (packed_ptr: uint8, read as int32 words; stride_pn: in words)
     M, N, K, K_WORDS,
     # strides
     stride_xm, stride_xk,
@@ -191,14 +193,6 @@ _small_m_fp32 = autotune(FP32_SMALL_M_CONFIGS, key=["M", "N", "K"], bucket=["M"]
                          reset_to_zero=["y_ptr"])(_int4_linear_kernel)
 
 
-def _words(packed: torch.Tensor) -> torch.Tensor:
-    """``packed`` [N, 64 T] (contiguous) as the int32 words [N, 16 T] the kernel reads, a copy
-    where its storage offset is not a multiple of 4 bytes."""
-    if packed.numel() == 0:
-        return packed.new_empty((packed.shape[0], packed.shape[1] // 4), dtype=torch.int32)
-    return (packed if packed.storage_offset() % 4 == 0 else packed.clone()).view(torch.int32)
-
-
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor, bias, group_width: int) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequant(W)^T (+ bias [N]) for an int4 W [N, K]."""
@@ -209,14 +203,15 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     per_row = group_width >= k
     dequant_dtype, magic, bits = MAGIC[torch.float32 if x.dtype == torch.bfloat16 and interpreting() else x.dtype]
 
-    words = _words(packed)
+    if packed.data_ptr() % 4:  # the kernel reads int32 words
+        packed = packed.clone()
 
     def launch(kernel, grid, y):
         kernel[grid](
-            x, words, scales, zeros, y if bias is None else bias, y,
-            m, n, k, words.shape[1],
+            x, packed, scales, zeros, y if bias is None else bias, y,
+            m, n, k, packed.shape[1] // 4,
             x.stride(0), x.stride(1),
-            words.stride(0), scales.stride(0),
+            packed.stride(0) // 4, scales.stride(0),
             y.stride(0), y.stride(1),
             0 if bias is None else bias.stride(0),
             GROUP=1 if per_row else group_width, GROUP_PER_ROW=per_row, HAS_BIAS=bias is not None,
