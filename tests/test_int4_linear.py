@@ -257,10 +257,10 @@ WIDE_STEP_CONFIGS = {
 @pytest.mark.parametrize("k", [1, 77, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_triton_reads_the_format_layout_at_every_group_and_k(monkeypatch, device, group, k, dtype):
-    """The kernel reads Int4Weight's own tensors (packed [N, 64 ceil(K / 128)] in interleaved
-    tiles, scales and zeros [N, ceil(K / group)]) at every group size, odd K and K off the group and the K step, with
-    K steps inside one group, over several groups, and split-K slices: y matches the float64
-    oracle of the dequantized weight."""
+    """The kernel reads Int4Weight's own tensors (packed [N, 64 ceil(K / 128)] in
+    interleaved tiles, scales and zeros [N, ceil(K / group)]) at every group size, odd K
+    and K off the group and the K step, with K steps inside one group, over several groups,
+    and split-K slices: y matches the float64 oracle of the dequantized weight."""
     import sparqle.kernels.triton.int4_linear as kernel
     for small_m, tiled in ((kernel._small_m, kernel._tiled), (kernel._small_m_fp32, kernel._tiled_fp32)):
         monkeypatch.setattr(small_m, "configs", [WIDE_STEP_CONFIGS["small_m"]])

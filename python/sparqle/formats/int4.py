@@ -211,7 +211,6 @@ class Int4Weight(WeightFormat):
                                                  self.group_width, self.shape[1])
 
 
-
 def _pack(q: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """``packed`` for the codes q uint8 [N, K], K padded with each row's last zero point."""
     n, k = q.shape
@@ -225,8 +224,7 @@ def from_k_order(rows: torch.Tensor, zeros: torch.Tensor, k: int) -> torch.Tenso
     """``packed`` from the layout earlier versions of sparqle stored (rows of uint8
     [N, ceil(k / 2)] in K order, byte j holding q[2j] and q[2j + 1], no tiles): the same
     codes, repacked."""
-    codes = torch.stack([rows & 15, rows >> 4], dim=-1).view(rows.shape[0], 2 * rows.shape[1])[:, :k]
-    return _pack(codes, zeros)
+    return _pack(_nibbles(rows)[:, :k], zeros)
 
 
 def packed_width(k: int) -> int:
@@ -247,10 +245,14 @@ def deinterleave(packed: torch.Tensor) -> torch.Tensor:
     return packed.reshape(r, width // 64, 4, 16).transpose(-1, -2).reshape(r, width)
 
 
+def _nibbles(rows: torch.Tensor) -> torch.Tensor:
+    """q [R, 2 W] from bytes [R, W] in K order (byte j: q[2j] low, q[2j + 1] high)."""
+    return torch.stack([rows & 15, rows >> 4], dim=-1).view(rows.shape[0], 2 * rows.shape[1])
+
+
 def _codes(packed: torch.Tensor) -> torch.Tensor:
     """q [R, 128 T] in K order (padding included) from ``packed`` [R, 64 T]."""
-    rows = deinterleave(packed)
-    return torch.stack([rows & 15, rows >> 4], dim=-1).view(rows.shape[0], 2 * rows.shape[1])
+    return _nibbles(deinterleave(packed))
 
 
 def dequantize_block(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -68,9 +68,10 @@ class Int4Linear(ConvertedLinear):
     @classmethod
     def upgrade_state(cls, state, prefix):
         """A state_dict whose settings lack ``packing`` was saved before the interleaved
-        tiles: its ``packed`` holds K-order rows [N, ceil(K / 2)], repacked
-        here (sparqle.formats.int4.from_k_order) with the settings naming the layout. Entries
-        that are not what that version saved are left for the load's checks to refuse."""
+        tiles: its ``packed`` holds K-order rows [N, ceil(K / 2)], repacked here
+        (sparqle.formats.int4.from_k_order), and its settings gain the layout's name.
+        Entries that are not what that version saved are left for the load's checks to
+        refuse."""
         settings = state.get(prefix + "_extra_state")
         rows, zeros = state.get(prefix + "packed"), state.get(prefix + "zeros")
         if not isinstance(settings, dict) or "packing" in settings or settings.get("format") != "int4":
