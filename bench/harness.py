@@ -277,7 +277,13 @@ def peak_cell(row: dict) -> str:
     return "" if row.get("peak_mb") is None else f"{row['peak_mb']:.1f}"
 
 
-def _cells(report: dict, keys: Sequence[str]) -> List[List[str]]:
+def parameters(rows: Sequence[dict]) -> List[str]:
+    """The fields of result ``rows`` that are parameters of the case (not measured, not the
+    op or the impl), in their order."""
+    return [k for k in rows[0] if k not in _MEASURED and k not in ("op", "impl")]
+
+
+def result_cells(report: dict, keys: Sequence[str]) -> List[List[str]]:
     """The header, then one row of cells per result."""
     rows = [[*keys, "impl", "ms", "p20-p80 ms", "peak MB", "TFLOP/s", "GB/s", "roof", "speed-up"]]
     for r in report["results"]:
@@ -296,7 +302,7 @@ def _where(report: dict) -> str:
 
 def table(report: dict, keys: Sequence[str]) -> str:
     """The report as a text table, each column as wide as its widest cell, and its legend."""
-    rows = _cells(report, keys)
+    rows = result_cells(report, keys)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join([f"# {_where(report)}", f"# {LEGEND}"]
                      + ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows])
@@ -304,7 +310,7 @@ def table(report: dict, keys: Sequence[str]) -> str:
 
 def markdown(report: dict, keys: Sequence[str], title: str) -> str:
     """The report as a Markdown page: where and when it ran, the legend, the table."""
-    head, *body = _cells(report, keys)
+    head, *body = result_cells(report, keys)
     lines = [f"# {title}", "", f"{_where(report)} | {report['date']}", "", LEGEND + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -404,7 +410,7 @@ def compare(before: dict, after: dict) -> str:
         b = old.get(key(r))
         if b is None or not b.get("time_ms") or not r.get("time_ms"):
             continue
-        case = " ".join(f"{k}={v}" for k, v in r.items() if k not in _MEASURED and k not in ("op", "impl"))
+        case = " ".join(f"{k}={r[k]}" for k in parameters([r]))
         rows.append([r["op"], case, r["impl"], f"{b['time_ms']:.4f}", f"{r['time_ms']:.4f}",
                      f"{r['time_ms'] / b['time_ms']:.2f}x"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]

@@ -8,7 +8,7 @@ import os
 import sys
 from collections import defaultdict
 
-from .harness import cells_markdown, peak_cell
+from .harness import cells_markdown, parameters, result_cells
 
 _INTRO = """# Performance
 
@@ -26,8 +26,9 @@ its output included (blank where it was not measured).
 `bench/results/kernel-report-sm90.md` shows what each Triton kernel compiles to on Hopper
 (sm_90) at the headline points of `bench/headline.py`, for every config of its tuning space:
 registers, spills, shared memory, the occupancy they allow, whether the matrix instructions
-are wgmma or mma.sync, which loads go through the software pipeline (cp.async, TMA), and
-the widths of the plain global loads. It is built without a GPU, from Triton's compiler and
+are wgmma or mma.sync (and how many wgmma stay in flight), which loads go through the
+software pipeline (cp.async, TMA), the widths of the plain global loads, and the CTA
+barriers, in all and inside loops. It is built without a GPU, from Triton's compiler and
 the ptxas and nvdisasm it ships: nothing in it was run or timed. Regenerate it with
 `python -m sparqle.bench.kernel_report --out bench/results/kernel-report-sm90.md`
 (`--op FAMILY` for one family), with `TRITON_INTERPRET` unset.
@@ -50,8 +51,7 @@ def page(reports) -> str:
             lines += [f"## {report['kind']} on {report['device']}", "", f"`{name}`:", body]
             continue
         rows = report["results"]
-        keys = [k for k in rows[0] if k not in ("op", "impl", "time_ms", "peak_mb", "tflops", "gbs",
-                                                 "roof_fraction", "sparqle_speedup")]
+        keys = parameters(rows)
         lines += [f"## {rows[0]['op']} on {report['device']}", "",
                   f"`{name}`: commit {report['commit']}, torch {report['versions']['torch']}, "
                   f"triton {report['versions']['triton']}, {report['date']}; measured memory "
@@ -63,15 +63,9 @@ def page(reports) -> str:
         lines += ["| baseline | geomean speed-up | min | max | cases |", "|---|---|---|---|---|"]
         lines += [f"| {b} | {_geomean(v):.2f}x | {min(v):.2f}x | {max(v):.2f}x | {len(v)} |"
                   for b, v in sorted(speedups.items())]
-        lines += ["", "| " + " | ".join([*keys, "impl", "ms", "peak MB", "TFLOP/s", "GB/s", "roof",
-                                          "speed-up"]) + " |",
-                  "|" + "---|" * (len(keys) + 7)]
-        for r in rows:
-            roof = "" if r["roof_fraction"] is None else f"{100 * r['roof_fraction']:.1f}%"
-            speedup = "" if r["impl"] == "sparqle" else f"{r['sparqle_speedup']:.2f}x"
-            lines.append("| " + " | ".join([*(str(r[k]) for k in keys), r["impl"], f"{r['time_ms']:.4f}",
-                                            peak_cell(r), f"{r['tflops']:.4f}", f"{r['gbs']:.1f}", roof,
-                                            speedup]) + " |")
+        head, *body = result_cells(report, keys)
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
         lines.append("")
     if not reports:
         lines.append("No results yet: run `sparqle bench`.")
