@@ -16,6 +16,12 @@ def random_sparse(m, k, density, dtype=torch.float64, device="cpu", empty_rows=(
     return dense.to(device=device, dtype=dtype)
 
 
+def int4_stored_byte(b):
+    """Where ``packed`` stores byte b of a row in K order (q[2b] low nibble, q[2b + 1] high),
+    as docs/int4.md lays it out: 64 (b // 64) + 16 (b % 4) + (b % 64) // 4 (ints or tensors)."""
+    return 64 * (b // 64) + 16 * (b % 4) + (b % 64) // 4
+
+
 def assert_close(actual, expected64, scale64, dtype, what):
     """|actual - expected| <= RTOL[dtype] * scale + tiny, elementwise; expected and scale in float64."""
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"

@@ -14,7 +14,7 @@ from sparqle import CSR, BlockedELL, FP8Weight, Int4Weight, Int8Weight, SemiStru
 from sparqle.formats._checks import cdiv
 from sparqle.formats.nm import PATTERNS
 
-from ._oracle import assert_close, fp8_rows_rule, int8_rows_rule, random_sparse
+from ._oracle import assert_close, fp8_rows_rule, int4_stored_byte, int8_rows_rule, random_sparse
 from .conftest import device_backends
 from .test_window_attention import oracle_grads, swin_mask
 from .test_window_partition import pixel_map
@@ -147,10 +147,8 @@ def test_int8_quantize_rows(device, backend, data):
 
 
 def unpack_int4(packed, k):
-    """q [N, k] from ``packed`` as docs/int4.md lays it out: byte b of a row in K order
-    (q[2b] low nibble, q[2b + 1] high) is stored at 64 (b // 64) + 16 (b % 4) + (b % 64) // 4."""
-    b = torch.arange(packed.shape[1])
-    rows = packed[:, 64 * (b // 64) + 16 * (b % 4) + (b % 64) // 4]
+    """q [N, k] from ``packed`` as docs/int4.md lays it out (``int4_stored_byte``)."""
+    rows = packed[:, int4_stored_byte(torch.arange(packed.shape[1]))]
     q = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])
     return q[:, :k].double()
 

@@ -15,21 +15,21 @@ from sparqle import Int4Weight
 from sparqle.formats.int4 import GROUP_SIZES, sqnr_db
 from sparqle.nn import Int4Linear
 
-from ._oracle import assert_close
+from ._oracle import assert_close, int4_stored_byte
 from .conftest import device_backends
 
 
 def _packed_by_the_docs(q: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     """``packed`` built entry by entry as docs/int4.md describes it: K padded to a multiple
     of 128 with the codes ``pad`` (one a row); in K order, byte b of a row holds q[2b] (low
-    nibble) and q[2b + 1] (high); byte b is stored at 64 (b // 64) + 16 (b % 4) + (b % 64) // 4."""
+    nibble) and q[2b + 1] (high), stored at ``int4_stored_byte(b)``."""
     n, k = q.shape
     width = 64 * -(-k // 128)
     codes = torch.cat([q, pad[:, None].expand(n, 2 * width - k)], 1).int()
     packed = torch.zeros(n, width, dtype=torch.uint8)
     for b in range(width):
         byte = codes[:, 2 * b] | codes[:, 2 * b + 1] << 4
-        packed[:, 64 * (b // 64) + 16 * (b % 4) + (b % 64) // 4] = byte.to(torch.uint8)
+        packed[:, int4_stored_byte(b)] = byte.to(torch.uint8)
     return packed
 
 
