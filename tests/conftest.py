@@ -70,3 +70,16 @@ def device_backend(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def hf_models():
+    """Two-block Hugging Face models with random weights, built once (tests deep-copy
+    them): a Llama with multi-head and one with grouped-query attention, and a BERT."""
+    tf = pytest.importorskip("transformers", reason="needs the test extra's transformers")
+    torch.manual_seed(0)
+    small = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4}
+    return {"llama": tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=4)).eval(),
+            "llama-gqa": tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2)).eval(),
+            "bert": tf.BertModel(tf.BertConfig(**small)).eval()}

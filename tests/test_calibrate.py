@@ -735,19 +735,6 @@ def test_awq_scale_beats_minmax_on_inputs_with_outlier_channels():
         assert _error(w, scaled, inputs) < 0.8 * _error(w, minmax, inputs)
 
 
-@pytest.fixture(scope="module")
-def hf_models():
-    """A two-block Llama (multi-head, and grouped-query) and a two-block BERT, random weights
-    (built once: the tests deep-copy them)."""
-    tf = pytest.importorskip("transformers", reason="needs the test extra's transformers")
-    torch.manual_seed(0)
-    small = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-             "num_attention_heads": 4}
-    return {"llama": tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=4)).eval(),
-            "llama-gqa": tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2)).eval(),
-            "bert": tf.BertModel(tf.BertConfig(**small)).eval()}
-
-
 def test_awq_folds_are_the_named_pairs_and_keep_the_float_model(hf_models):
     """sparqle.awq.folds finds Llama's norm -> q/k/v, v -> o, norm -> gate/up, up -> down
     (v -> o only with as many key/value heads as query heads) and BERT's value -> output

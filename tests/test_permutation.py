@@ -27,18 +27,6 @@ def test_the_search_finds_the_known_best_order():
             assert all(p[j] // head == j // head for j in range(16)), p
 
 
-@pytest.fixture(scope="module")
-def hf_models():
-    """Two-block Llamas (multi-head, grouped-query) and a two-block BERT, random weights."""
-    tf = pytest.importorskip("transformers", reason="needs the test extra's transformers")
-    torch.manual_seed(0)
-    small = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-             "num_attention_heads": 4}
-    return {"llama": tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=4)).eval(),
-            "llama-gqa": tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2)).eval(),
-            "bert": tf.BertModel(tf.BertConfig(**small)).eval()}
-
-
 EXPECTED = {
     "llama": [("self_attn.o_proj", ("self_attn.v_proj",)), ("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"))],
     "llama-gqa": [("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"))],
