@@ -19,7 +19,8 @@ much the model's output depends on them: on all-MiniLM-L6-v2 one layer pruned al
    ``sparsity`` in every layer prunes: sum_l P_l share_l(c_l) >= sum_l P_l share_l(sparsity),
    P_l the layer's weight count and share_l(c) the fraction of its weights that c prunes
    (round(c K) / K of each row for CSR, round(c B) / B of each block-row's B blocks for
-   Blocked-ELL). The Lagrangian min_c L_l(c) - t P_l share_l(c), each layer on its own, is
+   Blocked-ELL; with magnitude, which counts over the whole layer, of all its weights or
+   blocks). The Lagrangian min_c L_l(c) - t P_l share_l(c), each layer on its own, is
    solved for the smallest t that meets the budget (bisection; the pruned count grows with
    t); then, while the budget allows, the layer whose step down to its next lower
    candidate saves the most loss takes it.
@@ -41,12 +42,11 @@ from .calibrate import SPARSE_METHODS, InputStats
 from .formats.bell import check_block_size
 from .nn import SparseLinear
 
-# The default candidates: the asked sparsity and up to 4 steps of 1/12 either side, within
-# [0, MAX_CANDIDATE] (12 = the 32-wide blocks of a 384-wide layer; the measured 9 of them
-# at 0.5 are docs/calibration.md's).
-CANDIDATE_STEP = 1 / 12
-CANDIDATE_STEPS = 4
-MAX_CANDIDATE = 0.95
+# The default candidates: the layer keeps the asked density (1 - sparsity) times one of
+# these, 1/3 to 5/3 in steps of 1/6 (a density above 1 dropped). At sparsity 0.5 that is
+# 1/6 to 5/6 in steps of 1/12, whole 32-wide blocks of a 384-wide layer: the 9 candidates
+# measured in docs/calibration.md; at 0.9, 0.833 to 0.967.
+DENSITY_FACTORS = tuple(k / 6 for k in range(2, 11))
 # The relative squared change between two calls of a fold beyond which it is not deterministic.
 REPEAT_TOLERANCE = 1e-10
 
@@ -67,8 +67,9 @@ def layer_sparsities(model: nn.Module, folds: Sequence[Callable[[nn.Module], obj
     what the model is judged by (embeddings, a few positions' logits), not every hidden state.
     ``format``: ``"csr"`` or ``"bell"`` (``block_size``, default 32); ``method``: the
     criterion of sparqle.prune (default ``"sparsegpt"``); ``candidates``: the sparsities a
-    layer may take, each in [0, 1) (default: ``sparsity`` and up to 4 steps of 1/12 either
-    side, at most 0.95). The result feeds ``convert`` as a mapping::
+    layer may take, each in [0, 1) (default: those that keep 1/3, 1/2, ..., 5/3 times the
+    asked density 1 - ``sparsity``, at most all weights; at 0.5, 1/6 to 5/6 in steps of
+    1/12). The result feeds ``convert`` as a mapping::
 
         plan = sparqle.allocation.layer_sparsities(model, folds, 0.5, format="bell")
         sparqle.convert(model, {name: ("bell", {"sparsity": s}) for name, s in plan.items()},
@@ -98,7 +99,8 @@ def layer_sparsities(model: nn.Module, folds: Sequence[Callable[[nn.Module], obj
         name, linear = targets[key]
         losses[key] = [_loss(model, linear, folds, references, stats, key, c, format, block_size, method)
                        for c in candidates]
-    plan = _allocate(losses, {key: targets[key][1] for key in measured}, candidates, sparsity, format, block_size)
+    plan = _allocate(losses, {key: targets[key][1] for key in measured}, candidates, sparsity, format, block_size,
+                     method)
     return {name: plan.get(key, float(sparsity)) for key, (name, _) in targets.items()}
 
 
@@ -124,8 +126,8 @@ def _check_arguments(folds, sparsity, format, block_size, method) -> None:
 def _candidates(sparsity: float, candidates: Optional[Sequence[float]]) -> List[float]:
     """The sorted candidate sparsities (the default grid, or ``candidates`` checked)."""
     if candidates is None:
-        grid = (sparsity + j * CANDIDATE_STEP for j in range(-CANDIDATE_STEPS, CANDIDATE_STEPS + 1))
-        return sorted({round(c, 12) for c in grid if 0 <= c <= MAX_CANDIDATE} | {float(sparsity)})
+        grid = (1 - (1 - sparsity) * factor for factor in DENSITY_FACTORS)
+        return sorted({round(c, 12) for c in grid if c >= 0} | {float(sparsity)})
     values = list(candidates)
     if not values or any(isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 <= c < 1 for c in values):
         raise ValueError(f"candidates must be a non-empty list of numbers in [0, 1), got {candidates!r}")
@@ -207,18 +209,22 @@ def _loss(model, linear, folds, references, stats, key, candidate, format, block
     return change / energy if energy > 0 else 0.0
 
 
-def _share(linear: nn.Linear, sparsity: float, format: str, block_size: Optional[int]) -> float:
-    """The fraction of ``linear``'s weights that ``sparsity`` prunes (every row alike)."""
+def _share(linear: nn.Linear, sparsity: float, format: str, block_size: Optional[int], method: str) -> float:
+    """The fraction of ``linear``'s weights (of its blocks, for Blocked-ELL) that ``sparsity``
+    prunes: the counts of sparqle.prune, per row (per block-row) for the criteria that use
+    data, over the whole layer for magnitude."""
     columns = linear.in_features if format == "csr" else -(-linear.in_features // block_size)
+    if method == "magnitude":
+        columns *= linear.out_features if format == "csr" else -(-linear.out_features // block_size)
     return round(sparsity * columns) / columns
 
 
 def _allocate(losses: Dict[int, List[float]], linears: Dict[int, nn.Linear], candidates: List[float],
-              sparsity: float, format: str, block_size: Optional[int]) -> Dict[int, float]:
+              sparsity: float, format: str, block_size: Optional[int], method: str) -> Dict[int, float]:
     """The candidate of each layer (module doc, step 2)."""
-    pruned = {key: [linear.weight.numel() * _share(linear, c, format, block_size) for c in candidates]
+    pruned = {key: [linear.weight.numel() * _share(linear, c, format, block_size, method) for c in candidates]
               for key, linear in linears.items()}
-    budget = sum(linear.weight.numel() * _share(linear, sparsity, format, block_size)
+    budget = sum(linear.weight.numel() * _share(linear, sparsity, format, block_size, method)
                  for linear in linears.values())
 
     def choose(t: float) -> Dict[int, int]:
