@@ -143,14 +143,14 @@ def _pairs(model: nn.Module, m: int) -> List[Tuple[str, nn.Linear, List[Tuple[st
 def _kept(score: torch.Tensor, n: int, m: int) -> float:
     """The sum over rows and groups of m of the n largest entries of ``score`` [N, K]."""
     rows, k = score.shape
-    return float(score.view(rows, k // m, m).topk(n, dim=-1).values.sum(dtype=torch.float64))
+    return float(score.view(rows, k // m, m).topk(n, dim=-1).values.to(torch.float64).sum())
 
 
 def _search(score: torch.Tensor, n: int, m: int, head: Optional[int], rng: random.Random) -> torch.Tensor:
     """The permutation p [K] (long) of the module doc's hill climb on ``score`` [N, K]."""
     rows, k = score.shape
     s = score.clone()
-    per_group = s.view(rows, k // m, m).topk(n, dim=-1).values.sum(-1).sum(0, dtype=torch.float64)
+    per_group = s.view(rows, k // m, m).topk(n, dim=-1).values.to(torch.float64).sum((0, 2))
     p = list(range(k))
     span = k if head is None else head
     for _ in range(SWAPS_PER_CHANNEL * k):
@@ -160,8 +160,8 @@ def _search(score: torch.Tensor, n: int, m: int, head: Optional[int], rng: rando
         if ga == gb:
             continue
         s[:, [a, b]] = s[:, [b, a]]
-        kept_a = s[:, ga * m:(ga + 1) * m].topk(n, dim=-1).values.sum(dtype=torch.float64)
-        kept_b = s[:, gb * m:(gb + 1) * m].topk(n, dim=-1).values.sum(dtype=torch.float64)
+        kept_a = s[:, ga * m:(ga + 1) * m].topk(n, dim=-1).values.to(torch.float64).sum()
+        kept_b = s[:, gb * m:(gb + 1) * m].topk(n, dim=-1).values.to(torch.float64).sum()
         if kept_a + kept_b > per_group[ga] + per_group[gb]:
             per_group[ga], per_group[gb] = kept_a, kept_b
             p[a], p[b] = p[b], p[a]
