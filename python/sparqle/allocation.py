@@ -97,7 +97,8 @@ def layer_sparsities(model: nn.Module, folds: Sequence[Callable[[nn.Module], obj
     losses: Dict[int, List[float]] = {}
     for key in measured:
         name, linear = targets[key]
-        losses[key] = [_loss(model, linear, folds, references, stats, key, c, format, block_size, method)
+        held_in = [None if method == "magnitude" else _held_in(stats, key, i) for i in range(len(folds))]
+        losses[key] = [_loss(model, linear, folds, references, held_in, c, format, block_size, method)
                        for c in candidates]
     plan = _allocate(losses, {key: targets[key][1] for key in measured}, candidates, sparsity, format, block_size,
                      method)
@@ -184,18 +185,18 @@ def _held_in(stats: List[Dict[int, InputStats]], key: int, fold: int) -> InputSt
                       sum(p.abs_sum for p in parts), torch.stack([p.abs_max for p in parts]).amax(0))
 
 
-def _loss(model, linear, folds, references, stats, key, candidate, format, block_size, method) -> float:
-    """L_l(c) of the module doc: ``linear`` alone pruned to ``candidate`` for each fold
-    with the other folds' statistics, the fold's outputs against its reference. The pruned
+def _loss(model, linear, folds, references, held_in, candidate, format, block_size, method) -> float:
+    """L_l(c) of the module doc: ``linear`` alone pruned to ``candidate`` for each fold i
+    with ``held_in[i]``, the other folds' statistics (None for magnitude), the fold's
+    outputs against its reference. The pruned
     weight is a Parameter of its own in place of the layer's (put back after), so a weight
     tied to another module (an lm_head's, to the embedding) stays as it is there."""
     original = linear.weight
     change = energy = 0.0
     try:
         for i, fold in enumerate(folds):
-            held_in = None if method == "magnitude" else _held_in(stats, key, i)
             pruned = SparseLinear.from_linear(linear, candidate, format=format, block_size=block_size,
-                                              method=method, stats=held_in)
+                                              method=method, stats=held_in[i])
             linear.weight = nn.Parameter(calibrate._dense(pruned).to(original.dtype), requires_grad=False)
             fold_change, fold_energy = _change_and_energy(_outputs(fold, model, f"folds[{i}]"), references[i],
                                                           f"folds[{i}]")

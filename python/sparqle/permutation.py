@@ -140,17 +140,28 @@ def _pairs(model: nn.Module, m: int) -> List[Tuple[str, nn.Linear, List[Tuple[st
     return found
 
 
+def _group_kept(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Per group of m columns of ``score`` [N, K], the sum over rows of its n largest
+    entries (float64 [K / m])."""
+    rows, k = score.shape
+    return score.reshape(rows, k // m, m).topk(n, dim=-1).values.to(torch.float64).sum((0, 2))
+
+
+def _one_group_kept(score: torch.Tensor, group: int, n: int, m: int) -> torch.Tensor:
+    """``_group_kept(score)[group]``, from that group's m columns alone (the search's step)."""
+    return score[:, group * m:(group + 1) * m].topk(n, dim=-1).values.to(torch.float64).sum()
+
+
 def _kept(score: torch.Tensor, n: int, m: int) -> float:
     """The sum over rows and groups of m of the n largest entries of ``score`` [N, K]."""
-    rows, k = score.shape
-    return float(score.view(rows, k // m, m).topk(n, dim=-1).values.to(torch.float64).sum())
+    return float(_group_kept(score, n, m).sum())
 
 
 def _search(score: torch.Tensor, n: int, m: int, head: Optional[int], rng: random.Random) -> torch.Tensor:
     """The permutation p [K] (long) of the module doc's hill climb on ``score`` [N, K]."""
-    rows, k = score.shape
+    k = score.shape[1]
     s = score.clone()
-    per_group = s.view(rows, k // m, m).topk(n, dim=-1).values.to(torch.float64).sum((0, 2))
+    per_group = _group_kept(s, n, m)
     p = list(range(k))
     span = k if head is None else head
     for _ in range(SWAPS_PER_CHANNEL * k):
@@ -160,8 +171,7 @@ def _search(score: torch.Tensor, n: int, m: int, head: Optional[int], rng: rando
         if ga == gb:
             continue
         s[:, [a, b]] = s[:, [b, a]]
-        kept_a = s[:, ga * m:(ga + 1) * m].topk(n, dim=-1).values.to(torch.float64).sum()
-        kept_b = s[:, gb * m:(gb + 1) * m].topk(n, dim=-1).values.to(torch.float64).sum()
+        kept_a, kept_b = _one_group_kept(s, ga, n, m), _one_group_kept(s, gb, n, m)
         if kept_a + kept_b > per_group[ga] + per_group[gb]:
             per_group[ga], per_group[gb] = kept_a, kept_b
             p[a], p[b] = p[b], p[a]
